@@ -1,0 +1,125 @@
+"""Per-iteration training time of topology trainers as a ratio to the plain nnUNetTrainer, same run.
+
+For one preprocessed dataset/configuration/fold, every trainer is built exactly as ``nnUNetv2_train`` builds it
+(nnU-Net's ``get_trainer_from_args`` + ``initialize`` + ``on_train_start``), then ``train_step`` is timed on the
+SAME pre-fetched batches for every trainer (data loading excluded: it is identical for all of them). Trainers are
+timed in interleaved rounds (A, B, A, B, ...) so drift of the machine hits all of them alike. The ratio is
+``median ms/iteration of trainer / median ms/iteration of nnUNetTrainer``.
+
+Usage (creates and preprocesses a synthetic dataset if ``-d`` is not given)::
+
+    python benchmarks/bench_trainer_speed.py --device cpu --iters 10 --rounds 3
+    python benchmarks/bench_trainer_speed.py -d 27 -c 3d_fullres --device cuda --iters 50 --rounds 5
+
+Environment: the nnUNet_raw / nnUNet_preprocessed / nnUNet_results variables are honoured if set; otherwise a
+temporary folder is used.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _setup_env(workdir: str) -> None:
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        if not os.environ.get(k):
+            os.environ[k] = os.path.join(workdir, k)
+            os.makedirs(os.environ[k], exist_ok=True)
+    from nnunet_topo.trainers import TRAINER_DIR
+    ext = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    if TRAINER_DIR not in ext:
+        ext.append(TRAINER_DIR)
+    os.environ["nnUNet_extTrainer"] = os.pathsep.join(ext)
+
+
+def _make_dataset(dataset_id: int, preset: str, shape) -> None:
+    from nnunet_topo.synthetic import write_dataset
+    raw = os.environ["nnUNet_raw"]
+    if not any(n.startswith(f"Dataset{dataset_id:03d}_") for n in os.listdir(raw)):
+        write_dataset(raw, dataset_id, preset=preset, num_training=6, num_test=0, seed=0, shape=shape)
+    pre = os.environ["nnUNet_preprocessed"]
+    if not any(n.startswith(f"Dataset{dataset_id:03d}_") for n in os.listdir(pre)):
+        bindir = os.path.dirname(sys.executable)
+        subprocess.run([os.path.join(bindir, "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c",
+                        "3d_fullres", "-np", "1", "-npfp", "1"], check=True, stdout=subprocess.DEVNULL)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-d", "--dataset", default=None, help="dataset ID/name (default: make synthetic 981)")
+    parser.add_argument("-c", "--configuration", default="3d_fullres")
+    parser.add_argument("-f", "--fold", type=int, default=0)
+    parser.add_argument("--trainers", nargs="+", default=["nnUNetTrainerProjPool"],
+                        help="trainers to compare with nnUNetTrainer")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--preset", default="acdc")
+    parser.add_argument("--shape", type=int, nargs=3, default=(10, 64, 64))
+    args = parser.parse_args(argv)
+
+    import torch
+    workdir = tempfile.mkdtemp(prefix="nnunet_topo_bench_")
+    _setup_env(workdir)
+    dataset = args.dataset
+    if dataset is None:
+        dataset = "981"
+        _make_dataset(981, args.preset, tuple(args.shape))
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    device = torch.device(args.device)
+    names = ["nnUNetTrainer"] + list(args.trainers)
+    trainers = {}
+    for name in names:
+        t = get_trainer_from_args(str(dataset), args.configuration, args.fold, name, device=device)
+        t.initialize()
+        t.on_train_start()
+        trainers[name] = t
+    # the same batches for everybody
+    first = trainers[names[0]]
+    batches = [next(first.dataloader_train) for _ in range(args.iters)]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for t in trainers.values():
+        for b in batches[: args.warmup]:
+            t.train_step(b)
+    times = {n: [] for n in names}
+    for _ in range(args.rounds):
+        for n in names:
+            t = trainers[n]
+            sync()
+            t0 = time.perf_counter()
+            for b in batches:
+                t.train_step(b)
+            sync()
+            times[n].append((time.perf_counter() - t0) / len(batches) * 1000)
+    for t in trainers.values():
+        try:
+            t.on_train_end()
+        except Exception:
+            pass
+    cm = first.configuration_manager
+    dev = torch.cuda.get_device_name(0) if device.type == "cuda" else f"{platform.processor() or platform.machine()} " \
+                                                                      f"({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    print(f"device: {dev}; torch {torch.__version__}")
+    print(f"dataset {dataset}, {args.configuration}, patch {list(cm.patch_size)}, batch {cm.batch_size}, "
+          f"{args.iters} iterations x {args.rounds} rounds")
+    base = statistics.median(times["nnUNetTrainer"])
+    print(f"{'trainer':<32}{'ms/iter (median)':>18}{'ratio':>8}")
+    for n in names:
+        med = statistics.median(times[n])
+        print(f"{n:<32}{med:>18.1f}{med / base:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The main job, end to end on a fresh machine, exactly as a user runs it:
+#   synthetic dataset -> check rules -> plan+preprocess -> train (nnUNetTrainerProjPool, CPU) -> predict -> evaluate
+# and print the result table. About 10 minutes on 2 CPU cores (plus the one-time install).
+# Works in $NNUNET_TOPO_DEMO_DIR (default ./demo_output); only a folder this script created is ever replaced.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+export PATH="$PWD/.venv/bin:$PATH"
+
+WORK="${NNUNET_TOPO_DEMO_DIR:-$PWD/demo_output}"
+if [ -e "$WORK" ]; then
+  if [ -f "$WORK/.nnunet_topo_demo" ]; then
+    rm -rf "$WORK"
+  else
+    echo "error: $WORK exists and was not created by this demo; set NNUNET_TOPO_DEMO_DIR to another folder" >&2
+    exit 2
+  fi
+fi
+mkdir -p "$WORK"/{raw,preprocessed,results}
+touch "$WORK/.nnunet_topo_demo"
+export nnUNet_raw="$WORK/raw" nnUNet_preprocessed="$WORK/preprocessed" nnUNet_results="$WORK/results"
+export nnUNet_extTrainer="$(nnUNetv2_topo_trainer_path)"   # the one line of set-up
+export nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-2}"
+ID=501
+TR=nnUNetTrainerProjPool_demo
+
+set -x
+nnUNetv2_topo_make_synthetic -d $ID --preset acdc -n 12 --num_test 4 --seed 0
+nnUNetv2_topo_check_rules -d $ID
+nnUNetv2_plan_and_preprocess -d $ID -c 3d_fullres --verify_dataset_integrity -np 2 -npfp 2
+nnUNetv2_train $ID 3d_fullres 0 -tr $TR -device cpu
+nnUNetv2_predict -i "$nnUNet_raw/Dataset501_SynthACDC/imagesTs" -o "$WORK/pred" -d $ID -c 3d_fullres -tr $TR -f 0 \
+  -device cpu -npp 1 -nps 1
+nnUNetv2_topo_evaluate_folder "$nnUNet_raw/Dataset501_SynthACDC/labelsTs" "$WORK/pred" \
+  -djfile "$nnUNet_raw/Dataset501_SynthACDC/dataset.json" \
+  -pfile "$nnUNet_preprocessed/Dataset501_SynthACDC/nnUNetPlans.json"

@@ -1,0 +1,124 @@
+"""Console entry points (thin: parse arguments, call one API function, print)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+
+def _fail(msg: str) -> "NoReturn":  # noqa: F821
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def trainer_path_entry(argv: Optional[Sequence[str]] = None) -> None:
+    """Print the value for ``nnUNet_extTrainer`` (the existing value plus our trainer folder, no duplicates)."""
+    parser = argparse.ArgumentParser(
+        prog="nnUNetv2_topo_trainer_path",
+        description="Print the value to export as nnUNet_extTrainer so that nnU-Net finds the nnunet-topo trainers: "
+                    'export nnUNet_extTrainer="$(nnUNetv2_topo_trainer_path)". Keeps folders already listed there.')
+    parser.add_argument("--only", action="store_true", help="print only our folder, ignore the current value")
+    args = parser.parse_args(argv)
+    from nnunet_topo.trainers import TRAINER_DIR
+
+    current = [] if args.only else [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    if TRAINER_DIR not in current:
+        current.append(TRAINER_DIR)
+    print(os.pathsep.join(current))
+
+
+def make_synthetic_entry(argv: Optional[Sequence[str]] = None) -> None:
+    from nnunet_topo import synthetic
+
+    parser = argparse.ArgumentParser(
+        prog="nnUNetv2_topo_make_synthetic",
+        description="Write a synthetic multi-chamber heart dataset (images, labels, dataset.json with a 'topology' "
+                    "block) as an nnU-Net raw dataset. Refuses to touch an existing dataset ID unless --overwrite.")
+    parser.add_argument("-d", "--dataset_id", type=int, required=True, help="nnU-Net dataset ID (1-999)")
+    parser.add_argument("--preset", default="acdc", choices=sorted(synthetic.PRESETS),
+                        help="acdc: short-axis MRI (RV, MYO, LV; anisotropic); wholeheart: CT (LV, MYO, RV, LA, RA, AO)")
+    parser.add_argument("-n", "--num_training", type=int, default=10, help="training cases (>= 5), default 10")
+    parser.add_argument("--num_test", type=int, default=4, help="test cases (imagesTs + labelsTs), default 4")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                        help="volume shape in voxels (default: the preset's)")
+    parser.add_argument("--name", default=None, help="dataset name (default SynthACDC / SynthWholeHeart)")
+    parser.add_argument("--oblique", action="store_true", help="random non-identity image directions")
+    parser.add_argument("-o", "--raw_root", default=None, help="folder to write into (default: $nnUNet_raw)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this ID")
+    args = parser.parse_args(argv)
+    raw_root = args.raw_root or os.environ.get("nnUNet_raw")
+    if not raw_root:
+        _fail("no output folder: set nnUNet_raw (as for nnU-Net) or pass -o FOLDER")
+    try:
+        path = synthetic.write_dataset(raw_root, args.dataset_id, preset=args.preset, num_training=args.num_training,
+                                       num_test=args.num_test, seed=args.seed,
+                                       shape=tuple(args.shape) if args.shape else None, name=args.name,
+                                       oblique=args.oblique, overwrite=args.overwrite)
+    except (ValueError, FileExistsError) as e:
+        _fail(str(e))
+    print(f"wrote {path}")
+
+
+def check_rules_entry(argv: Optional[Sequence[str]] = None) -> None:
+    from nnunet_topo.evaluation import EvaluationError, check_rules_on_folder, format_rule_report
+    from nnunet_topo.rules import TopologySpecError
+
+    parser = argparse.ArgumentParser(
+        prog="nnUNetv2_topo_check_rules",
+        description="Report which reference cases (labelsTr) of a raw nnU-Net dataset violate which topology rule of "
+                    "its dataset.json, with voxel counts and slice indices, and where the reference Betti numbers "
+                    "differ from the priors. Exit code 0: all hold; 1: some do not; 2: bad input.")
+    g = parser.add_mutually_exclusive_group(required=True)
+    g.add_argument("-d", "--dataset", help="dataset ID or name under $nnUNet_raw")
+    g.add_argument("--folder", help="path of a raw dataset folder (with dataset.json and labelsTr)")
+    parser.add_argument("-o", "--output", default=None, help="also write the report as JSON to this file")
+    args = parser.parse_args(argv)
+    if args.folder:
+        folder = args.folder
+    else:
+        if not os.environ.get("nnUNet_raw"):
+            _fail("nnUNet_raw is not set; set it or pass --folder")
+        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+        try:
+            name = maybe_convert_to_dataset_name(args.dataset)
+        except RuntimeError as e:
+            _fail(str(e))
+        folder = os.path.join(os.environ["nnUNet_raw"], name)
+    try:
+        report = check_rules_on_folder(os.path.join(folder, "labelsTr"), os.path.join(folder, "dataset.json"))
+    except (TopologySpecError, EvaluationError) as e:
+        _fail(str(e))
+    print(format_rule_report(report))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=2)
+    raise SystemExit(0 if report["clean"] else 1)
+
+
+def evaluate_folder_entry(argv: Optional[Sequence[str]] = None) -> None:
+    from nnunet_topo.evaluation import EvaluationError, compute_topology_metrics_on_folder, format_table
+    from nnunet_topo.rules import TopologySpecError
+
+    parser = argparse.ArgumentParser(
+        prog="nnUNetv2_topo_evaluate_folder",
+        description="Like nnUNetv2_evaluate_folder, plus topology metrics (TVS, Betti errors, CCE, violation rates, "
+                    "HD95). Writes summary_topology.json in nnU-Net's summary format and prints a table.")
+    parser.add_argument("gt_folder", help="folder with reference segmentations")
+    parser.add_argument("pred_folder", help="folder with predicted segmentations")
+    parser.add_argument("-djfile", required=True, help="dataset.json file (its 'topology' block holds the rules)")
+    parser.add_argument("-pfile", required=True, help="plans.json file")
+    parser.add_argument("-o", default=None, help="output file (default: pred_folder/summary_topology.json)")
+    parser.add_argument("-np", type=int, default=1, help="number of processes (default 1)")
+    parser.add_argument("--chill", action="store_true",
+                        help="do not fail if pred_folder lacks some cases of gt_folder")
+    args = parser.parse_args(argv)
+    try:
+        summary = compute_topology_metrics_on_folder(args.gt_folder, args.pred_folder, args.djfile, args.pfile,
+                                                     output_file=args.o, num_processes=args.np, chill=args.chill)
+    except (TopologySpecError, EvaluationError) as e:
+        _fail(str(e))
+    print(format_table(summary))
+    print(f"wrote {args.o or os.path.join(args.pred_folder, 'summary_topology.json')}")

@@ -1,0 +1,171 @@
+"""Base class of every nnunet-topo trainer.
+
+What it adds to ``nnUNetTrainer`` (and nothing else):
+
+* the dataset's topology spec (``dataset.json`` key ``topology``, resolved through nnU-Net's label names)
+  is loaded and validated when the trainer is built, so a bad rule fails before any preprocessing is read;
+  without a ``topology`` block the defaults of :func:`nnunet_topo.rules.default_topology` are used and the
+  log says so;
+* ``_build_loss`` keeps nnU-Net's own loss (``super()._build_loss()``, deep supervision untouched) and adds
+  the terms a subclass returns from :meth:`build_topology_terms`, on the full-resolution output;
+* every term is logged every epoch for training and validation (keys ``train_<term>``, ``val_<term>``
+  registered in nnU-Net's logger, so they are checkpointed and restored by ``--c``), printed to the training
+  log, and plotted to ``progress_topology.png`` next to nnU-Net's ``progress.png``;
+* after nnU-Net's own validation (``summary.json``), the topology evaluator writes
+  ``validation/summary_topology.json``.
+
+This file is imported by nnU-Net as a top-level module (``nnUNet_extTrainer``), so it uses absolute imports
+only. Subclasses import it as ``nnunet_topo.trainers.nnUNetTrainerTopoBase``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+import torch.distributed as dist
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_topo.losses.combined import TopologyLossWrapper
+from nnunet_topo.rules import TopologySpecError, default_topology, describe, parse_topology
+
+
+class nnUNetTrainerTopoBase(nnUNetTrainer):
+    """nnUNetTrainer + topology spec + extra loss terms logged every epoch + topology validation summary."""
+
+    #: run the topology evaluator after nnU-Net's validation (writes validation/summary_topology.json)
+    evaluate_topology_after_validation: bool = True
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.label_manager.has_regions:
+            raise TopologySpecError(
+                f"{self.__class__.__name__} does not support region-based training (dataset.json 'labels' with "
+                "lists of ids / 'regions_class_order'). Use plain integer labels and express regions in the "
+                "'topology' block (e.g. \"outer\": [\"LV\", \"MYO\"]).")
+        if "topology" in dataset_json:
+            self.topology_spec = parse_topology(dataset_json)
+        else:
+            self.topology_spec = default_topology(dataset_json["labels"])
+            self.print_to_log_file(
+                "dataset.json has no 'topology' block: no topology rules, Betti prior (1, 0, 0) per label. "
+                "See documentation/topology_spec.md to define rules.")
+        self.print_to_log_file("Topology spec:\n" + describe(self.topology_spec))
+        self._topology_term_names: Tuple[str, ...] = tuple(self.topology_term_names())
+        local = self.logger.local_logger.my_fantastic_logging
+        for name in self._topology_term_names:
+            for split in ("train", "val"):
+                local.setdefault(f"{split}_{name}", [])
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def topology_term_names(self) -> Tuple[str, ...]:
+        """Names of the extra loss terms (fixed before ``initialize``, used to register logger keys)."""
+        return ()
+
+    def build_topology_terms(self) -> Dict[str, Tuple[nn.Module, float]]:
+        """name -> (loss module, weight); each module maps (logits, target label map) to a scalar."""
+        return {}
+
+    # ------------------------------------------------------------------ loss
+    def _build_loss(self):
+        seg_loss = super()._build_loss()
+        terms = self.build_topology_terms()
+        if set(terms) != set(self._topology_term_names):
+            raise RuntimeError(f"build_topology_terms returned {sorted(terms)} but topology_term_names() declared "
+                               f"{sorted(self._topology_term_names)}")
+        return TopologyLossWrapper(seg_loss, terms)
+
+    def _pop_term_values(self, split: str) -> Dict[str, float]:
+        if not isinstance(self.loss, TopologyLossWrapper):
+            return {}
+        values = self.loss.pop_values()
+        return {f"{split}_{k}": v for k, v in values.items() if k in self._topology_term_names}
+
+    def train_step(self, batch: dict) -> dict:
+        out = super().train_step(batch)
+        out.update(self._pop_term_values("train"))
+        return out
+
+    def validation_step(self, batch: dict) -> dict:
+        out = super().validation_step(batch)
+        out.update(self._pop_term_values("val"))
+        return out
+
+    # ------------------------------------------------------------------ logging
+    def _log_term_means(self, outputs: List[dict], split: str) -> None:
+        for name in self._topology_term_names:
+            key = f"{split}_{name}"
+            values = [o[key] for o in outputs if key in o]
+            local_mean = float(np.mean(values)) if values else float("nan")
+            if self.is_ddp:
+                gathered = [None for _ in range(dist.get_world_size())]
+                dist.all_gather_object(gathered, local_mean)
+                local_mean = float(np.nanmean(gathered))
+            self.logger.log(key, local_mean, self.current_epoch)
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        super().on_train_epoch_end(train_outputs)
+        self._log_term_means(train_outputs, "train")
+
+    def on_validation_epoch_end(self, val_outputs: List[dict]):
+        super().on_validation_epoch_end(val_outputs)
+        self._log_term_means(val_outputs, "val")
+
+    def on_epoch_end(self):
+        for name in self._topology_term_names:
+            tr = self.logger.get_value(f"train_{name}", step=-1)
+            va = self.logger.get_value(f"val_{name}", step=-1)
+            self.print_to_log_file(f"{name}: train {np.round(tr, 5)}, val {np.round(va, 5)}")
+        super().on_epoch_end()
+        if self.local_rank == 0 and self._topology_term_names:
+            try:
+                self._plot_topology_progress()
+            except Exception as e:  # plotting must never kill a training run
+                self.print_to_log_file(f"could not write progress_topology.png: {e}")
+
+    def _plot_topology_progress(self) -> None:
+        import matplotlib
+        matplotlib.use("agg")
+        import matplotlib.pyplot as plt
+
+        names = self._topology_term_names
+        fig, axes = plt.subplots(len(names), 1, figsize=(10, 4 * len(names)), squeeze=False)
+        for ax, name in zip(axes[:, 0], names):
+            tr = self.logger.get_value(f"train_{name}", step=None)
+            va = self.logger.get_value(f"val_{name}", step=None)
+            n = min(len(tr), len(va))
+            ax.plot(range(n), tr[:n], color="b", label=f"train_{name}")
+            ax.plot(range(n), va[:n], color="r", label=f"val_{name}")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(name)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(self.output_folder, "progress_topology.png"))
+        plt.close(fig)
+
+    # ------------------------------------------------------------------ validation
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        super().perform_actual_validation(save_probabilities)
+        if self.local_rank != 0 or not self.evaluate_topology_after_validation:
+            return
+        from nnunet_topo.evaluation import compute_topology_metrics_on_folder
+
+        validation_folder = os.path.join(self.output_folder, "validation")
+        summary = compute_topology_metrics_on_folder(
+            os.path.join(self.preprocessed_dataset_folder_base, "gt_segmentations"),
+            validation_folder,
+            self.dataset_json,
+            self.plans_manager.plans,
+            output_file=os.path.join(validation_folder, "summary_topology.json"),
+            spec=self.topology_spec,
+            show_progress=False,
+        )
+        topo = summary["topology_mean"]
+        self.print_to_log_file(
+            "Topology summary of the validation cases (validation/summary_topology.json): "
+            f"TVS {topo['TVS']:.5f}, violation rate {topo['VR']:.3f}, "
+            f"mean Betti error 3D {topo['betti_error_3d']:.3f}, topologically correct {topo['topologically_correct']:.3f}",
+            also_print_to_console=True)

@@ -1,0 +1,99 @@
+"""End to end through nnU-Net's own command-line tools on a tiny synthetic dataset, on the CPU.
+
+make synthetic dataset -> nnUNetv2_topo_check_rules -> nnUNetv2_plan_and_preprocess -> nnUNetv2_train with
+nnUNetTrainerProjPool (a 2 epoch x 2 iteration subclass written to a second nnUNet_extTrainer folder) ->
+nnUNetv2_predict -> nnUNetv2_topo_evaluate_folder. Nothing of nnU-Net is mocked.
+"""
+import json
+import os
+import textwrap
+
+import pytest
+import torch
+
+from nnunet_topo.synthetic import write_dataset
+from nnunet_topo.trainers import TRAINER_DIR
+from conftest import nnunet_cli, run_cli
+
+pytestmark = pytest.mark.slow
+
+DATASET_ID = 991
+SMOKE_TRAINERS = textwrap.dedent('''
+    import torch
+    from nnunet_topo.trainers.nnUNetTrainerProjPool import nnUNetTrainerProjPool
+
+
+    class nnUNetTrainerProjPool_smoke(nnUNetTrainerProjPool):
+        def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_epochs = 2
+            self.num_iterations_per_epoch = 2
+            self.num_val_iterations_per_epoch = 1
+''')
+
+
+@pytest.fixture(scope="module")
+def env(nnunet_dirs):
+    (nnunet_dirs["ext_trainers"] / "smoke_trainers.py").write_text(SMOKE_TRAINERS)
+    e = dict(os.environ)
+    e.update(nnUNet_raw=str(nnunet_dirs["raw"]), nnUNet_preprocessed=str(nnunet_dirs["preprocessed"]),
+             nnUNet_results=str(nnunet_dirs["results"]), nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1",
+             nnUNet_extTrainer=os.pathsep.join([TRAINER_DIR, str(nnunet_dirs["ext_trainers"])]))
+    return e
+
+
+@pytest.fixture(scope="module")
+def dataset(nnunet_dirs, env):
+    path = write_dataset(nnunet_dirs["raw"], DATASET_ID, preset="acdc", num_training=6, num_test=2,
+                         seed=0, shape=(8, 40, 40))
+    run_cli([nnunet_cli("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres",
+             "--verify_dataset_integrity", "-np", "1", "-npfp", "1"], env)
+    return path
+
+
+def test_check_rules_on_reference(dataset, env):
+    proc = run_cli([nnunet_cli("nnUNetv2_topo_check_rules"), "-d", str(DATASET_ID)], env)
+    assert "all rules and priors hold" in proc.stdout
+
+
+def test_train_predict_evaluate(dataset, env, nnunet_dirs):
+    trainer = "nnUNetTrainerProjPool_smoke"
+    run_cli([nnunet_cli("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env)
+    out = next((nnunet_dirs["results"]).glob(f"Dataset{DATASET_ID}_*")) / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
+    assert (out / "checkpoint_final.pth").is_file()
+    assert (out / "progress_topology.png").is_file()
+    assert (out / "validation" / "summary.json").is_file()  # nnU-Net's own validation summary, untouched
+    topo_val = json.loads((out / "validation" / "summary_topology.json").read_text())
+    assert topo_val["topology_mean"]["num_cases"] >= 1
+    ckpt = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    logged = ckpt["logging"]
+    assert len(logged["train_projpool"]) == 2 and len(logged["val_projpool"]) == 2
+    assert all(v > 0 for v in logged["train_projpool"])
+    log = next(out.glob("training_log_*.txt")).read_text()
+    assert "projpool: train" in log and "Topology summary" in log
+
+    pred = nnunet_dirs["results"] / "pred"
+    run_cli([nnunet_cli("nnUNetv2_predict"), "-i", str(dataset / "imagesTs"), "-o", str(pred), "-d", str(DATASET_ID),
+             "-c", "3d_fullres", "-tr", trainer, "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
+            env)
+    assert len(list(pred.glob("*.nii.gz"))) == 2
+
+    plans = next((nnunet_dirs["preprocessed"]).glob(f"Dataset{DATASET_ID}_*")) / "nnUNetPlans.json"
+    proc = run_cli([nnunet_cli("nnUNetv2_topo_evaluate_folder"), str(dataset / "labelsTs"), str(pred),
+                    "-djfile", str(dataset / "dataset.json"), "-pfile", str(plans)], env)
+    assert "TVS" in proc.stdout
+    summary = json.loads((pred / "summary_topology.json").read_text())
+    assert len(summary["metric_per_case"]) == 2
+    assert set(summary["mean"]) == {"1", "2", "3"}
+    for m in summary["mean"].values():
+        assert 0.0 <= m["Dice"] <= 1.0
+    t = summary["topology_mean"]
+    assert set(t["TVS_per_rule"]) == {"exclusion(LV,RV)", "inclusion(LV in LV+MYO)"}
+    assert t["TVS"] >= 0 and 0 <= t["VR"] <= 1
+
+
+def test_evaluator_rejects_missing_prediction_folder(dataset, env, nnunet_dirs, tmp_path):
+    plans = next((nnunet_dirs["preprocessed"]).glob(f"Dataset{DATASET_ID}_*")) / "nnUNetPlans.json"
+    proc = run_cli([nnunet_cli("nnUNetv2_topo_evaluate_folder"), str(dataset / "labelsTs"), str(tmp_path / "nope"),
+                    "-djfile", str(dataset / "dataset.json"), "-pfile", str(plans)], env, check=False)
+    assert proc.returncode == 2 and "prediction folder not found" in proc.stderr
