@@ -18,7 +18,10 @@ from conftest import nnunet_cli, run_cli
 pytestmark = pytest.mark.slow
 
 DATASET_ID = 991
+# test glue only: the epoch count comes from the environment so that the test can stop after one epoch and
+# resume with --c for the second
 SMOKE_TRAINERS = textwrap.dedent('''
+    import os
     import torch
     from nnunet_topo.trainers.nnUNetTrainerProjPool import nnUNetTrainerProjPool
 
@@ -26,7 +29,7 @@ SMOKE_TRAINERS = textwrap.dedent('''
     class nnUNetTrainerProjPool_smoke(nnUNetTrainerProjPool):
         def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
             super().__init__(plans, configuration, fold, dataset_json, device)
-            self.num_epochs = 2
+            self.num_epochs = int(os.environ.get("SMOKE_EPOCHS", "2"))
             self.num_iterations_per_epoch = 2
             self.num_val_iterations_per_epoch = 1
 ''')
@@ -58,7 +61,10 @@ def test_check_rules_on_reference(dataset, env):
 
 def test_train_predict_evaluate(dataset, env, nnunet_dirs):
     trainer = "nnUNetTrainerProjPool_smoke"
-    run_cli([nnunet_cli("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env)
+    train = [nnunet_cli("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"]
+    run_cli(train, dict(env, SMOKE_EPOCHS="1"))
+    # resume with --c for a second epoch: our logged terms must come back from the checkpoint
+    proc = run_cli(train + ["--c"], dict(env, SMOKE_EPOCHS="2"))
     out = next((nnunet_dirs["results"]).glob(f"Dataset{DATASET_ID}_*")) / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
     assert (out / "checkpoint_final.pth").is_file()
     assert (out / "progress_topology.png").is_file()
@@ -69,7 +75,7 @@ def test_train_predict_evaluate(dataset, env, nnunet_dirs):
     logged = ckpt["logging"]
     assert len(logged["train_projpool"]) == 2 and len(logged["val_projpool"]) == 2
     assert all(v > 0 for v in logged["train_projpool"])
-    log = next(out.glob("training_log_*.txt")).read_text()
+    log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
     assert "projpool: train" in log and "Topology summary" in log
 
     pred = nnunet_dirs["results"] / "pred"

@@ -1,0 +1,611 @@
+"""The topology spec: parse and validate the ``topology`` block of an nnU-Net ``dataset.json``.
+
+Structures are named by nnU-Net *label names*; a structure may be a single label, a *region* (a list of
+label names, e.g. the LV epicardium encloses ``["LV", "MYO"]``) or a name defined in the block's own
+``structures`` table. Rules say which structures must not touch (``exclusion``) and which must lie inside
+another (``inclusion``); ``betti``/``betti_2d`` give topological priors; ``mesh_structures`` names the closed
+surfaces a mesh head predicts. The meaning of the rules on voxels is in :mod:`nnunet_topo.violations`
+(DESIGN §4); the user documentation of every key is ``documentation/topology_spec.md``.
+
+Example (short-axis cardiac MRI, labels background/RV/MYO/LV)::
+
+    "topology": {
+      "connectivity": 6,
+      "structures": {"LV_epi": ["LV", "MYO"]},
+      "rules": [
+        {"type": "exclusion", "a": "LV", "b": "RV"},
+        {"type": "inclusion", "inner": "LV", "outer": "LV_epi", "mode": "2d", "axis": 0}
+      ],
+      "betti": {"LV": [1, 0, 0], "MYO": [1, 0, 0], "RV": [1, 0, 0]},
+      "betti_2d": {"axis": 0, "MYO": [1, 1]},
+      "mesh_structures": {"LV_endo": ["LV"], "LV_epi": ["LV", "MYO"], "RV": ["RV"]}
+    }
+
+Every problem raises :class:`TopologySpecError` (a ``ValueError``) whose message names the offending key,
+rule or label and says how to fix it. This module does not import nnU-Net.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from numbers import Integral
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+__all__ = [
+    "TopologySpecError",
+    "Structure",
+    "ExclusionRule",
+    "InclusionRule",
+    "Rule",
+    "TopologySpec",
+    "parse_topology",
+    "load_topology",
+    "default_topology",
+    "describe",
+    "in_plane_connectivity",
+    "ALLOWED_TOP_LEVEL_KEYS",
+    "RULE_KEYS",
+]
+
+#: keys allowed in the ``topology`` block
+ALLOWED_TOP_LEVEL_KEYS: Tuple[str, ...] = ("connectivity", "structures", "rules", "betti", "betti_2d",
+                                           "mesh_structures")
+#: rule type -> (required keys, optional keys); ``type`` itself is always required
+RULE_KEYS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
+    "exclusion": (("a", "b"), ("name", "mode", "axis")),
+    "inclusion": (("inner", "outer"), ("may_touch", "name", "mode", "axis")),
+}
+_MODES = ("3d", "2d")
+_CONNECTIVITIES = (6, 26)
+_IN_PLANE = {6: 4, 26: 8}
+_IGNORE_NAME = "ignore"
+
+
+class TopologySpecError(ValueError):
+    """A ``topology`` block (or the ``labels`` it refers to) is invalid; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Structure:
+    """A named set of nnU-Net labels.
+
+    Attributes:
+        name: the label name, the ``structures``/``betti``/``mesh_structures`` key it was defined under, or for
+            an inline region the label names joined by ``"+"`` (``"LV+MYO"``).
+        label_names: the label names, in the order written.
+        label_ids: the nnU-Net label ids of ``label_names`` (same order).
+    """
+
+    name: str
+    label_names: Tuple[str, ...]
+    label_ids: Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ExclusionRule:
+    """Structures ``a`` and ``b`` must not touch (no voxel of one is a neighbour of a voxel of the other).
+
+    Attributes:
+        name: unique rule name (default ``exclusion(A,B)``, plus `` [2d axis k]`` in 2d mode).
+        a, b: the two structures (disjoint label sets).
+        mode: ``"3d"`` (volume neighbourhood) or ``"2d"`` (in-plane neighbourhood of each slice along ``axis``).
+        axis: slice axis for ``mode="2d"`` (spatial axis index 0..2 of ``(Z, Y, X)`` arrays); unused in 3d.
+    """
+
+    name: str
+    a: Structure
+    b: Structure
+    mode: str = "3d"
+    axis: int = 0
+
+
+@dataclass(frozen=True)
+class InclusionRule:
+    """Structure ``inner`` lies inside ``outer``: it may only touch voxels of ``outer`` or ``may_touch``.
+
+    Attributes:
+        name: unique rule name (default ``inclusion(I in O)`` or ``inclusion(I in O | may_touch M)``, plus
+            `` [2d axis k]`` in 2d mode).
+        inner: the enclosed structure; its labels are a proper subset of ``outer``'s.
+        outer: the enclosing region (it contains the inner labels, e.g. ``LV+MYO`` for ``LV``).
+        may_touch: structures the inner one may also touch (openings such as valves), or ``None``; disjoint
+            from ``outer``.
+        mode: ``"3d"`` or ``"2d"``.
+        axis: slice axis for ``mode="2d"`` (0..2); unused in 3d.
+    """
+
+    name: str
+    inner: Structure
+    outer: Structure
+    may_touch: Optional[Structure] = None
+    mode: str = "3d"
+    axis: int = 0
+
+
+Rule = Union[ExclusionRule, InclusionRule]
+StructureRef = Union[str, Sequence[str], Structure]
+
+
+def in_plane_connectivity(connectivity: int) -> int:
+    """In-plane connectivity used by 2d rules for a 3D connectivity: 6 -> 4, 26 -> 8."""
+    if connectivity not in _IN_PLANE:
+        raise ValueError(f"connectivity must be 6 or 26, got {connectivity!r}")
+    return _IN_PLANE[connectivity]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _suggest(name: Any, choices: Iterable[str]) -> str:
+    if not isinstance(name, str):
+        return ""
+    choices = list(choices)
+    same_case = [c for c in choices if c.lower() == name.lower()]
+    close = same_case or difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def _fmt_list(names: Iterable[str]) -> str:
+    names = list(names)
+    return ", ".join(repr(n) for n in names) if names else "(none)"
+
+
+def _parse_labels(labels: Any) -> Tuple[Dict[str, int], Dict[str, int]]:
+    """Validate nnU-Net ``labels``; return (foreground labels, all labels). Foreground excludes id 0 and 'ignore'."""
+    if not isinstance(labels, Mapping) or not labels:
+        raise TopologySpecError(
+            f"dataset.json 'labels' must be a non-empty dict of label name -> integer id "
+            f"(e.g. {{\"background\": 0, \"LV\": 1}}), got {labels!r}")
+    all_labels: Dict[str, int] = {}
+    seen: Dict[int, str] = {}
+    for name, value in labels.items():
+        if isinstance(value, (list, tuple)):
+            raise TopologySpecError(
+                f"dataset.json label {name!r} is defined as a list of ids {list(value)}: region-based (sigmoid) "
+                "label definitions are not supported by the topology tools yet. Use plain integer labels and "
+                "express regions in the 'topology' block instead (e.g. \"outer\": [\"LV\", \"MYO\"]).")
+        if not _is_int(value) or value < 0:
+            raise TopologySpecError(
+                f"dataset.json label {name!r} must have a non-negative integer id, got {value!r}")
+        value = int(value)
+        if value in seen:
+            raise TopologySpecError(
+                f"dataset.json labels {seen[value]!r} and {name!r} have the same id {value}; ids must be unique")
+        seen[value] = name
+        all_labels[str(name)] = value
+    foreground = {n: i for n, i in all_labels.items() if i != 0 and n != _IGNORE_NAME}
+    return foreground, all_labels
+
+
+class _Resolver:
+    """Resolves structure references against the labels and the named structures."""
+
+    def __init__(self, foreground: Dict[str, int], all_labels: Dict[str, int],
+                 structures: Optional[Dict[str, Structure]] = None) -> None:
+        self.foreground = foreground
+        self.all_labels = all_labels
+        self.structures = structures if structures is not None else {}
+
+    def _unknown(self, name: Any, where: str, allow_structures: bool) -> TopologySpecError:
+        known = f"Known labels: {_fmt_list(self.foreground)}"
+        choices = list(self.foreground)
+        if allow_structures and self.structures:
+            known += f"; structures: {_fmt_list(self.structures)}"
+            choices += list(self.structures)
+        return TopologySpecError(f"{where}: unknown label {name!r}. {known}.{_suggest(name, choices)}")
+
+    def _label(self, name: Any, where: str, allow_structures: bool) -> int:
+        if not isinstance(name, str):
+            raise TopologySpecError(f"{where}: expected a label name (string), got {name!r}")
+        if name in self.foreground:
+            return self.foreground[name]
+        if name in self.all_labels:
+            if self.all_labels[name] == 0:
+                raise TopologySpecError(
+                    f"{where}: {name!r} is the background label (id 0); background cannot be part of a structure "
+                    "(everything outside all structures is background). Remove it.")
+            raise TopologySpecError(
+                f"{where}: {name!r} is nnU-Net's ignore label and cannot be part of a structure. Remove it.")
+        if name in self.structures:
+            s = self.structures[name]
+            raise TopologySpecError(
+                f"{where}: {name!r} is a structure ({'+'.join(s.label_names)}), not a label; inside a list use "
+                f"label names only, e.g. {json.dumps(list(s.label_names))}.")
+        raise self._unknown(name, where, allow_structures)
+
+    def resolve(self, ref: Any, where: str, *, allow_structures: bool = True, name: Optional[str] = None
+                ) -> Structure:
+        """Resolve a label name, a list of label names or (if allowed) a structure name; ``name`` renames it."""
+        if isinstance(ref, Structure):
+            return ref
+        if isinstance(ref, str):
+            if allow_structures and ref in self.structures:
+                s = self.structures[ref]
+                return s if name is None else Structure(name, s.label_names, s.label_ids)
+            label_id = self._label(ref, where, allow_structures)
+            return Structure(ref if name is None else name, (ref,), (label_id,))
+        if isinstance(ref, (list, tuple)):
+            if len(ref) == 0:
+                raise TopologySpecError(f"{where}: a region must list at least one label name, got []")
+            ids: List[int] = []
+            for j, item in enumerate(ref):
+                label_id = self._label(item, f"{where}[{j}]", allow_structures)
+                if label_id in ids:
+                    raise TopologySpecError(f"{where}: label {item!r} is listed twice in {list(ref)!r}")
+                ids.append(label_id)
+            names = tuple(str(x) for x in ref)
+            return Structure("+".join(names) if name is None else name, names, tuple(ids))
+        raise TopologySpecError(
+            f"{where}: expected a label name, a list of label names or a structure name, got {ref!r}")
+
+
+# ---------------------------------------------------------------------------------------------- the spec
+@dataclass(frozen=True)
+class TopologySpec:
+    """The validated ``topology`` block of a dataset.
+
+    Attributes:
+        labels: foreground label name -> nnU-Net id (background id 0 and the ``ignore`` label excluded).
+        rules: :class:`ExclusionRule` / :class:`InclusionRule` objects, in file order; names are unique.
+        betti: structure name -> 3D Betti prior ``(b0, b1, b2)``.
+        betti_structures: structure name -> :class:`Structure` for every ``betti`` and ``betti_2d`` key.
+        betti_2d: structure name -> per-slice Betti prior ``(b0, b1)`` along ``betti_2d_axis``.
+        betti_2d_axis: slice axis of ``betti_2d`` (0..2 of ``(Z, Y, X)``).
+        mesh_structures: mesh name -> :class:`Structure` (the region whose closed surface is the mesh).
+        connectivity: 3D neighbourhood of the rules, 6 or 26; 2d rules use 4 resp. 8 in plane.
+        is_default: True when dataset.json had no ``topology`` block (see :func:`default_topology`).
+        structures: the named structures of the block's ``structures`` table.
+    """
+
+    labels: Dict[str, int]
+    rules: Tuple[Rule, ...]
+    betti: Dict[str, Tuple[int, int, int]]
+    betti_structures: Dict[str, Structure]
+    betti_2d: Dict[str, Tuple[int, int]]
+    betti_2d_axis: int
+    mesh_structures: Dict[str, Structure]
+    connectivity: int = 6
+    is_default: bool = False
+    structures: Dict[str, Structure] = field(default_factory=dict)
+
+    def structure(self, ref: StructureRef) -> Structure:
+        """Resolve a structure reference.
+
+        Args:
+            ref: a foreground label name, a name from ``structures``, a list of label names (a region), or a
+                :class:`Structure` (returned unchanged).
+
+        Returns:
+            The :class:`Structure`.
+
+        Raises:
+            TopologySpecError: unknown name, background/ignore label, or malformed reference.
+        """
+        all_labels = dict(self.labels)
+        return _Resolver(self.labels, all_labels, self.structures).resolve(ref, f"structure {ref!r}")
+
+    @property
+    def rule_names(self) -> Tuple[str, ...]:
+        """Names of the rules, in file order."""
+        return tuple(r.name for r in self.rules)
+
+    @property
+    def in_plane_connectivity(self) -> int:
+        """Connectivity used by 2d rules (4 for 6, 8 for 26)."""
+        return _IN_PLANE[self.connectivity]
+
+
+def _default_rule_name(rule_type: str, parts: Dict[str, Optional[Structure]], mode: str, axis: int) -> str:
+    if rule_type == "exclusion":
+        name = f"exclusion({parts['a'].name},{parts['b'].name})"
+    else:
+        name = f"inclusion({parts['inner'].name} in {parts['outer'].name}"
+        if parts.get("may_touch") is not None:
+            name += f" | may_touch {parts['may_touch'].name}"
+        name += ")"
+    if mode == "2d":
+        name += f" [2d axis {axis}]"
+    return name
+
+
+def _parse_axis(value: Any, where: str) -> int:
+    if not _is_int(value) or not 0 <= value <= 2:
+        raise TopologySpecError(
+            f"{where}: axis must be an integer 0, 1 or 2 (spatial axis of the (Z, Y, X) array; 0 = slice axis of "
+            f"short-axis MRI), got {value!r}")
+    return int(value)
+
+
+def _parse_rule(i: int, raw: Any, resolver: _Resolver) -> Rule:
+    where = f"topology.rules[{i}]"
+    if not isinstance(raw, Mapping):
+        raise TopologySpecError(f"{where}: each rule must be a dict such as "
+                                f"{{\"type\": \"exclusion\", \"a\": \"LV\", \"b\": \"RV\"}}, got {raw!r}")
+    if "type" not in raw:
+        raise TopologySpecError(f"{where}: missing required key 'type' (one of {_fmt_list(RULE_KEYS)})")
+    rule_type = raw["type"]
+    if rule_type not in RULE_KEYS:
+        raise TopologySpecError(f"{where}: unknown rule type {rule_type!r}; choose one of "
+                                f"{_fmt_list(RULE_KEYS)}.{_suggest(rule_type, RULE_KEYS)}")
+    where = f"{where} ({rule_type})"
+    required, optional = RULE_KEYS[rule_type]
+    allowed = ("type",) + required + optional
+    for key in raw:
+        if key not in allowed:
+            raise TopologySpecError(f"{where}: unknown key {key!r}; allowed keys: {_fmt_list(allowed)}."
+                                    f"{_suggest(key, allowed)}")
+    for key in required:
+        if key not in raw:
+            raise TopologySpecError(f"{where}: missing required key {key!r} (required: {_fmt_list(required)})")
+
+    mode = raw.get("mode", "3d")
+    if mode not in _MODES:
+        raise TopologySpecError(f"{where}: mode must be \"3d\" or \"2d\" (lower case), got {mode!r}")
+    axis = _parse_axis(raw.get("axis", 0), where)
+
+    if rule_type == "exclusion":
+        a = resolver.resolve(raw["a"], f"{where}.a")
+        b = resolver.resolve(raw["b"], f"{where}.b")
+        if set(a.label_ids) == set(b.label_ids):
+            raise TopologySpecError(
+                f"{where}: names the same structure twice (a={a.name!r}, b={b.name!r}); an exclusion needs two "
+                "different structures.")
+        shared = [n for n, k in zip(a.label_names, a.label_ids) if k in b.label_ids]
+        if shared:
+            raise TopologySpecError(
+                f"{where}: a={a.name!r} and b={b.name!r} share label(s) {_fmt_list(shared)}; a structure always "
+                "touches itself, so every voxel of those labels would violate. Use disjoint structures.")
+        parts: Dict[str, Optional[Structure]] = {"a": a, "b": b}
+    else:
+        inner = resolver.resolve(raw["inner"], f"{where}.inner")
+        outer = resolver.resolve(raw["outer"], f"{where}.outer")
+        may_raw = raw.get("may_touch")
+        may_touch = None if may_raw is None else resolver.resolve(may_raw, f"{where}.may_touch")
+        if set(inner.label_ids) == set(outer.label_ids):
+            raise TopologySpecError(
+                f"{where}: names the same structure twice (inner={inner.name!r}, outer={outer.name!r}); the outer "
+                f"structure is the enclosing region including the inner labels, e.g. \"inner\": \"LV\", "
+                f"\"outer\": [\"LV\", \"MYO\"].")
+        missing = [n for n, k in zip(inner.label_names, inner.label_ids) if k not in outer.label_ids]
+        if missing:
+            raise TopologySpecError(
+                f"{where}: outer={outer.name!r} must contain every label of inner={inner.name!r} (the outer "
+                f"structure is the enclosing region, inner labels included); missing {_fmt_list(missing)}. "
+                f"Write e.g. \"outer\": {json.dumps(list(outer.label_names) + missing)}.")
+        if may_touch is not None:
+            with_inner = [n for n, k in zip(may_touch.label_names, may_touch.label_ids) if k in inner.label_ids]
+            if with_inner:
+                raise TopologySpecError(
+                    f"{where}: may_touch={may_touch.name!r} contains label(s) {_fmt_list(with_inner)} of "
+                    f"inner={inner.name!r}; may_touch lists the *other* structures the inner one may touch. "
+                    "Remove them.")
+            with_outer = [n for n, k in zip(may_touch.label_names, may_touch.label_ids) if k in outer.label_ids]
+            if with_outer:
+                raise TopologySpecError(
+                    f"{where}: may_touch={may_touch.name!r} contains label(s) {_fmt_list(with_outer)} of "
+                    f"outer={outer.name!r}, which the inner structure may touch anyway (redundant). Remove them.")
+        parts = {"inner": inner, "outer": outer, "may_touch": may_touch}
+
+    name = raw.get("name")
+    if name is None:
+        name = _default_rule_name(rule_type, parts, mode, axis)
+    elif not isinstance(name, str) or not name.strip():
+        raise TopologySpecError(f"{where}: name must be a non-empty string, got {name!r}")
+    if rule_type == "exclusion":
+        return ExclusionRule(name=name, a=parts["a"], b=parts["b"], mode=mode, axis=axis)
+    return InclusionRule(name=name, inner=parts["inner"], outer=parts["outer"], may_touch=parts["may_touch"],
+                         mode=mode, axis=axis)
+
+
+def _parse_betti_vector(value: Any, length: int, where: str) -> Tuple[int, ...]:
+    example = "[1, 0, 0]" if length == 3 else "[1, 0]"
+    meaning = "(b0, b1, b2): components, tunnels/handles, cavities" if length == 3 else "(b0, b1): components, holes"
+    if (not isinstance(value, (list, tuple)) or len(value) != length
+            or not all(_is_int(v) and v >= 0 for v in value)):
+        raise TopologySpecError(
+            f"{where}: a Betti vector must be a list of {length} non-negative integers {meaning}, e.g. "
+            f"{example}; got {value!r}")
+    return tuple(int(v) for v in value)
+
+
+def _as_dict(value: Any, where: str, example: str) -> Mapping:
+    if not isinstance(value, Mapping):
+        raise TopologySpecError(f"{where} must be a dict, e.g. {example}; got {value!r}")
+    return value
+
+
+def parse_topology(dataset_json: Mapping) -> TopologySpec:
+    """Parse and validate the ``topology`` block of a dataset.json dict.
+
+    Args:
+        dataset_json: the whole dataset.json content (needs ``labels``; ``topology`` is optional).
+
+    Returns:
+        The validated :class:`TopologySpec`. Without a ``topology`` key, :func:`default_topology` of the labels
+        (which warns).
+
+    Raises:
+        TopologySpecError: any invalid key, label, rule or prior; the message names the offender and the fix.
+    """
+    if not isinstance(dataset_json, Mapping):
+        raise TopologySpecError(f"dataset.json content must be a dict, got {type(dataset_json).__name__}")
+    if "labels" not in dataset_json:
+        raise TopologySpecError("dataset.json has no 'labels' key; the topology block refers to label names")
+    if "topology" not in dataset_json:
+        return default_topology(dataset_json["labels"])
+    foreground, all_labels = _parse_labels(dataset_json["labels"])
+    topo = dataset_json["topology"]
+    if not isinstance(topo, Mapping):
+        raise TopologySpecError(
+            f"dataset.json 'topology' must be a dict with keys among {_fmt_list(ALLOWED_TOP_LEVEL_KEYS)}, got "
+            f"{type(topo).__name__} {topo!r}")
+    for key in topo:
+        if key not in ALLOWED_TOP_LEVEL_KEYS:
+            raise TopologySpecError(
+                f"topology: unknown key {key!r}; allowed keys: {_fmt_list(ALLOWED_TOP_LEVEL_KEYS)}."
+                f"{_suggest(key, ALLOWED_TOP_LEVEL_KEYS)}")
+
+    connectivity = topo.get("connectivity", 6)
+    if not _is_int(connectivity) or connectivity not in _CONNECTIVITIES:
+        raise TopologySpecError(
+            f"topology.connectivity must be 6 (face neighbours, default) or 26 (face, edge and corner neighbours), "
+            f"got {connectivity!r}")
+    connectivity = int(connectivity)
+
+    # named structures (label names only, so definitions never depend on their order)
+    resolver = _Resolver(foreground, all_labels)
+    structures: Dict[str, Structure] = {}
+    raw_structures = _as_dict(topo.get("structures", {}), "topology.structures", '{"LV_epi": ["LV", "MYO"]}')
+    for sname, ref in raw_structures.items():
+        where = f"topology.structures[{sname!r}]"
+        if not isinstance(sname, str) or not sname.strip():
+            raise TopologySpecError(f"{where}: structure names must be non-empty strings")
+        if sname in all_labels:
+            raise TopologySpecError(
+                f"{where}: structure name {sname!r} collides with the label {sname!r}; choose another name "
+                f"(e.g. {sname + '_region'!r}).")
+        structures[sname] = resolver.resolve(ref, where, allow_structures=False, name=sname)
+    resolver.structures = structures
+
+    # rules
+    raw_rules = topo.get("rules", [])
+    if not isinstance(raw_rules, (list, tuple)):
+        raise TopologySpecError(f"topology.rules must be a list of rule dicts, got {type(raw_rules).__name__}")
+    rules: List[Rule] = []
+    first_index: Dict[str, int] = {}
+    for i, raw in enumerate(raw_rules):
+        rule = _parse_rule(i, raw, resolver)
+        if rule.name in first_index:
+            raise TopologySpecError(
+                f"topology.rules[{i}]: rule name {rule.name!r} is used twice (also topology.rules"
+                f"[{first_index[rule.name]}]); remove the duplicate or give one a unique \"name\".")
+        first_index[rule.name] = i
+        rules.append(rule)
+
+    # Betti priors
+    betti: Dict[str, Tuple[int, int, int]] = {}
+    betti_structures: Dict[str, Structure] = {}
+    raw_betti = _as_dict(topo.get("betti", {}), "topology.betti", '{"LV": [1, 0, 0]}')
+    for key, value in raw_betti.items():
+        where = f"topology.betti[{key!r}]"
+        betti_structures[key] = resolver.resolve(key, where)
+        betti[key] = _parse_betti_vector(value, 3, where)  # type: ignore[assignment]
+    raw_b2 = _as_dict(topo.get("betti_2d", {}), "topology.betti_2d", '{"axis": 0, "MYO": [1, 1]}')
+    betti_2d_axis = _parse_axis(raw_b2.get("axis", 0), "topology.betti_2d")
+    betti_2d: Dict[str, Tuple[int, int]] = {}
+    for key, value in raw_b2.items():
+        if key == "axis":
+            continue
+        where = f"topology.betti_2d[{key!r}]"
+        s = resolver.resolve(key, where)
+        betti_structures.setdefault(key, s)
+        betti_2d[key] = _parse_betti_vector(value, 2, where)  # type: ignore[assignment]
+
+    # mesh structures
+    mesh_structures: Dict[str, Structure] = {}
+    raw_mesh = _as_dict(topo.get("mesh_structures", {}), "topology.mesh_structures",
+                        '{"LV_epi": ["LV", "MYO"]}')
+    for mname, ref in raw_mesh.items():
+        where = f"topology.mesh_structures[{mname!r}]"
+        if not isinstance(mname, str) or not mname.strip():
+            raise TopologySpecError(f"{where}: mesh structure names must be non-empty strings")
+        s = resolver.resolve(ref, where, name=mname)
+        same_name = structures.get(mname) or (
+            Structure(mname, (mname,), (foreground[mname],)) if mname in foreground else None)
+        if same_name is not None and set(same_name.label_ids) != set(s.label_ids):
+            raise TopologySpecError(
+                f"{where}: the mesh name {mname!r} is also a label/structure ({'+'.join(same_name.label_names)}) "
+                f"but the mesh is {'+'.join(s.label_names)}; rename the mesh to avoid the confusion.")
+        mesh_structures[mname] = s
+
+    return TopologySpec(labels=foreground, rules=tuple(rules), betti=betti, betti_structures=betti_structures,
+                        betti_2d=betti_2d, betti_2d_axis=betti_2d_axis, mesh_structures=mesh_structures,
+                        connectivity=connectivity, is_default=False, structures=structures)
+
+
+def load_topology(dataset_json: Union[str, os.PathLike, Mapping]) -> TopologySpec:
+    """Load the topology spec from a dataset.json path (or a folder containing one) or an already loaded dict.
+
+    Args:
+        dataset_json: path to ``dataset.json``, a dataset folder, or the dict itself.
+
+    Returns:
+        The validated :class:`TopologySpec` (see :func:`parse_topology`).
+    """
+    if isinstance(dataset_json, Mapping):
+        return parse_topology(dataset_json)
+    path = os.fspath(dataset_json)
+    if os.path.isdir(path):
+        path = os.path.join(path, "dataset.json")
+    with open(path, "r", encoding="utf-8") as f:
+        try:
+            content = json.load(f)
+        except json.JSONDecodeError as e:
+            raise TopologySpecError(f"{path} is not valid JSON: {e}") from e
+    return parse_topology(content)
+
+
+def default_topology(labels: Mapping) -> TopologySpec:
+    """The spec used when dataset.json has no ``topology`` block; warns that defaults are in use.
+
+    No rules, no 2D priors, no mesh structures; a 3D Betti prior of one component ``(1, 0, 0)`` per foreground
+    label; 6-connectivity.
+
+    Args:
+        labels: dataset.json ``labels`` (name -> id, background included).
+
+    Returns:
+        A :class:`TopologySpec` with ``is_default=True``.
+    """
+    foreground, _ = _parse_labels(labels)
+    warnings.warn(
+        "dataset.json has no 'topology' block: using defaults (no topology rules, Betti prior (1, 0, 0) = one "
+        "connected component per foreground label, 6-connectivity). See documentation/topology_spec.md to "
+        "define rules.", UserWarning, stacklevel=2)
+    structures = {n: Structure(n, (n,), (i,)) for n, i in foreground.items()}
+    return TopologySpec(labels=foreground, rules=(), betti={n: (1, 0, 0) for n in foreground},
+                        betti_structures=structures, betti_2d={}, betti_2d_axis=0, mesh_structures={},
+                        connectivity=6, is_default=True, structures={})
+
+
+def _struct_str(s: Structure) -> str:
+    region = "+".join(s.label_names)
+    return s.name if region == s.name else f"{s.name}={region}"
+
+
+def describe(spec: TopologySpec) -> str:
+    """A short multi-line human summary of a spec (for logs).
+
+    Args:
+        spec: the spec.
+
+    Returns:
+        The summary text (no trailing newline).
+    """
+    src = "defaults (no 'topology' block in dataset.json)" if spec.is_default else "dataset.json 'topology' block"
+    lines = [f"topology: {src}; connectivity {spec.connectivity} (2d rules: {spec.in_plane_connectivity})",
+             "  labels: " + ", ".join(f"{n}={i}" for n, i in spec.labels.items())]
+    if spec.structures:
+        lines.append("  structures: " + ", ".join(_struct_str(s) for s in spec.structures.values()))
+    lines.append(f"  rules ({len(spec.rules)}):" + ("" if spec.rules else " none"))
+    for r in spec.rules:
+        if isinstance(r, ExclusionRule):
+            default = _default_rule_name("exclusion", {"a": r.a, "b": r.b}, r.mode, r.axis)
+        else:
+            default = _default_rule_name("inclusion", {"inner": r.inner, "outer": r.outer, "may_touch": r.may_touch},
+                                         r.mode, r.axis)
+        lines.append(f"    - {r.name}" if r.name == default else f"    - {r.name} = {default}")
+    if spec.betti:
+        lines.append("  betti: " + ", ".join(f"{k} {tuple(v)}" for k, v in spec.betti.items()))
+    if spec.betti_2d:
+        lines.append(f"  betti_2d (axis {spec.betti_2d_axis}): "
+                     + ", ".join(f"{k} {tuple(v)}" for k, v in spec.betti_2d.items()))
+    if spec.mesh_structures:
+        lines.append("  mesh structures: " + ", ".join(
+            f"{k}={'+'.join(s.label_names)}" for k, s in spec.mesh_structures.items()))
+    return "\n".join(lines)
