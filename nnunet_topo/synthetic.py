@@ -507,7 +507,7 @@ def _acdc_geometry(rng: np.random.Generator, shape: Shape3) -> Tuple[np.ndarray,
     ecc = rng.uniform(0.0, 0.12)
     taper = rng.uniform(0.45, 0.6)  # apex radius / base radius
     power = rng.uniform(1.5, 2.5)  # radius profile r(t) = r0 (1 - (1 - taper) t^p), t = 0 base .. 1 apex
-    dfac, afac, bfac = rng.uniform(0.95, 1.15), rng.uniform(0.85, 1.05), rng.uniform(1.25, 1.5)
+    dfac, afac, bfac = rng.uniform(0.7, 0.9), rng.uniform(1.0, 1.25), rng.uniform(1.5, 1.9)
     r0 = n_inplane * rng.uniform(0.11, 0.14)
 
     z_base = 1
@@ -689,15 +689,13 @@ def _wholeheart_geometry(rng: np.random.Generator, shape: Shape3,
     ra = ell("RA") & ~lv_26 & ~_dilate(la, _S6, 2) & ~ao_m & ~rv
     ra = _largest_component(ra)
     myo = _dilate(lv, _ball(w_wall)) & ~lv & ~la & ~ao_m & ~rv & ~ra
-    # Let RV and RA grow (geodesically, w_wall steps) into the MYO they may occupy: this removes thin MYO
-    # arches left over the cavities where their ellipsoids graze the wall (each arch is a spurious tunnel).
+    # Let the RV grow (geodesically, w_wall steps) into the MYO it may occupy: this removes thin MYO arches
+    # left over the cavity where its ellipsoid grazes the wall (each arch is a spurious MYO tunnel). (The same
+    # for the RA made more RA tunnels than it removed MYO ones; the self-check redraws those rare cases.)
     rv_ok = myo & ~_dilate(lv_26, _S6, t_sep - 1) & ~_dilate(la, _S6)
-    ra_ok = myo & ~lv_26 & ~_dilate(la, _S6, 2)
     for _ in range(w_wall):
-        grow_rv = _dilate(rv, _S6) & rv_ok & ~rv
-        rv |= grow_rv
-        ra |= _dilate(ra, _S6) & ra_ok & ~grow_rv & ~rv
-        myo &= ~(rv | ra)
+        rv |= _dilate(rv, _S6) & rv_ok
+    myo &= ~rv
     # keep only the MYO components that touch the LV
     comp, n = ndimage.label(myo, _S26)
     touching = np.unique(comp[_dilate(lv, _S6) & myo])
@@ -937,12 +935,14 @@ def _wall_hole_candidates(label: np.ndarray, labels: Mapping[str, int], rng: np.
 
 
 def _blob_candidates(label: np.ndarray, rng: np.random.Generator) -> List[np.ndarray]:
-    """A 1x3x3 blob in background, >= 3 voxels in-plane and >= 1 slice away from any foreground."""
+    """A 1x3x3 blob in background with no foreground within +-1 slice and +-3 voxels in-plane of it."""
     Z, Y, X = label.shape
     forbidden = ndimage.binary_dilation(label != 0, np.ones((3, 7, 7), bool))
     free = ~ndimage.binary_dilation(forbidden, np.ones((1, 3, 3), bool))  # blob centres whose blob is free
-    free[:, :2] = free[:, -2:] = False
+    free[:, :2] = free[:, -2:] = False  # keep the blob off the array border
     free[:, :, :2] = free[:, :, -2:] = False
+    if Z > 2:
+        free[0] = free[-1] = False
     pts = np.argwhere(free)
     out: List[np.ndarray] = []
     for i in rng.permutation(len(pts))[:5]:

@@ -94,7 +94,7 @@ def test_train_predict_evaluate(dataset, env, nnunet_dirs):
     for m in summary["mean"].values():
         assert 0.0 <= m["Dice"] <= 1.0
     t = summary["topology_mean"]
-    assert set(t["TVS_per_rule"]) == {"exclusion(LV,RV)", "inclusion(LV in LV+MYO)"}
+    assert set(t["TVS_per_rule"]) == {"exclusion(LV,RV)", "inclusion(LV in LV+MYO) [2d axis 0]"}
     assert t["TVS"] >= 0 and 0 <= t["VR"] <= 1
 
 

@@ -161,6 +161,7 @@ class nnUNetTrainerTopoBase(nnUNetTrainer):
             self.plans_manager.plans,
             output_file=os.path.join(validation_folder, "summary_topology.json"),
             spec=self.topology_spec,
+            chill=True,  # gt_segmentations holds every case, validation/ only this fold's
             show_progress=False,
         )
         topo = summary["topology_mean"]
