@@ -65,6 +65,7 @@ def main(argv=None) -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=(10, 64, 64))
     args = parser.parse_args(argv)
 
+    os.environ.setdefault("nnUNet_n_proc_DA", "1")
     import torch
     workdir = tempfile.mkdtemp(prefix="nnunet_topo_bench_")
     _setup_env(workdir)
@@ -85,6 +86,11 @@ def main(argv=None) -> None:
     # the same batches for everybody
     first = trainers[names[0]]
     batches = [next(first.dataloader_train) for _ in range(args.iters)]
+    # stop the augmentation workers so that they do not compete with the timed steps
+    for t in trainers.values():
+        for dl in (t.dataloader_train, t.dataloader_val):
+            if hasattr(dl, "_finish"):
+                dl._finish()
 
     def sync():
         if device.type == "cuda":
@@ -103,11 +109,6 @@ def main(argv=None) -> None:
                 t.train_step(b)
             sync()
             times[n].append((time.perf_counter() - t0) / len(batches) * 1000)
-    for t in trainers.values():
-        try:
-            t.on_train_end()
-        except Exception:
-            pass
     cm = first.configuration_manager
     dev = torch.cuda.get_device_name(0) if device.type == "cuda" else f"{platform.processor() or platform.machine()} " \
                                                                       f"({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"

@@ -40,7 +40,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from numbers import Integral
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from scipy import ndimage
@@ -57,6 +57,7 @@ __all__ = [
     "rule_name",
     "check_reference",
     "plant_defect",
+    "save_phantom",
     "write_dataset",
 ]
 
@@ -402,7 +403,7 @@ def check_reference(label: np.ndarray, preset: str, topology: Optional[Mapping[s
     return problems
 
 
-# ================================================================================================ small geometry helpers
+# ============================================================================================== small geometry helpers
 def _rng(seed: SeedLike) -> np.random.Generator:
     if isinstance(seed, np.random.Generator):
         return seed
@@ -579,7 +580,7 @@ def _acdc_geometry(rng: np.random.Generator, shape: Shape3) -> Tuple[np.ndarray,
     for z in np.flatnonzero(lv.any(axis=(1, 2))):
         comp, _ = ndimage.label(np.pad(~myo[z], 1, constant_values=True), _S4_2D)
         keep = np.unique(np.concatenate([comp[0], comp[-1], comp[:, 0], comp[:, -1], comp[1:-1, 1:-1][lv[z]]]))
-        pocket = ~np.isin(comp, keep)[1:-1, 1:-1]
+        pocket = ((comp > 0) & ~np.isin(comp, keep))[1:-1, 1:-1]
         myo[z] |= pocket
         rv[z] &= ~pocket
     # drop MYO bits cut off from the ring by the RV (they would be extra 2D components)
@@ -731,7 +732,9 @@ def _acdc_image(rng: np.random.Generator, label: np.ndarray) -> Tuple[np.ndarray
         val = rng.choice([rng.uniform(0.02, 0.1), rng.uniform(0.6, 0.85), rng.uniform(0.35, 0.5)])
         blob = ((zi - c[0]) / rr[0]) ** 2 + ((yi - c[1]) / rr[1]) ** 2 + ((xi - c[2]) / rr[2]) ** 2 <= 1
         tissue = np.where(blob, val, tissue)
-    img = np.where(np.broadcast_to(body, label.shape), tissue, 0.02)
+    # the body always contains the heart with a margin of tissue
+    heart = ndimage.distance_transform_edt(~(label != 0).any(axis=0)) <= 0.1 * min(Y, X)
+    img = np.where(np.broadcast_to(body | heart[None], label.shape), tissue, 0.02)
     blood = rng.uniform(0.85, 1.0)
     vals = {"LV": blood, "RV": blood * rng.uniform(0.9, 1.0), "MYO": rng.uniform(0.22, 0.32)}
     for name, val in vals.items():
@@ -848,8 +851,8 @@ def make_phantom(preset: str, seed: SeedLike, shape: Optional[Sequence[int]] = N
     if oblique:
         direction = tuple(float(v) for v in _random_rotation(rng).ravel())
     params = dict(params, attempts=attempt + 1, **iparams)
-    return Phantom(image=image, label=label, spacing=spacing, origin=origin, direction=direction,  # type: ignore[arg-type]
-                   preset=p.name, labels=dict(p.labels), params=params)
+    return Phantom(image=image, label=label, spacing=spacing, origin=origin,  # type: ignore[arg-type]
+                   direction=direction, preset=p.name, labels=dict(p.labels), params=params)
 
 
 # ================================================================================================ defects
@@ -863,9 +866,10 @@ def _require(labels: Mapping[str, int], names: Sequence[str], kind: str) -> None
                          f"(labels given: {sorted(labels)})")
 
 
-def _septal_candidates(label: np.ndarray, labels: Mapping[str, int], target: str, rng: np.random.Generator
+def _septal_candidates(label: np.ndarray, labels: Mapping[str, int], rng: np.random.Generator
                        ) -> List[np.ndarray]:
-    """Patches of septal MYO between LV and RV (in-plane, one slice each) to relabel as ``target``."""
+    """Patches of septal MYO between LV and RV (in-plane, one slice each): the MYO voxels in a disk around the
+    midpoint of a closest LV-RV pair of the slice."""
     lv = label == labels["LV"]
     rv = label == labels["RV"]
     myo = label == labels["MYO"]
@@ -899,7 +903,6 @@ def _wall_hole_candidates(label: np.ndarray, labels: Mapping[str, int], rng: np.
     myo = label == labels["MYO"]
     Z, Y, X = label.shape
     slices = [z for z in range(Z) if lv[z].any() and _betti_2d(myo[z])[1] >= 1]
-    # prefer slices in the middle of the LV (cuts there open a window in the 3D wall)
     rng.shuffle(slices)
     out: List[np.ndarray] = []
     for z in slices:
@@ -1044,7 +1047,7 @@ def plant_defect(label: np.ndarray, kind: str, labels: Mapping[str, int], rng: S
 
     target = {"septal_hole": "LV", "bridge": "RV", "wall_hole": None, "extra_component": structure}[kind]
     if kind in ("septal_hole", "bridge"):
-        candidates = _septal_candidates(label, labels, target, gen)  # type: ignore[arg-type]
+        candidates = _septal_candidates(label, labels, gen)
     elif kind == "wall_hole":
         candidates = _wall_hole_candidates(label, labels, gen)
     else:
@@ -1098,6 +1101,25 @@ def save_phantom(ph: Phantom, image_path: Union[str, os.PathLike], label_path: U
 
     sitk.WriteImage(_sitk_image(ph.image, ph), os.fspath(image_path), useCompression=True)
     sitk.WriteImage(_sitk_image(ph.label.astype(np.uint8), ph), os.fspath(label_path), useCompression=True)
+
+
+def _json_dumps(obj: Any, indent: int = 0) -> str:
+    """JSON with 2-space indentation, but lists of scalars on one line (readable topology blocks)."""
+    pad, pad2 = " " * indent, " " * (indent + 2)
+    flat = isinstance(obj, dict) and all(
+        not isinstance(v, (dict, list, tuple)) or (isinstance(v, (list, tuple))
+                                                   and not any(isinstance(x, (dict, list, tuple)) for x in v))
+        for v in obj.values())
+    if flat and len(json.dumps(obj)) <= 100:  # e.g. a rule: one line
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {_json_dumps(v)}" for k, v in obj.items()) + "}"
+    if isinstance(obj, dict) and obj:
+        items = [f"{pad2}{json.dumps(str(k))}: {_json_dumps(v, indent + 2)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, (list, tuple)) and obj and any(isinstance(v, (dict, list, tuple)) for v in obj):
+        return "[\n" + ",\n".join(pad2 + _json_dumps(v, indent + 2) for v in obj) + "\n" + pad + "]"
+    if isinstance(obj, (list, tuple)):
+        return "[" + ", ".join(json.dumps(v) for v in obj) + "]"
+    return json.dumps(obj)
 
 
 def _is_ours(folder: pathlib.Path) -> bool:
@@ -1206,7 +1228,7 @@ def write_dataset(raw_root: Union[str, os.PathLike], dataset_id: int, preset: st
                           "training_cases": cases[:num_training], "test_cases": cases[num_training:]},
         }
         with open(tmp / "dataset.json", "w", encoding="utf-8") as f:
-            json.dump(dataset_json, f, indent=2)
+            f.write(_json_dumps(dataset_json) + "\n")
         if target.exists():  # overwrite=True and checked above: it is ours
             shutil.rmtree(target)
         os.replace(tmp, target)
