@@ -103,3 +103,22 @@ def test_evaluator_rejects_missing_prediction_folder(dataset, env, nnunet_dirs, 
     proc = run_cli([nnunet_cli("nnUNetv2_topo_evaluate_folder"), str(dataset / "labelsTs"), str(tmp_path / "nope"),
                     "-djfile", str(dataset / "dataset.json"), "-pfile", str(plans)], env, check=False)
     assert proc.returncode == 2 and "prediction folder not found" in proc.stderr
+
+
+def test_trainer_refuses_rules_that_the_reference_labels_violate(dataset, env, nnunet_dirs, monkeypatch):
+    """A rule the training labels break cannot be learned: the trainer says so before training."""
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, env[k])
+    from nnunet_topo.rules import TopologySpecError
+    from nnunet_topo.trainers.nnUNetTrainerProjPool import nnUNetTrainerProjPool
+
+    pre = next((nnunet_dirs["preprocessed"]).glob(f"Dataset{DATASET_ID}_*"))
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    dj = json.loads((pre / "dataset.json").read_text())
+    dj["topology"]["rules"].append({"type": "exclusion", "a": "MYO", "b": "RV"})  # MYO always touches RV
+    with pytest.raises(TopologySpecError, match=r"exclusion\(MYO,RV\): violated in 6/6"):
+        nnUNetTrainerProjPool(dict(plans, continue_training=False), "3d_fullres", 0, dj, torch.device("cpu"))
+    # the dataset's own rules hold: the same construction succeeds, and the check is cached
+    nnUNetTrainerProjPool(dict(plans, continue_training=False), "3d_fullres", 0,
+                          json.loads((pre / "dataset.json").read_text()), torch.device("cpu"))
+    assert (pre / "nnunet_topo_reference_check.json").is_file()

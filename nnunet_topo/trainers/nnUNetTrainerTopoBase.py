@@ -37,6 +37,9 @@ class nnUNetTrainerTopoBase(nnUNetTrainer):
 
     #: run the topology evaluator after nnU-Net's validation (writes validation/summary_topology.json)
     evaluate_topology_after_validation: bool = True
+    #: refuse to train when the reference labels (gt_segmentations) violate a rule of the spec: such a rule cannot
+    #: be learned and its TVS is meaningless. Betti-prior mismatches are only logged. Subclass to switch off.
+    require_rules_hold_on_reference: bool = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -54,11 +57,59 @@ class nnUNetTrainerTopoBase(nnUNetTrainer):
                 "dataset.json has no 'topology' block: no topology rules, Betti prior (1, 0, 0) per label. "
                 "See documentation/topology_spec.md to define rules.")
         self.print_to_log_file("Topology spec:\n" + describe(self.topology_spec))
+        if self.require_rules_hold_on_reference and self.topology_spec.rules:
+            self._check_rules_on_reference()
         self._topology_term_names: Tuple[str, ...] = tuple(self.topology_term_names())
         local = self.logger.local_logger.my_fantastic_logging
         for name in self._topology_term_names:
             for split in ("train", "val"):
                 local.setdefault(f"{split}_{name}", [])
+
+    def _check_rules_on_reference(self) -> None:
+        """Check the spec against the reference labels once; the result is cached in the preprocessed folder."""
+        import hashlib
+        import json
+
+        from nnunet_topo.evaluation import check_rules_on_folder
+
+        gt = os.path.join(self.preprocessed_dataset_folder_base, "gt_segmentations")
+        if not os.path.isdir(gt):
+            self.print_to_log_file(f"no {gt}: skipping the check of the rules on the reference labels")
+            return
+        files = sorted(f for f in os.listdir(gt) if f.endswith(self.dataset_json["file_ending"]))
+        key = hashlib.sha1(json.dumps([self.dataset_json.get("topology"), self.dataset_json["labels"], files,
+                                       [os.path.getmtime(os.path.join(gt, f)) for f in files]],
+                                      sort_keys=True).encode()).hexdigest()
+        cache = os.path.join(self.preprocessed_dataset_folder_base, "nnunet_topo_reference_check.json")
+        report = None
+        if os.path.isfile(cache):
+            try:
+                with open(cache) as f:
+                    cached = json.load(f)
+                if cached.get("key") == key:
+                    report = cached["report"]
+            except (OSError, ValueError, KeyError):
+                report = None
+        if report is None:
+            report = check_rules_on_folder(gt, self.dataset_json, show_progress=False)
+            tmp = f"{cache}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"key": key, "report": report}, f)
+            os.replace(tmp, cache)
+        for name, e in report["betti"].items():
+            if e["cases_differing"]:
+                self.print_to_log_file(f"WARNING: Betti prior {name} {tuple(e['prior'])} differs from the reference in "
+                                       f"{e['cases_differing']}/{report['num_cases']} case(s)")
+        bad = {name: e for name, e in report["rules"].items() if e["cases_violating"]}
+        if bad:
+            lines = [f"  {name}: violated in {e['cases_violating']}/{report['num_cases']} reference case(s), e.g. "
+                     + ", ".join(f"{c} ({v['voxels']} voxels, slices {v['slices'][:5]})"
+                                 for c, v in list(e["cases"].items())[:3]) for name, e in bad.items()]
+            raise TopologySpecError(
+                "the reference labels of this dataset violate topology rules of its dataset.json, so the rules cannot "
+                "be learned:\n" + "\n".join(lines) + "\nFix the rules (add \"may_touch\", use \"mode\": \"2d\") or "
+                "the labels; nnUNetv2_topo_check_rules -d DATASET reports every case. (Subclass with "
+                "require_rules_hold_on_reference = False to train anyway.)")
 
     # ------------------------------------------------------------------ hooks for subclasses
     def topology_term_names(self) -> Tuple[str, ...]:
