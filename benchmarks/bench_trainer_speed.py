@@ -3,8 +3,9 @@
 For one preprocessed dataset/configuration/fold, every trainer is built exactly as ``nnUNetv2_train`` builds it
 (nnU-Net's ``get_trainer_from_args`` + ``initialize`` + ``on_train_start``), then ``train_step`` is timed on the
 SAME pre-fetched batches for every trainer (data loading excluded: it is identical for all of them). Trainers are
-timed in interleaved rounds (A, B, A, B, ...) so drift of the machine hits all of them alike. The ratio is
-``median ms/iteration of trainer / median ms/iteration of nnUNetTrainer``.
+timed in interleaved rounds (A, B, then B, A, ...) so drift of the machine hits all of them alike. The ratio is the
+median over rounds of ``ms/iteration of trainer / ms/iteration of nnUNetTrainer`` in the same round, printed with
+its range over rounds (on a busy 2-core CPU the range is wide: read it before reading the median).
 
 Usage (creates and preprocesses a synthetic dataset if ``-d`` is not given)::
 
@@ -100,8 +101,8 @@ def main(argv=None) -> None:
         for b in batches[: args.warmup]:
             t.train_step(b)
     times = {n: [] for n in names}
-    for _ in range(args.rounds):
-        for n in names:
+    for r in range(args.rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):  # alternate the order: no trainer always runs first
             t = trainers[n]
             sync()
             t0 = time.perf_counter()
@@ -115,11 +116,12 @@ def main(argv=None) -> None:
     print(f"device: {dev}; torch {torch.__version__}")
     print(f"dataset {dataset}, {args.configuration}, patch {list(cm.patch_size)}, batch {cm.batch_size}, "
           f"{args.iters} iterations x {args.rounds} rounds")
-    base = statistics.median(times["nnUNetTrainer"])
-    print(f"{'trainer':<32}{'ms/iter (median)':>18}{'ratio':>8}")
+    base = times["nnUNetTrainer"]
+    print(f"{'trainer':<32}{'ms/iter (median)':>18}{'ratio (median of rounds)':>26}{'min..max':>16}")
     for n in names:
-        med = statistics.median(times[n])
-        print(f"{n:<32}{med:>18.1f}{med / base:>8.3f}")
+        ratios = [a / b for a, b in zip(times[n], base)]  # same round: nearly the same machine state
+        print(f"{n:<32}{statistics.median(times[n]):>18.1f}{statistics.median(ratios):>26.3f}"
+              f"{min(ratios):>8.3f}..{max(ratios):.3f}")
 
 
 if __name__ == "__main__":

@@ -24,12 +24,21 @@ SMOKE_TRAINERS = textwrap.dedent('''
     import os
     import torch
     from nnunet_topo.trainers.nnUNetTrainerProjPool import nnUNetTrainerProjPool
+    from nnunet_topo.trainers.nnUNetTrainerBetti import nnUNetTrainerBetti
 
 
     class nnUNetTrainerProjPool_smoke(nnUNetTrainerProjPool):
         def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
             super().__init__(plans, configuration, fold, dataset_json, device)
             self.num_epochs = int(os.environ.get("SMOKE_EPOCHS", "2"))
+            self.num_iterations_per_epoch = 2
+            self.num_val_iterations_per_epoch = 1
+
+
+    class nnUNetTrainerBetti_smoke(nnUNetTrainerBetti):
+        def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_epochs = 1
             self.num_iterations_per_epoch = 2
             self.num_val_iterations_per_epoch = 1
 ''')
@@ -122,3 +131,35 @@ def test_trainer_refuses_rules_that_the_reference_labels_violate(dataset, env, n
     nnUNetTrainerProjPool(dict(plans, continue_training=False), "3d_fullres", 0,
                           json.loads((pre / "dataset.json").read_text()), torch.device("cpu"))
     assert (pre / "nnunet_topo_reference_check.json").is_file()
+
+
+def test_betti_trainer_and_refinement(dataset, env, nnunet_dirs):
+    """nnUNetTrainerBetti through nnUNetv2_train, then nnUNetv2_topo_refine on the test images."""
+    trainer = "nnUNetTrainerBetti_smoke"
+    run_cli([nnunet_cli("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env)
+    out = next((nnunet_dirs["results"]).glob(f"Dataset{DATASET_ID}_*")) / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
+    ckpt = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert len(ckpt["logging"]["train_betti"]) == 1 and ckpt["logging"]["train_betti"][0] >= 0
+    assert (out / "validation" / "summary_topology.json").is_file()
+
+    images = dataset / "imagesTs"
+    before = {p.name: p.stat().st_mtime for p in images.iterdir()}
+    refined = nnunet_dirs["results"] / "refined"
+    proc = run_cli([nnunet_cli("nnUNetv2_topo_refine"), "-i", str(images), "-o", str(refined), "-d", str(DATASET_ID),
+                    "-c", "3d_fullres", "-tr", trainer, "-f", "0", "-device", "cpu", "--steps", "2"], env)
+    assert "Betti err 3D" in proc.stdout
+    assert {p.name: p.stat().st_mtime for p in images.iterdir()} == before  # inputs untouched
+    assert len(list(refined.glob("*.nii.gz"))) == 2
+    summary = json.loads((refined / "refinement_summary.json").read_text())
+    assert len(summary["cases"]) == 2 and summary["priors_3d"] == {"1": [1, 0, 0], "2": [1, 1, 0], "3": [1, 0, 0]}
+    # refusing to write into the input folder and to replace existing outputs
+    bad = run_cli([nnunet_cli("nnUNetv2_topo_refine"), "-i", str(images), "-o", str(images), "-d", str(DATASET_ID),
+                   "-c", "3d_fullres", "-tr", trainer, "-device", "cpu"], env, check=False)
+    assert bad.returncode == 2 and "must differ from the input folder" in bad.stderr
+    again = run_cli([nnunet_cli("nnUNetv2_topo_refine"), "-i", str(images), "-o", str(refined), "-d", str(DATASET_ID),
+                     "-c", "3d_fullres", "-tr", trainer, "-device", "cpu", "--steps", "1"], env, check=False)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    # the refined segmentations are scored by the evaluator like any prediction
+    plans = next((nnunet_dirs["preprocessed"]).glob(f"Dataset{DATASET_ID}_*")) / "nnUNetPlans.json"
+    run_cli([nnunet_cli("nnUNetv2_topo_evaluate_folder"), str(dataset / "labelsTs"), str(refined),
+             "-djfile", str(dataset / "dataset.json"), "-pfile", str(plans)], env)

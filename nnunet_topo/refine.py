@@ -1,0 +1,216 @@
+"""Test-time topological refinement (Clough et al., IEEE TPAMI 2020, post-processing framework).
+
+For one case, a *copy* of the trained network is fine-tuned to minimise
+
+    mean((softmax f(x; w) - softmax f(x; w0))^2) + lambda * (L_betti3D + L_betti2D)
+
+starting from the trained weights ``w0``, with the dataset's Betti priors (``betti`` for 3D, ``betti_2d`` for
+slices along ``betti_2d.axis``; :class:`nnunet_topo.losses.betti.BettiPriorLoss` in ``"prior"`` mode). The first
+term keeps the segmentation close to the network's own answer; the second repairs the topology. The trained
+weights are never modified; every case starts again from ``w0``.
+
+The network runs on the whole preprocessed volume (padded to a multiple of the network's total stride), not on
+sliding-window patches: the priors describe whole structures, so the whole structure must be in view (DESIGN §6).
+Volumes much larger than the training patch need correspondingly more memory.
+
+:func:`refine_logits` is the generic optimisation (any ``nn.Module``); :func:`refine_folder` is the nnU-Net glue
+(model folder, nnU-Net's preprocessing and export) behind ``nnUNetv2_topo_refine``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from nnunet_topo.losses.betti import BettiPriorLoss
+from nnunet_topo.metrics.topology import betti_error, betti_numbers_3d, betti_numbers_per_slice
+
+
+class RefinementError(ValueError):
+    """Bad input to the refinement (folders, priors, model)."""
+
+
+def build_prior_losses(priors_3d: Mapping[int, Sequence[int]], priors_2d: Mapping[int, Sequence[int]],
+                       slice_axis: Optional[int], downsample: int = 1) -> List[BettiPriorLoss]:
+    """The prior-mode Betti losses for the given class-id priors (3D and per slice)."""
+    losses = []
+    if priors_3d:
+        losses.append(BettiPriorLoss(class_ids=sorted(priors_3d), priors=dict(priors_3d), target="prior",
+                                     downsample=downsample, softmax=True))
+    if priors_2d and slice_axis is not None:
+        losses.append(BettiPriorLoss(class_ids=sorted(priors_2d), priors=dict(priors_2d), target="prior",
+                                     downsample=downsample, softmax=True, slice_axis=slice_axis))
+    if not losses:
+        raise RefinementError("no Betti priors to refine towards: add \"betti\" / \"betti_2d\" priors of single "
+                              "labels to the dataset.json topology block")
+    return losses
+
+
+def refine_logits(network: nn.Module, x: Tensor, prior_losses: Sequence[nn.Module], steps: int = 30,
+                  lr: float = 1e-4, lam: float = 1.0) -> Tuple[Tensor, Tensor, List[dict]]:
+    """Fine-tune a copy of ``network`` on one input so its output keeps close to the original and meets the priors.
+
+    Args:
+        network: maps ``x`` to logits ``(1, C, *spatial)``; not modified.
+        x: ``(1, C_in, *spatial)`` input.
+        prior_losses: modules mapping logits to a scalar topology loss (e.g. prior-mode BettiPriorLoss).
+        steps: Adam steps. lr: Adam learning rate. lam: weight of the topology terms.
+
+    Returns:
+        ``(logits_before, logits_after, history)``; history holds per step ``{"step", "fidelity", "topology"}``.
+    """
+    if steps < 0 or not (lr > 0) or not (lam >= 0):
+        raise RefinementError(f"need steps >= 0, lr > 0, lam >= 0; got steps={steps}, lr={lr}, lam={lam}")
+    net = copy.deepcopy(network)
+    net.eval()  # no dropout; nnU-Net's instance norms do not depend on the mode
+    with torch.no_grad():
+        logits0 = network(x).float()
+        p0 = torch.softmax(logits0, 1)
+    if not torch.isfinite(logits0).all():
+        raise RefinementError("the network produced NaN/inf logits for this case")
+    opt = torch.optim.Adam([q for q in net.parameters() if q.requires_grad], lr=lr)
+    history = []
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        logits = net(x).float()
+        fidelity = ((torch.softmax(logits, 1) - p0) ** 2).mean()
+        topo = sum(loss(logits) for loss in prior_losses)
+        total = fidelity + lam * topo
+        total.backward()
+        opt.step()
+        history.append({"step": step, "fidelity": float(fidelity.detach()), "topology": float(topo.detach())})
+    with torch.no_grad():
+        logits1 = net(x).float()
+    return logits0, logits1, history
+
+
+def topology_errors(seg: np.ndarray, priors_3d: Mapping[int, Sequence[int]], priors_2d: Mapping[int, Sequence[int]],
+                    slice_axis: Optional[int]) -> Dict[str, dict]:
+    """Betti numbers and errors of a label map against priors: 3D per class, 2D mean over slices with the class."""
+    out = {}
+    for c in sorted(set(priors_3d) | set(priors_2d)):
+        mask = seg == c
+        e: dict = {}
+        if c in priors_3d:
+            b = betti_numbers_3d(mask)
+            e["betti_3d"] = list(b)
+            e["betti_error_3d"] = betti_error(b, priors_3d[c])
+        if c in priors_2d and slice_axis is not None:
+            per = betti_numbers_per_slice(mask, axis=slice_axis)
+            present = per[:, 0] > 0
+            errs = [betti_error(row, priors_2d[c]) for row in per[present]]
+            e["betti_error_2d_mean"] = float(np.mean(errs)) if errs else math.nan
+            e["slices_wrong_2d"] = int(sum(v > 0 for v in errs))
+        out[str(c)] = e
+    return out
+
+
+def _pad_to_multiple(x: Tensor, multiple: Sequence[int]) -> Tuple[Tensor, Tuple[slice, ...]]:
+    spatial = x.shape[2:]
+    pads, slicer = [], [slice(None), slice(None)]
+    for s, m in zip(spatial, multiple):
+        target = int(math.ceil(s / m) * m)
+        before = (target - s) // 2
+        pads.append((before, target - s - before))
+        slicer.append(slice(before, before + s))
+    flat = [v for pb in reversed(pads) for v in pb]
+    return torch.nn.functional.pad(x, flat), tuple(slicer)
+
+
+def refine_folder(model_folder: str, input_folder: str, output_folder: str, fold: str = "0",
+                  checkpoint: str = "checkpoint_final.pth", steps: int = 30, lr: float = 1e-4, lam: float = 1.0,
+                  downsample: int = 1, use_2d: bool = True, device: str = "cuda", overwrite: bool = False,
+                  show_progress: bool = True) -> dict:
+    """Refine every case of ``input_folder`` (nnU-Net raw images) and write segmentations to ``output_folder``.
+
+    Writes one segmentation per case (nnU-Net's file naming and export, original geometry) and
+    ``refinement_summary.json`` (per case: Betti numbers/errors against the priors before and after, voxels
+    changed, seconds). Never writes into ``input_folder``; refuses to replace existing files unless ``overwrite``.
+    """
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+    from nnunet_topo.evaluation import spec_from_dataset_json
+
+    if not os.path.isdir(input_folder):
+        raise RefinementError(f"input folder not found: {input_folder}")
+    if not os.path.isdir(model_folder):
+        raise RefinementError(f"model folder not found: {model_folder} (train first, or check -d/-c/-tr/-p)")
+    if os.path.abspath(output_folder) == os.path.abspath(input_folder):
+        raise RefinementError("the output folder must differ from the input folder (inputs are never overwritten)")
+    dev = torch.device(device)
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=dev,
+                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(model_folder, (fold,), checkpoint_name=checkpoint)
+    plans_manager, cm, dj = predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
+    spec = spec_from_dataset_json(dj)
+    # priors on single labels only (BettiPriorLoss acts on channels); regions are reported, not refined
+    priors_3d = {int(spec.betti_structures[n].label_ids[0]): tuple(v) for n, v in spec.betti.items()
+                 if len(spec.betti_structures[n].label_ids) == 1}
+    priors_2d = {int(spec.betti_structures[n].label_ids[0]): tuple(v) for n, v in spec.betti_2d.items()
+                 if len(spec.betti_structures[n].label_ids) == 1} if use_2d else {}
+    # the slice axis is given in the axis order of the images; nnU-Net's preprocessing transposes
+    slice_axis = list(plans_manager.transpose_forward).index(spec.betti_2d_axis) if priors_2d else None
+    losses = build_prior_losses(priors_3d, priors_2d, slice_axis, downsample)
+
+    file_ending = dj["file_ending"]
+    cases = create_lists_from_splitted_dataset_folder(input_folder, file_ending)
+    if not cases:
+        raise RefinementError(f"no images ending in _0000{file_ending} in {input_folder}")
+    os.makedirs(output_folder, exist_ok=True)
+    strides = np.prod(np.array(cm.pool_op_kernel_sizes), axis=0).astype(int).tolist()
+    network = predictor.network
+    network.load_state_dict(predictor.list_of_parameters[0])
+    network.to(dev)
+    preprocessor = cm.preprocessor_class(verbose=False)
+    summary: dict = {"model_folder": model_folder, "fold": fold, "checkpoint": checkpoint, "steps": steps, "lr": lr,
+                     "lambda": lam, "downsample": downsample, "priors_3d": {str(k): list(v) for k, v in priors_3d.items()},
+                     "priors_2d": {str(k): list(v) for k, v in priors_2d.items()}, "cases": {}}
+    it = cases
+    if show_progress:
+        from tqdm import tqdm
+        it = tqdm(cases, desc="refining")
+    for files in it:
+        name = os.path.basename(files[0])[: -len(f"_0000{file_ending}")]
+        out_trunc = os.path.join(output_folder, name)
+        if os.path.exists(out_trunc + file_ending) and not overwrite:
+            raise RefinementError(f"{out_trunc + file_ending} exists; pass --overwrite to replace it")
+        t0 = time.time()
+        data, _, props = preprocessor.run_case(files, None, plans_manager, cm, dj)
+        x, slicer = _pad_to_multiple(torch.from_numpy(data)[None].float(), strides)
+        x = x.to(dev)
+        logits0, logits1, hist = refine_logits(network, x, losses, steps=steps, lr=lr, lam=lam)
+        logits0 = logits0[slicer][0].cpu()
+        logits1 = logits1[slicer][0].cpu()
+        seg0, seg1 = logits0.argmax(0).numpy(), logits1.argmax(0).numpy()
+        export_prediction_from_logits(logits1, props, cm, plans_manager, dj, out_trunc, False)
+        summary["cases"][name] = {
+            "before": topology_errors(seg0, priors_3d, priors_2d, slice_axis),
+            "after": topology_errors(seg1, priors_3d, priors_2d, slice_axis),
+            "voxels_changed": int((seg0 != seg1).sum()), "voxels": int(seg0.size),
+            "final_fidelity": hist[-1]["fidelity"] if hist else 0.0,
+            "final_topology_loss": hist[-1]["topology"] if hist else None,
+            "seconds": round(time.time() - t0, 2)}
+    with open(os.path.join(output_folder, "refinement_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def format_refinement_summary(summary: dict) -> str:
+    lines = [f"{'case':<24}{'class':>6}{'Betti err 3D before':>21}{'after':>7}{'2D slices wrong before':>24}"
+             f"{'after':>7}{'voxels changed':>16}"]
+    for case, c in summary["cases"].items():
+        for cls in c["before"]:
+            b, a = c["before"][cls], c["after"][cls]
+            lines.append(f"{case:<24}{cls:>6}{b.get('betti_error_3d', '-'):>21}{a.get('betti_error_3d', '-'):>7}"
+                         f"{b.get('slices_wrong_2d', '-'):>24}{a.get('slices_wrong_2d', '-'):>7}"
+                         f"{c['voxels_changed']:>16}")
+    return "\n".join(lines)

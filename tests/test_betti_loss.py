@@ -1,0 +1,329 @@
+"""Betti prior loss (Clough et al.): naive loop reference, exact gradients, patch vs prior targets,
+slice-wise mode, downsampling, graph-connected zero and bad input."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+pytest.importorskip("cripser")
+
+from nnunet_topo.losses.betti import (  # noqa: E402
+    BettiPriorLoss,
+    betti_prior_loss,
+    betti_targets_from_labels,
+    max_pool_downsample,
+)
+from nnunet_topo.persistence import persistence_diagrams  # noqa: E402
+
+
+def smooth_probs(shape, seed, sigma=1.0, scale=4.0):
+    """Softmax of smoothed noise, (B, C, *spatial) float64."""
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal(shape)
+    logits = ndimage.gaussian_filter(logits, [0, 0] + [sigma] * (len(shape) - 2)) * scale
+    return torch.softmax(torch.from_numpy(logits), dim=1)
+
+
+def naive_loss(p, targets):
+    """Plain loops over sorted bars. targets: {(b, c): [beta_0, beta_1, ...]}; mean over the batch."""
+    total = 0.0
+    for (b, c), betas in targets.items():
+        diagrams = persistence_diagrams(p[b, c].detach(), maxdim=len(betas) - 1)
+        for beta, d in zip(betas, diagrams):
+            bars = [abs(float(x) - float(y)) for x, y in zip(d.births, d.deaths)]
+            bars.sort(reverse=True)
+            for l in range(1, max(beta, len(bars)) + 1):
+                pers = bars[l - 1] if l <= len(bars) else 0.0  # missing bars have persistence 0
+                total += (1 - pers**2) if l <= beta else pers**2
+    return total / p.shape[0]
+
+
+def torus_mask(shape=(12, 24, 24), R=7.0, r=2.5):
+    z, y, x = np.mgrid[: shape[0], : shape[1], : shape[2]].astype(float)
+    z -= (shape[0] - 1) / 2
+    y -= (shape[1] - 1) / 2
+    x -= (shape[2] - 1) / 2
+    return (np.hypot(np.hypot(y, x) - R, z) <= r)
+
+
+# ---------------------------------------------------------------------------------------------
+# value: naive reference
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 7, 7, 7), (2, 3, 12, 12), (1, 2, 6, 9, 5)])
+@pytest.mark.parametrize("offset", [-2, -1, 0, 1, 3])  # beta* smaller than, equal to, larger than #bars
+def test_matches_naive_loop_per_sample_targets(shape, offset):
+    p = smooth_probs(shape, seed=sum(shape) + offset, sigma=0.8)
+    nd = len(shape) - 2
+    classes = [1, 2] if shape[1] == 3 else [0, 1]
+    counts = np.zeros((shape[0], len(classes), nd), dtype=np.int64)
+    for b in range(shape[0]):
+        for i, c in enumerate(classes):
+            counts[b, i] = [len(d.births) for d in persistence_diagrams(p[b, c])]
+    tb = np.maximum(counts + offset, 0)
+    got = betti_prior_loss(p, torch.from_numpy(tb), class_ids=classes, num_workers=2)
+    want = naive_loss(p, {(b, c): tb[b, i].tolist() for b in range(shape[0]) for i, c in enumerate(classes)})
+    assert got.item() == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "priors", [{1: (1, 0, 0), 2: (1, 1, 0)}, {2: (0, 0, 0)}, {0: (3, 2, 1), 1: (1, 0, 1)}]
+)
+def test_matches_naive_loop_mapping_priors(priors):
+    p = smooth_probs((2, 3, 8, 8, 8), seed=5)
+    got = betti_prior_loss(p, priors)
+    want = naive_loss(p, {(b, c): list(v) for b in range(2) for c, v in priors.items()})
+    assert got.item() == pytest.approx(want, rel=1e-9)
+
+
+def test_float32_and_maxdim():
+    p = smooth_probs((1, 2, 8, 8, 8), seed=3).float()
+    got = betti_prior_loss(p, {1: (1, 0)}, maxdim=1)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(naive_loss(p.double(), {(0, 1): [1, 0]}), rel=1e-5)
+
+
+def test_perfect_binary_prediction_has_zero_loss():
+    ref = torch.from_numpy(torus_mask()).long()[None, None]  # (1, 1, 12, 24, 24)
+    onehot = torch.cat([1 - ref, ref], dim=1).double()
+    loss = BettiPriorLoss([1], softmax=False)(onehot, ref)
+    assert loss.item() == 0.0
+    loss = BettiPriorLoss([1], priors={1: (1, 1, 0)}, target="prior", softmax=False)(onehot)
+    assert loss.item() == 0.0
+    # the wrong prior costs exactly one unit per missing/extra bar of persistence 1
+    assert betti_prior_loss(onehot, {1: (1, 0, 0)}).item() == 1.0
+    assert betti_prior_loss(onehot, {1: (2, 1, 1)}).item() == 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prior", [(1, 0, 0), (2, 1, 1), (0, 0, 0)])
+def test_gradient_reaches_exactly_birth_and_death_voxels(prior):
+    p = smooth_probs((1, 2, 6, 6, 6), seed=11).requires_grad_(True)
+    loss = betti_prior_loss(p, {1: prior})
+    loss.backward()
+    want = np.zeros((6, 6, 6))
+    support = np.zeros((6, 6, 6), dtype=bool)
+    for k, d in enumerate(persistence_diagrams(p[0, 1].detach())):
+        pers = (d.births - d.deaths).numpy()
+        sign = np.where(np.arange(len(pers)) < prior[k], -1.0, 1.0)
+        bi, di = tuple(d.birth_index.T.numpy()), tuple(d.death_index.T.numpy())
+        np.add.at(want, bi, 2 * sign * pers)
+        np.add.at(want, di, -2 * sign * pers)
+        support[bi] = True
+        support[di] = True
+        # every contributing bar moves its birth voxel (no cancellation on this input)
+        assert (want[bi] != 0).all()
+    grad = p.grad[0, 1].numpy()
+    np.testing.assert_allclose(grad, want, rtol=1e-12, atol=1e-15)
+    assert not grad[~support].any()
+    assert not p.grad[0, 0].any()
+
+
+def test_gradcheck_2d():
+    p = smooth_probs((1, 2, 6, 6), seed=2).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda q: betti_prior_loss(q, {1: (1, 1)}), (p,), eps=1e-7, atol=1e-6)
+
+
+def test_gradient_through_module_softmax_and_downsample():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 8, 8, 8, requires_grad=True)
+    loss = BettiPriorLoss([1, 2], priors={1: (1, 0, 0), 2: (1, 0, 0)}, target="prior", downsample=2)
+    loss(logits).backward()
+    g = logits.grad.abs().sum(dim=1)[0]
+    # max-pooling routes the gradient to one voxel per 2x2x2 window at most
+    assert 0 < int((g > 0).sum()) <= 4**3
+
+
+# ---------------------------------------------------------------------------------------------
+# targets: patch vs prior, downsampling, slices
+# ---------------------------------------------------------------------------------------------
+
+
+def test_patch_targets_of_a_cut_ring_differ_from_the_prior():
+    torus = torus_mask()
+    full = torch.from_numpy(torus.astype(np.int64))[None, None]
+    assert betti_targets_from_labels(full, [1]).tolist() == [[[1, 1, 0]]]
+    patch = full[..., :, :, :14]  # the patch border cuts the ring twice: one arc
+    assert betti_targets_from_labels(patch, [1]).tolist() == [[[1, 0, 0]]]
+    # the module in "patch" mode uses the patch's targets, in "prior" mode the whole-organ prior
+    torch.manual_seed(0)
+    sign = 2 * patch.float() - 1  # +1 inside the arc, -1 outside
+    logits = 0.3 * torch.randn(1, 2, *patch.shape[2:]) + 4 * torch.cat([-sign, sign], 1)
+    patch_loss = BettiPriorLoss([1])(logits, patch)
+    prior_loss = BettiPriorLoss([1], priors={1: (1, 1, 0)}, target="prior")(logits, patch)
+    probs = torch.softmax(logits, 1)
+    assert patch_loss.item() == pytest.approx(betti_prior_loss(probs, {1: (1, 0, 0)}).item(), rel=1e-6)
+    assert prior_loss.item() == pytest.approx(betti_prior_loss(probs, {1: (1, 1, 0)}).item(), rel=1e-6)
+    assert patch_loss.item() < 0.1  # a good prediction of the arc
+    assert prior_loss.item() > 0.9  # the prior asks for a tunnel the patch cannot show
+
+
+def test_targets_per_sample_and_class():
+    lab = np.zeros((2, 1, 10, 10, 10), dtype=np.int64)
+    lab[0, 0, 1:4, 1:4, 1:4] = 1
+    lab[0, 0, 6:9, 6:9, 6:9] = 1
+    lab[1, 0, 2:8, 2:8, 2:8] = 2
+    lab[1, 0, 4, 4, 4] = 0  # cavity
+    tb = betti_targets_from_labels(torch.from_numpy(lab), [1, 2])
+    assert tb.dtype == torch.int64 and tb.tolist() == [[[2, 0, 0], [0, 0, 0]], [[0, 0, 0], [1, 0, 1]]]
+    # 2x max-pooling closes the one-voxel cavity, the same on both sides of the loss
+    assert betti_targets_from_labels(torch.from_numpy(lab), [2], downsample=2)[1, 0].tolist() == [1, 0, 0]
+
+
+def test_max_pool_keeps_a_thin_ring():
+    n = 24
+    y, x = np.mgrid[:n, :n] - (n - 1) / 2
+    ring = (np.abs(np.hypot(y, x) - 8) < 0.6)  # one pixel wide
+    lab = torch.from_numpy(ring.astype(np.int64))[None, None]
+    assert betti_targets_from_labels(lab, [1]).tolist() == [[[1, 1]]]
+    assert betti_targets_from_labels(lab, [1], downsample=2).tolist() == [[[1, 1]]]
+    # the probability map pooled the same way keeps persistence ~1 for that ring; avg-pooling would not
+    p = torch.from_numpy(ring.astype(float))[None, None]
+    d = persistence_diagrams(max_pool_downsample(p, 2)[0, 0])
+    assert (d[1].births - d[1].deaths).tolist() == [1.0]
+    d_avg = persistence_diagrams(F.avg_pool2d(p, 2)[0, 0])
+    assert all(q <= 0.5 for q in (d_avg[1].births - d_avg[1].deaths).tolist())
+
+
+def test_module_downsample_equals_functional_on_pooled_maps():
+    lab = np.zeros((1, 1, 12, 12, 12), dtype=np.int64)
+    lab[0, 0, 2:10, 2:10, 2:10] = 1
+    lab[0, 0, 4:8, 4:8, :] = 0  # a tunnel: b = (1, 1, 0)
+    target = torch.from_numpy(lab)
+    logits = torch.randn(1, 2, 12, 12, 12, generator=torch.Generator().manual_seed(1))
+    got = BettiPriorLoss([1], downsample=2)(logits, target)
+    pooled = max_pool_downsample(torch.softmax(logits, 1), 2)
+    tb = betti_targets_from_labels(target, [1], downsample=2)
+    assert tb.tolist() == [[[1, 1, 0]]]
+    assert got.item() == pytest.approx(betti_prior_loss(pooled, tb, class_ids=[1]).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_slice_mode_equals_sum_of_2d_losses(axis):
+    p = smooth_probs((2, 2, 6, 7, 5), seed=9).requires_grad_(True)
+    S = p.shape[2 + axis % 3]
+    rng = np.random.default_rng(0)
+    tb = rng.integers(0, 3, size=(2, 1, S, 2))
+    tb[0, 0, 1] = -1  # skipped slice
+    got = betti_prior_loss(p, torch.from_numpy(tb), class_ids=[1], slice_axis=axis)
+    got.backward()
+    want = 0.0
+    q = p.detach().clone().requires_grad_(True)
+    for b in range(2):
+        for s in range(S):
+            if tb[b, 0, s, 0] < 0:
+                continue
+            sl = q.select(2 + axis % 3, s)[b:b + 1]  # (1, C, plane)
+            want = want + betti_prior_loss(sl, {1: tuple(tb[b, 0, s])}) * 1 / 2
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-9)
+    torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_slice_mode_prior_only_where_present_and_patch_targets():
+    # a myocardium-like ring on slices 2..5 of 8 along axis 0, absent elsewhere
+    n = 16
+    y, x = np.mgrid[:n, :n] - (n - 1) / 2
+    ring = np.abs(np.hypot(y, x) - 5) <= 1.2
+    lab = np.zeros((1, 1, 8, n, n), dtype=np.int64)
+    lab[0, 0, 2:6] = ring
+    target = torch.from_numpy(lab)
+    tb = betti_targets_from_labels(target, [1], slice_axis=0)
+    assert tb.shape == (1, 1, 8, 2)
+    assert tb[0, 0, :, 1].tolist() == [0, 0, 1, 1, 1, 1, 0, 0]
+    onehot = torch.cat([1 - target, target], 1).double()
+    # perfect prediction: 0 with both kinds of targets
+    assert BettiPriorLoss([1], slice_axis=0, softmax=False)(onehot, target).item() == 0.0
+    prior = BettiPriorLoss([1], priors={1: (1, 1)}, target="prior", slice_axis=0, softmax=False)
+    assert prior(onehot).item() == 0.0
+    # a prediction with a spurious blob on slice 7: "patch" mode penalises it (target (0, 0)),
+    # the prior applies (1, 1) to it because the class is present there
+    pred = onehot.clone()
+    pred[0, 1, 7, 0:2, 0:2] = 1.0
+    pred[0, 0, 7, 0:2, 0:2] = 0.0
+    assert BettiPriorLoss([1], slice_axis=0, softmax=False)(pred, target).item() == pytest.approx(1.0)
+    assert prior(pred).item() == pytest.approx(1.0)  # blob: b0 ok, the missing hole costs 1
+
+
+# ---------------------------------------------------------------------------------------------
+# zero, autocast, bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_graph_connected_zero():
+    logits = torch.zeros(2, 3, 6, 6, 6, requires_grad=True)  # uniform probabilities: no bars
+    loss = BettiPriorLoss([1, 2], priors={1: (0, 0, 0), 2: (0, 0, 0)}, target="prior")(logits)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert logits.grad is not None and not logits.grad.any()
+    # slice mode with the class absent everywhere: no slice to penalise
+    p = torch.full((1, 2, 4, 5, 5), 0.5).requires_grad_(True)
+    p2 = torch.cat([p[:, :1] + 0.3, p[:, 1:] - 0.3], 1)
+    loss = betti_prior_loss(p2, {1: (1, 1)}, slice_axis=0)
+    assert loss.item() == 0.0 and loss.grad_fn is not None
+    loss.backward()
+    assert not p.grad.any()
+
+
+def test_autocast_bfloat16_is_computed_in_float32():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, 8, 8, 8).bfloat16()
+    module = BettiPriorLoss([1], priors={1: (1, 0, 0)}, target="prior")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = module(logits)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(module(logits.float()).item(), rel=1e-6)
+
+
+def test_bad_input_raises():
+    p = smooth_probs((1, 3, 5, 5, 5), seed=0)
+    bad = p.clone()
+    bad[0, 1, 2, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        betti_prior_loss(bad, {1: (1, 0, 0)})
+    with pytest.raises(ValueError, match="NaN or inf"):
+        BettiPriorLoss([1], priors={1: (1, 0, 0)}, target="prior")(bad.log())
+    with pytest.raises(ValueError, match=r"\(1, 3, 5\)"):
+        betti_prior_loss(torch.rand(1, 3, 5), {1: (1,)})
+    with pytest.raises(ValueError, match="unknown class id 3"):
+        betti_prior_loss(p, {3: (1, 0, 0)})
+    with pytest.raises(ValueError, match="unknown class id"):
+        BettiPriorLoss([1, 2], priors={1: (1, 0, 0), 4: (1, 0, 0)}, target="prior")
+    with pytest.raises(ValueError, match="unknown class id 5"):
+        BettiPriorLoss([5])(torch.randn(1, 3, 5, 5, 5), torch.zeros(1, 1, 5, 5, 5))
+    with pytest.raises(ValueError, match="expected 3"):
+        betti_prior_loss(p, {1: (1, 0)})
+    with pytest.raises(ValueError, match="expected 3"):
+        BettiPriorLoss([1], priors={1: (1, 1)}, target="prior")(torch.randn(1, 3, 5, 5, 5))
+    with pytest.raises(ValueError, match="expected 2"):
+        BettiPriorLoss([1], priors={1: (1, 1, 0)}, target="prior", slice_axis=0)
+    with pytest.raises(ValueError, match="non-negative ints"):
+        betti_prior_loss(p, {1: (1, -1, 0)})
+    with pytest.raises(ValueError, match="no prior given"):
+        BettiPriorLoss([1, 2], priors={1: (1, 0, 0)}, target="prior")
+    with pytest.raises(ValueError, match="needs priors"):
+        BettiPriorLoss([1], target="prior")
+    with pytest.raises(ValueError, match="target must be one of"):
+        BettiPriorLoss([1], target="organ")
+    with pytest.raises(ValueError, match="downsample"):
+        BettiPriorLoss([1], downsample=0)
+    with pytest.raises(ValueError, match="needs the reference"):
+        BettiPriorLoss([1])(torch.randn(1, 3, 5, 5, 5))
+    with pytest.raises(ValueError, match=r"\(1, 1, 4, 5, 5\)"):
+        BettiPriorLoss([1])(torch.randn(1, 3, 5, 5, 5), torch.zeros(1, 1, 4, 5, 5))
+    with pytest.raises(ValueError, match="needs class_ids"):
+        betti_prior_loss(p, torch.ones(1, 1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(1, 1, 3\)"):
+        betti_prior_loss(p, torch.ones(1, 2, 3, dtype=torch.long), class_ids=[1])
+    with pytest.raises(TypeError):
+        betti_prior_loss(p, torch.ones(1, 1, 3), class_ids=[1])
+    with pytest.raises(ValueError, match="mixing"):
+        betti_prior_loss(p, torch.tensor([[[1, -1, 0]]]), class_ids=[1])
+    with pytest.raises(ValueError, match="slice_axis needs 3D"):
+        betti_prior_loss(torch.rand(1, 2, 5, 5), {1: (1, 0)}, slice_axis=0)
