@@ -24,7 +24,7 @@ SMOKE_TRAINERS = textwrap.dedent('''
     import os
     import torch
     from nnunet_topo.trainers.nnUNetTrainerProjPool import nnUNetTrainerProjPool
-    from nnunet_topo.trainers.nnUNetTrainerBetti import nnUNetTrainerBetti
+    from nnunet_topo.trainers.nnUNetTrainerBetti import nnUNetTrainerBetti, nnUNetTrainerBettiSemi
 
 
     class nnUNetTrainerProjPool_smoke(nnUNetTrainerProjPool):
@@ -36,6 +36,14 @@ SMOKE_TRAINERS = textwrap.dedent('''
 
 
     class nnUNetTrainerBetti_smoke(nnUNetTrainerBetti):
+        def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_epochs = 1
+            self.num_iterations_per_epoch = 2
+            self.num_val_iterations_per_epoch = 1
+
+
+    class nnUNetTrainerBettiSemi_smoke(nnUNetTrainerBettiSemi):
         def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
             super().__init__(plans, configuration, fold, dataset_json, device)
             self.num_epochs = 1
@@ -163,3 +171,22 @@ def test_betti_trainer_and_refinement(dataset, env, nnunet_dirs):
     plans = next((nnunet_dirs["preprocessed"]).glob(f"Dataset{DATASET_ID}_*")) / "nnUNetPlans.json"
     run_cli([nnunet_cli("nnUNetv2_topo_evaluate_folder"), str(dataset / "labelsTs"), str(refined),
              "-djfile", str(dataset / "dataset.json"), "-pfile", str(plans)], env)
+
+
+def test_semi_supervised_betti_trainer(dataset, env, nnunet_dirs):
+    """Unlabelled images in imagesUnlabelled are preprocessed by nnU-Net's preprocessor and get the prior only."""
+    import shutil
+
+    unl = dataset / "imagesUnlabelled"
+    unl.mkdir(exist_ok=True)
+    for p in (dataset / "imagesTs").glob("*.nii.gz"):
+        shutil.copy(p, unl / p.name.replace("acdc_", "unl_"))
+    trainer = "nnUNetTrainerBettiSemi_smoke"
+    run_cli([nnunet_cli("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env)
+    out = next((nnunet_dirs["results"]).glob(f"Dataset{DATASET_ID}_*")) / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
+    logged = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
+    assert len(logged["train_unlabelled_betti"]) == 1 and logged["train_unlabelled_betti"][0] >= 0
+    pre = next((nnunet_dirs["preprocessed"]).glob(f"Dataset{DATASET_ID}_*"))
+    assert len(list((pre / "nnUNetPlans_3d_fullres_unlabelled").glob("unl_*.npy"))) == 2
+    log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
+    assert "semi-supervised priors: 2 unlabelled case(s)" in log

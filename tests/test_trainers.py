@@ -80,3 +80,11 @@ def test_wrapper_zero_weight_skips_term_and_negative_weight_is_rejected():
     assert wrapped(outputs, targets).item() == pytest.approx(seg(outputs, targets).item())
     with pytest.raises(ValueError, match="must be >= 0"):
         TopologyLossWrapper(seg, {"projpool": (ProjectedPoolingLoss(), -1.0)})
+
+
+def test_semi_supervised_requires_whole_volume_in_patch():
+    from nnunet_topo.trainers.nnUNetTrainerBetti import check_whole_volume_in_patch
+
+    check_whole_volume_in_patch([("a", (10, 60, 64)), ("b", (12, 64, 64))], [12, 64, 64])
+    with pytest.raises(RuntimeError, match=r"whole structure in view.*\('c', \[14, 64, 64\]\)"):
+        check_whole_volume_in_patch([("a", (10, 60, 64)), ("c", (14, 64, 64))], [12, 64, 64])

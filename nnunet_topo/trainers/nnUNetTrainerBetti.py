@@ -9,6 +9,8 @@ Cost control (persistence is CPU work): the probability map is downsampled by ``
 persistence computation, and the term is evaluated every ``betti_every`` iterations (a graph-connected zero in
 between). Defaults were chosen by measurement (documentation/benchmarks.md). Variants are subclasses.
 """
+import os
+
 import torch
 from torch import nn
 
@@ -66,3 +68,136 @@ class nnUNetTrainerBetti(nnUNetTrainerTopoBase):
 
 class nnUNetTrainerBetti_lambda005(nnUNetTrainerBetti):
     betti_weight = 0.005
+
+
+def check_whole_volume_in_patch(shapes, patch_size) -> None:
+    """Raise unless every preprocessed shape fits in the patch: priors describe whole structures."""
+    patch = [int(p) for p in patch_size]
+    too_big = [(name, list(shape)) for name, shape in shapes
+               if any(int(s) > p for s, p in zip(shape, patch))]
+    if too_big:
+        raise RuntimeError(
+            f"semi-supervised Betti priors need the whole structure in view, but the patch size {patch} is smaller "
+            f"than {len(too_big)} unlabelled case(s), e.g. {too_big[:3]}. A prior on a patch that cuts a structure is "
+            "wrong (DESIGN §6). Use a configuration whose patch covers the preprocessed volume (e.g. 3d_lowres, or "
+            "plans with a larger patch), or crop the unlabelled images to the heart.")
+
+
+class nnUNetTrainerBettiSemi(nnUNetTrainerBetti):
+    """nnUNetTrainerBetti + Clough's semi-supervised prior on unlabelled images.
+
+    Unlabelled images live in ``$nnUNet_raw/DatasetXXX_Name/imagesUnlabelled`` (nnU-Net naming,
+    ``CASE_0000.nii.gz``); they are preprocessed once with the configuration's own nnU-Net preprocessor and cached
+    in ``$nnUNet_preprocessed/DatasetXXX_Name/<data_identifier>_unlabelled/``. After every ``unlabelled_every``-th
+    labelled step, one extra optimiser step is taken on a batch of unlabelled images with the loss
+    ``unlabelled_weight * L_betti(prior)`` (the dataset's 3D priors and, if given, its per-slice priors): the
+    alternating form of Clough's ``L_sup + lambda L_topo(unlabelled)``, chosen so that nnU-Net's ``train_step`` is
+    reused, not copied. Unlabelled batches are not augmented and are zero-padded to the patch size; every
+    unlabelled case must fit in the patch (checked at the start), because a whole-structure prior is wrong on a
+    patch that cuts the structure. Logged as ``train_unlabelled_betti`` (``val_unlabelled_betti`` is NaN: there
+    is no unlabelled validation set).
+    """
+
+    unlabelled_folder_name: str = "imagesUnlabelled"
+    unlabelled_weight: float = 0.01
+    unlabelled_every: int = 1
+
+    def extra_logged_term_names(self):
+        return ("unlabelled_betti",)
+
+    def on_train_start(self):
+        super().on_train_start()
+        self._unlabelled = self._load_unlabelled()
+        spec = self.topology_spec
+        priors_3d = {int(spec.betti_structures[n].label_ids[0]): tuple(v) for n, v in spec.betti.items()
+                     if len(spec.betti_structures[n].label_ids) == 1}
+        priors_2d = {int(spec.betti_structures[n].label_ids[0]): tuple(v) for n, v in spec.betti_2d.items()
+                     if len(spec.betti_structures[n].label_ids) == 1}
+        if not priors_3d and not priors_2d:
+            raise RuntimeError("nnUNetTrainerBettiSemi needs Betti priors of single labels in the dataset.json "
+                               "topology block ('betti' and/or 'betti_2d')")
+        self._unlabelled_losses = []
+        if priors_3d:
+            self._unlabelled_losses.append(BettiPriorLoss(sorted(priors_3d), priors=priors_3d, target="prior",
+                                                          downsample=self.betti_downsample))
+        if priors_2d:
+            axis = list(self.plans_manager.transpose_forward).index(spec.betti_2d_axis)
+            self._unlabelled_losses.append(BettiPriorLoss(sorted(priors_2d), priors=priors_2d, target="prior",
+                                                          downsample=self.betti_downsample, slice_axis=axis))
+        self._unlabelled_calls = 0
+        self.print_to_log_file(f"semi-supervised priors: {len(self._unlabelled)} unlabelled case(s), 3D priors "
+                               f"{priors_3d}, 2D priors {priors_2d}, weight {self.unlabelled_weight}")
+
+    def _load_unlabelled(self):
+        import numpy as np
+        from nnunetv2.paths import nnUNet_raw
+        from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+        if not nnUNet_raw.is_set():
+            raise RuntimeError("nnUNetTrainerBettiSemi reads the unlabelled images from $nnUNet_raw, which is not set")
+        folder = os.path.join(str(nnUNet_raw), self.plans_manager.dataset_name, self.unlabelled_folder_name)
+        if not os.path.isdir(folder):
+            raise RuntimeError(f"no unlabelled images: {folder} does not exist. Put images there with nnU-Net's naming "
+                               f"(CASE_0000{self.dataset_json['file_ending']}) or use nnUNetTrainerBetti.")
+        cases = create_lists_from_splitted_dataset_folder(folder, self.dataset_json["file_ending"], num_processes=1)
+        if not cases:
+            raise RuntimeError(f"no images ending in _0000{self.dataset_json['file_ending']} in {folder}")
+        cache = os.path.join(self.preprocessed_dataset_folder_base,
+                             self.configuration_manager.data_identifier + "_unlabelled")
+        os.makedirs(cache, exist_ok=True)
+        preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
+        arrays = []
+        for files in cases:
+            name = os.path.basename(files[0])[: -len("_0000" + self.dataset_json["file_ending"])]
+            path = os.path.join(cache, name + ".npy")
+            if not os.path.isfile(path):
+                data, _, _ = preprocessor.run_case(files, None, self.plans_manager, self.configuration_manager,
+                                                   self.dataset_json)
+                tmp = f"{path}.{os.getpid()}.tmp.npy"
+                np.save(tmp, data.astype(np.float32))
+                os.replace(tmp, path)
+            arrays.append((name, np.load(path, mmap_mode="r")))
+        check_whole_volume_in_patch([(n, a.shape[1:]) for n, a in arrays], self.configuration_manager.patch_size)
+        return arrays
+
+    def _unlabelled_batch(self):
+        import numpy as np
+
+        patch = [int(p) for p in self.configuration_manager.patch_size]
+        idx = np.random.choice(len(self._unlabelled), self.batch_size, replace=True)
+        batch = np.zeros((self.batch_size, self._unlabelled[0][1].shape[0], *patch), np.float32)
+        for i, j in enumerate(idx):
+            a = np.asarray(self._unlabelled[j][1])
+            off = [(p - s) // 2 for p, s in zip(patch, a.shape[1:])]
+            batch[(i, slice(None)) + tuple(slice(o, o + s) for o, s in zip(off, a.shape[1:]))] = a
+        return torch.from_numpy(batch).to(self.device, non_blocking=True)
+
+    def _unlabelled_step(self) -> float:
+        from nnunetv2.utilities.helpers import dummy_context
+        from torch import autocast
+
+        x = self._unlabelled_batch()
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            output = self.network(x)
+            logits = output[0] if isinstance(output, (list, tuple)) else output
+            term = sum(loss(logits) for loss in self._unlabelled_losses)
+            loss = self.unlabelled_weight * term
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return float(term.detach())
+
+    def train_step(self, batch: dict) -> dict:
+        out = super().train_step(batch)
+        self._unlabelled_calls += 1
+        if (self._unlabelled_calls - 1) % self.unlabelled_every == 0:
+            out["train_unlabelled_betti"] = self._unlabelled_step()
+        return out

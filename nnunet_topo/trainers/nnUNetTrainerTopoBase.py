@@ -60,8 +60,9 @@ class nnUNetTrainerTopoBase(nnUNetTrainer):
         if self.require_rules_hold_on_reference and self.topology_spec.rules:
             self._check_rules_on_reference()
         self._topology_term_names: Tuple[str, ...] = tuple(self.topology_term_names())
+        self._logged_term_names: Tuple[str, ...] = self._topology_term_names + tuple(self.extra_logged_term_names())
         local = self.logger.local_logger.my_fantastic_logging
-        for name in self._topology_term_names:
+        for name in self._logged_term_names:
             for split in ("train", "val"):
                 local.setdefault(f"{split}_{name}", [])
 
@@ -116,6 +117,10 @@ class nnUNetTrainerTopoBase(nnUNetTrainer):
         """Names of the extra loss terms (fixed before ``initialize``, used to register logger keys)."""
         return ()
 
+    def extra_logged_term_names(self) -> Tuple[str, ...]:
+        """Terms a subclass computes outside the loss wrapper (it puts ``train_<name>`` into train_step's output)."""
+        return ()
+
     def build_topology_terms(self) -> Dict[str, Tuple[nn.Module, float]]:
         """name -> (loss module, weight); each module maps (logits, target label map) to a scalar."""
         return {}
@@ -147,14 +152,15 @@ class nnUNetTrainerTopoBase(nnUNetTrainer):
 
     # ------------------------------------------------------------------ logging
     def _log_term_means(self, outputs: List[dict], split: str) -> None:
-        for name in self._topology_term_names:
+        for name in self._logged_term_names:
             key = f"{split}_{name}"
-            values = [o[key] for o in outputs if key in o]
+            values = [float(o[key]) for o in outputs if key in o and not np.isnan(o[key])]
             local_mean = float(np.mean(values)) if values else float("nan")
             if self.is_ddp:
                 gathered = [None for _ in range(dist.get_world_size())]
                 dist.all_gather_object(gathered, local_mean)
-                local_mean = float(np.nanmean(gathered))
+                gathered = [g for g in gathered if not np.isnan(g)]
+                local_mean = float(np.mean(gathered)) if gathered else float("nan")
             self.logger.log(key, local_mean, self.current_epoch)
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
@@ -166,12 +172,12 @@ class nnUNetTrainerTopoBase(nnUNetTrainer):
         self._log_term_means(val_outputs, "val")
 
     def on_epoch_end(self):
-        for name in self._topology_term_names:
+        for name in self._logged_term_names:
             tr = self.logger.get_value(f"train_{name}", step=-1)
             va = self.logger.get_value(f"val_{name}", step=-1)
             self.print_to_log_file(f"{name}: train {np.round(tr, 5)}, val {np.round(va, 5)}")
         super().on_epoch_end()
-        if self.local_rank == 0 and self._topology_term_names:
+        if self.local_rank == 0 and self._logged_term_names:
             try:
                 self._plot_topology_progress()
             except Exception as e:  # plotting must never kill a training run
@@ -182,7 +188,7 @@ class nnUNetTrainerTopoBase(nnUNetTrainer):
         matplotlib.use("agg")
         import matplotlib.pyplot as plt
 
-        names = self._topology_term_names
+        names = self._logged_term_names
         fig, axes = plt.subplots(len(names), 1, figsize=(10, 4 * len(names)), squeeze=False)
         for ax, name in zip(axes[:, 0], names):
             tr = self.logger.get_value(f"train_{name}", step=None)
