@@ -513,7 +513,13 @@ def structure_meshes(
         raise ValueError(f"label_map must be a 3D (Z, Y, X) array, got shape {label_map.shape}.")
     out: dict[str, trimesh.Trimesh] = {}
     for name, ids in structures.items():
-        ids = [int(i) for i in (ids if isinstance(ids, (list, tuple, set, frozenset, np.ndarray)) else [ids])]
+        raw = list(ids) if isinstance(ids, (list, tuple, set, frozenset, np.ndarray)) else [ids]
+        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in raw):
+            raise ValueError(
+                f"mesh structure {name!r}: label ids must be integers, got {raw!r} (resolve label "
+                "names to ids first, e.g. with the dataset's labels)."
+            )
+        ids = sorted({int(i) for i in raw})
         if not ids:
             raise ValueError(f"mesh structure {name!r} has no label ids.")
         mask = np.isin(label_map, ids)
@@ -687,15 +693,21 @@ def _read_vtk_legacy(path: str) -> tuple[np.ndarray, np.ndarray]:
         "vtktypeint32": "i4", "unsigned_int": "u4", "unsigned_long": "u8", "short": "i2",
     }
 
-    def next_line() -> list[str]:
+    def raw_line() -> bytes | None:
         nonlocal pos
+        if pos >= len(body):
+            return None
+        end = body.find(b"\n", pos)
+        end = len(body) if end < 0 else end
+        line = body[pos:end].strip()
+        pos = end + 1
+        return line
+
+    def next_line() -> list[str]:
         while True:
-            if pos >= len(body):
+            line = raw_line()
+            if line is None:
                 return []
-            end = body.find(b"\n", pos)
-            end = len(body) if end < 0 else end
-            line = body[pos:end].strip()
-            pos = end + 1
             if line:
                 return line.decode().split()
 
@@ -715,6 +727,7 @@ def _read_vtk_legacy(path: str) -> tuple[np.ndarray, np.ndarray]:
             out.extend(toks)
         return np.asarray(out[:count], dtype=dt)
 
+    version_51 = lines[0].strip().endswith(b"5.1")
     points = None
     faces = None
     while True:
@@ -726,7 +739,7 @@ def _read_vtk_legacy(path: str) -> tuple[np.ndarray, np.ndarray]:
             points = read_values(3 * int(toks[1]), toks[2]).reshape(-1, 3).astype(np.float64)
         elif key == "POLYGONS":
             n_a, n_b = int(toks[1]), int(toks[2])
-            nxt = next_line() if lines[0].strip().endswith(b"5.1") else None
+            nxt = next_line() if version_51 else None
             if nxt and nxt[0].upper() == "OFFSETS":  # VTK 5.1: offsets + connectivity
                 offsets = read_values(n_a, nxt[1]).astype(np.int64)
                 conn_hdr = next_line()
@@ -741,9 +754,17 @@ def _read_vtk_legacy(path: str) -> tuple[np.ndarray, np.ndarray]:
                 if lst is not None and (lst.shape[1] != 4 or np.any(lst[:, 0] != 3)):
                     raise ValueError(f"{path}: only triangle polygons are supported.")
                 faces = lst[:, 1:] if lst is not None else np.zeros((0, 3), np.int64)
+        elif key == "METADATA":  # VTK >= 9 writes these after arrays; a blank line ends them
+            while raw_line():
+                pass
         elif key in ("VERTICES", "LINES", "TRIANGLE_STRIPS"):
-            raise ValueError(f"{path}: {key} cells are not supported (triangle surfaces only).")
-        elif key in ("POINT_DATA", "CELL_DATA", "METADATA", "FIELD"):
+            if int(toks[2]) > 0:
+                raise ValueError(f"{path}: {key} cells are not supported (triangle surfaces only).")
+            if version_51:  # empty section: OFFSETS (one 0) and an empty CONNECTIVITY
+                hdr = next_line()
+                read_values(int(toks[1]), hdr[1])
+                next_line()
+        elif key in ("POINT_DATA", "CELL_DATA", "FIELD"):
             break  # attribute data follows the geometry; not needed
         else:
             raise ValueError(f"{path}: unexpected legacy VTK section {key!r}.")

@@ -57,6 +57,8 @@ METHODS: tuple[str, ...] = ("exact", "dipole")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
 DEFAULT_CHUNK_SIZE: int = 2 ** 22
 DEFAULT_EPS: float = 1e-4
+# |a.(b x c)| below _DET_TOL * machine eps * |N| * (|a| + mesh radius) counts as "in the face's plane".
+_DET_TOL: float = 8.0
 
 _MeshTensors = tuple[Tensor, ...]
 # kernel(points (b, n, 3), mesh tensors (b, ...), element slice) -> partial winding numbers (b, n)
@@ -68,32 +70,42 @@ _Kernel = Callable[[Tensor, _MeshTensors, slice], Tensor]
 # ----------------------------------------------------------------------------------------------------
 
 def _exact_kernel(faces: Tensor) -> _Kernel:
-    """Solid-angle kernel over the faces ``faces[k_slice]``; mesh tensors = ``(vertices (b, V, 3),)``."""
+    """Solid-angle kernel over the faces ``faces[k_slice]``; mesh tensors = ``(vertices (b, V, 3),)``.
+
+    Element-major layout ``(faces or vertices, b, [3,] n)``: the per-face gathers pick whole rows (fast
+    forward and backward), and the coordinate axis lies before the points (contiguous reductions).
+    """
 
     def kernel(p: Tensor, mesh: _MeshTensors, ks: slice) -> Tensor:
         (v,) = mesh
         f = faces[ks]
         i0, i1, i2 = f[:, 0], f[:, 1], f[:, 2]
-        tiny = torch.finfo(p.dtype).tiny
+        finfo = torch.finfo(p.dtype)
+        radius = v.detach().norm(dim=-1).amax(dim=1).view(1, -1, 1)   # (1, b, 1) mesh size (centred)
+        vt = v.transpose(0, 1)                                   # (V, b, 3)
         # Per-vertex offsets and distances, shared by the faces around a vertex.
-        d = v.unsqueeze(1) - p.unsqueeze(2)                      # (b, n, V, 3)  vertex - point
-        s = (d * d).sum(-1)                                      # (b, n, V)     squared distances
-        r = s.clamp_min(tiny).sqrt()                             # clamp: finite gradient at a vertex
-        va, vb, vc = v[:, i0], v[:, i1], v[:, i2]                # (b, f, 3)
-        normal2 = torch.linalg.cross(vb - va, vc - va)           # (b, f, 3)  2 * area * unit normal
+        d = vt.unsqueeze(-1) - p.transpose(1, 2).unsqueeze(0)    # (V, b, 3, n)  vertex - point
+        s = (d * d).sum(2)                                       # (V, b, n)     squared distances
+        r = s.clamp_min(finfo.tiny).sqrt()                       # clamp: finite gradient at a vertex
+        va, vb, vc = vt[i0], vt[i1], vt[i2]                      # (f, b, 3)
+        normal2 = torch.linalg.cross(vb - va, vc - va)           # (f, b, 3)  2 * area * unit normal
         # a.(b x c) = N.(A - p) (6 x the signed tetrahedron volume), from the exact offset of one corner.
-        det = (d[:, :, i0] * normal2.unsqueeze(1)).sum(-1)       # (b, n, f)
-        # a.b = (|a|^2 + |b|^2 - |A - B|^2) / 2: no (n, f, 3) products needed.
-        e_ab = ((vb - va) ** 2).sum(-1).unsqueeze(1)             # (b, 1, f)
-        e_bc = ((vc - vb) ** 2).sum(-1).unsqueeze(1)
-        e_ca = ((va - vc) ** 2).sum(-1).unsqueeze(1)
-        sa, sb, sc = s[:, :, i0], s[:, :, i1], s[:, :, i2]       # (b, n, f)
-        la, lb, lc = r[:, :, i0], r[:, :, i1], r[:, :, i2]
+        det = (d[i0] * normal2.unsqueeze(-1)).sum(2)             # (f, b, n)
+        # a.b = (|a|^2 + |b|^2 - |A - B|^2) / 2: no per-pair 3-vector products needed.
+        e_ab = ((vb - va) ** 2).sum(-1).unsqueeze(-1)            # (f, b, 1)
+        e_bc = ((vc - vb) ** 2).sum(-1).unsqueeze(-1)
+        e_ca = ((va - vc) ** 2).sum(-1).unsqueeze(-1)
+        sa, sb, sc = s[i0], s[i1], s[i2]                         # (f, b, n)
+        la, lb, lc = r[i0], r[i1], r[i2]
         den = la * lb * lc + 0.5 * ((sa + sb - e_ab) * lc + (sb + sc - e_bc) * la + (sc + sa - e_ca) * lb)
-        # atan2(0, 0) (point on a corner or an edge) has a NaN gradient; such a pair contributes 0.
-        den = torch.where((det == 0) & (den == 0), torch.ones_like(den), den)
+        # A point in the plane of a face (|det| within its rounding error) sees the face edge-on: principal
+        # value Omega = 0, so w = 1/2 on a face and no atan2(0, 0) (NaN gradient) on edges and corners.
+        tol = (_DET_TOL * finfo.eps) * normal2.norm(dim=-1).unsqueeze(-1) * (la + radius)
+        in_plane = det.abs() <= tol
+        det = torch.where(in_plane, 0.0, det)
+        den = torch.where(in_plane, 1.0, den)
         # Omega = 2 atan2(det, den); w = sum Omega / (4 pi).
-        return torch.atan2(det, den).sum(-1) * (1.0 / (2.0 * math.pi))
+        return torch.atan2(det, den).sum(0) * (1.0 / (2.0 * math.pi))
 
     return kernel
 
@@ -103,15 +115,16 @@ def _dipole_kernel(smoothing: float) -> _Kernel:
     sigma2 = float(smoothing) ** 2
 
     def kernel(p: Tensor, mesh: _MeshTensors, ks: slice) -> Tensor:
-        v, m = mesh[0][:, ks], mesh[1][:, ks]                    # (b, k, 3)
-        d = v.unsqueeze(1) - p.unsqueeze(2)                      # (b, n, k, 3)
-        s = (d * d).sum(-1)                                      # (b, n, k)
+        vt = mesh[0][:, ks].transpose(0, 1).unsqueeze(-1)       # (k, b, 3, 1)
+        mt = mesh[1][:, ks].transpose(0, 1).unsqueeze(-1)
+        d = vt - p.transpose(1, 2).unsqueeze(0)                  # (k, b, 3, n)  vertex - point
+        s = (d * d).sum(2)                                       # (k, b, n)
         if sigma2 > 0:
             s = s + sigma2
         # floor: keeps s^-1.5 and its derivative finite for a point exactly on a vertex (sigma = 0).
         floor = torch.finfo(p.dtype).tiny ** (1.0 / 3.0)
-        num = (d * m.unsqueeze(1)).sum(-1)                       # (b, n, k)
-        return (num * s.clamp_min(floor).pow(-1.5)).sum(-1) * (1.0 / (4.0 * math.pi))
+        num = (d * mt).sum(2)                                    # (k, b, n)
+        return (num * s.clamp_min(floor).pow(-1.5)).sum(0) * (1.0 / (4.0 * math.pi))
 
     return kernel
 

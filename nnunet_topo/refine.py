@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from nnunet_topo.losses.betti import BettiPriorLoss
 from nnunet_topo.metrics.topology import betti_error, betti_numbers_3d, betti_numbers_per_slice
+from nnunet_topo.rules import label_priors
 
 
 class RefinementError(ValueError):
@@ -153,10 +154,9 @@ def refine_folder(model_folder: str, input_folder: str, output_folder: str, fold
     plans_manager, cm, dj = predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
     spec = spec_from_dataset_json(dj)
     # priors on single labels only (BettiPriorLoss acts on channels); regions are reported, not refined
-    priors_3d = {int(spec.betti_structures[n].label_ids[0]): tuple(v) for n, v in spec.betti.items()
-                 if len(spec.betti_structures[n].label_ids) == 1}
-    priors_2d = {int(spec.betti_structures[n].label_ids[0]): tuple(v) for n, v in spec.betti_2d.items()
-                 if len(spec.betti_structures[n].label_ids) == 1} if use_2d else {}
+    priors_3d, priors_2d = label_priors(spec)
+    if not use_2d:
+        priors_2d = {}
     # the slice axis is given in the axis order of the images; nnU-Net's preprocessing transposes
     slice_axis = list(plans_manager.transpose_forward).index(spec.betti_2d_axis) if priors_2d else None
     losses = build_prior_losses(priors_3d, priors_2d, slice_axis, downsample)

@@ -609,3 +609,15 @@ def describe(spec: TopologySpec) -> str:
         lines.append("  mesh structures: " + ", ".join(
             f"{k}={'+'.join(s.label_names)}" for k, s in spec.mesh_structures.items()))
     return "\n".join(lines)
+
+
+def label_priors(spec: TopologySpec) -> Tuple[Dict[int, Tuple[int, ...]], Dict[int, Tuple[int, ...]]]:
+    """The Betti priors of single labels, keyed by label id: ``(priors_3d, priors_2d)``.
+
+    Losses act on one probability channel per label, so priors of regions (several labels) are left out here;
+    the evaluator still reports them.
+    """
+    def single(priors):
+        return {int(spec.betti_structures[n].label_ids[0]): tuple(int(b) for b in v) for n, v in priors.items()
+                if len(spec.betti_structures[n].label_ids) == 1}
+    return single(spec.betti), single(spec.betti_2d)

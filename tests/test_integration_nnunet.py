@@ -18,38 +18,22 @@ from conftest import nnunet_cli, run_cli
 pytestmark = pytest.mark.slow
 
 DATASET_ID = 991
-# test glue only: the epoch count comes from the environment so that the test can stop after one epoch and
-# resume with --c for the second
-SMOKE_TRAINERS = textwrap.dedent('''
-    import os
-    import torch
-    from nnunet_topo.trainers.nnUNetTrainerProjPool import nnUNetTrainerProjPool
-    from nnunet_topo.trainers.nnUNetTrainerBetti import nnUNetTrainerBetti, nnUNetTrainerBettiSemi
+# Short-run subclasses, written to a second nnUNet_extTrainer folder (test glue only). Each runs 2 iterations per
+# epoch; the epoch count comes from SMOKE_EPOCHS so that a test can stop after one epoch and resume with --c.
+SMOKE_BASES = {"nnUNetTrainerProjPool": "nnUNetTrainerProjPool", "nnUNetTrainerBetti": "nnUNetTrainerBetti",
+               "nnUNetTrainerBettiSemi": "nnUNetTrainerBetti"}
+SMOKE_TRAINERS = "import os\nimport torch\n" + "".join(
+    f"from nnunet_topo.trainers.{module} import {base}\n" for base, module in SMOKE_BASES.items()) + "".join(
+    textwrap.dedent(f'''
 
 
-    class nnUNetTrainerProjPool_smoke(nnUNetTrainerProjPool):
+    class {base}_smoke({base}):
         def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
             super().__init__(plans, configuration, fold, dataset_json, device)
-            self.num_epochs = int(os.environ.get("SMOKE_EPOCHS", "2"))
+            self.num_epochs = int(os.environ.get("SMOKE_EPOCHS", "1"))
             self.num_iterations_per_epoch = 2
             self.num_val_iterations_per_epoch = 1
-
-
-    class nnUNetTrainerBetti_smoke(nnUNetTrainerBetti):
-        def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-            super().__init__(plans, configuration, fold, dataset_json, device)
-            self.num_epochs = 1
-            self.num_iterations_per_epoch = 2
-            self.num_val_iterations_per_epoch = 1
-
-
-    class nnUNetTrainerBettiSemi_smoke(nnUNetTrainerBettiSemi):
-        def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-            super().__init__(plans, configuration, fold, dataset_json, device)
-            self.num_epochs = 1
-            self.num_iterations_per_epoch = 2
-            self.num_val_iterations_per_epoch = 1
-''')
+    ''') for base in SMOKE_BASES)
 
 
 @pytest.fixture(scope="module")

@@ -39,8 +39,6 @@ __all__ = [
 # Pairs (point, triangle) evaluated at once in the exact distance computation (memory bound:
 # about 20 float64 arrays of this length).
 _PAIR_CHUNK = 1_000_000
-# Triangles of the k nearest centroids that tighten the search radius before the exact search.
-_TIGHTEN_K = 2
 
 
 def _mesh_arrays(mesh: Any, name: str = "mesh") -> tuple[np.ndarray, np.ndarray]:
@@ -159,8 +157,7 @@ def _closest_point_on_triangles(p: np.ndarray, a: np.ndarray, b: np.ndarray, c: 
 def point_to_surface_distance(points: np.ndarray, mesh: Any) -> np.ndarray:
     """Exact Euclidean distance from each point to a triangle surface.
 
-    For each point, an upper bound ``U`` is the distance to the nearest mesh vertex or to the
-    triangles of the nearest two centroids (whichever is smaller). Any triangle
+    For each point, an upper bound ``U`` is the distance to the nearest mesh vertex. Any triangle
     ``t`` with a point within ``U`` has its centroid within ``U + r_t`` (``r_t`` = largest
     centroid-corner distance of ``t``), so the exact point-triangle distances are computed only for
     triangles found by a centroid k-d tree query of that radius (one tree per size class of
@@ -189,13 +186,6 @@ def point_to_surface_distance(points: np.ndarray, mesh: Any) -> np.ndarray:
 
     tri = v[f]
     centroids = tri.mean(axis=1)
-    # tighter bound: exact distance to the triangles of the nearest few centroids
-    k = min(_TIGHTEN_K, len(f))
-    near = cKDTree(centroids).query(pts, k=k, workers=-1)[1].reshape(len(pts), k)
-    for j in range(k):
-        t = tri[near[:, j]]
-        q = _closest_point_on_triangles(pts, t[:, 0], t[:, 1], t[:, 2])
-        upper = np.minimum(upper, np.linalg.norm(pts - q, axis=1))
     radius = np.linalg.norm(tri - centroids[:, None, :], axis=2).max(axis=1)
     # size classes: radii within a factor 2 share a tree
     scale = max(float(radius.max()), 1e-300)
@@ -219,7 +209,7 @@ def point_to_surface_distance(points: np.ndarray, mesh: Any) -> np.ndarray:
             q = _closest_point_on_triangles(pts[ip], t[:, 0], t[:, 1], t[:, 2])
             d = np.linalg.norm(pts[ip] - q, axis=1)
             np.minimum.at(best, ip, d)
-    # the triangles that gave ``upper`` are always candidates, so best <= upper
+    # the triangles around the nearest vertex are always candidates, so best <= upper
     return np.minimum(best, upper)
 
 

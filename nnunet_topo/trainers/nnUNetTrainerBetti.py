@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from nnunet_topo.losses.betti import BettiPriorLoss
+from nnunet_topo.rules import label_priors
 from nnunet_topo.trainers.nnUNetTrainerTopoBase import nnUNetTrainerTopoBase
 
 
@@ -50,13 +51,8 @@ class nnUNetTrainerBetti(nnUNetTrainerTopoBase):
 
     def betti_class_ids(self):
         """Label ids that get the loss: those with a 3D Betti prior in the spec, else every foreground label."""
-        spec = self.topology_spec
-        ids = []
-        for name in spec.betti:
-            s = spec.betti_structures[name]
-            if len(s.label_ids) == 1:
-                ids.append(int(s.label_ids[0]))
-        return sorted(set(ids)) or [int(i) for i in self.label_manager.foreground_labels]
+        priors_3d, _ = label_priors(self.topology_spec)
+        return sorted(priors_3d) or [int(i) for i in self.label_manager.foreground_labels]
 
     def build_topology_terms(self):
         loss = BettiPriorLoss(class_ids=self.betti_class_ids(), target=self.betti_target,
@@ -109,10 +105,7 @@ class nnUNetTrainerBettiSemi(nnUNetTrainerBetti):
         super().on_train_start()
         self._unlabelled = self._load_unlabelled()
         spec = self.topology_spec
-        priors_3d = {int(spec.betti_structures[n].label_ids[0]): tuple(v) for n, v in spec.betti.items()
-                     if len(spec.betti_structures[n].label_ids) == 1}
-        priors_2d = {int(spec.betti_structures[n].label_ids[0]): tuple(v) for n, v in spec.betti_2d.items()
-                     if len(spec.betti_structures[n].label_ids) == 1}
+        priors_3d, priors_2d = label_priors(spec)
         if not priors_3d and not priors_2d:
             raise RuntimeError("nnUNetTrainerBettiSemi needs Betti priors of single labels in the dataset.json "
                                "topology block ('betti' and/or 'betti_2d')")
