@@ -1,0 +1,159 @@
+"""Mesh Interrelation Enhancement loss ``L_MIE`` (relational anatomical supervision; DESIGN §6).
+
+The MIE strategy supervises the meshes where the *prediction* breaks a relation between structures: critical
+points are the violation voxels of the predicted label map, detected **slice-wise (2D)** (every rule is checked
+slice by slice, :func:`~nnunet_topo.losses.mesh_targets.critical_point_targets` with ``mode="2d"``), with the
+rule-aware targets of TPM Eq. 6-9 (C. Zhang et al., arXiv:2503.07874). Per mesh and batch item ``num_points``
+query points are drawn as a mix: ``round(rho * num_points)`` critical points (``rho = 0.2``) and the rest random
+points (uniform in the patch and near the reference surface, targets ``[label ∈ region]``); if fewer critical
+points exist, all of them are used and random points fill up to ``num_points``. The loss is the BCE of the mesh
+occupancy (TPM Eq. 5) on those points, mean over points and meshes, plus a uniform-Laplacian smoothness term of
+the meshes (:func:`nnunet_topo.metrics.mesh.laplacian_smoothness_energy`, mean squared uniform Laplacian, in
+squared normalised units) weighted by ``lambda_lap``.
+
+Frame: meshes in the normalised patch frame of ``grid_sample(align_corners=True)`` (see :mod:`.mesh_targets`).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from nnunet_topo.losses.mesh_targets import critical_point_targets, sample_query_points, voxel_to_normalized
+from nnunet_topo.losses.tpm import _check_common, _check_count, check_mesh_inputs
+from nnunet_topo.metrics.mesh import laplacian_smoothness_energy
+from nnunet_topo.occupancy import DEFAULT_EPS, occupancy_bce
+from nnunet_topo.rules import TopologySpec
+
+__all__ = ["mix_points", "MIELoss"]
+
+
+def mix_points(
+    critical_points: Tensor,
+    critical_targets: Tensor,
+    random_points: Tensor,
+    random_targets: Tensor,
+    num_points: int,
+    rho: float = 0.2,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[Tensor, Tensor, int]:
+    """Mix critical and random points: ``round(rho * num_points)`` critical ones, random ones for the rest.
+
+    Critical points are drawn without replacement; when fewer than ``round(rho * num_points)`` exist all are
+    taken. Random points fill up to ``num_points`` (the first ones of ``random_points``, which must hold at
+    least ``num_points`` rows so any shortage of critical points can be filled).
+
+    Args:
+        critical_points: ``(K, 3)`` voxel indices (any dtype; returned as float32).
+        critical_targets: ``(K,)``.
+        random_points: ``(M, 3)`` continuous voxel indices, ``M >= num_points``.
+        random_targets: ``(M,)``.
+        num_points: total number of points.
+        rho: fraction of critical points in [0, 1].
+        generator: optional ``torch.Generator`` for the choice of critical points.
+
+    Returns:
+        ``(points (num_points, 3) float32, targets (num_points,) float32, number of critical points)``, critical
+        points first.
+    """
+    if not 0.0 <= rho <= 1.0:
+        raise ValueError(f"rho must lie in [0, 1], got {rho!r}")
+    _check_count("num_points", num_points)
+    if random_points.shape[0] < num_points:
+        raise ValueError(f"need at least num_points={num_points} random points to fill up, got "
+                         f"{random_points.shape[0]}")
+    k = min(int(round(rho * num_points)), int(critical_points.shape[0]))
+    device = random_points.device
+    if k < critical_points.shape[0]:
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        keep = torch.randperm(critical_points.shape[0], generator=generator, device=gen_device)[:k]
+        keep = keep.to(critical_points.device)
+        critical_points, critical_targets = critical_points[keep], critical_targets[keep]
+    points = torch.cat([critical_points.to(device=device, dtype=torch.float32),
+                        random_points[: num_points - k].to(torch.float32)])
+    targets = torch.cat([critical_targets.to(device=device, dtype=torch.float32),
+                         random_targets[: num_points - k].to(torch.float32)])
+    return points, targets, k
+
+
+class MIELoss(nn.Module):
+    """Mesh Interrelation Enhancement: occupancy BCE on a critical/random point mix plus Laplacian smoothness.
+
+    Args:
+        spec: the topology spec.
+        mesh_names: names of ``spec.mesh_structures`` in the order of the mesh head's outputs.
+        method: occupancy method, ``"exact"`` or ``"dipole"`` (exact has zero vertex gradients on closed meshes;
+            see :mod:`nnunet_topo.occupancy`).
+        rho: fraction of critical points (0.2).
+        num_points: query points per mesh and batch item.
+        surface_fraction: share of the random points drawn near the reference surface (the rest uniform).
+        lambda_lap: weight of the Laplacian term in ``total``.
+        axis: slice axis for the 2D detection of 3d rules; ``None`` = each rule's ``axis`` attribute.
+        eps: occupancy clamp margin.
+        smoothing: smoothed-dipole sigma in normalised units (``method="dipole"`` only).
+
+    Shapes (forward):
+        meshes: list of ``(B, V_s, 3)`` (normalised patch frame); faces: list of ``(F_s, 3)``;
+        seg_logits: ``(B, C, Z, Y, X)``; ref_labels: ``(B, 1, Z, Y, X)``.
+        Returns ``{"mie": BCE, "laplacian": energy (unweighted), "total": mie + lambda_lap * laplacian}``;
+        the number of critical points used by the last call is kept in ``last_num_critical`` (for logging).
+    """
+
+    def __init__(self, spec: TopologySpec, mesh_names: Sequence[str], method: str = "exact", rho: float = 0.2,
+                 num_points: int = 2048, surface_fraction: float = 0.5, lambda_lap: float = 0.1,
+                 axis: Optional[int] = None, eps: float = DEFAULT_EPS, smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.spec = spec
+        self.mesh_names = _check_common(spec, mesh_names, method, eps, smoothing)
+        if not isinstance(rho, (int, float)) or not 0.0 <= rho <= 1.0:
+            raise ValueError(f"rho must lie in [0, 1], got {rho!r}")
+        if not isinstance(surface_fraction, (int, float)) or not 0.0 <= surface_fraction <= 1.0:
+            raise ValueError(f"surface_fraction must lie in [0, 1], got {surface_fraction!r}")
+        if not isinstance(lambda_lap, (int, float)) or isinstance(lambda_lap, bool) or lambda_lap < 0:
+            raise ValueError(f"lambda_lap must be a number >= 0, got {lambda_lap!r}")
+        if axis is not None and axis not in (0, 1, 2):
+            raise ValueError(f"axis must be None or 0, 1, 2, got {axis!r}")
+        self.num_points = _check_count("num_points", num_points, 1)
+        self.method, self.rho, self.surface_fraction = method, float(rho), float(surface_fraction)
+        self.lambda_lap, self.axis, self.eps, self.smoothing = float(lambda_lap), axis, float(eps), float(smoothing)
+        self.last_num_critical = 0
+
+    def forward(self, meshes: Sequence[Tensor], faces: Sequence[Tensor], seg_logits: Tensor, ref_labels: Tensor,
+                generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
+        ref = check_mesh_inputs(meshes, faces, seg_logits, ref_labels, len(self.mesh_names))
+        shape = tuple(ref.shape[1:])
+        with torch.no_grad():
+            pred = seg_logits.detach().argmax(dim=1)
+        critical = critical_point_targets(pred, ref, self.spec, mode="2d", axis=self.axis)
+        num_surface = int(round(self.surface_fraction * self.num_points))
+        num_uniform = self.num_points - num_surface
+        bce_terms, lap_terms = [], []
+        n_crit = 0
+        for name, v, f in zip(self.mesh_names, meshes, faces):
+            ids = self.spec.mesh_structures[name].label_ids
+            rnd_p, rnd_t = sample_query_points(ref, ids, num_uniform, num_surface, generator)
+            # random points in random order, so that filling up with the first ones keeps the uniform/surface mix
+            gen_device = generator.device if generator is not None else torch.device("cpu")
+            perm = torch.randperm(self.num_points, generator=generator, device=gen_device).to(rnd_p.device)
+            rnd_p, rnd_t = rnd_p[:, perm], rnd_t[:, perm]
+            pts, tgts = [], []
+            for b in range(len(critical)):
+                cp, ct = critical[b][name]
+                p, t, k = mix_points(cp, ct, rnd_p[b], rnd_t[b], self.num_points, self.rho, generator)
+                pts.append(p)
+                tgts.append(t)
+                n_crit += k
+            pn = voxel_to_normalized(torch.stack(pts), shape).to(v.dtype)
+            bce_terms.append(occupancy_bce(pn, v, f, torch.stack(tgts), method=self.method, eps=self.eps,
+                                           reduction="mean", smoothing=self.smoothing))
+            lap_terms.append(laplacian_smoothness_energy(v, f).mean())
+        mie = torch.stack(bce_terms).mean()
+        lap = torch.stack(lap_terms).mean()
+        self.last_num_critical = n_crit
+        return {"mie": mie, "laplacian": lap, "total": mie + self.lambda_lap * lap}
+
+    def extra_repr(self) -> str:
+        return (f"mesh_names={self.mesh_names}, method={self.method!r}, rho={self.rho}, num_points={self.num_points}, "
+                f"surface_fraction={self.surface_fraction}, lambda_lap={self.lambda_lap}, axis={self.axis}, "
+                f"smoothing={self.smoothing}")

@@ -1,0 +1,270 @@
+"""Topology-Preserving Mesh loss: ``L_occ`` and ``L_TPM`` (TPM Eq. 5-11).
+
+C. Zhang, Y. Luo, Y. Wu, C. H. Yap, G. Yang, *Topology-Preserving Loss for Accurate and Anatomically Consistent
+Cardiac Mesh Reconstruction* (TPM, arXiv:2503.07874); DESIGN §6.
+
+* ``L_occ`` (Eq. 10-11): per mesh structure X, query points uniform in the patch and near the reference
+  surface of X (:func:`~nnunet_topo.losses.mesh_targets.sample_query_points`), BCE of the mesh occupancy
+  (Eq. 5, :func:`nnunet_topo.occupancy.occupancy_bce`) against ``[label(p) ∈ region(X)]``; mean over meshes.
+* ``L_TPM`` (Eq. 6-9): the same BCE on the *critical points*, the violation voxels of the current prediction
+  ``argmax(seg_logits)`` (no gradient through the argmax), with rule-aware targets
+  (:func:`~nnunet_topo.losses.mesh_targets.critical_point_targets`); per mesh the mean over its critical points
+  of the whole batch, then the mean over the meshes that have any. A graph-connected zero when there are none.
+
+The total of the paper is ``L_seg + L_occ + λ_TP · L_TPM`` (λ_TP = 0.5); this module returns ``occ``, ``tpm`` and
+``total = occ + lambda_tp * tpm``; ``L_seg`` and the warm-up (``L_seg + L_occ`` only, paper §3.1) belong to the
+caller.
+
+Frame: meshes live in the normalised patch frame of ``grid_sample(align_corners=True)``: ``(x, y, z)`` in
+``[-1, 1]``, ``x`` along the last array axis (:func:`~nnunet_topo.losses.mesh_targets.voxel_to_normalized`).
+
+Gradients: with ``method="exact"`` the occupancy of a closed mesh is piecewise constant in the vertex positions
+(see :mod:`nnunet_topo.occupancy`), so the vertex gradient is zero almost everywhere; train with
+``method="dipole"`` and ``smoothing > 0`` (about one edge length, in normalised units).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from nnunet_topo.losses.mesh_targets import critical_point_targets, sample_query_points, voxel_to_normalized
+from nnunet_topo.occupancy import DEFAULT_EPS, METHODS, occupancy_bce
+from nnunet_topo.rules import TopologySpec
+
+__all__ = ["occupancy_loss", "TPMLoss", "check_mesh_inputs", "critical_bce"]
+
+
+def occupancy_loss(
+    vertices: Tensor,
+    faces: Tensor,
+    points_norm: Tensor,
+    targets: Tensor,
+    method: str = "exact",
+    eps: float = DEFAULT_EPS,
+    smoothing: float = 0.0,
+    weights: Optional[Tensor] = None,
+) -> Tensor:
+    """Mean BCE of mesh occupancy at query points (TPM Eq. 10-11).
+
+    Args:
+        vertices: ``(B, V, 3)`` mesh vertices, normalised patch frame ``(x, y, z)``; differentiable.
+        faces: ``(F, 3)`` integer triangles shared by the batch, outward (counter-clockwise) orientation.
+        points_norm: ``(B, N, 3)`` query points in the same frame.
+        targets: ``(B, N)`` in [0, 1] (1 = inside the structure).
+        method: ``"exact"`` or ``"dipole"`` (:func:`nnunet_topo.occupancy.winding_number`).
+        eps: occupancy clamp margin in (0, 0.5).
+        smoothing: smoothed-dipole sigma in normalised units (``method="dipole"`` only).
+        weights: optional per-point weights broadcastable to ``(B, N)``.
+
+    Returns:
+        Scalar float32 tensor (mean over all ``B * N`` points); a zero connected to ``vertices``' graph when
+        ``N == 0``.
+
+    Raises:
+        ValueError: shapes that do not match.
+    """
+    for name, x in (("vertices", vertices), ("points_norm", points_norm)):
+        if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != 3:
+            raise ValueError(f"{name} must be a (B, *, 3) tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if points_norm.shape[0] != vertices.shape[0]:
+        raise ValueError(f"points_norm has batch size {points_norm.shape[0]} but vertices has {vertices.shape[0]}")
+    if not isinstance(targets, Tensor) or tuple(targets.shape) != tuple(points_norm.shape[:2]):
+        raise ValueError(f"targets must have shape (B, N) = {tuple(points_norm.shape[:2])}, got "
+                         f"{tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__}")
+    return occupancy_bce(points_norm.to(vertices.device), vertices, faces, targets, method=method, eps=eps,
+                         weights=weights, reduction="mean", smoothing=smoothing)
+
+
+def critical_bce(
+    vertices: Tensor,
+    faces: Tensor,
+    points_idx: Sequence[Tensor],
+    targets: Sequence[Tensor],
+    shape: Sequence[int],
+    method: str = "exact",
+    eps: float = DEFAULT_EPS,
+    smoothing: float = 0.0,
+) -> Tuple[Tensor, int]:
+    """Sum of the occupancy BCE over ragged per-sample point sets, and the number of points.
+
+    Args:
+        vertices: ``(B, V, 3)`` normalised frame.
+        faces: ``(F, 3)``.
+        points_idx: ``B`` tensors ``(N_b, 3)`` of voxel indices ``(z, y, x)``.
+        targets: ``B`` tensors ``(N_b,)``.
+        shape: patch shape ``(Z, Y, X)``.
+
+    Returns:
+        ``(sum of per-point BCE (graph-connected zero if no points), total number of points)``.
+    """
+    total = vertices.sum() * 0.0
+    count = 0
+    for b, (p, t) in enumerate(zip(points_idx, targets)):
+        if p.shape[0] == 0:
+            continue
+        pn = voxel_to_normalized(p.to(vertices.device), shape).to(vertices.dtype)
+        total = total + occupancy_bce(pn, vertices[b], faces, t.to(vertices.device), method=method, eps=eps,
+                                      reduction="sum", smoothing=smoothing)
+        count += int(p.shape[0])
+    return total, count
+
+
+def check_mesh_inputs(
+    meshes: Sequence[Tensor],
+    faces: Sequence[Tensor],
+    seg_logits: Tensor,
+    ref_labels: Tensor,
+    num_meshes: int,
+) -> Tensor:
+    """Validate the inputs shared by :class:`TPMLoss` and :class:`~nnunet_topo.losses.mie.MIELoss`.
+
+    Returns:
+        ``ref_labels`` as a ``(B, Z, Y, X)`` long tensor on ``seg_logits``' device.
+    """
+    if not isinstance(seg_logits, Tensor) or seg_logits.ndim != 5:
+        raise ValueError(f"seg_logits must be a (B, C, Z, Y, X) tensor, got "
+                         f"{tuple(seg_logits.shape) if isinstance(seg_logits, Tensor) else type(seg_logits).__name__}")
+    if not isinstance(ref_labels, Tensor) or ref_labels.ndim != 5 or ref_labels.shape[1] != 1:
+        raise ValueError(f"ref_labels must be a (B, 1, Z, Y, X) label map (nnU-Net's target), got "
+                         f"{tuple(ref_labels.shape) if isinstance(ref_labels, Tensor) else type(ref_labels).__name__}")
+    if ref_labels.shape[0] != seg_logits.shape[0] or ref_labels.shape[2:] != seg_logits.shape[2:]:
+        raise ValueError(f"ref_labels {tuple(ref_labels.shape)} does not match seg_logits {tuple(seg_logits.shape)}: "
+                         "same batch size and spatial shape expected")
+    if ref_labels.is_complex() or ref_labels.dtype == torch.bool:
+        raise ValueError(f"ref_labels must hold label ids, got dtype {ref_labels.dtype}")
+    if len(meshes) != num_meshes or len(faces) != num_meshes:
+        raise ValueError(f"expected {num_meshes} meshes and face tensors (one per mesh name, in head order), got "
+                         f"{len(meshes)} meshes and {len(faces)} face tensors")
+    batch = seg_logits.shape[0]
+    for i, (v, f) in enumerate(zip(meshes, faces)):
+        if not isinstance(v, Tensor) or v.ndim != 3 or v.shape[0] != batch or v.shape[2] != 3:
+            raise ValueError(f"meshes[{i}] must be (B={batch}, V, 3) vertices in the normalised patch frame, got "
+                             f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}")
+        if not isinstance(f, Tensor) or f.ndim != 2 or f.shape[1] != 3:
+            raise ValueError(f"faces[{i}] must be an (F, 3) integer tensor, got "
+                             f"{tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__}")
+    labels = ref_labels[:, 0]
+    if labels.is_floating_point():
+        if not bool(torch.equal(labels, labels.round())):
+            raise ValueError("ref_labels is a float tensor with non-integer values; pass a label map")
+    return labels.long().to(seg_logits.device)
+
+
+def _check_common(spec: TopologySpec, mesh_names: Sequence[str], method: str, eps: float,
+                  smoothing: float = 0.0) -> List[str]:
+    if not isinstance(spec, TopologySpec):
+        raise TypeError(f"spec must be a TopologySpec (rules.parse_topology), got {type(spec).__name__}")
+    names = list(mesh_names)
+    if not names:
+        raise ValueError("mesh_names is empty: give the mesh structure names in the order of the mesh head")
+    for n in names:
+        if n not in spec.mesh_structures:
+            raise ValueError(f"unknown mesh name {n!r}; the spec's mesh_structures are "
+                             f"{list(spec.mesh_structures)} (dataset.json topology.mesh_structures)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"mesh_names contains duplicates: {names}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not 0.0 < eps < 0.5:
+        raise ValueError(f"eps must lie in (0, 0.5), got {eps!r}")
+    if not isinstance(smoothing, (int, float)) or isinstance(smoothing, bool) or not smoothing >= 0:
+        raise ValueError(f"smoothing must be a number >= 0 (normalised units), got {smoothing!r}")
+    if smoothing > 0 and method != "dipole":
+        raise ValueError("smoothing > 0 needs method='dipole' (the smoothed kernel exists for the dipole form only)")
+    if method == "exact":
+        warnings.warn("method='exact': the exact occupancy of a closed mesh is piecewise constant in the vertex "
+                      "positions, so this loss gives (almost) zero vertex gradients. To train a mesh head use "
+                      "method='dipole' with smoothing > 0 (about one edge length in normalised units).",
+                      UserWarning, stacklevel=3)
+    return names
+
+
+def _check_count(name: str, n: int, minimum: int = 0) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {n!r}")
+    return n
+
+
+class TPMLoss(nn.Module):
+    """``L_occ`` and ``L_TPM`` of the TPM paper for a batch of predicted meshes.
+
+    Args:
+        spec: the topology spec (rules, mesh structures, connectivity).
+        mesh_names: names of ``spec.mesh_structures`` in the order of the mesh head's outputs.
+        method: occupancy method, ``"exact"`` or ``"dipole"`` (see the module docstring about gradients).
+        lambda_tp: weight of ``L_TPM`` in ``total`` (paper: 0.5 CT, 1.0 MRI).
+        num_uniform: uniform query points per mesh and batch item for ``L_occ``.
+        num_surface: near-surface query points per mesh and batch item for ``L_occ``.
+        max_critical_points: at most this many critical points per mesh and batch item (random subset;
+            ``None`` = all) to bound the cost.
+        eps: occupancy clamp margin.
+        smoothing: smoothed-dipole sigma in normalised units (``method="dipole"`` only).
+
+    Shapes (forward):
+        meshes: list of ``(B, V_s, 3)``, normalised patch frame; faces: list of ``(F_s, 3)``;
+        seg_logits: ``(B, C, Z, Y, X)`` (channel c = label id c); ref_labels: ``(B, 1, Z, Y, X)``.
+        Returns ``{"occ", "tpm", "total"}`` scalars, ``total = occ + lambda_tp * tpm``.
+    """
+
+    def __init__(self, spec: TopologySpec, mesh_names: Sequence[str], method: str = "exact",
+                 lambda_tp: float = 0.5, num_uniform: int = 1024, num_surface: int = 1024,
+                 max_critical_points: Optional[int] = 2048, eps: float = DEFAULT_EPS, smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.spec = spec
+        self.mesh_names = _check_common(spec, mesh_names, method, eps, smoothing)
+        if not isinstance(lambda_tp, (int, float)) or isinstance(lambda_tp, bool) or lambda_tp < 0:
+            raise ValueError(f"lambda_tp must be a number >= 0, got {lambda_tp!r}")
+        self.method, self.lambda_tp, self.eps, self.smoothing = method, float(lambda_tp), float(eps), float(smoothing)
+        self.num_uniform = _check_count("num_uniform", num_uniform)
+        self.num_surface = _check_count("num_surface", num_surface)
+        if max_critical_points is not None:
+            _check_count("max_critical_points", max_critical_points, 1)
+        self.max_critical_points = max_critical_points
+
+    def forward(self, meshes: Sequence[Tensor], faces: Sequence[Tensor], seg_logits: Tensor, ref_labels: Tensor,
+                generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
+        ref = check_mesh_inputs(meshes, faces, seg_logits, ref_labels, len(self.mesh_names))
+        shape = tuple(ref.shape[1:])
+        with torch.no_grad():
+            pred = seg_logits.detach().argmax(dim=1)
+        critical = critical_point_targets(pred, ref, self.spec, mode="3d")
+        occ_terms, tpm_terms = [], []
+        zero = sum(v.sum() for v in meshes) * 0.0
+        for name, v, f in zip(self.mesh_names, meshes, faces):
+            ids = self.spec.mesh_structures[name].label_ids
+            if self.num_uniform + self.num_surface > 0:
+                pts, tgt = sample_query_points(ref, ids, self.num_uniform, self.num_surface, generator)
+                pn = voxel_to_normalized(pts, shape).to(v.dtype)
+                occ_terms.append(occupancy_loss(v, f, pn, tgt, self.method, self.eps, self.smoothing))
+            pts_b, tgt_b = [], []
+            for b in range(len(critical)):
+                p, t = critical[b][name]
+                p, t = _subsample(p, t, self.max_critical_points, generator)
+                pts_b.append(p)
+                tgt_b.append(t)
+            s, n = critical_bce(v, f, pts_b, tgt_b, shape, self.method, self.eps, self.smoothing)
+            if n > 0:
+                tpm_terms.append(s / n)
+        occ = torch.stack(occ_terms).mean() if occ_terms else zero
+        tpm = torch.stack(tpm_terms).mean() + zero if tpm_terms else zero
+        return {"occ": occ, "tpm": tpm, "total": occ + self.lambda_tp * tpm}
+
+    def extra_repr(self) -> str:
+        return (f"mesh_names={self.mesh_names}, method={self.method!r}, lambda_tp={self.lambda_tp}, "
+                f"num_uniform={self.num_uniform}, num_surface={self.num_surface}, "
+                f"max_critical_points={self.max_critical_points}, smoothing={self.smoothing}")
+
+
+def _subsample(points: Tensor, targets: Tensor, k: Optional[int],
+               generator: Optional[torch.Generator]) -> Tuple[Tensor, Tensor]:
+    """At most ``k`` rows, a uniformly random subset without replacement (order kept)."""
+    n = points.shape[0]
+    if k is None or n <= k:
+        return points, targets
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    keep = torch.randperm(n, generator=generator, device=gen_device)[:k].sort().values.to(points.device)
+    return points[keep], targets[keep]

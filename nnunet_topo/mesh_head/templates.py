@@ -1,0 +1,395 @@
+"""Mesh templates for the GCN mesh head (DESIGN §7 "Templates").
+
+A template is one closed, genus-correct triangle surface per mesh structure with a *fixed* vertex
+count and connectivity; the head deforms its vertices and never changes its faces. Every template
+lives in the **normalised patch frame** of ``torch.nn.functional.grid_sample(...,
+align_corners=True)``: coordinates in ``[-1, 1]``, last dimension ordered ``(x, y, z)`` where ``x``
+indexes the *last* array axis of a ``(B, C, Z, Y, X)`` volume (see ``documentation/meshes.md``).
+Faces are wound so that normals point outward in that frame (positive signed volume).
+
+Templates from training labels (:func:`template_from_masks`):
+
+* the masks (one structure, already cropped/resampled to the patch) are averaged and thresholded
+  at 0.5 (``mean >= 0.5``, a majority vote);
+* the genus comes from the mean mask's Betti numbers (``b0 = 1, b2 = 0``; ``b1 = 0`` -> sphere,
+  ``b1 = 1`` -> torus); anything else raises ``ValueError``;
+* genus 0: an icosphere centred at the mean mask's centroid is *shrink-wrapped* onto the 0.5
+  level of the trilinearly interpolated mean mask along rays from the centroid (the structure must
+  be star-shaped from its centroid; otherwise ``ValueError``);
+* genus 1: a torus with an elliptic cross-section fitted by moments (centroid; axis = the principal
+  direction whose line through the centroid crosses the least foreground, i.e. the one through the
+  hole; major radius = mean distance of the foreground voxels from the axis; cross-section
+  semi-axes = 2 standard deviations of the radial and axial coordinates, as for a uniformly filled
+  ellipse), with the cross-section rescaled so that the *polygonal* torus's volume equals the mean
+  mask's voxel volume (within 0.1 %). It is a fitted torus, not
+  shape-adapted beyond its moments.
+
+Ray marching and fitting are done in voxel indices (isotropic voxels are assumed: the patch is the
+network's input, resampled to the target spacing), then mapped to the normalised frame with
+:func:`nnunet_topo.meshes.index_to_normalized` (``n = 2 i / (size - 1) - 1``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import trimesh
+from scipy import ndimage
+
+from ..meshes import index_to_normalized
+from ..metrics.topology import betti_numbers_3d
+
+__all__ = [
+    "Template",
+    "sphere_template",
+    "torus_template",
+    "template_from_masks",
+    "signed_volume",
+]
+
+
+def signed_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
+    """Signed enclosed volume of a closed triangle mesh (divergence theorem); > 0 if wound outward."""
+    v = np.asarray(vertices, dtype=np.float64)
+    f = np.asarray(faces, dtype=np.int64)
+    if len(f) == 0:
+        return 0.0
+    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    return float(np.einsum("ij,ij->i", a, np.cross(b, c)).sum() / 6.0)
+
+
+def _orient_outward(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Flip the winding of all faces if the signed volume is negative."""
+    if signed_volume(vertices, faces) < 0:
+        return faces[:, ::-1].copy()
+    return faces
+
+
+@dataclass
+class Template:
+    """A closed template surface in the normalised ``(x, y, z)`` patch frame.
+
+    Attributes:
+        vertices: ``(V, 3)`` float32, normalised ``grid_sample`` coordinates ``(x, y, z)``.
+        faces: ``(F, 3)`` int64 vertex indices, wound outward (positive signed volume).
+        name: structure name (e.g. ``"LV_epi"``).
+        genus: 0 (sphere-like) or 1 (torus-like).
+    """
+
+    vertices: np.ndarray
+    faces: np.ndarray
+    name: str = "structure"
+    genus: int = 0
+
+    def __post_init__(self) -> None:
+        self.vertices = np.ascontiguousarray(np.asarray(self.vertices, dtype=np.float32))
+        self.faces = np.ascontiguousarray(np.asarray(self.faces, dtype=np.int64))
+        if self.vertices.ndim != 2 or self.vertices.shape[1] != 3 or len(self.vertices) == 0:
+            raise ValueError(f"Template {self.name!r}: vertices must be (V, 3) with V > 0, got {self.vertices.shape}.")
+        if self.faces.ndim != 2 or self.faces.shape[1] != 3 or len(self.faces) == 0:
+            raise ValueError(f"Template {self.name!r}: faces must be (F, 3) with F > 0, got {self.faces.shape}.")
+        if self.faces.min() < 0 or self.faces.max() >= len(self.vertices):
+            raise ValueError(f"Template {self.name!r}: face indices must lie in [0, {len(self.vertices)}).")
+        if not np.all(np.isfinite(self.vertices)):
+            raise ValueError(f"Template {self.name!r}: vertices must be finite.")
+        if int(self.genus) not in (0, 1):
+            raise ValueError(f"Template {self.name!r}: genus must be 0 or 1, got {self.genus}.")
+        self.genus = int(self.genus)
+        self.name = str(self.name)
+
+    @property
+    def num_vertices(self) -> int:
+        return int(len(self.vertices))
+
+    def volume(self) -> float:
+        """Signed enclosed volume in the normalised frame."""
+        return signed_volume(self.vertices, self.faces)
+
+    def to_trimesh(self) -> trimesh.Trimesh:
+        return trimesh.Trimesh(self.vertices.astype(np.float64), self.faces, process=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python (JSON and checkpoint friendly) representation; inverse of :meth:`from_dict`."""
+        return {
+            "name": self.name,
+            "genus": self.genus,
+            "vertices": self.vertices.tolist(),
+            "faces": self.faces.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Template":
+        missing = {"name", "genus", "vertices", "faces"} - set(d)
+        if missing:
+            raise ValueError(f"Template dict is missing the keys {sorted(missing)}.")
+        return cls(
+            vertices=np.asarray(d["vertices"], dtype=np.float32).reshape(-1, 3),
+            faces=np.asarray(d["faces"], dtype=np.int64).reshape(-1, 3),
+            name=d["name"],
+            genus=d["genus"],
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Template):
+            return NotImplemented
+        return (
+            self.name == other.name
+            and self.genus == other.genus
+            and np.array_equal(self.vertices, other.vertices)
+            and np.array_equal(self.faces, other.faces)
+        )
+
+
+def sphere_template(
+    subdivisions: int = 3,
+    radius: float = 0.5,
+    center: Sequence[float] = (0.0, 0.0, 0.0),
+    name: str = "sphere",
+) -> Template:
+    """An icosphere (``trimesh.creation.icosphere``): ``10 * 4**subdivisions + 2`` vertices.
+
+    Args:
+        subdivisions: icosphere subdivision level (0: icosahedron, 3: 642 vertices).
+        radius: radius in normalised units.
+        center: centre ``(x, y, z)`` in normalised units.
+        name: structure name.
+    """
+    if int(subdivisions) < 0:
+        raise ValueError(f"subdivisions must be >= 0, got {subdivisions}.")
+    if not radius > 0:
+        raise ValueError(f"radius must be positive, got {radius}.")
+    ico = trimesh.creation.icosphere(subdivisions=int(subdivisions), radius=1.0)
+    v = np.asarray(ico.vertices, dtype=np.float64) * float(radius) + np.asarray(center, dtype=np.float64)
+    f = _orient_outward(v, np.asarray(ico.faces, dtype=np.int64))
+    return Template(v, f, name=name, genus=0)
+
+
+def _torus_arrays(
+    major_radius: float,
+    radial_semi_axis: float,
+    axial_semi_axis: float,
+    major_sections: int,
+    minor_sections: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Torus around the z axis with an elliptic cross-section, in a local (x, y, z) frame."""
+    phi = 2 * np.pi * np.arange(major_sections) / major_sections  # around the axis
+    theta = 2 * np.pi * np.arange(minor_sections) / minor_sections  # around the tube
+    P, T = np.meshgrid(phi, theta, indexing="ij")
+    r = major_radius + radial_semi_axis * np.cos(T)
+    v = np.stack([r * np.cos(P), r * np.sin(P), axial_semi_axis * np.sin(T)], axis=-1).reshape(-1, 3)
+    i = np.arange(major_sections)[:, None]
+    j = np.arange(minor_sections)[None, :]
+    a = i * minor_sections + j
+    b = ((i + 1) % major_sections) * minor_sections + j
+    c = ((i + 1) % major_sections) * minor_sections + (j + 1) % minor_sections
+    d = i * minor_sections + (j + 1) % minor_sections
+    faces = np.concatenate(
+        [np.stack([a, b, c], -1).reshape(-1, 3), np.stack([a, c, d], -1).reshape(-1, 3)], axis=0
+    ).astype(np.int64)
+    return v, faces
+
+
+def _frame_from_axis(axis: np.ndarray) -> np.ndarray:
+    """3x3 rotation whose third column is ``axis`` (unit)."""
+    a = np.asarray(axis, dtype=np.float64)
+    a = a / np.linalg.norm(a)
+    helper = np.array([1.0, 0.0, 0.0]) if abs(a[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    u = np.cross(a, helper)
+    u /= np.linalg.norm(u)
+    w = np.cross(a, u)
+    return np.stack([u, w, a], axis=1)
+
+
+def torus_template(
+    major_radius: float = 0.5,
+    minor_radius: float = 0.2,
+    major_sections: int = 32,
+    minor_sections: int = 16,
+    center: Sequence[float] = (0.0, 0.0, 0.0),
+    axis: Sequence[float] = (0.0, 0.0, 1.0),
+    axial_semi_axis: float | None = None,
+    name: str = "torus",
+) -> Template:
+    """A torus with ``major_sections * minor_sections`` vertices, in normalised ``(x, y, z)`` units.
+
+    Args:
+        major_radius: distance of the tube's centre line from the axis.
+        minor_radius: tube radius in the radial direction.
+        major_sections, minor_sections: vertices around the axis / around the tube (>= 3 each).
+        center: centre ``(x, y, z)``.
+        axis: direction ``(x, y, z)`` of the symmetry axis (through the hole).
+        axial_semi_axis: tube semi-axis along ``axis`` (elliptic cross-section); default
+            ``minor_radius`` (circular cross-section).
+        name: structure name.
+    """
+    if major_sections < 3 or minor_sections < 3:
+        raise ValueError("major_sections and minor_sections must be >= 3.")
+    axial = minor_radius if axial_semi_axis is None else axial_semi_axis
+    if not (0 < minor_radius < major_radius) or not axial > 0:
+        raise ValueError(
+            f"need 0 < minor_radius < major_radius and axial_semi_axis > 0, got "
+            f"minor_radius={minor_radius}, major_radius={major_radius}, axial_semi_axis={axial}."
+        )
+    v, f = _torus_arrays(major_radius, minor_radius, axial, int(major_sections), int(minor_sections))
+    ax = np.asarray(axis, dtype=np.float64)
+    if ax.shape != (3,) or not np.linalg.norm(ax) > 0:
+        raise ValueError(f"axis must be a nonzero 3-vector, got {axis}.")
+    v = v @ _frame_from_axis(ax).T + np.asarray(center, dtype=np.float64)
+    return Template(v, _orient_outward(v, f), name=name, genus=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Templates from training masks
+# ----------------------------------------------------------------------------------------------
+
+
+def _mean_mask(masks: Sequence[np.ndarray]) -> np.ndarray:
+    if len(masks) == 0:
+        raise ValueError("template_from_masks needs at least one mask.")
+    arrs = [np.asarray(m) != 0 for m in masks]
+    shape = arrs[0].shape
+    if len(shape) != 3:
+        raise ValueError(f"masks must be 3D (Z, Y, X) arrays, got shape {shape}.")
+    for k, a in enumerate(arrs):
+        if a.shape != shape:
+            raise ValueError(
+                f"all masks must have the same shape (crop/resample them to the patch first); mask 0 "
+                f"has {shape}, mask {k} has {a.shape}."
+            )
+    mean = np.mean(np.stack(arrs, 0).astype(np.float32), axis=0)
+    return mean >= 0.5
+
+
+def _shrink_wrap_sphere(mask: np.ndarray, subdivisions: int, name: str) -> np.ndarray:
+    """Icosphere vertices (index frame, (z, y, x)) on the 0.5 level of ``mask`` along centroid rays."""
+    pad = 2
+    m = np.pad(mask.astype(np.float32), pad)
+    centroid = np.argwhere(m > 0).mean(axis=0)  # (z, y, x) in the padded array
+    if ndimage.map_coordinates(m, centroid[:, None], order=1)[0] < 0.5:
+        raise ValueError(
+            f"template_from_masks({name!r}): the centroid of the mean mask lies outside it, so the "
+            "structure is not star-shaped from its centroid; a sphere template cannot be shrink-wrapped "
+            "onto it. Provide a template (sphere_template/Template) instead."
+        )
+    ico = trimesh.creation.icosphere(subdivisions=int(subdivisions), radius=1.0)
+    dirs_xyz = np.asarray(ico.vertices, dtype=np.float64)
+    dirs = dirs_xyz[:, ::-1]  # (z, y, x)
+    step = 0.1
+    max_len = float(np.linalg.norm(m.shape)) + 1.0
+    t = np.arange(0.0, max_len, step)
+    pts = centroid[None, None, :] + t[None, :, None] * dirs[:, None, :]  # (N, T, 3)
+    vals = ndimage.map_coordinates(m, pts.reshape(-1, 3).T, order=1, cval=0.0).reshape(len(dirs), len(t))
+    inside = vals >= 0.5
+    radii = np.empty(len(dirs))
+    for k in range(len(dirs)):
+        out_idx = np.flatnonzero(~inside[k])
+        if len(out_idx) == 0:  # cannot happen with padding, kept as a guard
+            raise ValueError(f"template_from_masks({name!r}): a ray from the centroid never leaves the mask.")
+        j = out_idx[0]
+        # linear interpolation of the 0.5 crossing between samples j-1 (inside) and j (outside)
+        v0, v1 = vals[k, j - 1], vals[k, j]
+        frac = (v0 - 0.5) / max(v0 - v1, 1e-12)
+        radii[k] = t[j - 1] + frac * step
+        # star-shapedness: the ray must not re-enter the mask more than ~1 voxel beyond the exit
+        reentry = np.flatnonzero(inside[k, j:])
+        if len(reentry) and t[j + reentry[-1]] - radii[k] > 1.0:
+            raise ValueError(
+                f"template_from_masks({name!r}): the mean mask is not star-shaped from its centroid "
+                f"(a ray leaves it at {radii[k]:.1f} voxels and re-enters up to "
+                f"{t[j + reentry[-1]]:.1f} voxels), so a sphere cannot be shrink-wrapped onto it. "
+                "Provide a template (sphere_template/Template) instead."
+            )
+    return centroid[None, :] + radii[:, None] * dirs - pad, np.asarray(ico.faces, dtype=np.int64)
+
+
+def _fit_torus(mask: np.ndarray, major_sections: int, minor_sections: int, name: str):
+    """Elliptic-section torus (index frame, (z, y, x)) fitted to ``mask`` by moments."""
+    pts = np.argwhere(mask).astype(np.float64)  # (N, 3) (z, y, x)
+    c = pts.mean(axis=0)
+    q = pts - c
+    _, vecs = np.linalg.eigh(q.T @ q / len(q))
+    # the axis is the principal direction whose line through the centroid crosses the hole
+    m = mask.astype(np.float32)
+    ext = float(np.linalg.norm(mask.shape))
+    t = np.arange(-ext, ext, 0.25)
+    crossings = []
+    for k in range(3):
+        line = c[None, :] + t[:, None] * vecs[:, k][None, :]
+        crossings.append(float((ndimage.map_coordinates(m, line.T, order=1, cval=0.0) >= 0.5).sum()))
+    axis = vecs[:, int(np.argmin(crossings))]
+    if min(crossings) > 0:
+        raise ValueError(
+            f"template_from_masks({name!r}): no principal axis through the centroid passes through the "
+            "hole of the genus-1 mean mask, so a torus cannot be fitted by moments. Provide a template "
+            "(torus_template/Template) instead."
+        )
+    h = q @ axis
+    radial = np.linalg.norm(q - h[:, None] * axis[None, :], axis=1)
+    R = radial.mean()
+    a_r = 2.0 * radial.std()
+    a_h = 2.0 * h.std()
+    # match the mean mask's volume (voxel count): Pappus, V = 2 pi R * pi a_r a_h
+    scale = np.sqrt(len(pts) / (2 * np.pi * R * np.pi * a_r * a_h))
+    a_r, a_h = a_r * scale, a_h * scale
+    if not (0 < a_r < R):  # checked again after the polygon correction below
+        raise ValueError(
+            f"template_from_masks({name!r}): the fitted torus is degenerate (tube radius {a_r:.2f} "
+            f">= major radius {R:.2f} voxels). Provide a template (torus_template/Template) instead."
+        )
+    target = float(len(pts))
+    for _ in range(3):  # the polygonal torus is smaller than the smooth one: rescale the cross-section
+        v, f = _torus_arrays(R, a_r, a_h, int(major_sections), int(minor_sections))  # local frame, axis = 3rd
+        k = np.sqrt(target / abs(signed_volume(v, f)))
+        a_r, a_h = a_r * k, a_h * k
+        if not a_r < R:
+            break
+    v, f = _torus_arrays(R, a_r, a_h, int(major_sections), int(minor_sections))
+    if not (0 < a_r < R):
+        raise ValueError(
+            f"template_from_masks({name!r}): the fitted torus is degenerate (tube radius {a_r:.2f} "
+            f">= major radius {R:.2f} voxels). Provide a template (torus_template/Template) instead."
+        )
+    frame = _frame_from_axis(axis)  # columns in (z, y, x) coordinates
+    return v @ frame.T + c, f
+
+
+def template_from_masks(
+    masks: Sequence[np.ndarray],
+    subdivisions: int = 3,
+    name: str = "structure",
+    torus_sections: tuple[int, int] = (32, 16),
+) -> Template:
+    """A genus-correct template with a fixed vertex count from the training masks of one structure.
+
+    Args:
+        masks: ``(Z, Y, X)`` arrays of equal shape (nonzero = structure), already cropped/resampled
+            to the patch the network sees.
+        subdivisions: icosphere level for genus 0 (``10 * 4**subdivisions + 2`` vertices).
+        name: structure name, stored in the template.
+        torus_sections: ``(major, minor)`` sections for genus 1 (``major * minor`` vertices).
+
+    Returns:
+        A :class:`Template` in the normalised ``(x, y, z)`` frame of a patch of shape ``(Z, Y, X)``.
+
+    Raises:
+        ValueError: empty or ill-shaped masks; mean mask not one component, with a cavity, or of
+            genus > 1; a genus-0 mean mask that is not star-shaped from its centroid; a genus-1 mean
+            mask to which no torus can be fitted.
+    """
+    mean = _mean_mask(masks)
+    if not mean.any():
+        raise ValueError(f"template_from_masks({name!r}): the mean mask (mean >= 0.5) is empty.")
+    b0, b1, b2 = betti_numbers_3d(mean)
+    if b0 != 1 or b2 != 0 or b1 > 1:
+        raise ValueError(
+            f"template_from_masks({name!r}): the mean mask has Betti numbers (b0, b1, b2) = "
+            f"({b0}, {b1}, {b2}); supported are (1, 0, 0) (sphere template) and (1, 1, 0) (torus "
+            "template). Check the structure's label ids, or provide a template."
+        )
+    if b1 == 0:
+        v_zyx, f = _shrink_wrap_sphere(mean, subdivisions, name)
+    else:
+        v_zyx, f = _fit_torus(mean, torus_sections[0], torus_sections[1], name)
+    v = index_to_normalized(v_zyx, mean.shape)
+    return Template(v, _orient_outward(v, f), name=name, genus=int(b1))
