@@ -89,9 +89,6 @@ def main() -> None:
             if args.big_chunks_only and n == max(args.points) and len(args.points) > 1:
                 chunks = [DEFAULT_CHUNK_SIZE]
             for cs in chunks:
-                # warm-up on a slice (allocator, kernels) without paying a full CPU run
-                winding_number(pts[: min(n, 2000)], verts, faces, method=method, chunk_size=cs)
-
                 def forward():
                     with torch.no_grad():
                         winding_number(pts, verts, faces, method=method, chunk_size=cs)
@@ -100,6 +97,13 @@ def main() -> None:
                     v = verts.clone().requires_grad_()
                     winding_number(pts, v, faces, method=method, chunk_size=cs).sum().backward()
 
+                # Warm-up with blocks of the timed shape (allocator, page faults, kernels) on a slice of the
+                # points, so that a CPU run of 100k points is not paid twice.
+                per_block = max(1, cs // k)
+                warm = pts[: min(n, 2 * per_block)]
+                for _ in range(2):
+                    v = verts.clone().requires_grad_()
+                    winding_number(warm, v, faces, method=method, chunk_size=cs).sum().backward()
                 for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)

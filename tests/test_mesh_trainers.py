@@ -1,0 +1,232 @@
+"""The mesh trainers (nnUNetTrainerMesh / TPM / TPM_lambda1 / MIE) with real nnU-Net objects, without the CLI.
+
+A tiny synthetic ACDC-like dataset is planned and preprocessed with nnUNetv2_plan_and_preprocess; the trainers
+are built as nnUNetv2_train builds them (``get_trainer_from_args``, device cpu), initialised, and run for two
+``train_step``s on real batches. The checkpoint is loaded as nnUNetv2_predict loads it (nnUNetPredictor from the
+model folder: trainer lookup by name, ``build_network_architecture`` from the saved plans.json with deep
+supervision off, strict ``load_state_dict``). The full nnUNetv2_train run is the integration test's job.
+"""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import nnunet_cli, run_cli
+
+pytestmark = pytest.mark.slow
+
+DATASET_ID = 992
+PLANS_BIG = "nnUNetPlansMeshTest"  # the default plans with a patch that covers every preprocessed case
+#: fewer occupancy query points than the defaults, to keep this module within ~3 min on 2 CPU cores
+FEW_POINTS = dict(occ_num_uniform=128, occ_num_surface=128, max_critical_points=128, mie_num_points=256)
+TRAINERS = ["nnUNetTrainerMesh", "nnUNetTrainerTPM", "nnUNetTrainerTPM_lambda1", "nnUNetTrainerMIE"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from nnunet_topo.trainers import TRAINER_DIR
+
+    root = tmp_path_factory.mktemp("mesh_trainers")
+    e = {k: str(root / d) for k, d in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "pre"),
+                                        ("nnUNet_results", "res"))}
+    for p in e.values():
+        os.makedirs(p)
+    e["nnUNet_extTrainer"] = TRAINER_DIR
+    e["nnUNet_n_proc_DA"] = "0"  # single-threaded augmentation: no background workers left behind
+    e["nnUNet_compile"] = "f"
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in e.items():
+            mp.setenv(k, v)
+        yield dict(os.environ)
+
+
+@pytest.fixture(scope="module")
+def pre(env):
+    """Preprocessed folder of the synthetic dataset, plus a plans file whose patch covers every case."""
+    from nnunet_topo.synthetic import write_dataset
+
+    write_dataset(env["nnUNet_raw"], DATASET_ID, "acdc", num_training=6, num_test=0, shape=(8, 40, 40))
+    plan_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}  # the planner needs >= 1 thread
+    run_cli([nnunet_cli("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1",
+             "-npfp", "1"], plan_env)
+    folder = next(p for p in os.scandir(env["nnUNet_preprocessed"]) if p.name.startswith(f"Dataset{DATASET_ID}_"))
+    plans = json.load(open(os.path.join(folder.path, "nnUNetPlans.json")))
+    plans["plans_name"] = PLANS_BIG
+    # the planned patch (10, 40, 40) is smaller than some resampled cases (up to 11 x 42 x 42); same data identifier
+    plans["configurations"]["3d_fullres"]["patch_size"] = [12, 48, 48]
+    with open(os.path.join(folder.path, PLANS_BIG + ".json"), "w") as f:
+        json.dump(plans, f)
+    return folder.path
+
+
+def _trainer(name, plans=PLANS_BIG, **attrs):
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    tr = get_trainer_from_args(str(DATASET_ID), "3d_fullres", 0, name, plans, device=torch.device("cpu"))
+    for k, v in attrs.items():
+        setattr(tr, k, v)
+    return tr
+
+
+def _load(folder, name):
+    with open(os.path.join(folder, name)) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_trainers_are_found_by_nnunet(env, name):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    cls = recursive_find_trainer_class_by_name(name)
+    assert cls.__name__ == name and issubclass(cls, nnUNetTrainer)
+
+
+def test_class_attributes_of_the_variants(env):
+    from nnunet_topo.trainers.nnUNetTrainerMesh import (nnUNetTrainerMIE, nnUNetTrainerMesh, nnUNetTrainerTPM,
+                                                         nnUNetTrainerTPM_lambda1)
+
+    assert nnUNetTrainerMesh.lambda_tp == 0 and nnUNetTrainerTPM.lambda_tp == 0.5
+    assert nnUNetTrainerTPM_lambda1.lambda_tp == 1.0 and nnUNetTrainerMIE.mie_rho == 0.2
+    assert nnUNetTrainerMesh.occupancy_method == "dipole"
+
+
+@pytest.mark.parametrize("name, terms", [
+    ("nnUNetTrainerMesh", ("occ", "laplacian", "edge")),
+    ("nnUNetTrainerTPM", ("occ", "tpm", "laplacian", "edge")),
+    ("nnUNetTrainerMIE", ("mie", "laplacian")),
+])
+def test_two_train_steps_log_finite_terms_and_checkpoint_loads_like_predict(pre, env, name, terms):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_topo.trainers.nnUNetTrainerMesh import TEMPLATES_KEY
+
+    tr = _trainer(name, tpm_warmup_epochs=0, num_epochs=1, **FEW_POINTS)
+    assert tuple(tr.topology_term_names()) == terms
+    tr.initialize()
+    tr.on_train_start()
+    assert not tr._do_i_compile()
+    # the templates went into the model folder's plans.json (written by nnU-Net's on_train_start)
+    saved = _load(tr.output_folder_base, "plans.json")["configurations"]["3d_fullres"][TEMPLATES_KEY]
+    assert [t["name"] for t in saved] == ["LV_endo", "LV_epi", "RV"]
+
+    tr.on_epoch_start()
+    tr.on_train_epoch_start()
+    before = [p.detach().clone() for p in tr.network.mesh_head.parameters()]
+    outs = [tr.train_step(next(tr.dataloader_train)) for _ in range(2)]
+    for o in outs:
+        assert np.isfinite(o["loss"])
+        for t in terms:
+            assert math.isfinite(o[f"train_{t}"]), (t, o)
+        assert o[f"train_{terms[0]}"] > 0  # an occupancy BCE
+    # the head is trained by the mesh terms
+    assert any(not torch.equal(b, p) for b, p in zip(before, tr.network.mesh_head.parameters()))
+    tr.on_train_epoch_end(outs)
+    tr.on_validation_epoch_start()
+    val = [tr.validation_step(next(tr.dataloader_val))]
+    assert all(math.isnan(val[0][f"val_{t}"]) for t in terms)  # the head does not run in eval mode
+    assert np.isfinite(val[0]["loss"])
+    tr.on_validation_epoch_end(val)
+    tr.on_epoch_end()
+    log = tr.logger.local_logger.my_fantastic_logging
+    for t in terms:
+        assert len(log[f"train_{t}"]) == 1 and math.isfinite(log[f"train_{t}"][0])
+        assert len(log[f"val_{t}"]) == 1 and math.isnan(log[f"val_{t}"][0])
+
+    # forward is exactly the bare network's output; the head runs (and caches) only in training mode
+    net = tr.network
+    x = torch.randn(1, 1, *tr.configuration_manager.patch_size)
+    with torch.no_grad():
+        net.train()
+        seg = net(x)
+        assert net.last_meshes is not None and len(net.last_meshes) == 3
+        assert net.last_meshes[0].shape == (1, 642, 3)
+        bare = net.network(x)
+        assert isinstance(seg, list) and all(torch.equal(a, b) for a, b in zip(seg, bare))
+        net.eval()
+        seg = net(x)
+        assert net.last_meshes is None
+        assert all(torch.equal(a, b) for a, b in zip(seg, net.network(x)))
+        ref = seg[0]
+
+    # checkpoint -> nnUNetPredictor (what nnUNetv2_predict does): lookup by name, DS off, strict load
+    tr.save_checkpoint(os.path.join(tr.output_folder, "checkpoint_final.pth"))
+    predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False)
+    predictor.initialize_from_trained_model_folder(tr.output_folder_base, use_folds=(0,),
+                                                   checkpoint_name="checkpoint_final.pth")
+    pnet = predictor.network
+    assert type(pnet).__name__ == "MeshCachingNetwork" and not pnet.decoder.deep_supervision
+    pnet.load_state_dict(predictor.list_of_parameters[0], strict=True)
+    pnet.eval()
+    with torch.no_grad():
+        out = pnet(x)
+    assert isinstance(out, torch.Tensor) and torch.allclose(out, ref, atol=1e-5)
+    assert pnet.templates() == tr.network.templates()
+
+
+def test_tpm_warmup_switches_lambda_on(pre, env):
+    tr = _trainer("nnUNetTrainerTPM_lambda1", tpm_warmup_epochs=1, **FEW_POINTS)
+    tr.initialize()
+    tr.on_train_epoch_start()
+    assert tr.loss.weights["tpm"] == 0.0 and not tr.tpm_active()
+    assert math.isnan(tr._pop_term_values("train")["train_tpm"])  # not computed during the warm-up: NaN, not 0
+    tr.current_epoch = 1
+    tr.on_train_epoch_start()
+    assert tr.loss.weights["tpm"] == 1.0 and tr.tpm_active()
+    # default warm-up: 10 % of num_epochs
+    tr.tpm_warmup_epochs = None
+    tr.num_epochs = 50
+    assert tr.warmup_epochs() == 5
+
+
+def test_templates_are_reused_not_recomputed(pre, env):
+    from nnunet_topo.mesh_head.templates import Template
+    from nnunet_topo.trainers.nnUNetTrainerMesh import TEMPLATES_KEY
+
+    tr = _trainer("nnUNetTrainerMesh")
+    conf = tr.plans_manager.plans["configurations"]["3d_fullres"]
+    assert conf[TEMPLATES_KEY] == tr.configuration_manager.configuration[TEMPLATES_KEY]
+    first = [Template.from_dict(d) for d in conf[TEMPLATES_KEY]]
+    assert [t.name for t in first] == ["LV_endo", "LV_epi", "RV"] and all(t.genus == 0 for t in first)
+    # a marker template in the model folder's plans.json (a run being continued) wins over recomputation
+    os.makedirs(tr.output_folder_base, exist_ok=True)
+    plans = json.loads(json.dumps(tr.plans_manager.plans))
+    marked = [dict(d, vertices=(np.asarray(d["vertices"]) * 0.5).tolist()) for d in conf[TEMPLATES_KEY]]
+    plans["configurations"]["3d_fullres"][TEMPLATES_KEY] = marked
+    path = os.path.join(tr.output_folder_base, "plans.json")
+    with open(path, "w") as f:
+        json.dump(plans, f)
+    try:
+        again = _trainer("nnUNetTrainerMesh")
+        assert again.mesh_templates == [Template.from_dict(d) for d in marked]
+    finally:
+        os.remove(path)
+
+
+def test_build_network_architecture_without_templates_is_a_clear_error(pre, env):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_topo.trainers.nnUNetTrainerMesh import nnUNetTrainerMesh
+
+    cm = PlansManager(_load(pre, PLANS_BIG + ".json")).get_configuration("3d_fullres")
+    with pytest.raises(RuntimeError, match="nnunet_topo_mesh_templates"):
+        nnUNetTrainerMesh.build_network_architecture(PlansManager(_load(pre, PLANS_BIG + ".json")), cm, 1, 4, False)
+
+
+def test_patch_smaller_than_a_case_is_a_clear_error(pre, env):
+    with pytest.raises(RuntimeError, match=r"patch size .*\[10, 40, 40\].*3d_lowres"):
+        _trainer("nnUNetTrainerMesh", plans="nnUNetPlans")
+
+
+def test_missing_mesh_structures_is_a_clear_error(pre, env):
+    from nnunet_topo.rules import TopologySpecError
+    from nnunet_topo.trainers.nnUNetTrainerMesh import nnUNetTrainerMesh
+
+    plans = _load(pre, PLANS_BIG + ".json")
+    dj = _load(pre, "dataset.json")
+    del dj["topology"]["mesh_structures"]
+    with pytest.raises(TopologySpecError, match="mesh_structures"):
+        nnUNetTrainerMesh(dict(plans, continue_training=False), "3d_fullres", 0, dj, torch.device("cpu"))
