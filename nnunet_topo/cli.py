@@ -114,11 +114,15 @@ def evaluate_folder_entry(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("-np", type=int, default=1, help="number of processes (default 1)")
     parser.add_argument("--chill", action="store_true",
                         help="do not fail if pred_folder lacks some cases of gt_folder")
+    parser.add_argument("--mesh_folder", default=None,
+                        help="folder with predicted meshes (meshes.json / CASE_<structure>.<ext> from "
+                             "nnUNetv2_topo_predict_meshes); adds mesh Dice, Chamfer, HD95, smoothness and mesh TVS")
     args = parser.parse_args(argv)
     try:
         summary = compute_topology_metrics_on_folder(args.gt_folder, args.pred_folder, args.djfile, args.pfile,
-                                                     output_file=args.o, num_processes=args.np, chill=args.chill)
-    except (TopologySpecError, EvaluationError) as e:
+                                                     output_file=args.o, num_processes=args.np, chill=args.chill,
+                                                     mesh_folder=args.mesh_folder)
+    except (TopologySpecError, EvaluationError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     print(format_table(summary))
     print(f"wrote {args.o or os.path.join(args.pred_folder, 'summary_topology.json')}")

@@ -247,12 +247,14 @@ def compute_topology_metrics_on_folder(folder_ref: str, folder_pred: str,
                                        num_processes: int = 1,
                                        chill: bool = False,
                                        spec: Optional[TopologySpec] = None,
-                                       show_progress: bool = True) -> dict:
+                                       show_progress: bool = True,
+                                       mesh_folder: Optional[str] = None) -> dict:
     """Evaluate every prediction in ``folder_pred`` against the file of the same name in ``folder_ref``.
 
     Same inputs as nnU-Net's ``compute_metrics_on_folder2`` (``nnUNetv2_evaluate_folder``). Writes
     ``output_file`` (default ``folder_pred/summary_topology.json``; nnU-Net's ``summary.json`` is never
-    touched) and returns the summary dict.
+    touched) and returns the summary dict. With ``mesh_folder`` (the output of ``nnUNetv2_topo_predict_meshes``), mesh
+    Dice, Chamfer, HD95, smoothness and mesh TVS are added (:mod:`nnunet_topo.mesh_evaluation`).
 
     Raises:
         EvaluationError: a folder or file is missing, a reference is missing for a prediction, a reference has
@@ -308,6 +310,11 @@ def compute_topology_metrics_on_folder(folder_ref: str, folder_pred: str,
 
     summary = {"metric_per_case": cases, **aggregate(cases, spec, label_ids),
                "rules": [r.name for r in spec.rules], "label_names": {str(v): k for k, v in spec.labels.items()}}
+    if mesh_folder is not None:
+        from nnunet_topo.mesh_evaluation import evaluate_mesh_folder, merge_mesh_summary
+        mesh_summary = evaluate_mesh_folder(folder_ref, mesh_folder, dataset_json, spec=spec, chill=chill,
+                                            show_progress=show_progress)
+        summary = merge_mesh_summary(summary, mesh_summary)
     summary = _to_builtin(summary)
     if output_file is None:
         output_file = os.path.join(folder_pred, "summary_topology.json")
@@ -334,6 +341,17 @@ def format_table(summary: dict) -> str:
     for r, v in t["TVS_per_rule"].items():
         lines.append(f"  {r:<45} TVS {v if v is not None else float('nan'):.5f}  VR {t['VR_per_rule'][r]:.3f}  "
                      f"SVR {t['SVR_per_rule'][r] if t['SVR_per_rule'][r] is not None else float('nan'):.3f}")
+    if "mesh_mean" in summary:
+        lines.append("")
+        lines.append(f"{'mesh':<12}{'Dice':>8}{'Chamfer':>9}{'HD95mm':>9}{'Laplacian':>11}")
+        for name, m in summary["mesh_mean"].items():
+            def g(k, w=9, p=3):
+                v = m.get(k)
+                return f"{'nan':>{w}}" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:>{w}.{p}f}"
+            lines.append(f"{name:<12}{g('Dice', 8)}{g('Chamfer_mm')}{g('HD95_mm')}{g('laplacian_energy_mm2', 11)}")
+        mt = summary.get("mesh_topology_mean", {})
+        tvs = mt.get("TVS")
+        lines.append(f"mesh TVS {tvs if tvs is not None else float('nan'):.5f}")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ DATASET_ID = 991
 # Short-run subclasses, written to a second nnUNet_extTrainer folder (test glue only). Each runs 2 iterations per
 # epoch; the epoch count comes from SMOKE_EPOCHS so that a test can stop after one epoch and resume with --c.
 SMOKE_BASES = {"nnUNetTrainerProjPool": "nnUNetTrainerProjPool", "nnUNetTrainerBetti": "nnUNetTrainerBetti",
-               "nnUNetTrainerBettiSemi": "nnUNetTrainerBetti"}
+               "nnUNetTrainerBettiSemi": "nnUNetTrainerBetti", "nnUNetTrainerTPM": "nnUNetTrainerMesh"}
 SMOKE_TRAINERS = "import os\nimport torch\n" + "".join(
     f"from nnunet_topo.trainers.{module} import {base}\n" for base, module in SMOKE_BASES.items()) + "".join(
     textwrap.dedent(f'''
@@ -33,6 +33,10 @@ SMOKE_TRAINERS = "import os\nimport torch\n" + "".join(
             self.num_epochs = int(os.environ.get("SMOKE_EPOCHS", "1"))
             self.num_iterations_per_epoch = 2
             self.num_val_iterations_per_epoch = 1
+            # fewer occupancy query points keep a CPU iteration of the mesh trainers short
+            for k, v in dict(occ_num_uniform=128, occ_num_surface=128, max_critical_points=128).items():
+                if hasattr(self, k):
+                    setattr(self, k, v)
     ''') for base in SMOKE_BASES)
 
 
@@ -174,3 +178,42 @@ def test_semi_supervised_betti_trainer(dataset, env, nnunet_dirs):
     assert len(list((pre / "nnUNetPlans_3d_fullres_unlabelled").glob("unl_*.npy"))) == 2
     log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
     assert "semi-supervised priors: 2 unlabelled case(s)" in log
+
+
+def test_tpm_trainer_meshes_end_to_end(dataset, env, nnunet_dirs):
+    """nnUNetTrainerTPM through nnUNetv2_train (plans whose patch covers the volume), nnUNetv2_predict,
+    nnUNetv2_topo_predict_meshes (closed meshes in patient coordinates) and the evaluator with --mesh_folder."""
+    import trimesh
+
+    run_cli([nnunet_cli("nnUNetv2_topo_plan_whole_volume"), "-d", str(DATASET_ID), "-c", "3d_fullres",
+             "--overwrite"], env)
+    trainer = "nnUNetTrainerTPM_smoke"
+    run_cli([nnunet_cli("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-p",
+             "nnUNetPlansWholeVolume", "-device", "cpu"], env)
+    out = next((nnunet_dirs["results"]).glob(f"Dataset{DATASET_ID}_*")) / \
+        f"{trainer}__nnUNetPlansWholeVolume__3d_fullres" / "fold_0"
+    logged = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
+    assert len(logged["train_occ"]) == 1 and logged["train_occ"][0] > 0
+
+    pred = nnunet_dirs["results"] / "pred_tpm"
+    common = ["-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", trainer, "-p", "nnUNetPlansWholeVolume", "-f", "0",
+              "-device", "cpu"]
+    run_cli([nnunet_cli("nnUNetv2_predict"), "-i", str(dataset / "imagesTs"), "-o", str(pred), "--disable_tta",
+             "-npp", "1", "-nps", "1"] + common, env)
+    meshes = nnunet_dirs["results"] / "meshes_tpm"
+    run_cli([nnunet_cli("nnUNetv2_topo_predict_meshes"), "-i", str(dataset / "imagesTs"), "-o", str(meshes),
+             "--format", "vtk"] + common, env)
+    files = sorted(meshes.glob("*.vtk"))
+    assert len(files) == 2 * 3  # 2 cases x (LV_endo, LV_epi, RV)
+    from nnunet_topo.meshes import read_mesh
+    for f in files:
+        m = read_mesh(f)
+        assert isinstance(m, trimesh.Trimesh) and m.is_watertight and m.volume > 0
+
+    plans = next((nnunet_dirs["preprocessed"]).glob(f"Dataset{DATASET_ID}_*")) / "nnUNetPlansWholeVolume.json"
+    proc = run_cli([nnunet_cli("nnUNetv2_topo_evaluate_folder"), str(dataset / "labelsTs"), str(pred),
+                    "-djfile", str(dataset / "dataset.json"), "-pfile", str(plans), "--mesh_folder", str(meshes)], env)
+    summary = json.loads((pred / "summary_topology.json").read_text())
+    assert "mesh_topology_mean" in summary and "mesh_mean" in summary
+    assert set(summary["mesh_mean"]) == {"LV_endo", "LV_epi", "RV"}
+    assert "mesh TVS" in proc.stdout

@@ -1,0 +1,360 @@
+"""Evaluation of predicted surface meshes against reference label maps (DESIGN §5 on meshes).
+
+Per mesh structure (the dataset's ``mesh_structures``):
+
+* **mesh Dice**: the predicted mesh is voxelised on the reference grid by occupancy (exact generalised winding
+  number, :func:`nnunet_topo.occupancy.winding_number`, at every voxel centre mapped to world; inside = ``w > 0.5``)
+  and compared with ``isin(reference, structure label ids)``;
+* **Chamfer** and **HD95** in mm against the reference surface ``meshes.mesh_from_mask(reference structure,
+  geometry)`` (:mod:`nnunet_topo.metrics.mesh`: area-uniform samples, exact point-to-triangle distances);
+* **Laplacian smoothness energy** (mm²) and enclosed **volume** (mm³) of the predicted mesh.
+
+**Mesh TVS** (TPM, C. Zhang et al., arXiv:2503.07874, Eq. 13) on the same occupancy grids::
+
+    TVS = ( sum_{exclusion (A, B)} |occ(A) & occ(B)| + sum_{inclusion (I in O | M)} |occ(I) & ~(occ(O) | occ(M))| )
+          * voxel volume / reference foreground volume
+
+A rule is evaluated when its structures are mesh structures with a predicted mesh (matched by their label-id
+sets); other rules are skipped and listed with the reason. ``may_touch`` joins the outer mesh only if it has a
+mesh itself (otherwise the rule is evaluated without it and this is noted). 2d-mode rules are evaluated in 3D
+here: an overlap of two closed surfaces is a volume whatever the slice axis.
+
+Everything is in world coordinates (mm, ITK/LPS); the reference's geometry comes from nnU-Net's reader
+(:meth:`ImageGeometry.from_nnunet_properties`). nnU-Net glue only in :func:`evaluate_mesh_folder`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import trimesh
+
+from nnunet_topo.meshes import SUPPORTED_MESH_EXTENSIONS, ImageGeometry, MeshBuildError, index_to_world, \
+    mesh_from_mask, read_mesh, world_to_index
+from nnunet_topo.metrics.mesh import laplacian_smoothness_energy, mesh_volume, surface_distances_mesh
+from nnunet_topo.occupancy import winding_number
+from nnunet_topo.rules import ExclusionRule, InclusionRule, TopologySpec
+
+__all__ = [
+    "MeshEvaluationError",
+    "voxelize_mesh",
+    "evaluate_mesh_case",
+    "evaluate_mesh_folder",
+    "aggregate_mesh_cases",
+    "merge_mesh_summary",
+]
+
+# (point, face) pairs per winding-number block: ~100 bytes each in float64 forward -> ~0.4 GB
+_CHUNK = 2 ** 22
+
+
+class MeshEvaluationError(ValueError):
+    """Bad input to the mesh evaluator (missing mesh files, unknown structures, broken meshes)."""
+
+
+def voxelize_mesh(mesh: trimesh.Trimesh, shape_zyx: Sequence[int], geometry: ImageGeometry,
+                  chunk_size: int = _CHUNK) -> np.ndarray:
+    """Boolean ``(Z, Y, X)`` occupancy of a closed world-space mesh on an image grid.
+
+    A voxel is inside when the exact generalised winding number of the mesh at its centre (mapped to world with
+    ``geometry``) exceeds 0.5. Only voxels in the mesh's bounding box (in index space, plus one voxel) are
+    evaluated; the rest are outside. Cost: (voxels in the box) x (faces) solid angles, float64, CPU.
+    """
+    shape = tuple(int(s) for s in shape_zyx)
+    out = np.zeros(shape, dtype=bool)
+    v = np.asarray(mesh.vertices, dtype=np.float64)
+    f = np.asarray(mesh.faces, dtype=np.int64)
+    if len(v) == 0 or len(f) == 0:
+        return out
+    idx = world_to_index(v, geometry)
+    lo = np.maximum(np.floor(idx.min(0)).astype(int) - 1, 0)
+    hi = np.minimum(np.ceil(idx.max(0)).astype(int) + 1, np.array(shape) - 1)
+    if np.any(hi < lo):
+        return out  # the mesh lies outside the image
+    grids = np.meshgrid(*[np.arange(a, b + 1) for a, b in zip(lo, hi)], indexing="ij")
+    centres = np.stack([g.ravel() for g in grids], axis=1).astype(np.float64)
+    world = index_to_world(centres, geometry)
+    w = winding_number(torch.from_numpy(world), torch.from_numpy(v), torch.from_numpy(f),
+                       chunk_size=chunk_size).numpy()
+    box = tuple(slice(a, b + 1) for a, b in zip(lo, hi))
+    out[box] = (w > 0.5).reshape(grids[0].shape)
+    return out
+
+
+def _mesh_name_for(structure, available: Mapping[frozenset, str]) -> Optional[str]:
+    return available.get(frozenset(int(i) for i in structure.label_ids))
+
+
+def evaluate_mesh_case(ref_label_map: np.ndarray, geometry: ImageGeometry,
+                       predicted_meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec,
+                       num_samples: int = 20000, seed: int = 0) -> dict:
+    """Mesh metrics and mesh TVS of one case.
+
+    Args:
+        ref_label_map: ``(Z, Y, X)`` integer reference label map.
+        geometry: its geometry (world mm).
+        predicted_meshes: ``{mesh structure name: closed world-space trimesh}``; names must be keys of
+            ``spec.mesh_structures``.
+        spec: the dataset's topology spec (``mesh_structures`` and ``rules``).
+        num_samples, seed: surface samples per mesh for Chamfer/HD95 (:mod:`nnunet_topo.metrics.mesh`).
+
+    Returns:
+        ``{"mesh_metrics": {structure: {"Dice", "Chamfer_mm", "HD95_mm", "laplacian_energy_mm2", "volume_mm3",
+        "volume_ref_mm3", "n_inside", "n_ref"}}, "mesh_topology": {"TVS", "TVS_per_rule", "violating_volume_mm3",
+        "reference_foreground_mm3", "evaluated_rules", "skipped_rules", "notes", "missing_structures"}}``
+        (plain Python numbers; NaN where undefined).
+
+    Raises:
+        MeshEvaluationError: a mesh name that is not a mesh structure of the spec, or a non-3D reference.
+    """
+    ref = np.asarray(ref_label_map)
+    if ref.ndim != 3:
+        raise MeshEvaluationError(f"the reference must be a 3D (Z, Y, X) label map, got shape {ref.shape}")
+    unknown = [n for n in predicted_meshes if n not in spec.mesh_structures]
+    if unknown:
+        raise MeshEvaluationError(f"mesh(es) {unknown} are not mesh structures of the dataset; known: "
+                                  f"{sorted(spec.mesh_structures)} (dataset.json topology.mesh_structures)")
+    vv = geometry.voxel_volume
+    occ: Dict[str, np.ndarray] = {}
+    metrics: Dict[str, dict] = {}
+    for name, mesh in predicted_meshes.items():
+        ids = list(spec.mesh_structures[name].label_ids)
+        ref_mask = np.isin(ref, ids)
+        o = voxelize_mesh(mesh, ref.shape, geometry)
+        occ[name] = o
+        n_in, n_ref = int(o.sum()), int(ref_mask.sum())
+        inter = int(np.count_nonzero(o & ref_mask))
+        m: Dict[str, Any] = {"Dice": (2 * inter / (n_in + n_ref)) if n_in + n_ref > 0 else math.nan,
+                             "n_inside": n_in, "n_ref": n_ref, "volume_ref_mm3": n_ref * vv}
+        if n_ref > 0:
+            ref_mesh = mesh_from_mask(ref_mask, geometry)
+            d_ab, d_ba = surface_distances_mesh(mesh, ref_mesh, num_samples, seed)
+            if len(d_ab) and len(d_ba):
+                m["Chamfer_mm"] = float((np.mean(d_ab) + np.mean(d_ba)) / 2)
+                m["HD95_mm"] = float(max(np.percentile(d_ab, 95), np.percentile(d_ba, 95)))
+            else:
+                m["Chamfer_mm"] = m["HD95_mm"] = math.nan
+        else:
+            m["Chamfer_mm"] = m["HD95_mm"] = math.nan  # no reference surface
+        m["laplacian_energy_mm2"] = float(laplacian_smoothness_energy(np.asarray(mesh.vertices, np.float64),
+                                                                       np.asarray(mesh.faces, np.int64)))
+        m["volume_mm3"] = float(mesh_volume(mesh))
+        metrics[name] = m
+    missing = [n for n in spec.mesh_structures if n not in predicted_meshes]
+
+    available = {frozenset(int(i) for i in spec.mesh_structures[n].label_ids): n for n in predicted_meshes}
+    ref_fg_mm3 = int(np.count_nonzero(ref)) * vv
+    violating: Dict[str, float] = {}
+    skipped: Dict[str, str] = {}
+    notes: Dict[str, str] = {}
+    for rule in spec.rules:
+        if isinstance(rule, ExclusionRule):
+            a, b = _mesh_name_for(rule.a, available), _mesh_name_for(rule.b, available)
+            if a is None or b is None:
+                lack = [s.name for s, n in ((rule.a, a), (rule.b, b)) if n is None]
+                skipped[rule.name] = f"no predicted mesh for {lack}"
+                continue
+            violating[rule.name] = int(np.count_nonzero(occ[a] & occ[b])) * vv
+        elif isinstance(rule, InclusionRule):
+            inner, outer = _mesh_name_for(rule.inner, available), _mesh_name_for(rule.outer, available)
+            if inner is None or outer is None:
+                lack = [s.name for s, n in ((rule.inner, inner), (rule.outer, outer)) if n is None]
+                skipped[rule.name] = f"no predicted mesh for {lack}"
+                continue
+            allowed = occ[outer].copy()
+            if rule.may_touch is not None:
+                mt = _mesh_name_for(rule.may_touch, available)
+                if mt is None:
+                    notes[rule.name] = f"may_touch {rule.may_touch.name!r} has no mesh; evaluated without it"
+                else:
+                    allowed |= occ[mt]
+            violating[rule.name] = int(np.count_nonzero(occ[inner] & ~allowed)) * vv
+    tvs_per_rule = {r: (v / ref_fg_mm3 if ref_fg_mm3 > 0 else math.nan) for r, v in violating.items()}
+    tvs = (sum(violating.values()) / ref_fg_mm3) if (violating and ref_fg_mm3 > 0) else math.nan
+    topology = {"TVS": tvs, "TVS_per_rule": tvs_per_rule, "violating_volume_mm3": violating,
+                "reference_foreground_mm3": ref_fg_mm3, "evaluated_rules": list(violating),
+                "skipped_rules": skipped, "notes": notes, "missing_structures": missing}
+    return {"mesh_metrics": metrics, "mesh_topology": topology}
+
+
+# ----------------------------------------------------------------------------------------------------
+# folder
+# ----------------------------------------------------------------------------------------------------
+
+def _nanmean(values) -> float:
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def _mesh_files_from_json(mesh_folder: str, case_names: Sequence[str]) -> Dict[str, Dict[str, str]]:
+    with open(os.path.join(mesh_folder, "meshes.json")) as f:
+        listing = json.load(f)
+    cases = listing.get("cases")
+    if not isinstance(cases, dict):
+        raise MeshEvaluationError(f"{mesh_folder}/meshes.json has no 'cases' table (written by "
+                                  "nnUNetv2_topo_predict_meshes)")
+    out = {}
+    for case, entry in cases.items():
+        files = entry.get("files", entry) if isinstance(entry, dict) else None
+        if not isinstance(files, dict):
+            raise MeshEvaluationError(f"meshes.json: case {case!r} lists no files")
+        out[case] = {s: os.path.join(mesh_folder, fn) for s, fn in files.items()}
+    return out
+
+
+def _mesh_files_by_name(mesh_folder: str, case_names: Sequence[str], structures: Sequence[str]
+                        ) -> Dict[str, Dict[str, str]]:
+    present = set(os.listdir(mesh_folder))
+    out: Dict[str, Dict[str, str]] = {}
+    for case in case_names:
+        found = {}
+        for s in structures:
+            hits = [f"{case}_{s}{e}" for e in SUPPORTED_MESH_EXTENSIONS if f"{case}_{s}{e}" in present]
+            if len(hits) > 1:
+                raise MeshEvaluationError(f"case {case}, structure {s!r}: several mesh files {hits}; keep one")
+            if hits:
+                found[s] = os.path.join(mesh_folder, hits[0])
+        if found:
+            out[case] = found
+    return out
+
+
+def evaluate_mesh_folder(ref_folder: str, mesh_folder: str, dataset_json: Union[str, os.PathLike, dict],
+                         spec: Optional[TopologySpec] = None, num_samples: int = 20000, chill: bool = False,
+                         output_file: Optional[str] = None, show_progress: bool = True) -> dict:
+    """Evaluate the meshes of ``mesh_folder`` against the reference label maps of ``ref_folder``.
+
+    Mesh files are taken from ``mesh_folder/meshes.json`` (written by ``nnUNetv2_topo_predict_meshes``) or, without
+    it, found as ``CASE_<structure>.<ext>`` (``.vtk .vtp .ply .obj .stl``) for the reference cases ``CASE<file
+    ending>``. Every mesh structure of the spec must have a file for every evaluated case.
+
+    Returns (and writes to ``output_file`` if given, ``.json``)::
+
+        {"metric_per_case": [{"case", "reference_file", "mesh_files", "mesh_metrics", "mesh_topology"}],
+         "mesh_mean": {structure: {metric: NaN-ignoring mean}}, "mesh_foreground_mean": {metric: mean over
+         structures}, "mesh_topology_mean": {"TVS", "TVS_per_rule", "num_cases"}, "mesh_structures": [...]}
+
+    :func:`merge_mesh_summary` adds these to a ``summary_topology.json`` dict.
+
+    Raises:
+        MeshEvaluationError: folders missing, no mesh for any case, a listed or expected mesh file missing
+            (naming case and structure), reference cases without meshes (unless ``chill``), unreadable meshes.
+    """
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    from nnunet_topo.evaluation import _load_json, _to_builtin, spec_from_dataset_json
+
+    dataset_json = _load_json(dataset_json, "dataset.json")
+    for folder, what in ((ref_folder, "reference folder"), (mesh_folder, "mesh folder")):
+        if not os.path.isdir(folder):
+            raise MeshEvaluationError(f"{what} not found: {folder}")
+    if spec is None:
+        spec = spec_from_dataset_json(dataset_json)
+    structures = list(spec.mesh_structures)
+    if not structures:
+        raise MeshEvaluationError("the dataset's topology block defines no mesh_structures; nothing to evaluate")
+    file_ending = dataset_json["file_ending"]
+    ref_files = sorted(f for f in os.listdir(ref_folder) if f.endswith(file_ending))
+    if not ref_files:
+        raise MeshEvaluationError(f"no reference label maps ending in {file_ending!r} in {ref_folder}")
+    case_names = [f[: -len(file_ending)] for f in ref_files]
+    if os.path.isfile(os.path.join(mesh_folder, "meshes.json")):
+        files = _mesh_files_from_json(mesh_folder, case_names)
+        unknown = [c for c in files if c not in case_names]
+        if unknown:
+            raise MeshEvaluationError(f"meshes.json lists case(s) without a reference in {ref_folder}: {unknown[:10]}")
+    else:
+        files = _mesh_files_by_name(mesh_folder, case_names, structures)
+    if not files:
+        raise MeshEvaluationError(f"no mesh files CASE_<structure>.<ext> (structures {structures}) and no meshes.json "
+                                  f"in {mesh_folder}")
+    for case, fs in files.items():
+        for s in structures:
+            if s not in fs:
+                raise MeshEvaluationError(f"case {case}: no mesh file for structure {s!r} in {mesh_folder} "
+                                          f"(expected {case}_{s}.vtk or another of {SUPPORTED_MESH_EXTENSIONS})")
+            if not os.path.isfile(fs[s]):
+                raise MeshEvaluationError(f"case {case}, structure {s!r}: mesh file not found: {fs[s]}")
+    missing_cases = [c for c in case_names if c not in files]
+    if missing_cases and not chill:
+        raise MeshEvaluationError(f"{len(missing_cases)} reference case(s) have no meshes in {mesh_folder}: "
+                                  f"{missing_cases[:10]} (pass chill=True / --chill to evaluate only those predicted)")
+    rw = determine_reader_writer_from_dataset_json(dataset_json, os.path.join(ref_folder, ref_files[0]))()
+    it = [c for c in case_names if c in files]
+    if show_progress:
+        try:
+            from tqdm import tqdm
+            it = tqdm(it, desc="mesh evaluation")
+        except ImportError:  # pragma: no cover
+            pass
+    cases = []
+    for case in it:
+        ref_file = os.path.join(ref_folder, case + file_ending)
+        seg, props = rw.read_seg(ref_file)
+        seg = np.asarray(seg)
+        if seg.ndim == 4:
+            seg = seg[0]
+        geometry = ImageGeometry.from_nnunet_properties(props)
+        meshes = {}
+        for s in structures:
+            try:
+                meshes[s] = read_mesh(files[case][s])
+            except (ValueError, OSError) as e:
+                raise MeshEvaluationError(f"case {case}, structure {s!r}: cannot read {files[case][s]}: {e}") from e
+        try:
+            result = evaluate_mesh_case(seg, geometry, meshes, spec, num_samples=num_samples)
+        except MeshBuildError as e:
+            raise MeshEvaluationError(f"case {case}: {e}") from e
+        cases.append({"case": case, "reference_file": ref_file, "mesh_files": files[case], **result})
+    summary = {"metric_per_case": cases, **aggregate_mesh_cases(cases, spec), "mesh_structures": structures}
+    summary = _to_builtin(summary)
+    if output_file is not None:
+        if not output_file.endswith(".json"):
+            raise MeshEvaluationError(f"output_file must end with .json, got {output_file}")
+        with open(output_file, "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
+    return summary
+
+
+def aggregate_mesh_cases(cases: List[dict], spec: TopologySpec) -> dict:
+    """``mesh_mean`` (per structure), ``mesh_foreground_mean`` and ``mesh_topology_mean`` over cases."""
+    structures = list(spec.mesh_structures)
+    keys = ["Dice", "Chamfer_mm", "HD95_mm", "laplacian_energy_mm2", "volume_mm3", "volume_ref_mm3"]
+    mean = {s: {k: _nanmean(c["mesh_metrics"][s][k] for c in cases if s in c["mesh_metrics"]) for k in keys}
+            for s in structures}
+    fg = {k: _nanmean(mean[s][k] for s in structures) for k in keys}
+    rules = sorted({r for c in cases for r in c["mesh_topology"]["TVS_per_rule"]})
+    topo = {"num_cases": len(cases), "TVS": _nanmean(c["mesh_topology"]["TVS"] for c in cases),
+            "TVS_per_rule": {r: _nanmean(c["mesh_topology"]["TVS_per_rule"].get(r) for c in cases) for r in rules}}
+    return {"mesh_mean": mean, "mesh_foreground_mean": fg, "mesh_topology_mean": topo}
+
+
+def merge_mesh_summary(summary: dict, mesh_summary: dict) -> dict:
+    """Add a :func:`evaluate_mesh_folder` result to a ``summary_topology.json`` dict (in place; returned).
+
+    Each entry of ``summary["metric_per_case"]`` whose reference file has the case's name gets ``mesh_metrics``
+    and ``mesh_topology``; the top level gets ``mesh_mean``, ``mesh_foreground_mean``, ``mesh_topology_mean``
+    and ``mesh_structures``. Cases evaluated on meshes but absent from ``summary`` are listed under
+    ``mesh_only_cases`` (with their full entries).
+    """
+    by_case = {c["case"]: c for c in mesh_summary["metric_per_case"]}
+    used = set()
+    for entry in summary.get("metric_per_case", []):
+        ref = os.path.basename(entry.get("reference_file", ""))
+        for case, c in by_case.items():
+            if ref.startswith(case) and case not in used and ref[len(case):].startswith("."):
+                entry["mesh_metrics"] = c["mesh_metrics"]
+                entry["mesh_topology"] = c["mesh_topology"]
+                entry["mesh_files"] = c["mesh_files"]
+                used.add(case)
+                break
+    for k in ("mesh_mean", "mesh_foreground_mean", "mesh_topology_mean", "mesh_structures"):
+        summary[k] = mesh_summary[k]
+    extra = [c for case, c in by_case.items() if case not in used]
+    if extra:
+        summary["mesh_only_cases"] = extra
+    return summary

@@ -1,0 +1,105 @@
+"""Plans whose patch covers every preprocessed case: what the mesh trainers and semi-supervised priors need.
+
+A mesh describes a whole structure, so the training patch must contain it (DESIGN §7). nnU-Net plans patches for
+its GPU memory target, which for small cropped volumes is usually the whole volume, but not always. This module
+writes a *new* plans file (nnU-Net's own ``-p PLANS`` mechanism; the original plans are never modified) in which
+one configuration's patch size is the per-axis maximum of the preprocessed case shapes, rounded up to a multiple
+of the network's total stride. The data identifier is kept, so nnU-Net reuses the preprocessed data as is; the
+network architecture (stages, kernels, strides) is unchanged, only the patch grows. The batch size is kept; a
+larger patch needs more GPU memory: check it.
+
+nnU-Net glue (reads the preprocessed folder and plans with nnU-Net's own classes).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import List, Optional
+
+import numpy as np
+
+
+def preprocessed_shapes(preprocessed_dataset_folder: str) -> List[tuple]:
+    """Spatial shapes of every preprocessed case of one configuration folder."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    if not os.path.isdir(preprocessed_dataset_folder):
+        raise FileNotFoundError(f"preprocessed data not found: {preprocessed_dataset_folder} "
+                                "(run nnUNetv2_plan_and_preprocess for this configuration first)")
+    cls = infer_dataset_class(preprocessed_dataset_folder)
+    ids = cls.get_identifiers(preprocessed_dataset_folder)
+    ds = cls(preprocessed_dataset_folder, ids)
+    shapes = []
+    for i in ids:
+        data, _, _, _ = ds.load_case(i)
+        shapes.append(tuple(int(s) for s in data.shape[1:]))
+    if not shapes:
+        raise FileNotFoundError(f"no preprocessed cases in {preprocessed_dataset_folder}")
+    return shapes
+
+
+def whole_volume_patch(shapes: List[tuple], strides: List[List[int]]) -> List[int]:
+    """Per-axis maximum of ``shapes`` rounded up to a multiple of the product of the network strides."""
+    total = np.prod(np.array(strides), axis=0).astype(int)
+    biggest = np.max(np.array(shapes), axis=0)
+    return [int(math.ceil(b / t) * t) for b, t in zip(biggest, total)]
+
+
+def write_whole_volume_plans(dataset: str, configuration: str = "3d_fullres", plans_identifier: str = "nnUNetPlans",
+                             output_identifier: str = "nnUNetPlansWholeVolume", overwrite: bool = False) -> str:
+    """Write ``<output_identifier>.json`` next to the plans; returns its path. Never modifies the input plans."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    if output_identifier == plans_identifier:
+        raise ValueError("the output plans identifier must differ from the input one (the input is never modified)")
+    base = os.path.join(str(nnUNet_preprocessed), maybe_convert_to_dataset_name(dataset))
+    src = os.path.join(base, plans_identifier + ".json")
+    dst = os.path.join(base, output_identifier + ".json")
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"plans not found: {src}")
+    if os.path.exists(dst) and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+    with open(src) as f:
+        plans = json.load(f)
+    if configuration not in plans["configurations"]:
+        raise ValueError(f"configuration {configuration!r} not in {src}; it has {sorted(plans['configurations'])}")
+    conf = plans["configurations"][configuration]
+    if "patch_size" not in conf or "data_identifier" not in conf:
+        raise ValueError(f"configuration {configuration!r} inherits its patch from another one; use that one")
+    shapes = preprocessed_shapes(os.path.join(base, conf["data_identifier"]))
+    strides = conf["architecture"]["arch_kwargs"]["strides"]
+    patch = whole_volume_patch(shapes, strides)
+    patch = [max(int(p), int(q)) for p, q in zip(patch, conf["patch_size"])]
+    conf["patch_size"] = patch
+    plans["plans_name"] = output_identifier
+    tmp = dst + f".{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(plans, f, indent=4)
+    os.replace(tmp, dst)
+    return dst
+
+
+def whole_volume_plans_entry(argv: Optional[List[str]] = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="nnUNetv2_topo_plan_whole_volume",
+        description="Write a new plans file whose patch covers every preprocessed case of one configuration (for the "
+                    "mesh trainers and nnUNetTrainerBettiSemi), then train with -p <output>. The data is reused; the "
+                    "original plans are not modified.")
+    parser.add_argument("-d", required=True, help="dataset ID or name")
+    parser.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
+    parser.add_argument("-p", default="nnUNetPlans", help="input plans identifier (default nnUNetPlans)")
+    parser.add_argument("-o", default="nnUNetPlansWholeVolume", help="output plans identifier")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        path = write_whole_volume_plans(args.d, args.c, args.p, args.o, args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(f"error: {e}")
+        raise SystemExit(2)
+    with open(path) as f:
+        patch = json.load(f)["configurations"][args.c]["patch_size"]
+    print(f"wrote {path} ({args.c} patch {patch}); train with: nnUNetv2_train {args.d} {args.c} FOLD -tr TRAINER -p {args.o}")

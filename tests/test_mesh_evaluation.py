@@ -1,0 +1,190 @@
+"""Mesh evaluation: Dice by occupancy, Chamfer/HD95, mesh TVS with known overlap volumes, folder reading."""
+import json
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import trimesh
+
+from nnunet_topo.mesh_evaluation import (
+    MeshEvaluationError,
+    evaluate_mesh_case,
+    evaluate_mesh_folder,
+    merge_mesh_summary,
+    voxelize_mesh,
+)
+from nnunet_topo.meshes import ImageGeometry, export_mesh, index_to_world, mesh_from_mask
+from nnunet_topo.rules import parse_topology
+
+LABELS = {"background": 0, "A": 1, "B": 2, "I": 3, "O": 4}
+DATASET_JSON = {
+    "labels": LABELS, "file_ending": ".nii.gz", "channel_names": {"0": "MRI"}, "numTraining": 1,
+    "topology": {
+        "rules": [{"type": "exclusion", "a": "A", "b": "B"},
+                  {"type": "inclusion", "inner": "I", "outer": ["I", "O"]}],
+        "mesh_structures": {"A": ["A"], "B": ["B"], "I": ["I"], "outer": ["I", "O"]},
+    },
+}
+SPEC = parse_topology(DATASET_JSON)
+SHAPE = (10, 24, 30)
+# spacing (x, y, z) = (0.5, 1, 2) mm, a rotated direction
+_c, _s = math.cos(0.4), math.sin(0.4)
+OBLIQUE = ImageGeometry((0.5, 1.0, 2.0), (10.0, -5.0, 3.0), np.array([[_c, -_s, 0], [_s, _c, 0], [0, 0, 1.0]]))
+AXIS = ImageGeometry((0.5, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
+
+
+def box_mesh(lo_zyx, hi_zyx, geometry):
+    """Closed box whose faces lie on voxel boundaries: contains exactly the voxel centres lo..hi (inclusive)."""
+    lo = np.asarray(lo_zyx, float) - 0.5
+    hi = np.asarray(hi_zyx, float) + 0.5
+    b = trimesh.creation.box(bounds=[lo[::-1], hi[::-1]])  # (x, y, z) index frame
+    world = index_to_world(np.asarray(b.vertices)[:, ::-1], geometry)
+    m = trimesh.Trimesh(world, np.asarray(b.faces), process=False)
+    if m.volume < 0:
+        m = trimesh.Trimesh(world, np.asarray(b.faces)[:, ::-1], process=False)
+    return m
+
+
+def reference():
+    ref = np.zeros(SHAPE, np.uint8)
+    ref[2:6, 2:8, 2:10] = LABELS["A"]
+    ref[2:6, 10:16, 2:10] = LABELS["B"]
+    ref[1:9, 4:20, 14:28] = LABELS["O"]
+    ref[3:7, 8:16, 18:24] = LABELS["I"]
+    return ref
+
+
+@pytest.mark.parametrize("geometry", [AXIS, OBLIQUE])
+def test_voxelize_box_exact(geometry):
+    occ = voxelize_mesh(box_mesh((1, 2, 3), (4, 9, 12), geometry), SHAPE, geometry)
+    expected = np.zeros(SHAPE, bool)
+    expected[1:5, 2:10, 3:13] = True
+    assert np.array_equal(occ, expected)
+
+
+@pytest.mark.parametrize("geometry", [AXIS, OBLIQUE])
+def test_tvs_known_overlaps(geometry):
+    ref = reference()
+    vv = geometry.voxel_volume
+    meshes = {
+        # A and B overlap in 2 x 3 x 4 = 24 voxels (z 3..4, y 6..8, x 5..8)
+        "A": box_mesh((2, 2, 2), (4, 8, 8), geometry),
+        "B": box_mesh((3, 6, 5), (6, 14, 9), geometry),
+        # O spans z 1..8, y 4..19, x 14..27; I sticks out in x 24..25 over z 3..6, y 8..15: 4 * 8 * 2 = 64 voxels
+        "outer": box_mesh((1, 4, 14), (8, 19, 23), geometry),
+        "I": box_mesh((3, 8, 18), (6, 15, 25), geometry),
+    }
+    res = evaluate_mesh_case(ref, geometry, meshes, SPEC, num_samples=2000)
+    topo = res["mesh_topology"]
+    ex, inc = SPEC.rules[0].name, SPEC.rules[1].name
+    assert topo["violating_volume_mm3"][ex] == pytest.approx(24 * vv)
+    assert topo["violating_volume_mm3"][inc] == pytest.approx(64 * vv)
+    fg = np.count_nonzero(ref) * vv
+    assert topo["reference_foreground_mm3"] == pytest.approx(fg)
+    assert topo["TVS"] == pytest.approx((24 + 64) * vv / fg)
+    assert topo["TVS_per_rule"][ex] == pytest.approx(24 * vv / fg)
+    assert topo["skipped_rules"] == {} and topo["missing_structures"] == []
+    # box volume = voxel count * voxel volume (3 x 7 x 7 voxels); Dice against the reference box 4 x 6 x 8
+    a = res["mesh_metrics"]["A"]
+    assert a["volume_mm3"] == pytest.approx(3 * 7 * 7 * vv)
+    pred = np.zeros(SHAPE, bool)
+    pred[2:5, 2:9, 2:9] = True
+    refA = ref == LABELS["A"]
+    inter = np.count_nonzero(pred & refA)
+    assert a["Dice"] == pytest.approx(2 * inter / (pred.sum() + refA.sum()))
+    assert a["n_inside"] == pred.sum()
+
+
+def test_rules_without_meshes_are_skipped():
+    ref = reference()
+    meshes = {"A": box_mesh((2, 2, 2), (4, 8, 8), AXIS), "outer": box_mesh((1, 4, 14), (8, 19, 27), AXIS)}
+    topo = evaluate_mesh_case(ref, AXIS, meshes, SPEC, num_samples=500)["mesh_topology"]
+    assert set(topo["skipped_rules"]) == {r.name for r in SPEC.rules}
+    assert "B" in topo["skipped_rules"][SPEC.rules[0].name]
+    assert math.isnan(topo["TVS"])
+    assert sorted(topo["missing_structures"]) == ["B", "I"]
+
+
+def test_unknown_mesh_name():
+    with pytest.raises(MeshEvaluationError, match="not mesh structures"):
+        evaluate_mesh_case(reference(), AXIS, {"LV": box_mesh((1, 1, 1), (2, 2, 2), AXIS)}, SPEC)
+
+
+@pytest.mark.parametrize("geometry", [AXIS, OBLIQUE])
+def test_perfect_meshes(geometry):
+    ref = reference()
+    meshes = {n: mesh_from_mask(np.isin(ref, s.label_ids), geometry) for n, s in SPEC.mesh_structures.items()}
+    res = evaluate_mesh_case(ref, geometry, meshes, SPEC, num_samples=3000)
+    for n, m in res["mesh_metrics"].items():
+        assert m["Dice"] == pytest.approx(1.0), n
+        assert m["Chamfer_mm"] < 1e-6 and m["HD95_mm"] < 1e-6, n
+        assert m["laplacian_energy_mm2"] > 0
+        assert m["volume_mm3"] == pytest.approx(m["volume_ref_mm3"], rel=0.1)
+    # the reference obeys its rules: no overlap, inner inside outer
+    assert res["mesh_topology"]["TVS"] == 0.0
+
+
+def _write_ref(folder, case, ref, geometry):
+    img = sitk.GetImageFromArray(ref)
+    img.SetSpacing(geometry.spacing_xyz)
+    img.SetOrigin(geometry.origin_xyz)
+    img.SetDirection(tuple(geometry.direction.ravel()))
+    sitk.WriteImage(img, str(folder / f"{case}.nii.gz"))
+
+
+def test_folder(tmp_path):
+    ref_dir, mesh_dir = tmp_path / "ref", tmp_path / "meshes"
+    ref_dir.mkdir()
+    ref = reference()
+    _write_ref(ref_dir, "c1", ref, OBLIQUE)
+    for n, s in SPEC.mesh_structures.items():
+        export_mesh(mesh_from_mask(np.isin(ref, s.label_ids), OBLIQUE), mesh_dir / f"c1_{n}.vtk")
+    out = tmp_path / "mesh_summary.json"
+    summary = evaluate_mesh_folder(str(ref_dir), str(mesh_dir), DATASET_JSON, num_samples=1000,
+                                   output_file=str(out), show_progress=False)
+    assert json.loads(out.read_text())["mesh_topology_mean"]["num_cases"] == 1
+    case = summary["metric_per_case"][0]
+    assert case["case"] == "c1"
+    assert all(m["Dice"] == pytest.approx(1.0) for m in case["mesh_metrics"].values())
+    assert summary["mesh_mean"]["A"]["Chamfer_mm"] < 1e-6
+    assert summary["mesh_topology_mean"]["TVS"] == 0.0
+    # merge into a summary_topology.json-like dict
+    topo_summary = {"metric_per_case": [{"reference_file": str(ref_dir / "c1.nii.gz"), "metrics": {}}],
+                    "mean": {}}
+    merged = merge_mesh_summary(topo_summary, summary)
+    assert "mesh_metrics" in merged["metric_per_case"][0] and "mesh_mean" in merged
+    # meshes.json listing is used when present
+    (mesh_dir / "meshes.json").write_text(json.dumps(
+        {"cases": {"c1": {"files": {n: f"c1_{n}.vtk" for n in SPEC.mesh_structures}}}}))
+    assert evaluate_mesh_folder(str(ref_dir), str(mesh_dir), DATASET_JSON, num_samples=500,
+                                show_progress=False)["metric_per_case"][0]["case"] == "c1"
+    # a second reference case without meshes: error unless chill
+    _write_ref(ref_dir, "c2", ref, OBLIQUE)
+    (mesh_dir / "meshes.json").unlink()
+    with pytest.raises(MeshEvaluationError, match=r"have no meshes.*chill"):
+        evaluate_mesh_folder(str(ref_dir), str(mesh_dir), DATASET_JSON, num_samples=500, show_progress=False)
+    s = evaluate_mesh_folder(str(ref_dir), str(mesh_dir), DATASET_JSON, num_samples=500, chill=True,
+                             show_progress=False)
+    assert [c["case"] for c in s["metric_per_case"]] == ["c1"]
+
+
+def test_folder_missing_mesh_file(tmp_path):
+    ref_dir, mesh_dir = tmp_path / "ref", tmp_path / "meshes"
+    ref_dir.mkdir()
+    ref = reference()
+    _write_ref(ref_dir, "c1", ref, AXIS)
+    for n, s in SPEC.mesh_structures.items():
+        if n != "B":
+            export_mesh(mesh_from_mask(np.isin(ref, s.label_ids), AXIS), mesh_dir / f"c1_{n}.ply")
+    with pytest.raises(MeshEvaluationError, match=r"case c1: no mesh file for structure 'B'"):
+        evaluate_mesh_folder(str(ref_dir), str(mesh_dir), DATASET_JSON, show_progress=False)
+    # listed in meshes.json but not on disk
+    (mesh_dir / "meshes.json").write_text(json.dumps(
+        {"cases": {"c1": {"files": {n: f"c1_{n}.ply" for n in SPEC.mesh_structures}}}}))
+    with pytest.raises(MeshEvaluationError, match=r"case c1, structure 'B': mesh file not found"):
+        evaluate_mesh_folder(str(ref_dir), str(mesh_dir), DATASET_JSON, show_progress=False)
+    with pytest.raises(MeshEvaluationError, match="no mesh files"):
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        evaluate_mesh_folder(str(ref_dir), str(empty), DATASET_JSON, show_progress=False)
