@@ -515,3 +515,31 @@ def _replace(spec, **changes):
     import dataclasses
 
     return dataclasses.replace(spec, **changes)
+
+
+class _CPUStudyMixin:
+    """Short runs for the CPU study of documentation/results.md (examples/study_tpm_vs_mesh.sh): 8 epochs x 10
+    iterations, 512 occupancy query points per mesh, TPM switched on after 2 epochs."""
+
+    def _study_settings(self):
+        self.num_epochs = 8
+        self.num_iterations_per_epoch = 10
+        self.num_val_iterations_per_epoch = 2
+        self.occ_num_uniform = 256
+        self.occ_num_surface = 256
+        self.max_critical_points = 512
+        self.tpm_warmup_epochs = 2
+
+
+class nnUNetTrainerMesh_cpuStudy(_CPUStudyMixin, nnUNetTrainerMesh):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self._study_settings()
+
+
+class nnUNetTrainerTPM_cpuStudy(_CPUStudyMixin, nnUNetTrainerTPM):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self._study_settings()
