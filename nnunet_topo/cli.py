@@ -128,6 +128,26 @@ def evaluate_folder_entry(argv: Optional[Sequence[str]] = None) -> None:
     print(f"wrote {args.o or os.path.join(args.pred_folder, 'summary_topology.json')}")
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, default_trainer: str, output_help: str) -> None:
+    """The arguments that name a trained model and its inputs, as nnUNetv2_predict spells them."""
+    parser.add_argument("-i", required=True, help="input folder with images (nnU-Net naming, CASE_0000.nii.gz)")
+    parser.add_argument("-o", required=True, help=output_help)
+    parser.add_argument("-d", required=True, help="dataset ID or name")
+    parser.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
+    parser.add_argument("-tr", default=default_trainer, help=f"trainer of the model (default {default_trainer})")
+    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    parser.add_argument("-f", default="0", help="fold of the model (one fold; default 0)")
+    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+    parser.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="default cuda")
+
+
+def model_folder_from_args(args) -> str:
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    return get_output_folder(maybe_convert_to_dataset_name(args.d), args.tr, args.p, args.c)
+
+
 def refine_entry(argv: Optional[Sequence[str]] = None) -> None:
     from nnunet_topo.refine import RefinementError, format_refinement_summary, refine_folder
     from nnunet_topo.rules import TopologySpecError
@@ -138,27 +158,16 @@ def refine_entry(argv: Optional[Sequence[str]] = None) -> None:
                     "network so its output meets the dataset's Betti priors (dataset.json 'betti' and 'betti_2d') while "
                     "staying close to its own prediction. Writes refined segmentations and refinement_summary.json to "
                     "-o (never into -i; existing files only with --overwrite).")
-    parser.add_argument("-i", required=True, help="input folder with images (nnU-Net naming, CASE_0000.nii.gz)")
-    parser.add_argument("-o", required=True, help="output folder for the refined segmentations")
-    parser.add_argument("-d", required=True, help="dataset ID or name")
-    parser.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
-    parser.add_argument("-tr", default="nnUNetTrainer", help="trainer of the model (default nnUNetTrainer)")
-    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-    parser.add_argument("-f", default="0", help="fold of the model (one fold; default 0)")
-    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+    add_model_arguments(parser, "nnUNetTrainer", "output folder for the refined segmentations")
     parser.add_argument("--steps", type=int, default=30, help="Adam steps per case (default 30)")
     parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
     parser.add_argument("--lam", type=float, default=1.0, help="weight of the topology loss (default 1.0)")
     parser.add_argument("--downsample", type=int, default=1, help="max-pool factor before persistence (default 1)")
     parser.add_argument("--no_2d", action="store_true", help="ignore the per-slice (betti_2d) priors")
-    parser.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="default cuda")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files in -o")
     args = parser.parse_args(argv)
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
-
     try:
-        model_folder = get_output_folder(maybe_convert_to_dataset_name(args.d), args.tr, args.p, args.c)
+        model_folder = model_folder_from_args(args)
         summary = refine_folder(model_folder, args.i, args.o, fold=args.f, checkpoint=args.chk, steps=args.steps,
                                 lr=args.lr, lam=args.lam, downsample=args.downsample, use_2d=not args.no_2d,
                                 device=args.device, overwrite=args.overwrite)

@@ -314,24 +314,15 @@ def predict_meshes_entry(argv: Optional[Sequence[str]] = None) -> None:
         description="Predict one surface mesh per mesh structure with a model trained with a mesh head "
                     "(nnUNetTrainerMesh/TPM/MIE). Writes CASE_<structure>.<format> in patient coordinates "
                     "(ITK/LPS mm, the image's origin, spacing and direction) and meshes.json to -o.")
-    parser.add_argument("-i", required=True, help="input folder with images (nnU-Net naming, CASE_0000.nii.gz)")
-    parser.add_argument("-o", required=True, help="output folder for the meshes (never -i)")
-    parser.add_argument("-d", required=True, help="dataset ID or name")
-    parser.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
-    parser.add_argument("-tr", default="nnUNetTrainerMesh", help="trainer of the model (default nnUNetTrainerMesh)")
-    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-    parser.add_argument("-f", default="0", help="fold of the model (one fold; default 0)")
-    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
-    parser.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="default cuda")
+    from nnunet_topo.cli import add_model_arguments, model_folder_from_args
+
+    add_model_arguments(parser, "nnUNetTrainerMesh", "output folder for the meshes (never -i)")
     parser.add_argument("--format", default="vtk", choices=[e[1:] for e in SUPPORTED_MESH_EXTENSIONS],
                         help="mesh file format (default vtk)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing mesh files in -o")
     args = parser.parse_args(argv)
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
-
     try:
-        model_folder = get_output_folder(maybe_convert_to_dataset_name(args.d), args.tr, args.p, args.c)
+        model_folder = model_folder_from_args(args)
         summary = predict_meshes_folder(model_folder, args.i, args.o, fold=args.f, checkpoint=args.chk,
                                         file_format=args.format, device=args.device, overwrite=args.overwrite)
     except (MeshPredictionError, RuntimeError) as e:
