@@ -477,3 +477,69 @@ def test_network_wrapper_state_dict_round_trip(tmp_path):
         sb, mb = b.forward_with_meshes(x)
     assert torch.equal(sa, sb) and all(torch.equal(p, q) for p, q in zip(ma, mb))
     assert not all(torch.equal(m, torch.from_numpy(t.vertices)[None]) for m, t in zip(ma, templates))
+
+
+# ---------------------------------------------------------------------------------------------- placement
+def test_solid_moments_of_an_icosphere_against_the_ball():
+    from nnunet_topo.mesh_head.head import solid_moments
+
+    t = sphere_template(4, radius=0.5, center=(0.1, -0.2, 0.3))
+    c, std = solid_moments(t.vertices, t.faces)
+    np.testing.assert_allclose(c, [0.1, -0.2, 0.3], atol=1e-5)
+    np.testing.assert_allclose(std, np.sqrt(0.5 ** 2 / 5), rtol=0.02)  # a ball: var = r^2 / 5 per axis
+    with pytest.raises(ValueError):
+        solid_moments(t.vertices, t.faces[:, ::-1])  # inward wound: negative volume
+
+
+def test_soft_mask_moments_vs_naive_loop():
+    from nnunet_topo.mesh_head.head import soft_mask_moments
+
+    rng = np.random.default_rng(0)
+    m = rng.random((2, 5, 7, 6)) * (rng.random((2, 5, 7, 6)) > 0.5)
+    mass, c, std = soft_mask_moments(torch.from_numpy(m))
+    for b in range(2):
+        acc, first, second = 0.0, np.zeros(3), np.zeros(3)
+        for z in range(5):
+            for y in range(7):
+                for x in range(6):
+                    p = np.array([2 * x / 5 - 1, 2 * y / 6 - 1, 2 * z / 4 - 1])
+                    acc += m[b, z, y, x]
+                    first += m[b, z, y, x] * p
+                    second += m[b, z, y, x] * p * p
+        mean = first / acc
+        np.testing.assert_allclose(mass[b].item(), acc, rtol=1e-5)
+        np.testing.assert_allclose(c[b].numpy(), mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(std[b].numpy(), np.sqrt(second / acc - mean ** 2), rtol=1e-4, atol=1e-5)
+
+
+def test_head_segmentation_guided_placement():
+    """The template moves to the centroid and per-axis extent of the segmentation's soft mask (no gradient into it),
+    stays put where the structure is absent, and a missing segmentation is a clear error."""
+    from nnunet_topo.mesh_head.head import solid_moments
+
+    t = sphere_template(3, radius=0.3, name="LV")
+    head = MeshHead([t], [4], 8, num_blocks=0, structure_channels=[[1, 2]])
+    shape = (20, 24, 28)
+    mask = torch.from_numpy(_ellipsoid(shape, c=(8, 14, 10), r=(5, 6, 8)))
+    logits = torch.full((2, 3) + shape, -20.0)
+    logits[:, 0] = 20.0
+    logits[0, 0][mask] = -20.0
+    logits[0, 2][mask] = 20.0  # case 0: the structure (channel 2 of the region [1, 2]); case 1: background only
+    logits.requires_grad_(True)
+    feats, bottleneck = [torch.randn(2, 4, 5, 6, 7)], torch.randn(2, 8, 2, 2, 2)
+    live = head(feats, bottleneck, logits)[0]
+    live.sum().backward()
+    assert logits.grad is None  # placed without gradient: the mesh losses cannot move the segmentation through it
+    out = live.detach()
+    idx = np.argwhere(mask.numpy()).astype(float)  # (z, y, x)
+    norm = 2 * idx[:, ::-1] / (np.array(shape[::-1]) - 1) - 1  # (x, y, z)
+    c, std = solid_moments(out[0].numpy(), t.faces)
+    np.testing.assert_allclose(c, norm.mean(0), atol=1e-3)
+    np.testing.assert_allclose(std, norm.std(0), rtol=1e-3)
+    torch.testing.assert_close(out[1], torch.from_numpy(t.vertices))  # nothing segmented: the template
+    with pytest.raises(ValueError, match="segmentation"):
+        head(feats, bottleneck)
+    with pytest.raises(ValueError, match="C>=3"):
+        head(feats, bottleneck, logits[:, :2])
+    with pytest.raises(ValueError, match="structure_channels"):
+        MeshHead([t], [4], 8, structure_channels=[[]])

@@ -127,14 +127,20 @@ def test_two_train_steps_log_finite_terms_and_checkpoint_loads_like_predict(pre,
     tr.on_train_epoch_end(outs)
     tr.on_validation_epoch_start()
     val = [tr.validation_step(next(tr.dataloader_val))]
-    assert all(math.isnan(val[0][f"val_{t}"]) for t in terms)  # the head does not run in eval mode
+    assert all(math.isfinite(val[0][f"val_{t}"]) for t in terms)  # the head runs during validation epochs
+    assert val[0][f"val_{terms[0]}"] > 0
     assert np.isfinite(val[0]["loss"])
     tr.on_validation_epoch_end(val)
     tr.on_epoch_end()
     log = tr.logger.local_logger.my_fantastic_logging
     for t in terms:
         assert len(log[f"train_{t}"]) == 1 and math.isfinite(log[f"train_{t}"][0])
-        assert len(log[f"val_{t}"]) == 1 and math.isnan(log[f"val_{t}"][0])
+        assert len(log[f"val_{t}"]) == 1 and math.isfinite(log[f"val_{t}"][0])
+    assert not tr.network.meshes_in_eval  # switched off again: nnU-Net's predictor never runs the head
+    # the mesh trainers limit rotation and do not mirror (templates are priors in the image frame)
+    rot, _, _, mirror = tr.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    assert mirror is None and tr.inference_allowed_mirroring_axes is None
+    assert rot == pytest.approx((-np.pi / 12, np.pi / 12))
 
     # forward is exactly the bare network's output; the head runs (and caches) only in training mode
     net = tr.network

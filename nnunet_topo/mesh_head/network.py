@@ -122,7 +122,8 @@ class MeshAugmentedNetwork(nn.Module):
                 f"{missing}; the wrapped network must call .encoder and every .decoder.stages[i]."
             )
         feats = [captured[i] for i in self.decoder_stage_indices]
-        meshes = self.mesh_head(feats, captured["bottleneck"])
+        seg_full = seg[0] if isinstance(seg, (list, tuple)) else seg  # highest resolution first (deep supervision)
+        meshes = self.mesh_head(feats, captured["bottleneck"], seg_full)
         return seg, meshes
 
     def templates(self) -> list[Template]:

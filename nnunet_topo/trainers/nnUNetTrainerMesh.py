@@ -32,8 +32,9 @@ Decisions (documentation/mesh_trainers.md has the long form):
   :class:`~nnunet_topo.mesh_head.network.MeshAugmentedNetwork` with the same state dict). In *training* mode its
   ``forward`` runs the head too and keeps the meshes in ``last_meshes``; the return value is exactly the
   segmentation output. The loss terms (called by ``TopologyLossWrapper`` with the full-resolution logits and
-  target) read the cached meshes from the network (``.module`` under DDP). In eval mode (validation, nnU-Net's
-  predictor) the head does not run: the mesh terms add nothing and ``val_<term>`` is logged as NaN.
+  target) read the cached meshes from the network (``.module`` under DDP). During the trainer's validation
+  epochs (``meshes_in_eval``) the head runs in eval mode too, so ``val_<term>`` are the terms on the validation
+  batches; in nnU-Net's predictor (``perform_actual_validation``, ``nnUNetv2_predict``) it does not run.
 * **No torch.compile** for this family (``_do_i_compile`` returns False): the head uses sparse matrix products
   and forward hooks and the wrapper mutates an attribute in ``forward``; Dynamo does not support sparse
   tensors, so compiling the wrapper would fail or fall back silently.
@@ -77,10 +78,13 @@ class MeshCachingNetwork(MeshAugmentedNetwork):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.cache_meshes: bool = True
+        #: also run the head in eval mode (the trainer sets it during its validation epochs only, never for the
+        #: predictor), so that the validation loss has mesh terms
+        self.meshes_in_eval: bool = False
         self.last_meshes: Optional[List[Tensor]] = None
 
     def forward(self, x: Tensor):
-        if self.training and self.cache_meshes:
+        if (self.training or self.meshes_in_eval) and self.cache_meshes:
             seg, meshes = self.forward_with_meshes(x)
             self.last_meshes = meshes
             return seg
@@ -191,6 +195,9 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
     head_kwargs: Dict[str, int] = {"hidden_features": 64, "num_blocks": 2, "num_residual": 1, "alignment_hidden": 64}
     #: decoder stages whose features the head samples (None: all)
     head_decoder_stages: Optional[Tuple[int, ...]] = None
+    #: place each template at the centroid and per-axis extent of the network's own soft segmentation of its
+    #: structure before the learned alignment (MeshHead "segmentation-guided placement"; stored in the plans)
+    segmentation_guided_placement: bool = True
     #: occupancy: "dipole" (trainable) with smoothing in normalised units; None = mean template edge length
     occupancy_method: str = "dipole"
     occupancy_smoothing: Optional[float] = None
@@ -210,6 +217,14 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
     #: head diverged in the CPU study (documentation/results.md); in a 15-step diagnostic on the same data, 0.01
     #: brought the training occupancy BCE from 1.14 to 0.6-0.9 where 1.0 gave 1.1-2.0.
     head_lr_factor: float = 0.01
+    #: spatial augmentation. A template is a shape prior *in the image frame* (RV to the left of the LV, base above
+    #: apex), but nnU-Net rotates anisotropic patches by up to ±180° in-plane and mirrors every axis, so the
+    #: augmented target is mostly nowhere near the template and mirroring swaps left and right chambers, which no
+    #: rotation of a template can undo. The mesh trainers therefore rotate by at most this many degrees and do not
+    #: mirror (in training or, consequently, at test time; as nnU-Net's nnUNetTrainerNoMirroring). Scaling,
+    #: elastic and intensity augmentation are nnU-Net's.
+    mesh_max_rotation_degrees: float = 15.0
+    mesh_mirroring: bool = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -291,6 +306,9 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
                                "(or train into a new output folder) to rebuild them.")
         head = {"decoder_stages": None if self.head_decoder_stages is None else list(self.head_decoder_stages),
                 "head_kwargs": dict(self.head_kwargs)}
+        if self.segmentation_guided_placement:  # label ids = output channels (plain integer labels, checked)
+            head["structure_channels"] = [sorted(int(i) for i in self.topology_spec.mesh_structures[n].label_ids)
+                                          for n in self.mesh_names]
         for conf in (self.plans_manager.plans["configurations"][self.configuration_name],
                      self.configuration_manager.configuration):
             conf[TEMPLATES_KEY] = [t.to_dict() for t in templates]
@@ -323,6 +341,26 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
                                    f"{self.configuration_name}\n", conf, "\n", add_timestamp=False)
             self.print_to_log_file("These are the global plan.json settings:\n", plans, "\n", add_timestamp=False)
 
+    # ------------------------------------------------------------------ augmentation
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        """nnU-Net's settings with the rotation limited to ``mesh_max_rotation_degrees`` and (by default) no
+        mirroring; the initial (pre-rotation) patch size is recomputed by nnU-Net's ``get_patch_size``."""
+        from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+
+        _, dummy_2d, _, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        r = float(self.mesh_max_rotation_degrees) / 180.0 * np.pi
+        rotation = (-r, r)
+        patch_size = self.configuration_manager.patch_size
+        initial_patch_size = get_patch_size(patch_size, rotation, rotation, rotation, (0.85, 1.25))
+        if dummy_2d:
+            initial_patch_size[0] = patch_size[0]
+        if not self.mesh_mirroring:
+            mirror_axes = None
+        self.inference_allowed_mirroring_axes = mirror_axes
+        self.print_to_log_file(f"mesh trainer augmentation: rotation ±{self.mesh_max_rotation_degrees}°, mirror axes "
+                               f"{mirror_axes} (the templates are shape priors in the image frame)")
+        return rotation, dummy_2d, initial_patch_size, mirror_axes
+
     # ------------------------------------------------------------------ network
     def configure_optimizers(self):
         """nnU-Net's SGD and poly schedule, with the mesh head in its own group at ``head_lr_factor`` x the lr."""
@@ -345,6 +383,7 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
         network = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                            num_output_channels, enable_deep_supervision)
         return MeshCachingNetwork(network, templates, decoder_stages=head.get("decoder_stages"),
+                                  structure_channels=head.get("structure_channels"),
                                   **(head.get("head_kwargs") or {}))
 
     def _do_i_compile(self) -> bool:
@@ -427,15 +466,25 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
             if self.current_epoch == self.warmup_epochs():
                 self.print_to_log_file(f"L_TPM switched on (λ_TP = {self.lambda_tp}) at epoch {self.current_epoch}")
 
+    def _set_meshes_in_eval(self, on: bool) -> None:
+        net = unwrap_network(self.network)
+        if isinstance(net, MeshCachingNetwork) or hasattr(net, "meshes_in_eval"):
+            net.meshes_in_eval = on
+
+    def on_validation_epoch_start(self):
+        super().on_validation_epoch_start()
+        self._set_meshes_in_eval(True)  # val_<term>: the mesh terms on the validation batches (no gradient)
+
+    def on_validation_epoch_end(self, val_outputs: List[dict]):
+        self._set_meshes_in_eval(False)  # never in nnU-Net's predictor (perform_actual_validation, predict)
+        super().on_validation_epoch_end(val_outputs)
+
     def _pop_term_values(self, split: str) -> Dict[str, float]:
         values = super()._pop_term_values(split)
         if self._mesh_computer is not None:
             self._mesh_computer.clear()
-        nan = float("nan")
-        if split == "val":  # the head does not run in eval mode: no mesh terms
-            return {f"val_{n}": nan for n in self._topology_term_names}
         if self.lambda_tp > 0 and not self.tpm_active():
-            values["train_tpm"] = nan  # not computed during the warm-up
+            values[f"{split}_tpm"] = float("nan")  # not computed during the warm-up
         return values
 
 
@@ -548,17 +597,18 @@ def _replace(spec, **changes):
 
 
 class _CPUStudyMixin:
-    """Short runs for the CPU study of documentation/results.md (examples/study_tpm_vs_mesh.sh): 8 epochs x 10
-    iterations, 512 occupancy query points per mesh, TPM switched on after 2 epochs."""
+    """Short runs for the CPU study of documentation/results.md (examples/study_tpm_vs_mesh.sh): 15 epochs x 20
+    iterations, 512 occupancy query points per mesh, TPM switched on after 5 epochs (100 iterations, by which the
+    segmentation that places the templates is usable)."""
 
     def _study_settings(self):
-        self.num_epochs = 8
-        self.num_iterations_per_epoch = 10
+        self.num_epochs = 15
+        self.num_iterations_per_epoch = 20
         self.num_val_iterations_per_epoch = 2
         self.occ_num_uniform = 256
         self.occ_num_surface = 256
         self.max_critical_points = 512
-        self.tpm_warmup_epochs = 2
+        self.tpm_warmup_epochs = 5
 
 
 class nnUNetTrainerMesh_cpuStudy(_CPUStudyMixin, nnUNetTrainerMesh):
