@@ -11,6 +11,9 @@ Usage (creates and preprocesses a synthetic dataset if ``-d`` is not given)::
 
     python benchmarks/bench_trainer_speed.py --device cpu --iters 10 --rounds 3
     python benchmarks/bench_trainer_speed.py -d 27 -c 3d_fullres --device cuda --iters 50 --rounds 5
+    # mesh trainers need a patch that holds whole structures: --whole_volume writes and uses
+    # nnUNetPlansWholeVolume (nnUNetv2_topo_plan_whole_volume) for every trainer, nnUNetTrainer included
+    python benchmarks/bench_trainer_speed.py --whole_volume --trainers nnUNetTrainerTPM nnUNetTrainerMIE
 
 Environment: the nnUNet_raw / nnUNet_preprocessed / nnUNet_results variables are honoured if set; otherwise a
 temporary folder is used.
@@ -64,6 +67,9 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--preset", default="acdc")
     parser.add_argument("--shape", type=int, nargs=3, default=(10, 64, 64))
+    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (same for every trainer)")
+    parser.add_argument("--whole_volume", action="store_true",
+                        help="write nnUNetPlansWholeVolume with nnUNetv2_topo_plan_whole_volume and use it")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("nnUNet_n_proc_DA", "1")
@@ -76,11 +82,19 @@ def main(argv=None) -> None:
         _make_dataset(981, args.preset, tuple(args.shape))
     from nnunetv2.run.run_training import get_trainer_from_args
 
+    if args.whole_volume:
+        from nnunet_topo.plans import write_whole_volume_plans
+        try:
+            write_whole_volume_plans(str(dataset), args.configuration, args.plans, "nnUNetPlansWholeVolume")
+        except FileExistsError:
+            pass  # written before (e.g. by the user): used as it is, never overwritten
+        args.plans = "nnUNetPlansWholeVolume"
+
     device = torch.device(args.device)
     names = ["nnUNetTrainer"] + list(args.trainers)
     trainers = {}
     for name in names:
-        t = get_trainer_from_args(str(dataset), args.configuration, args.fold, name, device=device)
+        t = get_trainer_from_args(str(dataset), args.configuration, args.fold, name, args.plans, device=device)
         t.initialize()
         t.on_train_start()
         trainers[name] = t
@@ -114,7 +128,8 @@ def main(argv=None) -> None:
     dev = torch.cuda.get_device_name(0) if device.type == "cuda" else f"{platform.processor() or platform.machine()} " \
                                                                       f"({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
     print(f"device: {dev}; torch {torch.__version__}")
-    print(f"dataset {dataset}, {args.configuration}, patch {list(cm.patch_size)}, batch {cm.batch_size}, "
+    print(f"dataset {dataset}, {args.configuration}, plans {args.plans}, patch {list(cm.patch_size)}, "
+          f"batch {cm.batch_size}, "
           f"{args.iters} iterations x {args.rounds} rounds")
     base = times["nnUNetTrainer"]
     print(f"{'trainer':<32}{'ms/iter (median)':>18}{'ratio (median of rounds)':>26}{'min..max':>16}")

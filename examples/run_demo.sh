@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job, end to end on a fresh machine, exactly as a user runs it:
-#   synthetic dataset -> check rules -> plan+preprocess -> train (nnUNetTrainerProjPool, CPU) -> predict -> evaluate
-# and print the result table. About 10 minutes on 2 CPU cores (plus the one-time install).
+#   synthetic dataset -> check rules -> plan+preprocess -> train (nnUNetTrainerProjPool, CPU) -> predict -> evaluate,
+#   then the mesh path: whole-volume plans -> train (nnUNetTrainerTPM, short CPU settings) -> predict segmentations
+#   and meshes (VTK, patient coordinates) -> evaluate with mesh metrics
+# and print the result tables. About 30 minutes on 2 CPU cores (plus the one-time install).
 # Works in $NNUNET_TOPO_DEMO_DIR (default ./demo_output); only a folder this script created is ever replaced.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,3 +37,15 @@ nnUNetv2_predict -i "$nnUNet_raw/Dataset501_SynthACDC/imagesTs" -o "$WORK/pred" 
 nnUNetv2_topo_evaluate_folder "$nnUNet_raw/Dataset501_SynthACDC/labelsTs" "$WORK/pred" \
   -djfile "$nnUNet_raw/Dataset501_SynthACDC/dataset.json" \
   -pfile "$nnUNet_preprocessed/Dataset501_SynthACDC/nnUNetPlans.json"
+
+# the mesh path: a patch that holds whole structures, the TPM trainer (15 epochs x 20 iterations), meshes out
+MTR=nnUNetTrainerTPM_cpuStudy
+M=(-d $ID -c 3d_fullres -tr $MTR -p nnUNetPlansWholeVolume -f 0 -device cpu)
+nnUNetv2_topo_plan_whole_volume -d $ID -c 3d_fullres
+nnUNetv2_train $ID 3d_fullres 0 -tr $MTR -p nnUNetPlansWholeVolume -device cpu
+nnUNetv2_predict -i "$nnUNet_raw/Dataset501_SynthACDC/imagesTs" -o "$WORK/pred_tpm" "${M[@]}" -npp 1 -nps 1
+nnUNetv2_topo_predict_meshes -i "$nnUNet_raw/Dataset501_SynthACDC/imagesTs" -o "$WORK/meshes_tpm" "${M[@]}" \
+  --format vtk
+nnUNetv2_topo_evaluate_folder "$nnUNet_raw/Dataset501_SynthACDC/labelsTs" "$WORK/pred_tpm" \
+  -djfile "$nnUNet_raw/Dataset501_SynthACDC/dataset.json" \
+  -pfile "$nnUNet_preprocessed/Dataset501_SynthACDC/nnUNetPlansWholeVolume.json" --mesh_folder "$WORK/meshes_tpm"
