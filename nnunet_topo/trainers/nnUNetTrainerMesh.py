@@ -71,8 +71,8 @@ class MeshCachingNetwork(MeshAugmentedNetwork):
 
     ``forward(x)`` returns exactly the wrapped network's output in every mode. In training mode with
     ``cache_meshes`` True it calls :meth:`forward_with_meshes` and keeps the meshes (list of ``(B, V_s, 3)``,
-    normalised patch frame) in ``last_meshes``; in eval mode the head does not run and ``last_meshes`` is None.
-    The state dict is that of :class:`MeshAugmentedNetwork` (no new parameters or buffers).
+    normalised patch frame) in ``last_meshes``; in eval mode the head does not run and ``last_meshes`` is None,
+    unless ``meshes_in_eval`` is set (the trainer's validation epochs). The state dict is that of :class:`MeshAugmentedNetwork` (no new parameters or buffers).
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -155,8 +155,7 @@ class MeshLossComputer:
 class MeshTerm(nn.Module):
     """One named mesh term as ``TopologyLossWrapper`` expects it: ``(logits, target) -> scalar``.
 
-    Without cached meshes (eval mode) it returns a zero connected to ``logits`` (so the validation loss is
-    nnU-Net's own); the trainer logs NaN for the validation value of the term.
+    Without cached meshes (the head did not run) it returns a zero connected to ``logits``.
     """
 
     def __init__(self, computer: MeshLossComputer, name: str) -> None:
