@@ -21,6 +21,7 @@ temporary folder is used.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -70,6 +71,9 @@ def main(argv=None) -> None:
     parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (same for every trainer)")
     parser.add_argument("--whole_volume", action="store_true",
                         help="write nnUNetPlansWholeVolume with nnUNetv2_topo_plan_whole_volume and use it")
+    parser.add_argument("--set", default="{}",
+                        help="JSON object of class attributes set on every trainer that has them, before initialize, "
+                             "e.g. '{\"tpm_warmup_epochs\": 0}' to time L_TPM itself rather than its warm-up")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("nnUNet_n_proc_DA", "1")
@@ -95,8 +99,12 @@ def main(argv=None) -> None:
     trainers = {}
     for name in names:
         t = get_trainer_from_args(str(dataset), args.configuration, args.fold, name, args.plans, device=device)
+        for k, v in json.loads(args.set).items():
+            if hasattr(t, k):
+                setattr(t, k, v)
         t.initialize()
         t.on_train_start()
+        t.on_train_epoch_start()  # as nnU-Net's run_training: train mode, lr, TPM warm-up switch
         trainers[name] = t
     # the same batches for everybody
     first = trainers[names[0]]
