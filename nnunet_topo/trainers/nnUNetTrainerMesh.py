@@ -72,7 +72,8 @@ class MeshCachingNetwork(MeshAugmentedNetwork):
     ``forward(x)`` returns exactly the wrapped network's output in every mode. In training mode with
     ``cache_meshes`` True it calls :meth:`forward_with_meshes` and keeps the meshes (list of ``(B, V_s, 3)``,
     normalised patch frame) in ``last_meshes``; in eval mode the head does not run and ``last_meshes`` is None,
-    unless ``meshes_in_eval`` is set (the trainer's validation epochs). The state dict is that of :class:`MeshAugmentedNetwork` (no new parameters or buffers).
+    unless ``meshes_in_eval`` is set (the trainer's validation epochs). The state dict is that of
+    :class:`MeshAugmentedNetwork` (no new parameters or buffers).
     """
 
     def __init__(self, *args, **kwargs) -> None:
