@@ -139,7 +139,7 @@ class MeshLossComputer:
 
     def value(self, name: str, logits: Tensor, target: Tensor) -> Optional[Tensor]:
         net = unwrap_network(self.get_network())
-        meshes = net.pop_meshes() if isinstance(net, MeshCachingNetwork) or hasattr(net, "pop_meshes") else None
+        meshes = net.pop_meshes() if hasattr(net, "pop_meshes") else None
         if meshes is not None:
             faces = [net.mesh_head.template_faces(s) for s in range(len(meshes))]
             with torch.autocast(logits.device.type, enabled=False):
@@ -364,8 +364,7 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
     # ------------------------------------------------------------------ network
     def configure_optimizers(self):
         """nnU-Net's SGD and poly schedule, with the mesh head in its own group at ``head_lr_factor`` x the lr."""
-        net = self.network.module if hasattr(self.network, "module") else self.network
-        net = getattr(net, "_orig_mod", net)
+        net = unwrap_network(self.network)
         head_ids = {id(p) for p in net.mesh_head.parameters()}
         params = list(self.network.parameters())
         groups = [{"params": [p for p in params if id(p) not in head_ids], "lr_factor": 1.0},
@@ -468,7 +467,7 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
 
     def _set_meshes_in_eval(self, on: bool) -> None:
         net = unwrap_network(self.network)
-        if isinstance(net, MeshCachingNetwork) or hasattr(net, "meshes_in_eval"):
+        if hasattr(net, "meshes_in_eval"):  # attribute test, not isinstance: nnU-Net may load this file twice
             net.meshes_in_eval = on
 
     def on_validation_epoch_start(self):
