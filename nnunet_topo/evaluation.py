@@ -37,31 +37,12 @@ from nnunet_topo.metrics.topology import (
     connected_component_error_3d,
     slice_violation_rate,
 )
-from nnunet_topo.rules import TopologySpec, default_topology, parse_topology
+from nnunet_topo.rules import TopologySpec, spec_from_dataset_json
+from nnunet_topo.summary_io import EvaluationError, load_json_arg, nanmean, to_builtin
 from nnunet_topo.violations import violation_maps_numpy
 
 
-class EvaluationError(ValueError):
-    """Bad input to the evaluator (missing files, mismatching shapes or spacings, NaNs)."""
-
-
 SPACING_RTOL = 1e-3
-
-
-def _to_builtin(x):
-    if isinstance(x, dict):
-        return {k: _to_builtin(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_to_builtin(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating, float)):
-        return float(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    if isinstance(x, np.ndarray):
-        return _to_builtin(x.tolist())
-    return x
 
 
 def check_pair(ref: np.ndarray, pred: np.ndarray, ref_spacing: Sequence[float], pred_spacing: Sequence[float],
@@ -192,52 +173,31 @@ def _evaluate_file_pair(ref_file: str, pred_file: str, rw, spec: TopologySpec, l
     return {"reference_file": ref_file, "prediction_file": pred_file, **result}
 
 
-def _nanmean(values) -> float:
-    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return float(np.mean(vals)) if vals else math.nan
-
-
 def aggregate(cases: List[dict], spec: TopologySpec, label_ids: Sequence[int]) -> dict:
     """nnU-Net's ``mean`` / ``foreground_mean`` plus ``topology_mean`` over evaluated cases."""
     scalar_keys = [k for k, v in cases[0]["metrics"][str(label_ids[0])].items() if not isinstance(v, list)] \
         if cases and label_ids else []
-    mean = {str(lab): {k: _nanmean(c["metrics"][str(lab)][k] for c in cases) for k in scalar_keys}
+    mean = {str(lab): {k: nanmean(c["metrics"][str(lab)][k] for c in cases) for k in scalar_keys}
             for lab in label_ids}
-    foreground_mean = {k: _nanmean(mean[str(lab)][k] for lab in label_ids) for k in scalar_keys}
+    foreground_mean = {k: nanmean(mean[str(lab)][k] for lab in label_ids) for k in scalar_keys}
     rule_names = [r.name for r in spec.rules]
     topo = [c["topology"] for c in cases]
     topology_mean = {
         "num_cases": len(cases),
-        "TVS": _nanmean(t["TVS"] for t in topo),
-        "TVS_per_rule": {r: _nanmean(t["TVS_per_rule"][r] for t in topo) for r in rule_names},
+        "TVS": nanmean(t["TVS"] for t in topo),
+        "TVS_per_rule": {r: nanmean(t["TVS_per_rule"][r] for t in topo) for r in rule_names},
         "VR": float(np.mean([any(t["violated"].values()) for t in topo])) if topo else math.nan,
         "VR_per_rule": {r: float(np.mean([t["violated"][r] for t in topo])) if topo else math.nan
                         for r in rule_names},
-        "SVR_per_rule": {r: _nanmean(t["SVR_per_rule"][r] for t in topo) for r in rule_names},
-        "betti_error_3d": _nanmean(t["betti_error_3d"] for t in topo),
-        "betti_prior_error_3d": _nanmean(t["betti_prior_error_3d"] for t in topo),
+        "SVR_per_rule": {r: nanmean(t["SVR_per_rule"][r] for t in topo) for r in rule_names},
+        "betti_error_3d": nanmean(t["betti_error_3d"] for t in topo),
+        "betti_prior_error_3d": nanmean(t["betti_prior_error_3d"] for t in topo),
         "betti_error_2d": foreground_mean.get("betti_error_2d", math.nan),
         "cce_3d": foreground_mean.get("cce_3d", math.nan),
         "cce_2d": foreground_mean.get("cce_2d", math.nan),
         "topologically_correct": float(np.mean([t["topologically_correct"] for t in topo])) if topo else math.nan,
     }
     return {"mean": mean, "foreground_mean": foreground_mean, "topology_mean": topology_mean}
-
-
-def _load_json(x: Union[str, os.PathLike, dict], what: str) -> dict:
-    if isinstance(x, dict):
-        return x
-    if not os.path.isfile(x):
-        raise EvaluationError(f"{what} not found: {x}")
-    with open(x) as f:
-        return json.load(f)
-
-
-def spec_from_dataset_json(dataset_json: dict) -> TopologySpec:
-    """The dataset's topology spec, or the defaults (with a warning) when it has no ``topology`` block."""
-    if "topology" in dataset_json:
-        return parse_topology(dataset_json)
-    return default_topology(dataset_json["labels"])
 
 
 def compute_topology_metrics_on_folder(folder_ref: str, folder_pred: str,
@@ -263,8 +223,8 @@ def compute_topology_metrics_on_folder(folder_ref: str, folder_pred: str,
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    dataset_json = _load_json(dataset_json, "dataset.json")
-    plans = _load_json(plans, "plans file")
+    dataset_json = load_json_arg(dataset_json, "dataset.json")
+    plans = load_json_arg(plans, "plans file")
     for folder, what in ((folder_ref, "reference folder"), (folder_pred, "prediction folder")):
         if not os.path.isdir(folder):
             raise EvaluationError(f"{what} not found: {folder}")
@@ -311,11 +271,13 @@ def compute_topology_metrics_on_folder(folder_ref: str, folder_pred: str,
     summary = {"metric_per_case": cases, **aggregate(cases, spec, label_ids),
                "rules": [r.name for r in spec.rules], "label_names": {str(v): k for k, v in spec.labels.items()}}
     if mesh_folder is not None:
+        # imported here: it pulls in torch and trimesh, which the spawned label-map workers do not need
         from nnunet_topo.mesh_evaluation import evaluate_mesh_folder, merge_mesh_summary
+
         mesh_summary = evaluate_mesh_folder(folder_ref, mesh_folder, dataset_json, spec=spec, chill=chill,
                                             show_progress=show_progress)
         summary = merge_mesh_summary(summary, mesh_summary)
-    summary = _to_builtin(summary)
+    summary = to_builtin(summary)
     if output_file is None:
         output_file = os.path.join(folder_pred, "summary_topology.json")
     if not output_file.endswith(".json"):
@@ -370,7 +332,7 @@ def check_rules_on_folder(labels_folder: str, dataset_json: Union[str, os.PathLi
     """
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 
-    dataset_json = _load_json(dataset_json, "dataset.json")
+    dataset_json = load_json_arg(dataset_json, "dataset.json")
     if not os.path.isdir(labels_folder):
         raise EvaluationError(f"labels folder not found: {labels_folder}")
     spec = spec_from_dataset_json(dataset_json)
@@ -413,6 +375,44 @@ def check_rules_on_folder(labels_folder: str, dataset_json: Union[str, os.PathLi
     report["clean"] = all(e["cases_violating"] == 0 for e in report["rules"].values()) and \
         all(e["cases_differing"] == 0 for e in report["betti"].values())
     return report
+
+
+def cached_rule_check(labels_folder: str, dataset_json: dict, cache_file: str) -> dict:
+    """:func:`check_rules_on_folder`, cached in ``cache_file`` under a key of the spec, the labels and the files'
+    names and modification times (written atomically; a stale or unreadable cache is recomputed)."""
+    import hashlib
+
+    files = sorted(f for f in os.listdir(labels_folder) if f.endswith(dataset_json["file_ending"]))
+    key = hashlib.sha1(json.dumps([dataset_json.get("topology"), dataset_json["labels"], files,
+                                   [os.path.getmtime(os.path.join(labels_folder, f)) for f in files]],
+                                  sort_keys=True).encode()).hexdigest()
+    if os.path.isfile(cache_file):
+        try:
+            with open(cache_file) as f:
+                cached = json.load(f)
+            if cached.get("key") == key:
+                return cached["report"]
+        except (OSError, ValueError, KeyError):
+            pass
+    report = check_rules_on_folder(labels_folder, dataset_json, show_progress=False)
+    tmp = f"{cache_file}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"key": key, "report": report}, f)
+    os.replace(tmp, cache_file)
+    return report
+
+
+def reference_violations_message(report: dict) -> str:
+    """Why a rule check of reference labels forbids training ("" when every rule holds)."""
+    bad = {name: e for name, e in report["rules"].items() if e["cases_violating"]}
+    if not bad:
+        return ""
+    lines = [f"  {name}: violated in {e['cases_violating']}/{report['num_cases']} reference case(s), e.g. "
+             + ", ".join(f"{c} ({v['voxels']} voxels, slices {v['slices'][:5]})"
+                         for c, v in list(e["cases"].items())[:3]) for name, e in bad.items()]
+    return ("the reference labels of this dataset violate topology rules of its dataset.json, so the rules cannot be "
+            "learned:\n" + "\n".join(lines) + "\nFix the rules (add \"may_touch\", use \"mode\": \"2d\") or the "
+            "labels; nnUNetv2_topo_check_rules -d DATASET reports every case.")
 
 
 def format_rule_report(report: dict) -> str:

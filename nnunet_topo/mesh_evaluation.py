@@ -37,7 +37,8 @@ from nnunet_topo.meshes import SUPPORTED_MESH_EXTENSIONS, ImageGeometry, MeshBui
     mesh_from_mask, read_mesh, world_to_index
 from nnunet_topo.metrics.mesh import laplacian_smoothness_energy, mesh_volume, surface_distances_mesh
 from nnunet_topo.occupancy import winding_number
-from nnunet_topo.rules import ExclusionRule, InclusionRule, TopologySpec
+from nnunet_topo.rules import ExclusionRule, InclusionRule, TopologySpec, spec_from_dataset_json
+from nnunet_topo.summary_io import load_json_arg, nanmean, to_builtin
 
 __all__ = [
     "MeshEvaluationError",
@@ -185,11 +186,6 @@ def evaluate_mesh_case(ref_label_map: np.ndarray, geometry: ImageGeometry,
 # folder
 # ----------------------------------------------------------------------------------------------------
 
-def _nanmean(values) -> float:
-    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return float(np.mean(vals)) if vals else math.nan
-
-
 def _mesh_files_from_json(mesh_folder: str, case_names: Sequence[str]) -> Dict[str, Dict[str, str]]:
     with open(os.path.join(mesh_folder, "meshes.json")) as f:
         listing = json.load(f)
@@ -246,9 +242,7 @@ def evaluate_mesh_folder(ref_folder: str, mesh_folder: str, dataset_json: Union[
     """
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 
-    from nnunet_topo.evaluation import _load_json, _to_builtin, spec_from_dataset_json
-
-    dataset_json = _load_json(dataset_json, "dataset.json")
+    dataset_json = load_json_arg(dataset_json, "dataset.json")
     for folder, what in ((ref_folder, "reference folder"), (mesh_folder, "mesh folder")):
         if not os.path.isdir(folder):
             raise MeshEvaluationError(f"{what} not found: {folder}")
@@ -311,7 +305,7 @@ def evaluate_mesh_folder(ref_folder: str, mesh_folder: str, dataset_json: Union[
             raise MeshEvaluationError(f"case {case}: {e}") from e
         cases.append({"case": case, "reference_file": ref_file, "mesh_files": files[case], **result})
     summary = {"metric_per_case": cases, **aggregate_mesh_cases(cases, spec), "mesh_structures": structures}
-    summary = _to_builtin(summary)
+    summary = to_builtin(summary)
     if output_file is not None:
         if not output_file.endswith(".json"):
             raise MeshEvaluationError(f"output_file must end with .json, got {output_file}")
@@ -324,12 +318,12 @@ def aggregate_mesh_cases(cases: List[dict], spec: TopologySpec) -> dict:
     """``mesh_mean`` (per structure), ``mesh_foreground_mean`` and ``mesh_topology_mean`` over cases."""
     structures = list(spec.mesh_structures)
     keys = ["Dice", "Chamfer_mm", "HD95_mm", "laplacian_energy_mm2", "volume_mm3", "volume_ref_mm3"]
-    mean = {s: {k: _nanmean(c["mesh_metrics"][s][k] for c in cases if s in c["mesh_metrics"]) for k in keys}
+    mean = {s: {k: nanmean(c["mesh_metrics"][s][k] for c in cases if s in c["mesh_metrics"]) for k in keys}
             for s in structures}
-    fg = {k: _nanmean(mean[s][k] for s in structures) for k in keys}
+    fg = {k: nanmean(mean[s][k] for s in structures) for k in keys}
     rules = sorted({r for c in cases for r in c["mesh_topology"]["TVS_per_rule"]})
-    topo = {"num_cases": len(cases), "TVS": _nanmean(c["mesh_topology"]["TVS"] for c in cases),
-            "TVS_per_rule": {r: _nanmean(c["mesh_topology"]["TVS_per_rule"].get(r) for c in cases) for r in rules}}
+    topo = {"num_cases": len(cases), "TVS": nanmean(c["mesh_topology"]["TVS"] for c in cases),
+            "TVS_per_rule": {r: nanmean(c["mesh_topology"]["TVS_per_rule"].get(r) for c in cases) for r in rules}}
     return {"mesh_mean": mean, "mesh_foreground_mean": fg, "mesh_topology_mean": topo}
 
 

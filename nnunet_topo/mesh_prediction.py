@@ -139,15 +139,11 @@ def network_input_padding(shape_zyx: Sequence[int], strides: Sequence[int],
     return tuple(padded), tuple(before)
 
 
-def _unwrap(network: nn.Module) -> nn.Module:
-    return getattr(network, "_orig_mod", network)  # torch.compile's OptimizedModule
-
-
 def check_mesh_network(network: nn.Module) -> nn.Module:
     """The :class:`MeshAugmentedNetwork` (``torch.compile`` unwrapped), or :class:`MeshPredictionError`."""
-    from nnunet_topo.mesh_head.network import MeshAugmentedNetwork
+    from nnunet_topo.mesh_head.network import MeshAugmentedNetwork, unwrap_network
 
-    net = _unwrap(network)
+    net = unwrap_network(network)
     if not isinstance(net, MeshAugmentedNetwork):
         raise MeshPredictionError(f"{NO_MESH_HEAD} (the network is a {type(net).__name__}, not a "
                                   "MeshAugmentedNetwork)")

@@ -15,28 +15,46 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import List, Optional
+from typing import Any, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 
-def preprocessed_shapes(preprocessed_dataset_folder: str) -> List[tuple]:
-    """Spatial shapes of every preprocessed case of one configuration folder."""
+def preprocessed_cases(preprocessed_dataset_folder: str) -> Iterator[Tuple[str, Any, Any]]:
+    """``(identifier, data (C, Z, Y, X), seg (1, Z, Y, X))`` of every preprocessed case of one configuration folder,
+    sorted by identifier, one case at a time (nnU-Net's dataset class; arrays as it loads them, often memory-mapped).
+    """
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
     if not os.path.isdir(preprocessed_dataset_folder):
         raise FileNotFoundError(f"preprocessed data not found: {preprocessed_dataset_folder} "
                                 "(run nnUNetv2_plan_and_preprocess for this configuration first)")
     cls = infer_dataset_class(preprocessed_dataset_folder)
-    ids = cls.get_identifiers(preprocessed_dataset_folder)
-    ds = cls(preprocessed_dataset_folder, ids)
-    shapes = []
-    for i in ids:
-        data, _, _, _ = ds.load_case(i)
-        shapes.append(tuple(int(s) for s in data.shape[1:]))
-    if not shapes:
+    ids = sorted(cls.get_identifiers(preprocessed_dataset_folder))
+    if not ids:
         raise FileNotFoundError(f"no preprocessed cases in {preprocessed_dataset_folder}")
-    return shapes
+    ds = cls(preprocessed_dataset_folder, ids)
+    for i in ids:
+        data, seg, _, _ = ds.load_case(i)
+        yield i, data, seg
+
+
+def preprocessed_shapes(preprocessed_dataset_folder: str) -> List[tuple]:
+    """Spatial shapes of every preprocessed case of one configuration folder."""
+    return [tuple(int(s) for s in data.shape[1:]) for _, data, _ in preprocessed_cases(preprocessed_dataset_folder)]
+
+
+def saved_configuration(model_folder: Optional[str], configuration: str) -> dict:
+    """The ``configuration`` dict of the ``plans.json`` in a model folder (``{}`` when there is none or it cannot
+    be read): what a run being continued (``--c``, ``--val``) was trained with."""
+    path = os.path.join(model_folder, "plans.json") if model_folder else None
+    if path is None or not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)["configurations"].get(configuration, {})
+    except (OSError, ValueError, KeyError):
+        return {}
 
 
 def whole_volume_patch(shapes: List[tuple], strides: List[List[int]]) -> List[int]:

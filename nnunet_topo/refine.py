@@ -139,7 +139,7 @@ def refine_folder(model_folder: str, input_folder: str, output_folder: str, fold
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
-    from nnunet_topo.evaluation import spec_from_dataset_json
+    from nnunet_topo.rules import spec_from_dataset_json
 
     if not os.path.isdir(input_folder):
         raise RefinementError(f"input folder not found: {input_folder}")

@@ -35,6 +35,7 @@ from numbers import Integral
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 __all__ = [
+    "spec_from_dataset_json",
     "TopologySpecError",
     "Structure",
     "ExclusionRule",
@@ -621,3 +622,10 @@ def label_priors(spec: TopologySpec) -> Tuple[Dict[int, Tuple[int, ...]], Dict[i
         return {int(spec.betti_structures[n].label_ids[0]): tuple(int(b) for b in v) for n, v in priors.items()
                 if len(spec.betti_structures[n].label_ids) == 1}
     return single(spec.betti), single(spec.betti_2d)
+
+
+def spec_from_dataset_json(dataset_json: Mapping) -> TopologySpec:
+    """The dataset's topology spec, or the defaults (:func:`default_topology`) when it has no ``topology`` block."""
+    if "topology" in dataset_json:
+        return parse_topology(dataset_json)
+    return default_topology(dataset_json["labels"])

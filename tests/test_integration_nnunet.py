@@ -21,7 +21,7 @@ DATASET_ID = 991
 # Short-run subclasses, written to a second nnUNet_extTrainer folder (test glue only). Each runs 2 iterations per
 # epoch; the epoch count comes from SMOKE_EPOCHS so that a test can stop after one epoch and resume with --c.
 SMOKE_BASES = {"nnUNetTrainerProjPool": "nnUNetTrainerProjPool", "nnUNetTrainerBetti": "nnUNetTrainerBetti",
-               "nnUNetTrainerBettiSemi": "nnUNetTrainerBetti", "nnUNetTrainerTPM": "nnUNetTrainerMesh"}
+               "nnUNetTrainerBettiSemi": "nnUNetTrainerBetti", "nnUNetTrainerTPM": "nnUNetTrainerTPM"}
 SMOKE_TRAINERS = "import os\nimport torch\n" + "".join(
     f"from nnunet_topo.trainers.{module} import {base}\n" for base, module in SMOKE_BASES.items()) + "".join(
     textwrap.dedent(f'''

@@ -86,8 +86,9 @@ def test_trainers_are_found_by_nnunet(env, name):
 
 
 def test_class_attributes_of_the_variants(env):
-    from nnunet_topo.trainers.nnUNetTrainerMesh import (nnUNetTrainerMIE, nnUNetTrainerMesh, nnUNetTrainerTPM,
-                                                         nnUNetTrainerTPM_lambda1)
+    from nnunet_topo.trainers.nnUNetTrainerMesh import nnUNetTrainerMesh
+    from nnunet_topo.trainers.nnUNetTrainerMIE import nnUNetTrainerMIE
+    from nnunet_topo.trainers.nnUNetTrainerTPM import nnUNetTrainerTPM, nnUNetTrainerTPM_lambda1
 
     assert nnUNetTrainerMesh.lambda_tp == 0 and nnUNetTrainerTPM.lambda_tp == 0.5
     assert nnUNetTrainerTPM_lambda1.lambda_tp == 1.0 and nnUNetTrainerMIE.mie_rho == 0.2
@@ -102,7 +103,7 @@ def test_class_attributes_of_the_variants(env):
 def test_two_train_steps_log_finite_terms_and_checkpoint_loads_like_predict(pre, env, name, terms):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from nnunet_topo.trainers.nnUNetTrainerMesh import TEMPLATES_KEY
+    from nnunet_topo.mesh_head.network import TEMPLATES_KEY
 
     tr = _trainer(name, tpm_warmup_epochs=0, num_epochs=1, **FEW_POINTS)
     assert tuple(tr.topology_term_names()) == terms
@@ -190,7 +191,7 @@ def test_tpm_warmup_switches_lambda_on(pre, env):
 
 def test_templates_are_reused_not_recomputed(pre, env):
     from nnunet_topo.mesh_head.templates import Template
-    from nnunet_topo.trainers.nnUNetTrainerMesh import TEMPLATES_KEY
+    from nnunet_topo.mesh_head.network import TEMPLATES_KEY
 
     tr = _trainer("nnUNetTrainerMesh")
     conf = tr.plans_manager.plans["configurations"]["3d_fullres"]

@@ -83,7 +83,7 @@ def test_wrapper_zero_weight_skips_term_and_negative_weight_is_rejected():
 
 
 def test_semi_supervised_requires_whole_volume_in_patch():
-    from nnunet_topo.trainers.nnUNetTrainerBetti import check_whole_volume_in_patch
+    from nnunet_topo.patches import check_whole_volume_in_patch
 
     check_whole_volume_in_patch([("a", (10, 60, 64)), ("b", (12, 64, 64))], [12, 64, 64])
     with pytest.raises(RuntimeError, match=r"whole structure in view.*\('c', \[14, 64, 64\]\)"):
@@ -91,7 +91,7 @@ def test_semi_supervised_requires_whole_volume_in_patch():
 
 
 def test_group_poly_scheduler_scales_each_group():
-    from nnunet_topo.trainers.nnUNetTrainerMesh import GroupPolyLRScheduler
+    from nnunet_topo.lr_schedule import GroupPolyLRScheduler
 
     a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([{"params": [a], "lr_factor": 1.0}, {"params": [b], "lr_factor": 0.01}], lr=0.01)
@@ -100,3 +100,17 @@ def test_group_poly_scheduler_scales_each_group():
     expected = 0.01 * (1 - 5 / 10) ** 0.9
     assert opt.param_groups[0]["lr"] == pytest.approx(expected)
     assert opt.param_groups[1]["lr"] == pytest.approx(expected * 0.01)
+
+
+def test_center_pad_to_places_like_nnunet_and_keeps_channels():
+    import numpy as np
+
+    from nnunet_topo.patches import cases_larger_than_patch, center_pad_to
+
+    a = np.arange(2 * 3 * 5 * 4).reshape(2, 3, 5, 4)  # (C, Z, Y, X)
+    out = center_pad_to(a, (6, 5, 3))
+    assert out.shape == (2, 6, 5, 3)
+    # Z: need 3 -> 1 before (need // 2), 2 after; Y fits; X is 4 > 3 -> centre crop starting at (4 - 3) // 2 = 0
+    assert np.array_equal(out[:, 1:4, :, :], a[:, :, :, 0:3])
+    assert not out[:, 0].any() and not out[:, 4:].any()
+    assert cases_larger_than_patch([("a", (3, 5, 4)), ("b", (3, 6, 4))], (3, 5, 4)) == [("b", [3, 6, 4])]

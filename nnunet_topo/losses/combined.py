@@ -7,10 +7,31 @@ output only (DESIGN §6). The values of the last call are kept (detached) so a t
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Tuple
+from typing import Dict, Mapping, Tuple
 
 import torch
 from torch import Tensor, nn
+
+
+class EveryKCalls(nn.Module):
+    """Evaluate ``module`` on every ``k``-th training call only; otherwise return a graph-connected zero.
+
+    Validation calls (no grad) always evaluate, so the logged validation value is the real term.
+    """
+
+    def __init__(self, module: nn.Module, k: int) -> None:
+        super().__init__()
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.module, self.k, self.calls = module, int(k), 0
+
+    def forward(self, logits, target):
+        if not torch.is_grad_enabled():
+            return self.module(logits, target)
+        self.calls += 1
+        if (self.calls - 1) % self.k:
+            return logits.sum() * 0.0
+        return self.module(logits, target)
 
 
 def full_resolution(x):

@@ -12,32 +12,12 @@ between). Defaults were chosen by measurement (documentation/benchmarks.md). Var
 import os
 
 import torch
-from torch import nn
 
 from nnunet_topo.losses.betti import BettiPriorLoss
+from nnunet_topo.losses.combined import EveryKCalls
+from nnunet_topo.patches import center_pad_to, check_whole_volume_in_patch
 from nnunet_topo.rules import label_priors
 from nnunet_topo.trainers.nnUNetTrainerTopoBase import nnUNetTrainerTopoBase
-
-
-class EveryKCalls(nn.Module):
-    """Evaluate ``module`` on every ``k``-th training call only; otherwise return a graph-connected zero.
-
-    Validation calls (no grad) always evaluate, so the logged validation value is the real term.
-    """
-
-    def __init__(self, module: nn.Module, k: int) -> None:
-        super().__init__()
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        self.module, self.k, self.calls = module, int(k), 0
-
-    def forward(self, logits, target):
-        if not torch.is_grad_enabled():
-            return self.module(logits, target)
-        self.calls += 1
-        if (self.calls - 1) % self.k:
-            return logits.sum() * 0.0
-        return self.module(logits, target)
 
 
 class nnUNetTrainerBetti(nnUNetTrainerTopoBase):
@@ -64,19 +44,6 @@ class nnUNetTrainerBetti(nnUNetTrainerTopoBase):
 
 class nnUNetTrainerBetti_lambda005(nnUNetTrainerBetti):
     betti_weight = 0.005
-
-
-def check_whole_volume_in_patch(shapes, patch_size) -> None:
-    """Raise unless every preprocessed shape fits in the patch: priors describe whole structures."""
-    patch = [int(p) for p in patch_size]
-    too_big = [(name, list(shape)) for name, shape in shapes
-               if any(int(s) > p for s, p in zip(shape, patch))]
-    if too_big:
-        raise RuntimeError(
-            f"semi-supervised Betti priors need the whole structure in view, but the patch size {patch} is smaller "
-            f"than {len(too_big)} unlabelled case(s), e.g. {too_big[:3]}. A prior on a patch that cuts a structure is "
-            "wrong (DESIGN §6). Use a configuration whose patch covers the preprocessed volume (e.g. 3d_lowres, or "
-            "plans with a larger patch), or crop the unlabelled images to the heart.")
 
 
 class nnUNetTrainerBettiSemi(nnUNetTrainerBetti):
@@ -158,11 +125,7 @@ class nnUNetTrainerBettiSemi(nnUNetTrainerBetti):
 
         patch = [int(p) for p in self.configuration_manager.patch_size]
         idx = np.random.choice(len(self._unlabelled), self.batch_size, replace=True)
-        batch = np.zeros((self.batch_size, self._unlabelled[0][1].shape[0], *patch), np.float32)
-        for i, j in enumerate(idx):
-            a = np.asarray(self._unlabelled[j][1])
-            off = [(p - s) // 2 for p, s in zip(patch, a.shape[1:])]
-            batch[(i, slice(None)) + tuple(slice(o, o + s) for o, s in zip(off, a.shape[1:]))] = a
+        batch = np.stack([center_pad_to(np.asarray(self._unlabelled[j][1], dtype=np.float32), patch) for j in idx])
         return torch.from_numpy(batch).to(self.device, non_blocking=True)
 
     def _unlabelled_step(self) -> float:

@@ -68,49 +68,22 @@ class nnUNetTrainerTopoBase(nnUNetTrainer):
 
     def _check_rules_on_reference(self) -> None:
         """Check the spec against the reference labels once; the result is cached in the preprocessed folder."""
-        import hashlib
-        import json
-
-        from nnunet_topo.evaluation import check_rules_on_folder
+        from nnunet_topo.evaluation import cached_rule_check, reference_violations_message
 
         gt = os.path.join(self.preprocessed_dataset_folder_base, "gt_segmentations")
         if not os.path.isdir(gt):
             self.print_to_log_file(f"no {gt}: skipping the check of the rules on the reference labels")
             return
-        files = sorted(f for f in os.listdir(gt) if f.endswith(self.dataset_json["file_ending"]))
-        key = hashlib.sha1(json.dumps([self.dataset_json.get("topology"), self.dataset_json["labels"], files,
-                                       [os.path.getmtime(os.path.join(gt, f)) for f in files]],
-                                      sort_keys=True).encode()).hexdigest()
-        cache = os.path.join(self.preprocessed_dataset_folder_base, "nnunet_topo_reference_check.json")
-        report = None
-        if os.path.isfile(cache):
-            try:
-                with open(cache) as f:
-                    cached = json.load(f)
-                if cached.get("key") == key:
-                    report = cached["report"]
-            except (OSError, ValueError, KeyError):
-                report = None
-        if report is None:
-            report = check_rules_on_folder(gt, self.dataset_json, show_progress=False)
-            tmp = f"{cache}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump({"key": key, "report": report}, f)
-            os.replace(tmp, cache)
+        report = cached_rule_check(gt, self.dataset_json, os.path.join(self.preprocessed_dataset_folder_base,
+                                                                       "nnunet_topo_reference_check.json"))
         for name, e in report["betti"].items():
             if e["cases_differing"]:
                 self.print_to_log_file(f"WARNING: Betti prior {name} {tuple(e['prior'])} differs from the reference in "
                                        f"{e['cases_differing']}/{report['num_cases']} case(s)")
-        bad = {name: e for name, e in report["rules"].items() if e["cases_violating"]}
-        if bad:
-            lines = [f"  {name}: violated in {e['cases_violating']}/{report['num_cases']} reference case(s), e.g. "
-                     + ", ".join(f"{c} ({v['voxels']} voxels, slices {v['slices'][:5]})"
-                                 for c, v in list(e["cases"].items())[:3]) for name, e in bad.items()]
-            raise TopologySpecError(
-                "the reference labels of this dataset violate topology rules of its dataset.json, so the rules cannot "
-                "be learned:\n" + "\n".join(lines) + "\nFix the rules (add \"may_touch\", use \"mode\": \"2d\") or "
-                "the labels; nnUNetv2_topo_check_rules -d DATASET reports every case. (Subclass with "
-                "require_rules_hold_on_reference = False to train anyway.)")
+        message = reference_violations_message(report)
+        if message:
+            raise TopologySpecError(message + " (Subclass with require_rules_hold_on_reference = False to train "
+                                    "anyway.)")
 
     # ------------------------------------------------------------------ hooks for subclasses
     def topology_term_names(self) -> Tuple[str, ...]:
@@ -184,24 +157,11 @@ class nnUNetTrainerTopoBase(nnUNetTrainer):
                 self.print_to_log_file(f"could not write progress_topology.png: {e}")
 
     def _plot_topology_progress(self) -> None:
-        import matplotlib
-        matplotlib.use("agg")
-        import matplotlib.pyplot as plt
+        from nnunet_topo.progress import plot_term_progress
 
-        names = self._logged_term_names
-        fig, axes = plt.subplots(len(names), 1, figsize=(10, 4 * len(names)), squeeze=False)
-        for ax, name in zip(axes[:, 0], names):
-            tr = self.logger.get_value(f"train_{name}", step=None)
-            va = self.logger.get_value(f"val_{name}", step=None)
-            n = min(len(tr), len(va))
-            ax.plot(range(n), tr[:n], color="b", label=f"train_{name}")
-            ax.plot(range(n), va[:n], color="r", label=f"val_{name}")
-            ax.set_xlabel("epoch")
-            ax.set_ylabel(name)
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(self.output_folder, "progress_topology.png"))
-        plt.close(fig)
+        curves = {name: (self.logger.get_value(f"train_{name}", step=None),
+                         self.logger.get_value(f"val_{name}", step=None)) for name in self._logged_term_names}
+        plot_term_progress(curves, os.path.join(self.output_folder, "progress_topology.png"))
 
     # ------------------------------------------------------------------ validation
     def perform_actual_validation(self, save_probabilities: bool = False):

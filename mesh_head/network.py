@@ -17,7 +17,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -25,7 +25,14 @@ from torch import nn
 from .head import MeshHead
 from .templates import Template
 
-__all__ = ["MeshAugmentedNetwork", "decoder_stage_channels"]
+__all__ = ["HEAD_KEY", "TEMPLATES_KEY", "MeshAugmentedNetwork", "MeshCachingNetwork", "decoder_stage_channels",
+           "head_settings", "mesh_network_from_configuration", "store_in_configuration", "stored_templates", "templates_from_configuration", "unwrap_network"]
+
+#: key (in a plans configuration, ``plans["configurations"][<configuration>]``) holding the templates as
+#: ``Template.to_dict()`` (the mesh trainers write it; nnU-Net copies it into the model folder's plans.json)
+TEMPLATES_KEY = "nnunet_topo_mesh_templates"
+#: key holding the head settings ``{"decoder_stages": ..., "structure_channels": ..., "head_kwargs": {...}}``
+HEAD_KEY = "nnunet_topo_mesh_head"
 
 
 def decoder_stage_channels(network: nn.Module) -> tuple[list[int], int]:
@@ -128,3 +135,95 @@ class MeshAugmentedNetwork(nn.Module):
 
     def templates(self) -> list[Template]:
         return self.mesh_head.templates()
+
+
+class MeshCachingNetwork(MeshAugmentedNetwork):
+    """:class:`MeshAugmentedNetwork` whose training-mode ``forward`` also runs the head and caches the meshes.
+
+    This is how the mesh trainers get meshes into their loss without copying nnU-Net's ``train_step``:
+    ``forward(x)`` returns exactly the wrapped network's output in every mode. In training mode with
+    ``cache_meshes`` True it calls :meth:`forward_with_meshes` and keeps the meshes (list of ``(B, V_s, 3)``,
+    normalised patch frame) in ``last_meshes``; in eval mode the head does not run and ``last_meshes`` is None,
+    unless ``meshes_in_eval`` is set (the trainer's validation epochs). The state dict is that of
+    :class:`MeshAugmentedNetwork` (no new parameters or buffers).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.cache_meshes: bool = True
+        #: also run the head in eval mode (the trainer sets it during its validation epochs only, never for the
+        #: predictor), so that the validation loss has mesh terms
+        self.meshes_in_eval: bool = False
+        self.last_meshes: Optional[List[torch.Tensor]] = None
+
+    def forward(self, x: torch.Tensor):
+        if (self.training or self.meshes_in_eval) and self.cache_meshes:
+            seg, meshes = self.forward_with_meshes(x)
+            self.last_meshes = meshes
+            return seg
+        self.last_meshes = None
+        return self.network(x)
+
+    def pop_meshes(self) -> Optional[List[torch.Tensor]]:
+        """The cached meshes of the last training forward (then forgotten), or None."""
+        meshes, self.last_meshes = self.last_meshes, None
+        return meshes
+
+
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """The module under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(network, "module") and isinstance(network.module, nn.Module):
+            network = network.module
+        elif hasattr(network, "_orig_mod") and isinstance(network._orig_mod, nn.Module):
+            network = network._orig_mod
+        else:
+            return network
+
+
+def templates_from_configuration(configuration: dict) -> list[Template]:
+    """Templates stored in a configuration dict of the plans; a clear error when there are none."""
+    raw = configuration.get(TEMPLATES_KEY)
+    if not raw:
+        raise RuntimeError(
+            f"the plans' configuration has no {TEMPLATES_KEY!r}: the mesh trainers store their templates there when "
+            "they are instantiated for training, and nnU-Net copies them into the model folder's plans.json. Build "
+            "this network from the plans.json of a model folder trained with a mesh trainer (nnUNetTrainerMesh, "
+            "nnUNetTrainerTPM, nnUNetTrainerMIE), or instantiate the trainer once so it adds the templates.")
+    return [Template.from_dict(d) for d in raw]
+
+
+def mesh_network_from_configuration(network: nn.Module, configuration: dict) -> MeshCachingNetwork:
+    """Wrap a built nnU-Net network in a :class:`MeshCachingNetwork` with the templates and head settings that a
+    plans configuration dict stores (:data:`TEMPLATES_KEY`, :data:`HEAD_KEY`), so inference rebuilds the head of
+    training exactly."""
+    templates = templates_from_configuration(configuration)
+    head = configuration.get(HEAD_KEY) or {}
+    return MeshCachingNetwork(network, templates, decoder_stages=head.get("decoder_stages"),
+                              structure_channels=head.get("structure_channels"), **(head.get("head_kwargs") or {}))
+
+
+def stored_templates(*configurations: dict) -> Optional[list[Template]]:
+    """The templates of the first configuration dict that stores any (:data:`TEMPLATES_KEY`), else None."""
+    for conf in configurations:
+        if conf.get(TEMPLATES_KEY):
+            return [Template.from_dict(d) for d in conf[TEMPLATES_KEY]]
+    return None
+
+
+def head_settings(head_kwargs: dict, decoder_stages: Optional[Sequence[int]] = None,
+                  structure_channels: Optional[Sequence[Sequence[int]]] = None) -> dict:
+    """The :data:`HEAD_KEY` dict: MeshHead keyword arguments, decoder stages (None: all) and, for
+    segmentation-guided placement, the output channels of each structure (None: off)."""
+    head = {"decoder_stages": None if decoder_stages is None else [int(i) for i in decoder_stages],
+            "head_kwargs": dict(head_kwargs)}
+    if structure_channels is not None:
+        head["structure_channels"] = [sorted(int(i) for i in ch) for ch in structure_channels]
+    return head
+
+
+def store_in_configuration(configuration: dict, templates: Sequence[Template], head: dict) -> None:
+    """Write templates and head settings into a plans configuration dict (read back by
+    :func:`mesh_network_from_configuration`)."""
+    configuration[TEMPLATES_KEY] = [t.to_dict() for t in templates]
+    configuration[HEAD_KEY] = head

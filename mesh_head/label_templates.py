@@ -1,0 +1,101 @@
+"""Templates from training label maps (DESIGN §7 "Templates"): the data side of template building.
+
+:func:`templates_from_label_maps` turns the preprocessed segmentations of a dataset into one template per mesh
+structure, in the normalised frame of the training patch:
+
+1. each label map is centre-padded to the patch size exactly as nnU-Net's data loader places a case smaller than
+   the patch (:func:`nnunet_topo.patches.center_pad_to`: ``need // 2`` before);
+2. mask = ``isin(seg, structure ids)``; every mask is shifted by whole voxels so that its centroid lies on the mean
+   centroid (:func:`align_centroids`, the "mean aligned mask");
+3. :func:`~nnunet_topo.mesh_head.templates.template_from_masks` (majority vote, genus from the Betti numbers);
+   where that fails and most masks are genus 0, a moment-fitted ellipsoid (:func:`ellipsoid_template`), logged.
+
+Plain numpy/torch (no nnU-Net import); the trainers load the cases and call this.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..meshes import index_to_normalized
+from ..metrics.topology import betti_numbers_3d
+from ..patches import center_pad_to
+from .templates import Template, _orient_outward, sphere_template, template_from_masks
+
+__all__ = ["TemplateBuildError", "align_centroids", "ellipsoid_template",
+           "templates_from_label_maps"]
+
+
+class TemplateBuildError(RuntimeError):
+    """No template (not even the ellipsoid fallback) could be built for a mesh structure."""
+
+
+def align_centroids(masks: Sequence[np.ndarray]) -> List[np.ndarray]:
+    """Shift each (Z, Y, X) mask by whole voxels so its centroid lands on the mean centroid (zero fill): the
+    "mean aligned mask" of DESIGN §7, so that position jitter between cases does not blur the template."""
+    masks = [np.asarray(m, dtype=bool) for m in masks]
+    cents = [np.argwhere(m).mean(0) if m.any() else None for m in masks]
+    valid = [c for c in cents if c is not None]
+    if not valid:
+        return masks
+    target = np.mean(valid, axis=0)
+    out = []
+    for m, c in zip(masks, cents):
+        if c is None:
+            out.append(m)
+            continue
+        shift = np.round(target - c).astype(int)
+        shifted = np.zeros_like(m)
+        src = tuple(slice(max(0, -d), n - max(0, d)) for d, n in zip(shift, m.shape))
+        dst = tuple(slice(max(0, d), n - max(0, -d)) for d, n in zip(shift, m.shape))
+        shifted[dst] = m[src]
+        out.append(shifted)
+    return out
+
+
+def ellipsoid_template(masks: Sequence[np.ndarray], subdivisions: int, name: str) -> Optional[Template]:
+    """Fallback genus-0 template: an icosphere scaled to the moments of the soft mean mask (axis-aligned ellipsoid,
+    semi-axis = sqrt(5) x the weighted standard deviation, as for a uniformly filled ellipsoid, clipped to the
+    patch), centred at its weighted centroid. None unless most masks are genus 0 (Betti (1, 0, 0))."""
+    masks = [np.asarray(m, dtype=bool) for m in masks if np.any(m)]
+    if not masks or sum(tuple(betti_numbers_3d(m)) == (1, 0, 0) for m in masks) * 2 <= len(masks):
+        return None
+    mean = np.mean(np.stack(masks).astype(np.float64), axis=0)
+    idx = np.argwhere(mean > 0).astype(np.float64)
+    w = mean[mean > 0]
+    c = (idx * w[:, None]).sum(0) / w.sum()
+    sd = np.maximum(np.sqrt((((idx - c) ** 2) * w[:, None]).sum(0) / w.sum()), 0.5)
+    shape = np.asarray(mean.shape, dtype=np.float64)
+    semi = np.minimum(np.sqrt(5.0) * sd, np.minimum(c, shape - 1 - c).clip(min=0.5))
+    unit = sphere_template(subdivisions, radius=1.0, name=name)
+    v_zyx = c + unit.vertices[:, ::-1].astype(np.float64) * semi  # icosphere (x, y, z) -> (z, y, x) offsets
+    v = index_to_normalized(v_zyx, mean.shape)
+    return Template(v, _orient_outward(np.asarray(v, dtype=np.float64), unit.faces), name=name, genus=0)
+
+
+def templates_from_label_maps(label_maps: Sequence[np.ndarray], structures: Mapping[str, Sequence[int]],
+                              patch_size: Sequence[int], subdivisions: int = 3,
+                              torus_sections: Sequence[int] = (32, 16),
+                              log: Callable[[str], None] = lambda msg: None) -> List[Template]:
+    """One template per entry of ``structures`` (``{name: label ids}``, in that order) from ``(Z, Y, X)`` label maps
+    that fit in ``patch_size``; vertices in the normalised frame of the patch.
+
+    Raises :class:`TemplateBuildError` when neither :func:`template_from_masks` nor the ellipsoid fallback works.
+    """
+    patch = [int(p) for p in patch_size]
+    templates = []
+    for name, label_ids in structures.items():
+        ids = np.asarray(list(label_ids))
+        masks = align_centroids([np.isin(center_pad_to(np.asarray(s), patch), ids) for s in label_maps])
+        try:
+            templates.append(template_from_masks(masks, subdivisions=subdivisions, name=name,
+                                                 torus_sections=tuple(torus_sections)))
+        except ValueError as e:
+            fallback = ellipsoid_template(masks, subdivisions, name)
+            if fallback is None:
+                raise TemplateBuildError(f"cannot build the template of mesh structure {name!r} from "
+                                         f"{len(label_maps)} training case(s): {e}") from e
+            log(f"template {name!r}: {e} -> using the moment-fitted ellipsoid instead")
+            templates.append(fallback)
+    return templates

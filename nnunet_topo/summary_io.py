@@ -1,0 +1,51 @@
+"""Shared by the folder evaluators (``evaluation.py``, ``mesh_evaluation.py``): JSON input, JSON-safe values, means.
+
+Kept apart so that neither evaluator imports the other's internals (no import circle).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Iterable, Union
+
+import numpy as np
+
+__all__ = ["EvaluationError", "load_json_arg", "nanmean", "to_builtin"]
+
+
+class EvaluationError(ValueError):
+    """Bad input to the evaluator (missing files, mismatching shapes or spacings, NaNs)."""
+
+
+def to_builtin(x):
+    """``x`` with numpy scalars and arrays (also nested in dicts, lists, tuples) turned into Python builtins."""
+    if isinstance(x, dict):
+        return {k: to_builtin(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_builtin(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        return float(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, np.ndarray):
+        return to_builtin(x.tolist())
+    return x
+
+
+def nanmean(values: Iterable) -> float:
+    """Mean over the values that are neither None nor NaN; NaN when none is left."""
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def load_json_arg(x: Union[str, os.PathLike, dict], what: str) -> dict:
+    """A dict given as itself or as the path of a JSON file (:class:`EvaluationError` naming ``what`` if missing)."""
+    if isinstance(x, dict):
+        return x
+    if not os.path.isfile(x):
+        raise EvaluationError(f"{what} not found: {x}")
+    with open(x) as f:
+        return json.load(f)

@@ -1,0 +1,44 @@
+"""Short-run variants for CPUs: the README demo and the CPU study of documentation/results.md.
+
+They change training length and sample counts only (attributes set in ``__init__``, the convention of nnU-Net's
+own ``nnUNetTrainer_5epochs``); the losses, networks and hooks are those of the real trainers.
+"""
+from typing import Any, Dict
+
+import torch
+
+from nnunet_topo.trainers.nnUNetTrainerMesh import nnUNetTrainerMesh
+from nnunet_topo.trainers.nnUNetTrainerProjPool import nnUNetTrainerProjPool
+from nnunet_topo.trainers.nnUNetTrainerTPM import nnUNetTrainerTPM
+
+
+class _ShortRunMixin:
+    """Sets the attributes of ``short_run`` after the trainer's own ``__init__``."""
+
+    short_run: Dict[str, Any] = {}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        for name, value in self.short_run.items():
+            setattr(self, name, value)
+
+
+class nnUNetTrainerProjPool_demo(_ShortRunMixin, nnUNetTrainerProjPool):
+    """A short run for trying the plugin on a CPU (README demo): 10 epochs x 20 iterations."""
+
+    short_run = dict(num_epochs=10, num_iterations_per_epoch=20, num_val_iterations_per_epoch=5)
+
+
+#: the CPU study (examples/study_tpm_vs_mesh.sh): 15 epochs x 20 iterations, 512 occupancy query points per mesh,
+#: TPM switched on after 5 epochs (100 iterations, by which the segmentation that places the templates is usable)
+CPU_STUDY = dict(num_epochs=15, num_iterations_per_epoch=20, num_val_iterations_per_epoch=2, occ_num_uniform=256,
+                 occ_num_surface=256, max_critical_points=512, tpm_warmup_epochs=5)
+
+
+class nnUNetTrainerMesh_cpuStudy(_ShortRunMixin, nnUNetTrainerMesh):
+    short_run = CPU_STUDY
+
+
+class nnUNetTrainerTPM_cpuStudy(_ShortRunMixin, nnUNetTrainerTPM):
+    short_run = CPU_STUDY
