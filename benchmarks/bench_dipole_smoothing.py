@@ -1,4 +1,4 @@
-"""How fine can the smoothed dipole occupancy be, in millimetres? (the default of ``mesh_smoothing_mm``)
+"""How fine can the smoothed dipole occupancy be, in millimetres? (the default of ``occupancy_smoothing_mm``)
 
 The mesh losses measure the dipole smoothing sigma in mm (DESIGN §6 "Frames"). A smaller sigma resolves thinner
 walls (the septum between the LV and RV meshes), but the one-point-per-vertex quadrature of the dipole form is only

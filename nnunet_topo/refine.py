@@ -139,7 +139,7 @@ def refine_folder(model_folder: str, input_folder: str, output_folder: str, fold
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
-    from nnunet_topo.rules import spec_from_dataset_json
+    from nnunet_topo.rules import spec_from_dataset_json, spec_in_patch_frame
 
     if not os.path.isdir(input_folder):
         raise RefinementError(f"input folder not found: {input_folder}")
@@ -158,7 +158,7 @@ def refine_folder(model_folder: str, input_folder: str, output_folder: str, fold
     if not use_2d:
         priors_2d = {}
     # the slice axis is given in the axis order of the images; nnU-Net's preprocessing transposes
-    slice_axis = list(plans_manager.transpose_forward).index(spec.betti_2d_axis) if priors_2d else None
+    slice_axis = spec_in_patch_frame(spec, plans_manager.transpose_forward).betti_2d_axis if priors_2d else None
     losses = build_prior_losses(priors_3d, priors_2d, slice_axis, downsample)
 
     file_ending = dj["file_ending"]

@@ -26,6 +26,8 @@ rule or label and says how to fix it. This module does not import nnU-Net.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import difflib
 import json
 import os
@@ -36,6 +38,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = [
     "spec_from_dataset_json",
+    "spec_in_patch_frame",
     "TopologySpecError",
     "Structure",
     "ExclusionRule",
@@ -629,3 +632,22 @@ def spec_from_dataset_json(dataset_json: Mapping) -> TopologySpec:
     if "topology" in dataset_json:
         return parse_topology(dataset_json)
     return default_topology(dataset_json["labels"])
+
+
+def spec_in_patch_frame(spec: TopologySpec, transpose_forward: Sequence[int]) -> TopologySpec:
+    """The spec with every slice axis (of 2d rules, of 3d rules' ``axis`` attribute, which MIE uses for its
+    slice-wise detection, and ``betti_2d_axis``) mapped from the image's array order to the order of nnU-Net's
+    preprocessed arrays (the plans' ``transpose_forward``: preprocessed axis ``k`` is image axis
+    ``transpose_forward[k]``). Rule names are kept, so logs and evaluation still match the dataset.json rules.
+
+    Every trainer that applies rules to preprocessed patches calls this once; evaluation on images (original
+    order) uses the spec as parsed."""
+    order = [int(a) for a in transpose_forward]
+    if sorted(order) != [0, 1, 2]:
+        raise ValueError(f"transpose_forward must be a permutation of (0, 1, 2), got {list(transpose_forward)}")
+
+    def mapped(axis: int) -> int:
+        return order.index(int(axis))
+
+    rules = tuple(dataclasses.replace(r, axis=mapped(r.axis)) for r in spec.rules)
+    return dataclasses.replace(spec, rules=rules, betti_2d_axis=mapped(spec.betti_2d_axis))

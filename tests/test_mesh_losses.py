@@ -70,14 +70,32 @@ def test_exclusion_targets_by_hand():
     # violation voxels of pred (LV touching RV, RV touching LV, 6-connectivity), as (y, x):
     #   (0,2) LV next to RV (0,3) and (1,2);  (0,3) RV next to LV (0,2);
     #   (1,1) LV next to RV (1,2);            (1,2) RV next to LV (1,1) and (0,2).
-    # reference labels there: (0,2) LV -> negative for RV's mesh; (0,3) MYO -> nothing;
-    #                         (1,1) LV -> negative for RV's mesh; (1,2) RV -> negative for LV's mesh.
+    # Each is a point of BOTH meshes the rule names (TPM Eq. 7, selection by the prediction), target = [ref in mesh]:
+    # reference labels there: (0,2) LV, (0,3) MYO (the missing septum: negative for both), (1,1) LV, (1,2) RV.
     out = critical_point_targets(pred, ref, make_spec([EXCLUSION]))
     assert len(out) == 1 and set(out[0]) == set(MESHES)
-    assert as_dict(*out[0]["RV_mesh"]) == {(0, 0, 2): 0.0, (0, 1, 1): 0.0}
-    assert as_dict(*out[0]["LV_endo"]) == {(0, 1, 2): 0.0}
-    assert out[0]["LV_epi"][0].shape == (0, 3) and out[0]["LV_epi"][1].shape == (0,)
+    assert as_dict(*out[0]["LV_endo"]) == {(0, 0, 2): 1.0, (0, 0, 3): 0.0, (0, 1, 1): 1.0, (0, 1, 2): 0.0}
+    assert as_dict(*out[0]["RV_mesh"]) == {(0, 0, 2): 0.0, (0, 0, 3): 0.0, (0, 1, 1): 0.0, (0, 1, 2): 1.0}
+    assert out[0]["LV_epi"][0].shape == (0, 3) and out[0]["LV_epi"][1].shape == (0,)  # not named by the rule
     assert out[0]["RV_mesh"][0].dtype == torch.long and out[0]["RV_mesh"][1].dtype == torch.float32
+
+
+def test_missing_septum_gives_negatives_for_both_meshes():
+    """Reference RV RV MYO MYO LV LV, prediction RV RV RV LV LV LV (the septum is missing): the contact voxels have
+    reference MYO and must be negatives of the LV and the RV mesh (the one error TPM exists for)."""
+    ref = torch.tensor([2, 2, 3, 3, 1, 1]).view(1, 1, 1, 6)
+    pred = torch.tensor([2, 2, 2, 1, 1, 1]).view(1, 1, 1, 6)
+    out = critical_point_targets(pred, ref, make_spec([EXCLUSION]))[0]
+    # contact: RV at x=2 touches LV at x=3; both have reference MYO
+    assert as_dict(*out["LV_endo"]) == {(0, 0, 2): 0.0, (0, 0, 3): 0.0}
+    assert as_dict(*out["RV_mesh"]) == {(0, 0, 2): 0.0, (0, 0, 3): 0.0}
+
+
+def test_ignored_voxels_are_never_critical():
+    ref = torch.tensor([2, 2, 9, 3, 1, 1]).view(1, 1, 1, 6)  # 9 = ignore label at the contact's RV side
+    pred = torch.tensor([2, 2, 2, 1, 1, 1]).view(1, 1, 1, 6)
+    out = critical_point_targets(pred, ref, make_spec([EXCLUSION]), ignore_label=9)[0]
+    assert as_dict(*out["LV_endo"]) == {(0, 0, 3): 0.0} and as_dict(*out["RV_mesh"]) == {(0, 0, 3): 0.0}
 
 
 def test_inclusion_with_may_touch_targets_by_hand():
@@ -89,12 +107,14 @@ def test_inclusion_with_may_touch_targets_by_hand():
     # violation voxels of pred, as (y, x):
     #   inner voxels touching a forbidden voxel: (0,1) [below: (1,1) bg], (0,4) [(0,5), (1,4) bg], (1,2) [(1,1), (1,3)]
     #   forbidden voxels touched by inner:       (0,5), (1,1), (1,3), (1,4)
-    # reference labels: (0,1) LV, (0,4) LV, (1,2) LV -> positives for the outer mesh LV_epi;
-    #   (0,5) RV, (1,4) bg (outside LV+MYO+LA) -> negatives for the inner mesh LV_endo;
-    #   (1,1) LA (allowed opening) and (1,3) MYO (in outer, not inner) -> nothing.
+    # reference labels: (0,1) LV, (0,4) LV, (1,2) LV, (0,5) RV, (1,1) LA, (1,3) MYO, (1,4) bg.
+    # (1,1) has the reference of the allowed opening LA: never penalised. Every other voxel is a point of the inner
+    # mesh LV_endo (target [ref in LV]) and of the outer mesh LV_epi (target [ref in LV, MYO]).
     out = critical_point_targets(pred, ref, make_spec([INCLUSION]))
-    assert as_dict(*out[0]["LV_epi"]) == {(0, 0, 1): 1.0, (0, 0, 4): 1.0, (0, 1, 2): 1.0}
-    assert as_dict(*out[0]["LV_endo"]) == {(0, 0, 5): 0.0, (0, 1, 4): 0.0}
+    assert as_dict(*out[0]["LV_endo"]) == {(0, 0, 1): 1.0, (0, 0, 4): 1.0, (0, 1, 2): 1.0, (0, 0, 5): 0.0,
+                                           (0, 1, 3): 0.0, (0, 1, 4): 0.0}
+    assert as_dict(*out[0]["LV_epi"]) == {(0, 0, 1): 1.0, (0, 0, 4): 1.0, (0, 1, 2): 1.0, (0, 0, 5): 0.0,
+                                          (0, 1, 3): 1.0, (0, 1, 4): 0.0}
     assert out[0]["RV_mesh"][0].shape == (0, 3)
 
 
@@ -111,16 +131,17 @@ def test_both_rules_deduplicate_and_batch():
         assert len(set(map(tuple, p.tolist()))) == p.shape[0]  # no duplicates
         ids = torch.tensor(structure.label_ids)
         assert torch.equal(t, torch.isin(ref[0][p[:, 0], p[:, 1], p[:, 2]], ids).float())
-    # the exclusion (RV_mesh) set of the first item contains the exclusion-only result
-    assert {(0, 0, 2), (0, 1, 1)} <= set(as_dict(*out[0]["RV_mesh"]))
+    # the exclusion result of the first item is contained in the result of both rules
+    assert {(0, 0, 2), (0, 0, 3), (0, 1, 1), (0, 1, 2)} <= set(as_dict(*out[0]["RV_mesh"]))
     # item 2 (pred = ref), by hand, (y, x): LV at (0,1), (0,2), (1,1); RV at (1,2), (0,4); MYO at (0,3).
-    # exclusion: (0,2) and (1,1) LV touch RV (1,2) -> negatives for RV_mesh; (1,2) RV -> negative for LV_endo.
+    # exclusion: (0,2) and (1,1) LV touch RV (1,2); (1,2) RV touches LV -> points of LV_endo and RV_mesh.
     # inclusion (allowed LV, MYO, LA): (0,1) touches bg (0,0); (0,2) touches RV (1,2); (1,1) touches bg (1,0)
-    #   and RV (1,2) -> inner voxels with reference LV -> positives for LV_epi; forbidden voxels touched:
-    #   (0,0) bg, (1,0) bg, (1,2) RV -> negatives for LV_endo (merged with the exclusion point (1,2)).
-    assert as_dict(*out[1]["LV_endo"]) == {(0, 0, 0): 0.0, (0, 1, 0): 0.0, (0, 1, 2): 0.0}
-    assert as_dict(*out[1]["LV_epi"]) == {(0, 0, 1): 1.0, (0, 0, 2): 1.0, (0, 1, 1): 1.0}
-    assert as_dict(*out[1]["RV_mesh"]) == {(0, 0, 2): 0.0, (0, 1, 1): 0.0}
+    #   and RV (1,2); forbidden voxels touched: (0,0) bg, (1,0) bg, (1,2) RV -> points of LV_endo and LV_epi.
+    assert as_dict(*out[1]["LV_endo"]) == {(0, 0, 0): 0.0, (0, 0, 1): 1.0, (0, 0, 2): 1.0, (0, 1, 0): 0.0,
+                                           (0, 1, 1): 1.0, (0, 1, 2): 0.0}
+    assert as_dict(*out[1]["LV_epi"]) == {(0, 0, 0): 0.0, (0, 0, 1): 1.0, (0, 0, 2): 1.0, (0, 1, 0): 0.0,
+                                          (0, 1, 1): 1.0, (0, 1, 2): 0.0}
+    assert as_dict(*out[1]["RV_mesh"]) == {(0, 0, 2): 0.0, (0, 1, 1): 0.0, (0, 1, 2): 1.0}
 
 
 def test_2d_mode_ignores_contacts_across_slices():
@@ -128,12 +149,12 @@ def test_2d_mode_ignores_contacts_across_slices():
     ref = torch.tensor([[[[2]], [[1]]]])
     spec = make_spec([EXCLUSION])
     out3 = critical_point_targets(pred, ref, spec, mode="3d")
-    assert as_dict(*out3[0]["LV_endo"]) == {(0, 0, 0): 0.0}
-    assert as_dict(*out3[0]["RV_mesh"]) == {(1, 0, 0): 0.0}
+    assert as_dict(*out3[0]["LV_endo"]) == {(0, 0, 0): 0.0, (1, 0, 0): 1.0}
+    assert as_dict(*out3[0]["RV_mesh"]) == {(0, 0, 0): 1.0, (1, 0, 0): 0.0}
     out2 = critical_point_targets(pred, ref, spec, mode="2d")  # slices along axis 0: no in-plane contact
     assert all(p.shape[0] == 0 for p, _ in out2[0].values())
     out2x = critical_point_targets(pred, ref, spec, mode="2d", axis=2)  # slices along x: the contact is in plane
-    assert as_dict(*out2x[0]["LV_endo"]) == {(0, 0, 0): 0.0}
+    assert as_dict(*out2x[0]["LV_endo"]) == {(0, 0, 0): 0.0, (1, 0, 0): 1.0}
 
 
 def test_critical_point_targets_bad_inputs():
@@ -368,7 +389,8 @@ def test_mie_uses_2d_detection():
     loss_fn = MIELoss(spec, ["LV_endo"], num_points=10)
     loss_fn([v[None]], [f], logits, ref[:, None])
     assert loss_fn.last_num_critical == 0
-    assert sum(p.shape[0] for p, _ in critical_point_targets(pred, ref, spec)[0].values()) == 8
+    # in 3D, the 4 + 4 contact voxels are points of both meshes of the rule (LV_endo and RV_mesh)
+    assert sum(p.shape[0] for p, _ in critical_point_targets(pred, ref, spec)[0].values()) == 16
 
 
 @pytest.mark.filterwarnings("ignore:method='exact'")

@@ -237,3 +237,38 @@ def test_missing_mesh_structures_is_a_clear_error(pre, env):
     del dj["topology"]["mesh_structures"]
     with pytest.raises(TopologySpecError, match="mesh_structures"):
         nnUNetTrainerMesh(dict(plans, continue_training=False), "3d_fullres", 0, dj, torch.device("cpu"))
+
+
+def test_mesh_losses_are_in_mm_with_the_patch_frame_spec_and_log_point_sources(pre, env):
+    """The loss modules measure in the configuration's spacing (mm) and use the spec with axes mapped through the
+    plans' transpose_forward (a CT-like plans copy with a non-identity transpose; only the wiring is checked);
+    TPM logs how many critical points came from the label map and from the meshes."""
+    from nnunet_topo.rules import spec_in_patch_frame
+
+    plans = _load(pre, PLANS_BIG + ".json")
+    plans["plans_name"] = PLANS_BIG + "T"
+    plans["transpose_forward"], plans["transpose_backward"] = [1, 0, 2], [1, 0, 2]
+    with open(os.path.join(pre, PLANS_BIG + "T.json"), "w") as f:
+        json.dump(plans, f)
+    tr = _trainer("nnUNetTrainerTPM", plans=PLANS_BIG + "T", tpm_warmup_epochs=0, **FEW_POINTS)
+    two_d = [r for r in tr.topology_spec.rules if r.mode == "2d"]
+    assert two_d, "the synthetic ACDC spec has slice-wise rules"
+    assert tr.patch_topology_spec == spec_in_patch_frame(tr.topology_spec, [1, 0, 2])
+    assert [r.axis for r in tr.patch_topology_spec.rules if r.mode == "2d"] == [[1, 0, 2].index(r.axis)
+                                                                                for r in two_d]
+    tr._make_loss_modules()
+    assert tr._tpm_loss.spec is tr.patch_topology_spec and tr._tpm_loss.spacing == tuple(tr.patch_spacing())
+    assert tr.patch_spacing() == [float(s) for s in tr.configuration_manager.spacing]
+    assert 1.0 <= tr.mesh_smoothing() and tr.mesh_smoothing() >= 0.5 * tr._mean_edge_mm
+
+    tr = _trainer("nnUNetTrainerTPM", tpm_warmup_epochs=0, num_epochs=1, **FEW_POINTS)
+    tr.initialize()
+    tr.on_train_start()
+    tr.on_epoch_start()
+    tr.on_train_epoch_start()
+    outs = [tr.train_step(next(tr.dataloader_train)) for _ in range(2)]
+    for o in outs:
+        assert o["train_crit_pred"] >= 0 and o["train_crit_mesh"] >= 0
+    tr.on_train_epoch_end(outs)
+    log = tr.logger.local_logger.my_fantastic_logging
+    assert len(log["train_crit_pred"]) == 1 and len(log["train_crit_mesh"]) == 1

@@ -81,7 +81,7 @@ class nnUNetTrainerBettiSemi(nnUNetTrainerBetti):
             self._unlabelled_losses.append(BettiPriorLoss(sorted(priors_3d), priors=priors_3d, target="prior",
                                                           downsample=self.betti_downsample))
         if priors_2d:
-            axis = list(self.plans_manager.transpose_forward).index(spec.betti_2d_axis)
+            axis = self.patch_topology_spec.betti_2d_axis  # slice axis in the preprocessed order
             self._unlabelled_losses.append(BettiPriorLoss(sorted(priors_2d), priors=priors_2d, target="prior",
                                                           downsample=self.betti_downsample, slice_axis=axis))
         self._unlabelled_calls = 0

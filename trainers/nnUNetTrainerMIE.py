@@ -27,10 +27,13 @@ class nnUNetTrainerMIE(nnUNetTrainerMesh):
         return {"mie": self.mie_weight, "laplacian": self.mie_laplacian_weight}
 
     def _make_loss_modules(self) -> None:
+        super()._make_loss_modules()  # template edge lengths in mm (the Laplacian's length scale)
         smoothing = self.mesh_smoothing()
-        self._mie_loss = MIELoss(self.topology_spec, self.mesh_names, method=self.occupancy_method, rho=self.mie_rho,
-                                 num_points=self.mie_num_points, lambda_lap=0.0, smoothing=smoothing)
-        self.print_to_log_file(f"MIE loss: occupancy {self.occupancy_method}, smoothing {smoothing:.4f}, "
+        self._mie_loss = MIELoss(self.patch_topology_spec, self.mesh_names, method=self.occupancy_method,
+                                 rho=self.mie_rho, num_points=self.mie_num_points, lambda_lap=0.0, smoothing=smoothing,
+                                 spacing=self.patch_spacing(), mesh_candidates=self.mesh_candidates,
+                                 ignore_label=self.label_manager.ignore_label, length_scale=self._mean_edge_mm)
+        self.print_to_log_file(f"MIE loss: occupancy {self.occupancy_method}, smoothing {smoothing:.3f} mm, "
                                f"rho {self.mie_rho}, weights {self._term_weights()}")
 
     def compute_mesh_terms(self, meshes, faces, logits, target):

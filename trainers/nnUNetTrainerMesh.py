@@ -21,7 +21,9 @@ from torch import Tensor, nn
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_topo.losses.mesh_terms import MeshLossComputer, MeshTerm, mesh_regularisers, template_edge_lengths
+from nnunet_topo.losses.mesh_targets import normalized_to_mm
+from nnunet_topo.losses.mesh_terms import (MeshLossComputer, MeshTerm, default_smoothing_mm, mesh_regularisers,
+                                           template_edge_lengths)
 from nnunet_topo.losses.tpm import TPMLoss
 from nnunet_topo.lr_schedule import GroupPolyLRScheduler
 from nnunet_topo.mesh_head.label_templates import templates_from_label_maps
@@ -45,15 +47,16 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
     head_decoder_stages: Optional[Tuple[int, ...]] = None
     #: place each template at the network's own soft segmentation of its structure before the learned alignment
     segmentation_guided_placement: bool = True
-    #: occupancy: "dipole" (trainable) with smoothing in normalised units; None = mean template edge length
+    #: occupancy: "dipole" (trainable); its smoothing in mm (None: losses.mesh_terms.default_smoothing_mm)
     occupancy_method: str = "dipole"
-    occupancy_smoothing: Optional[float] = None
+    occupancy_smoothing_mm: Optional[float] = None
     #: L_occ query points per mesh and batch item (TPM Eq. 10-11), and the weights of the terms (not tuned)
     occ_num_uniform: int = 1024
     occ_num_surface: int = 1024
     occ_weight: float = 1.0
-    #: cap on the TPM critical points per mesh (used by nnUNetTrainerTPM)
+    #: TPM critical points: cap per mesh, random candidates per rule tested against the meshes (None: label map only)
     max_critical_points: int = 2048
+    mesh_candidates: Optional[int] = 1024
     laplacian_weight: float = 0.1
     edge_weight: float = 0.1
     #: λ_TP of TPM Table 1: 0 here (no L_TPM term); nnUNetTrainerTPM sets it
@@ -171,11 +174,15 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
         return False
 
     # ------------------------------------------------------------------ loss assembly
+    def patch_spacing(self) -> List[float]:
+        """Voxel size (mm) of the preprocessed patches, in their array order: the physical frame of every mesh term."""
+        return [float(x) for x in self.configuration_manager.spacing]
+
     def mesh_smoothing(self) -> float:
-        """Dipole smoothing in normalised units: the class attribute, or the mean template edge length."""
-        if self.occupancy_smoothing is not None:
-            return float(self.occupancy_smoothing)
-        return float(torch.stack([e.mean() for e in template_edge_lengths(self.mesh_templates)]).mean())
+        """Dipole smoothing in mm: the class attribute, or :func:`default_smoothing_mm`."""
+        if self.occupancy_smoothing_mm is not None:
+            return float(self.occupancy_smoothing_mm)
+        return default_smoothing_mm(self.patch_spacing(), self._mean_edge_mm)
 
     def topology_term_names(self):
         return ("occ", "laplacian", "edge")
@@ -186,18 +193,28 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
     def _occupancy_loss(self, spec, lambda_tp: float) -> TPMLoss:
         return TPMLoss(spec, self.mesh_names, lambda_tp=lambda_tp, method=self.occupancy_method,
                        num_uniform=self.occ_num_uniform, num_surface=self.occ_num_surface,
-                       max_critical_points=self.max_critical_points, smoothing=self.mesh_smoothing())
+                       max_critical_points=self.max_critical_points, smoothing=self.mesh_smoothing(),
+                       spacing=self.patch_spacing(), mesh_candidates=self.mesh_candidates,
+                       ignore_label=self.label_manager.ignore_label)
 
     def _make_loss_modules(self) -> None:
-        self._occ_loss = self._occupancy_loss(dataclasses.replace(self.topology_spec, rules=()), 0.0)  # no rules
-        self._edge_refs = template_edge_lengths(self.mesh_templates)
-        self.print_to_log_file(f"mesh losses: occupancy {self.occupancy_method}, smoothing {self.mesh_smoothing():.4f} "
-                               f"(normalised units), weights {self._term_weights()}")
+        patch = [int(p) for p in self.configuration_manager.patch_size]
+        self._edge_refs = template_edge_lengths(self.mesh_templates, patch, self.patch_spacing())
+        self._mean_edge_mm = float(torch.stack([e.mean() for e in self._edge_refs]).mean())
+        self._occ_loss = self._occupancy_loss(dataclasses.replace(self.patch_topology_spec, rules=()), 0.0)
+        self.print_to_log_file(f"mesh losses (mm, spacing {self.patch_spacing()}): occupancy {self.occupancy_method}, "
+                               f"smoothing {self.mesh_smoothing():.3f} mm, mean template edge {self._mean_edge_mm:.2f} "
+                               f"mm, weights {self._term_weights()}")
+
+    def regularisers(self, meshes: List[Tensor], faces: List[Tensor], logits: Tensor) -> Dict[str, Tensor]:
+        shape = tuple(logits.shape[2:])
+        meshes_mm = [normalized_to_mm(v, shape, self.patch_spacing()) for v in meshes]
+        return mesh_regularisers(meshes_mm, faces, self._edge_refs, self._mean_edge_mm)
 
     def compute_mesh_terms(self, meshes: List[Tensor], faces: List[Tensor], logits: Tensor,
                            target: Tensor) -> Dict[str, Tensor]:
         """All mesh terms of one step: ``occ``, ``laplacian``, ``edge``."""
-        return {"occ": self._occ_loss(meshes, faces, logits, target)["occ"], **mesh_regularisers(meshes, faces, self._edge_refs)}
+        return {"occ": self._occ_loss(meshes, faces, logits, target)["occ"], **self.regularisers(meshes, faces, logits)}
 
     def build_topology_terms(self):
         self._make_loss_modules()

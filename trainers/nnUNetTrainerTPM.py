@@ -12,7 +12,6 @@ from typing import Dict, List, Optional
 
 from torch import Tensor
 
-from nnunet_topo.losses.mesh_terms import mesh_regularisers
 from nnunet_topo.trainers.nnUNetTrainerMesh import nnUNetTrainerMesh
 
 
@@ -37,8 +36,15 @@ class nnUNetTrainerTPM(nnUNetTrainerMesh):
 
     def _make_loss_modules(self) -> None:
         super()._make_loss_modules()
-        self._tpm_loss = self._occupancy_loss(self.topology_spec, self.lambda_tp)
-        self.print_to_log_file(f"L_TPM: λ_TP {self.lambda_tp}, warm-up {self.warmup_epochs()} epochs")
+        self._tpm_loss = self._occupancy_loss(self.patch_topology_spec, self.lambda_tp)
+        self._point_counts: Dict[str, List[int]] = {"crit_pred": [], "crit_mesh": []}
+        self.print_to_log_file(f"L_TPM: λ_TP {self.lambda_tp}, warm-up {self.warmup_epochs()} epochs, critical points "
+                               f"from the label map and the meshes ({self.mesh_candidates} random candidates per "
+                               f"rule), at most {self.max_critical_points} per mesh")
+
+    def extra_logged_term_names(self):
+        # critical voxels per step from each source (label map, meshes), before the cap
+        return super().extra_logged_term_names() + ("crit_pred", "crit_mesh")
 
     def compute_mesh_terms(self, meshes: List[Tensor], faces: List[Tensor], logits: Tensor,
                            target: Tensor) -> Dict[str, Tensor]:
@@ -48,7 +54,9 @@ class nnUNetTrainerTPM(nnUNetTrainerMesh):
             out["tpm"] = sum(v.sum() for v in meshes) * 0.0  # its weight is 0 during the warm-up anyway
             return out
         r = self._tpm_loss(meshes, faces, logits, target)
-        return {"occ": r["occ"], "tpm": r["tpm"], **mesh_regularisers(meshes, faces, self._edge_refs)}
+        self._point_counts["crit_pred"].append(self._tpm_loss.last_counts["prediction"])
+        self._point_counts["crit_mesh"].append(self._tpm_loss.last_counts["meshes"])
+        return {"occ": r["occ"], "tpm": r["tpm"], **self.regularisers(meshes, faces, logits)}
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
@@ -61,6 +69,9 @@ class nnUNetTrainerTPM(nnUNetTrainerMesh):
         values = super()._pop_term_values(split)
         if not self.tpm_active():
             values[f"{split}_tpm"] = float("nan")  # not computed during the warm-up
+        for name, counts in getattr(self, "_point_counts", {}).items():
+            values[f"{split}_{name}"] = float(sum(counts)) if counts else float("nan")
+            counts.clear()
         return values
 
 

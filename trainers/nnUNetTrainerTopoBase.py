@@ -29,7 +29,7 @@ import torch.distributed as dist
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_topo.losses.combined import TopologyLossWrapper
-from nnunet_topo.rules import TopologySpecError, default_topology, describe, parse_topology
+from nnunet_topo.rules import TopologySpecError, default_topology, describe, parse_topology, spec_in_patch_frame
 
 
 class nnUNetTrainerTopoBase(nnUNetTrainer):
@@ -57,6 +57,9 @@ class nnUNetTrainerTopoBase(nnUNetTrainer):
                 "dataset.json has no 'topology' block: no topology rules, Betti prior (1, 0, 0) per label. "
                 "See documentation/topology_spec.md to define rules.")
         self.print_to_log_file("Topology spec:\n" + describe(self.topology_spec))
+        #: the spec with slice axes in the order of the preprocessed patches (plans' transpose_forward): what every
+        #: loss on patches uses; ``topology_spec`` (image order) is what evaluation on images uses
+        self.patch_topology_spec = spec_in_patch_frame(self.topology_spec, self.plans_manager.transpose_forward)
         if self.require_rules_hold_on_reference and self.topology_spec.rules:
             self._check_rules_on_reference()
         self._topology_term_names: Tuple[str, ...] = tuple(self.topology_term_names())

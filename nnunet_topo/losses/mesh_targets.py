@@ -5,31 +5,37 @@ Consistent Cardiac Mesh Reconstruction* (TPM, arXiv:2503.07874):
 
 * :func:`sample_query_points`: points for ``L_occ`` (Eq. 10-11), uniform in the patch plus points near the
   reference surface of a structure, each with the target ``[label(p) ∈ region(X)]``.
-* :func:`critical_point_targets`: the *critical points* of ``L_TPM`` (Eq. 6-9), the violation voxels of the
-  predicted label map (DESIGN §4, :mod:`nnunet_topo.violations`), with rule-aware occupancy targets.
+* :func:`critical_point_targets`: the *critical points* of ``L_TPM`` (Eq. 6-9) with rule-aware occupancy targets,
+  from two sources (DESIGN §6): (a) the violation voxels of the predicted label map (DESIGN §4,
+  :mod:`nnunet_topo.violations`), (b) the voxel centres where the predicted meshes themselves break a rule
+  (:func:`mesh_violation_masks`) — without (b), meshes that penetrate each other over a correct segmentation
+  would never be penalised.
 
 Coordinate frames (kept explicit everywhere):
 
-* *voxel index* ``(z, y, x)`` of a patch of shape ``(Z, Y, X)``; every function here returns points in this
+* *voxel index* ``(z, y, x)`` of a patch of shape ``(Z, Y, X)``; the point functions here return points in this
   frame (integer voxel centres for critical points, continuous indices for sampled points);
 * *normalised patch frame* of ``torch.nn.functional.grid_sample(..., align_corners=True)``: ``(x, y, z)`` in
-  ``[-1, 1]`` with ``x`` along the last array axis; meshes live in this frame. :func:`voxel_to_normalized` and
-  :func:`normalized_to_voxel` convert (they are :func:`nnunet_topo.meshes.index_to_normalized` and its inverse).
+  ``[-1, 1]`` with ``x`` along the last array axis; the mesh head predicts in this frame.
+  :func:`voxel_to_normalized` and :func:`normalized_to_voxel` convert;
+* *physical patch frame*: ``(x, y, z)`` in mm, ``index * spacing`` with the axis order reversed
+  (:func:`voxel_to_mm`, :func:`normalized_to_mm`). The losses measure everything here (vertices, query points,
+  dipole smoothing), because the normalised frame is anisotropic: one normalised unit is half the patch extent,
+  50 mm through-plane but ~175 mm in-plane for a 20x256x224 MRI patch at 5x1.56x1.56 mm. The maps between the
+  three frames are positive axis scalings (plus the order reversal applied to both points and meshes), so
+  inside/outside is the same in each.
 
-Rule-aware targets (``r`` = reference label of a violation voxel of the prediction):
-
-* ``exclusion(A, B)``: ``r ∈ B`` -> negative (0) for A's mesh; ``r ∈ A`` -> negative for B's mesh;
-* ``inclusion(I in O, may_touch M)``: ``r ∈ I`` -> positive (1) for O's mesh; ``r ∉ O ∪ M`` -> negative for
-  I's mesh (a voxel of an allowed opening M is not penalised: touching M is legal).
-
-Every such target equals ``[r ∈ region(mesh)]`` (B is disjoint from A; I ⊂ O; I ⊂ O ∪ M), so the rules only
-*select* which voxels become points of which mesh, and the target of a selected voxel is always
-``[reference label ∈ region(mesh)]``. That is also the tie-break the design asks for (a voxel selected for the
-same mesh by several rules appears once; the reference decides), and it is how the targets are computed.
+Selection (TPM Eq. 7, by the *prediction*): every critical voxel of a rule is a query point of **every** mesh the
+rule names (``exclusion(A, B)``: A's and B's; ``inclusion(I in O)``: I's and O's), with target
+``[reference label ∈ region(mesh)]``. Where the septum is missing (prediction ``RV RV RV LV LV LV`` over reference
+``RV RV MYO MYO LV LV``), the contact voxels have reference MYO and become negatives for both the LV and the RV
+mesh. Voxels whose reference is a rule's allowed opening (``may_touch``) or the ignore label are never critical.
+A voxel selected for the same mesh by several rules or both sources appears once.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -42,14 +48,22 @@ from nnunet_topo.violations import dilate, rule_violation_map
 __all__ = [
     "voxel_to_normalized",
     "normalized_to_voxel",
+    "voxel_to_mm",
+    "mm_to_voxel",
+    "normalized_to_mm",
     "mesh_for_structure",
-    "rule_mesh_selections",
+    "rule_meshes",
+    "critical_point_masks",
     "critical_point_targets",
+    "masks_to_targets",
+    "mesh_violation_masks",
     "sample_query_points",
     "region_mask",
 ]
 
 MODES = ("3d", "2d")
+#: where critical points come from: the predicted label map and the predicted meshes (TPM Eq. 6-9, DESIGN §6)
+SOURCES = ("prediction", "meshes")
 
 
 # ---------------------------------------------------------------------------------------------- frames
@@ -77,6 +91,32 @@ def normalized_to_voxel(points_xyz: Tensor, shape: Sequence[int]) -> Tensor:
     if len(shape) != 3:
         raise ValueError(f"shape must be the 3D patch shape (Z, Y, X), got {tuple(shape)}")
     return normalized_to_index(points_xyz, shape)
+
+
+def _spacing_tensor(spacing: Optional[Sequence[float]], like: Tensor) -> Tensor:
+    sp = (1.0, 1.0, 1.0) if spacing is None else tuple(float(s) for s in spacing)
+    if len(sp) != 3 or not all(s > 0 and math.isfinite(s) for s in sp):
+        raise ValueError(f"spacing must be three positive voxel sizes (z, y, x) in mm, got {spacing!r}")
+    dtype = like.dtype if like.is_floating_point() else torch.float32
+    return torch.tensor(sp, dtype=dtype, device=like.device)
+
+
+def voxel_to_mm(idx_zyx: Tensor, spacing: Optional[Sequence[float]]) -> Tensor:
+    """Voxel indices ``(z, y, x)`` of a patch -> the patch's physical frame: ``(x, y, z)`` in mm from the centre of
+    voxel 0 (``index * spacing``, order reversed like the normalised frame, so that the map from the normalised
+    frame is a positive scaling and keeps the orientation of meshes). ``spacing`` = ``(z, y, x)`` mm; None: 1 mm."""
+    idx = idx_zyx if idx_zyx.is_floating_point() else idx_zyx.to(torch.float32)
+    return (idx * _spacing_tensor(spacing, idx)).flip(-1)
+
+
+def mm_to_voxel(points_mm: Tensor, spacing: Optional[Sequence[float]]) -> Tensor:
+    """Inverse of :func:`voxel_to_mm`: ``(x, y, z)`` mm -> continuous voxel indices ``(z, y, x)``."""
+    return points_mm.flip(-1) / _spacing_tensor(spacing, points_mm)
+
+
+def normalized_to_mm(points_xyz: Tensor, shape: Sequence[int], spacing: Optional[Sequence[float]]) -> Tensor:
+    """Normalised patch coordinates -> the patch's physical frame (:func:`voxel_to_mm`), e.g. mesh vertices."""
+    return voxel_to_mm(normalized_to_voxel(points_xyz, shape), spacing)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -110,69 +150,68 @@ def mesh_for_structure(spec: TopologySpec, structure: Structure) -> Optional[str
     return None
 
 
-def rule_mesh_selections(rule: Rule, spec: TopologySpec) -> List[Tuple[str, Tuple[int, ...], bool]]:
-    """Which reference labels of a rule's violation voxels become points of which mesh (TPM Eq. 6-9).
-
-    Returns:
-        ``[(mesh name, reference label ids that select the voxel, complement)]``; with ``complement=True`` the
-        voxel is selected when its reference label is *not* in the ids (``inclusion``: ``r ∉ O ∪ M``).
-        Entries whose structure has no mesh are left out.
-    """
-    out: List[Tuple[str, Tuple[int, ...], bool]] = []
+def rule_meshes(rule: Rule, spec: TopologySpec) -> List[str]:
+    """The meshes a rule names (TPM Eq. 7): ``exclusion(A, B)`` -> A's and B's, ``inclusion(I in O)`` -> I's and
+    O's (those that have a mesh in ``spec.mesh_structures``; an allowed opening ``may_touch`` is no mesh of the
+    rule). Every critical point of the rule becomes a query point of each of them."""
     if isinstance(rule, ExclusionRule):
-        ma, mb = mesh_for_structure(spec, rule.a), mesh_for_structure(spec, rule.b)
-        if ma is not None:
-            out.append((ma, tuple(rule.b.label_ids), False))  # r ∈ B -> negative for A
-        if mb is not None:
-            out.append((mb, tuple(rule.a.label_ids), False))  # r ∈ A -> negative for B
+        structures = (rule.a, rule.b)
     elif isinstance(rule, InclusionRule):
-        mo, mi = mesh_for_structure(spec, rule.outer), mesh_for_structure(spec, rule.inner)
-        if mo is not None:
-            out.append((mo, tuple(rule.inner.label_ids), False))  # r ∈ I -> positive for O
-        if mi is not None:
-            allowed = tuple(rule.outer.label_ids) + (tuple(rule.may_touch.label_ids) if rule.may_touch else ())
-            out.append((mi, allowed, True))  # r ∉ O ∪ M -> negative for I
+        structures = (rule.inner, rule.outer)
     else:
         raise TypeError(f"rule must be an ExclusionRule or InclusionRule, got {type(rule).__name__}")
+    out = []
+    for s in structures:
+        m = mesh_for_structure(spec, s)
+        if m is not None and m not in out:
+            out.append(m)
     return out
 
 
+def _never_penalised(rule: Rule, ref_labels: Tensor, ignore_label: Optional[int]) -> Tensor:
+    """Voxels that are never critical points of ``rule``: reference in its allowed opening ``may_touch`` (touching
+    it is legal) or the ignore label (unknown reference)."""
+    skip = torch.zeros_like(ref_labels, dtype=torch.bool)
+    if isinstance(rule, InclusionRule) and rule.may_touch is not None:
+        skip |= region_mask(ref_labels, rule.may_touch.label_ids)
+    if ignore_label is not None:
+        skip |= ref_labels == int(ignore_label)
+    return skip
+
+
+def _slice_rule(rule: Rule, mode: str, axis: Optional[int]) -> Rule:
+    if mode == "2d" and rule.mode == "3d":
+        return dataclasses.replace(rule, mode="2d", axis=rule.axis if axis is None else axis)
+    return rule
+
+
+def _targets_at(idx: Tensor, ref_b: Tensor, ids: Sequence[int]) -> Tensor:
+    return region_mask(ref_b[idx[:, 0], idx[:, 1], idx[:, 2]], ids).to(torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------- critical points
-def critical_point_targets(
+def critical_point_masks(
     pred_labels: Tensor,
     ref_labels: Tensor,
     spec: TopologySpec,
     mode: str = "3d",
     axis: Optional[int] = None,
-) -> List[Dict[str, Tuple[Tensor, Tensor]]]:
-    """Critical points of a predicted label map with rule-aware occupancy targets (TPM Eq. 6-9).
+    ignore_label: Optional[int] = None,
+    mesh_violations: Optional[Dict[str, Tensor]] = None,
+) -> Dict[str, Dict[str, Tensor]]:
+    """Which voxels are critical points of which mesh, per source (TPM Eq. 6-9, DESIGN §6).
 
-    The critical points are the violation voxels of the *prediction* (DESIGN §4). With ``mode="3d"`` every rule
-    is evaluated as written in the spec (3d rules in the volume, 2d rules slice-wise). With ``mode="2d"`` (MIE)
-    *every* rule is evaluated slice by slice: a copy of each 3d rule with ``mode="2d"`` along ``axis`` (``None``:
-    the rule's own ``axis`` attribute, 0 unless set); rules already in 2d mode keep their axis. The in-plane
-    kernel is 4 (for ``spec.connectivity`` 6) or 8 (for 26).
-
-    Selection per rule (``r`` = reference label of a violation voxel): ``exclusion(A, B)``: ``r ∈ B`` for A's
-    mesh, ``r ∈ A`` for B's mesh; ``inclusion(I in O | M)``: ``r ∈ I`` for O's mesh, ``r ∉ O ∪ M`` for I's mesh.
-    A voxel selected for a mesh by several rules appears once, with target ``[r ∈ region(mesh)]`` (which every
-    rule's own target equals; see the module docstring).
-
-    Args:
-        pred_labels: ``(B, Z, Y, X)`` integer predicted label map (e.g. ``argmax`` of the logits).
-        ref_labels: ``(B, Z, Y, X)`` integer reference label map.
-        spec: the topology spec (rules, mesh structures, connectivity).
-        mode: ``"3d"`` or ``"2d"`` (see above).
-        axis: slice axis (0..2) for 3d rules in ``mode="2d"``; ``None`` uses each rule's ``axis``.
+    Source ``"prediction"``: the violation voxels of each rule in the predicted label map (TPM's ``P``). With
+    ``mode="3d"`` every rule is evaluated as written (3d rules in the volume, 2d rules slice-wise); with
+    ``mode="2d"`` (MIE) every rule is evaluated slice by slice: a copy of each 3d rule in 2d mode along ``axis``
+    (``None``: the rule's own ``axis``). Source ``"meshes"``: the voxels of ``mesh_violations[rule name]``
+    (:func:`mesh_violation_masks`: where the predicted *meshes* break the rule). A critical voxel of a rule is a
+    point of **every** mesh the rule names (:func:`rule_meshes`), whatever its reference label; voxels whose
+    reference is the rule's ``may_touch`` opening or ``ignore_label`` are never critical.
 
     Returns:
-        One dict per batch item with a key for *every* mesh of ``spec.mesh_structures``: ``(points_idx (N, 3)
-        long voxel indices (z, y, x) in C order, targets (N,) float32 in {0, 1})``, on the input's device; ``N``
-        may be 0.
-
-    Raises:
-        ValueError: shapes differ or are not ``(B, Z, Y, X)``, unknown ``mode``, bad ``axis``.
-        TypeError: non-integer label maps.
+        ``{"prediction": {mesh: (B, Z, Y, X) bool}, "meshes": {mesh: ...}}`` with a key for every mesh of
+        ``spec.mesh_structures`` in each source.
     """
     _check_label_map(pred_labels, "pred_labels")
     _check_label_map(ref_labels, "ref_labels")
@@ -184,32 +223,155 @@ def critical_point_targets(
     if axis is not None and axis not in (0, 1, 2):
         raise ValueError(f"axis must be None or a spatial axis 0, 1 or 2 of (Z, Y, X), got {axis!r}")
     ref_labels = ref_labels.to(pred_labels.device)
-    batch = pred_labels.shape[0]
-    selected: Dict[str, Tensor] = {}
+    out = {src: {m: torch.zeros_like(pred_labels, dtype=torch.bool) for m in spec.mesh_structures}
+           for src in SOURCES}
     for rule in spec.rules:
-        sel = rule_mesh_selections(rule, spec)
-        if not sel:
+        meshes = rule_meshes(rule, spec)
+        if not meshes:
             continue
-        if mode == "2d" and rule.mode == "3d":
-            rule = dataclasses.replace(rule, mode="2d", axis=rule.axis if axis is None else axis)
-        vmap = rule_violation_map(pred_labels, rule, probabilities=False, connectivity=spec.connectivity) > 0
-        if not bool(vmap.any()):
-            continue
-        for mesh, ids, complement in sel:
-            chosen = region_mask(ref_labels, ids)
-            chosen = vmap & (~chosen if complement else chosen)
-            selected[mesh] = selected[mesh] | chosen if mesh in selected else chosen
+        skip = None
+        sources = {"prediction": lambda r=rule: rule_violation_map(pred_labels, _slice_rule(r, mode, axis),
+                                                                   probabilities=False,
+                                                                   connectivity=spec.connectivity) > 0}
+        if mesh_violations is not None and rule.name in mesh_violations:
+            sources["meshes"] = lambda r=rule: mesh_violations[r.name].to(pred_labels.device).bool()
+        for src, get in sources.items():
+            vmap = get()
+            if not bool(vmap.any()):
+                continue
+            if skip is None:
+                skip = _never_penalised(rule, ref_labels, ignore_label)
+            vmap = vmap & ~skip
+            for m in meshes:
+                out[src][m] |= vmap
+    return out
+
+
+def critical_point_targets(
+    pred_labels: Tensor,
+    ref_labels: Tensor,
+    spec: TopologySpec,
+    mode: str = "3d",
+    axis: Optional[int] = None,
+    ignore_label: Optional[int] = None,
+    mesh_violations: Optional[Dict[str, Tensor]] = None,
+) -> List[Dict[str, Tuple[Tensor, Tensor]]]:
+    """Critical points with rule-aware occupancy targets (TPM Eq. 6-9), both sources merged.
+
+    The points are those of :func:`critical_point_masks` (a voxel selected for a mesh by several rules or both
+    sources appears once); the target of a point for a mesh is ``[reference label ∈ region(mesh)]``: where the
+    septum is missing (prediction LV next to RV, reference MYO) the voxel is a negative for the LV *and* the RV mesh.
+
+    Args:
+        pred_labels: ``(B, Z, Y, X)`` integer predicted label map (e.g. ``argmax`` of the logits).
+        ref_labels: ``(B, Z, Y, X)`` integer reference label map.
+        spec: the topology spec (rules, mesh structures, connectivity), axes in the patch's array order.
+        mode: ``"3d"`` or ``"2d"`` (MIE: every rule slice-wise).
+        axis: slice axis (0..2) for 3d rules in ``mode="2d"``; ``None`` uses each rule's ``axis``.
+        ignore_label: nnU-Net's ignore label (unknown reference), never a critical point; None: no ignore label.
+        mesh_violations: optional ``{rule name: (B, Z, Y, X) bool}`` from :func:`mesh_violation_masks`.
+
+    Returns:
+        One dict per batch item with a key for *every* mesh of ``spec.mesh_structures``: ``(points_idx (N, 3)
+        long voxel indices (z, y, x) in C order, targets (N,) float32 in {0, 1})``, on the input's device; ``N``
+        may be 0.
+
+    Raises:
+        ValueError: shapes differ or are not ``(B, Z, Y, X)``, unknown ``mode``, bad ``axis``.
+        TypeError: non-integer label maps.
+    """
+    masks = critical_point_masks(pred_labels, ref_labels, spec, mode, axis, ignore_label, mesh_violations)
+    return masks_to_targets(masks, ref_labels.to(pred_labels.device), spec)
+
+
+def masks_to_targets(masks: Dict[str, Dict[str, Tensor]], ref_labels: Tensor,
+                     spec: TopologySpec) -> List[Dict[str, Tuple[Tensor, Tensor]]]:
+    """Union over the sources of :func:`critical_point_masks`, as points and targets ``[ref ∈ region(mesh)]``."""
+    batch = ref_labels.shape[0]
     out: List[Dict[str, Tuple[Tensor, Tensor]]] = [{} for _ in range(batch)]
     for mesh, structure in spec.mesh_structures.items():
-        inside = region_mask(ref_labels, structure.label_ids) if mesh in selected else None
+        union = None
+        for src in masks.values():
+            union = src[mesh] if union is None else union | src[mesh]
         for b in range(batch):
-            if mesh in selected:
-                idx = torch.nonzero(selected[mesh][b], as_tuple=False)  # (N, 3), C order
-                t = inside[b][idx[:, 0], idx[:, 1], idx[:, 2]].to(torch.float32)
-            else:
-                idx = torch.zeros(0, 3, dtype=torch.long, device=pred_labels.device)
-                t = torch.zeros(0, dtype=torch.float32, device=pred_labels.device)
-            out[b][mesh] = (idx, t)
+            idx = torch.nonzero(union[b], as_tuple=False)  # (N, 3), C order
+            out[b][mesh] = (idx, _targets_at(idx, ref_labels[b], structure.label_ids))
+    return out
+
+
+def mesh_violation_masks(
+    meshes_mm: Sequence[Tensor],
+    faces: Sequence[Tensor],
+    mesh_names: Sequence[str],
+    spec: TopologySpec,
+    shape: Sequence[int],
+    spacing: Optional[Sequence[float]] = None,
+    num_random: int = 1024,
+    generator: Optional[torch.Generator] = None,
+) -> Dict[str, Tensor]:
+    """Voxel centres where the predicted meshes break a rule (source (b) of TPM's critical points).
+
+    ``exclusion(A, B)``: inside A's mesh and inside B's; ``inclusion(I in O)``: inside I's mesh and outside O's.
+    Inside = exact winding number > 1/2 (sharp; no gradient is needed for the selection). Testing every voxel of
+    a patch against every mesh is too much work per step, so the candidates are, per rule and batch item, the voxel
+    centres nearest to the vertices of both meshes (where surfaces cross, penetrations start) plus ``num_random``
+    voxel centres drawn uniformly in the box where a violation can lie (the intersection of the two meshes'
+    bounding boxes for an exclusion, the inner mesh's box for an inclusion), clipped to the patch.
+
+    Args:
+        meshes_mm: ``(B, V_s, 3)`` vertices in the patch's physical frame (:func:`normalized_to_mm`).
+        faces: ``(F_s, 3)`` per mesh; mesh_names: their names (keys of ``spec.mesh_structures``).
+        spec: rules (those whose two structures both have meshes here are evaluated).
+        shape: patch shape ``(Z, Y, X)``; spacing: ``(z, y, x)`` mm of the patch (None: 1 mm).
+        num_random: random candidates per rule and batch item.
+
+    Returns:
+        ``{rule name: (B, Z, Y, X) bool}`` for the evaluated rules.
+    """
+    from nnunet_topo.occupancy import winding_number
+
+    by_name = {n: (v, f) for n, v, f in zip(mesh_names, meshes_mm, faces)}
+    shape = tuple(int(s) for s in shape)
+    out: Dict[str, Tensor] = {}
+    if not by_name:
+        return out
+    device = next(iter(by_name.values()))[0].device
+    hi = torch.tensor([s - 1 for s in shape], device=device)
+    for rule in spec.rules:
+        if isinstance(rule, ExclusionRule):
+            first, second, inside_second = mesh_for_structure(spec, rule.a), mesh_for_structure(spec, rule.b), True
+        elif isinstance(rule, InclusionRule):
+            first, second = mesh_for_structure(spec, rule.inner), mesh_for_structure(spec, rule.outer)
+            inside_second = False
+        else:
+            continue
+        if first not in by_name or second not in by_name or first == second:
+            continue
+        (v1, f1), (v2, f2) = by_name[first], by_name[second]
+        batch = v1.shape[0]
+        mask = torch.zeros((batch,) + shape, dtype=torch.bool, device=device)
+        with torch.no_grad():
+            for b in range(batch):
+                i1, i2 = mm_to_voxel(v1[b].detach(), spacing), mm_to_voxel(v2[b].detach(), spacing)
+                lo = torch.maximum(i1.min(0).values, i2.min(0).values) if inside_second else i1.min(0).values
+                up = torch.minimum(i1.max(0).values, i2.max(0).values) if inside_second else i1.max(0).values
+                lo = lo.floor().clamp(min=0).long().clamp(max=hi)
+                up = torch.minimum(up.ceil().long(), hi).clamp(min=0)
+                if bool((up < lo).any()):
+                    continue  # the boxes do not meet: no overlap possible
+                cand = [torch.round(torch.cat([i1, i2])).long().clamp(min=0)]
+                cand[0] = torch.minimum(cand[0], hi)
+                if num_random > 0:
+                    u = _rand((num_random, 3), generator, device)
+                    cand.append(torch.minimum(lo + torch.floor(u * (up - lo + 1)).long(), up))
+                c = torch.unique(torch.cat(cand), dim=0)
+                pts = voxel_to_mm(c, spacing).to(v1.dtype)
+                w1 = winding_number(pts, v1[b].detach(), f1.to(device), method="exact")
+                w2 = winding_number(pts, v2[b].detach(), f2.to(device), method="exact")
+                bad = (w1 > 0.5) & ((w2 > 0.5) if inside_second else (w2 < 0.5))
+                c = c[bad]
+                mask[b, c[:, 0], c[:, 1], c[:, 2]] = True
+        out[rule.name] = mask
     return out
 
 

@@ -13,11 +13,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from nnunet_topo.losses.mesh_targets import normalized_to_mm
 from nnunet_topo.mesh_head.graph import edge_length_loss, edge_lengths, laplacian_smoothing_loss, mesh_edges
 from nnunet_topo.mesh_head.network import unwrap_network
 from nnunet_topo.mesh_head.templates import Template
 
-__all__ = ["MeshLossComputer", "MeshTerm", "mesh_regularisers", "template_edge_lengths"]
+__all__ = ["MeshLossComputer", "MeshTerm", "default_smoothing_mm", "mesh_regularisers", "template_edge_lengths"]
 
 
 class MeshLossComputer:
@@ -70,16 +71,34 @@ class MeshTerm(nn.Module):
         return f"name={self.name!r}"
 
 
-def template_edge_lengths(templates: Sequence[Template]) -> List[Tensor]:
-    """Edge lengths ``(E,)`` of each template (the reference of the edge-length term; their mean is the default
-    dipole smoothing of the mesh trainers), in the templates' units."""
-    return [edge_lengths(torch.from_numpy(t.vertices), mesh_edges(torch.from_numpy(t.faces))) for t in templates]
+def template_edge_lengths(templates: Sequence[Template], patch_shape: Optional[Sequence[int]] = None,
+                          spacing: Optional[Sequence[float]] = None) -> List[Tensor]:
+    """Edge lengths ``(E,)`` of each template (the reference of the edge-length term): in mm of the physical patch
+    frame when ``patch_shape`` (the training patch the templates are normalised to) is given, with ``spacing``
+    ``(z, y, x)`` mm (None: 1 mm); else in the templates' normalised units."""
+    out = []
+    for t in templates:
+        v = torch.from_numpy(t.vertices).to(torch.float64)
+        if patch_shape is not None:
+            v = normalized_to_mm(v, patch_shape, spacing)
+        out.append(edge_lengths(v, mesh_edges(torch.from_numpy(t.faces))).to(torch.float32))
+    return out
 
 
-def mesh_regularisers(meshes: Sequence[Tensor], faces: Sequence[Tensor],
-                      reference_edge_lengths: Sequence[Tensor]) -> Dict[str, Tensor]:
-    """``{"laplacian": mean uniform-Laplacian energy, "edge": mean edge-length deviation from the reference}`` over
-    the structures; meshes ``(B, V_s, 3)``, faces ``(F_s, 3)``."""
-    return {"laplacian": torch.stack([laplacian_smoothing_loss(v, f) for v, f in zip(meshes, faces)]).mean(),
+def default_smoothing_mm(spacing: Sequence[float], mean_edge_mm: float) -> float:
+    """Default dipole smoothing of the mesh losses, in mm: one in-plane voxel (the finest spacing) clipped to
+    [1, 2] mm, so that it is finer than a myocardial wall, but at least half the mean template edge length, below
+    which the vertex quadrature of the dipole form is bumpy near the surface (measured:
+    ``benchmarks/bench_dipole_smoothing.py``, documentation/benchmarks.md "Dipole smoothing")."""
+    return float(max(min(max(min(float(s) for s in spacing), 1.0), 2.0), 0.5 * float(mean_edge_mm)))
+
+
+def mesh_regularisers(meshes_mm: Sequence[Tensor], faces: Sequence[Tensor],
+                      reference_edge_lengths: Sequence[Tensor], length_scale: float = 1.0) -> Dict[str, Tensor]:
+    """``{"laplacian": mean uniform-Laplacian energy, "edge": mean squared edge-length deviation from the
+    reference}`` over the structures, both divided by ``length_scale²`` (e.g. the mean template edge length in mm,
+    so that the terms are dimensionless and isotropic); meshes ``(B, V_s, 3)`` in mm, faces ``(F_s, 3)``."""
+    scale = 1.0 / float(length_scale) ** 2
+    return {"laplacian": torch.stack([laplacian_smoothing_loss(v, f) for v, f in zip(meshes_mm, faces)]).mean() * scale,
             "edge": torch.stack([edge_length_loss(v, f, ref.to(v.device))
-                                 for v, f, ref in zip(meshes, faces, reference_edge_lengths)]).mean()}
+                                 for v, f, ref in zip(meshes_mm, faces, reference_edge_lengths)]).mean() * scale}

@@ -9,9 +9,11 @@ points (uniform in the patch and near the reference surface, targets ``[label �
 points exist, all of them are used and random points fill up to ``num_points``. The loss is the BCE of the mesh
 occupancy (TPM Eq. 5) on those points, mean over points and meshes, plus a uniform-Laplacian smoothness term of
 the meshes (:func:`nnunet_topo.metrics.mesh.laplacian_smoothness_energy`, mean squared uniform Laplacian, in
-squared normalised units) weighted by ``lambda_lap``.
+mm² divided by ``length_scale²``) weighted by ``lambda_lap``. The critical points
+come from both sources of TPM (the label map, detected slice-wise, and the meshes; :mod:`.mesh_targets`).
 
-Frame: meshes in the normalised patch frame of ``grid_sample(align_corners=True)`` (see :mod:`.mesh_targets`).
+Frame: the meshes arrive in the normalised patch frame and every length is measured in the patch's physical frame
+(mm, ``spacing``), as in :class:`~nnunet_topo.losses.tpm.TPMLoss`.
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from nnunet_topo.losses.mesh_targets import critical_point_targets, sample_query_points, voxel_to_normalized
-from nnunet_topo.losses.tpm import _check_common, _check_count, check_mesh_inputs
+from nnunet_topo.losses.mesh_targets import normalized_to_mm, sample_query_points, voxel_to_mm
+from nnunet_topo.losses.tpm import (_check_common, _check_count, _check_spacing, check_mesh_inputs,
+                                   critical_points_both_sources, known_weights)
 from nnunet_topo.metrics.mesh import laplacian_smoothness_energy
 from nnunet_topo.occupancy import DEFAULT_EPS, occupancy_bce
 from nnunet_topo.rules import TopologySpec
@@ -81,7 +84,7 @@ class MIELoss(nn.Module):
     """Mesh Interrelation Enhancement: occupancy BCE on a critical/random point mix plus Laplacian smoothness.
 
     Args:
-        spec: the topology spec.
+        spec: the topology spec, slice axes in the patch's array order.
         mesh_names: names of ``spec.mesh_structures`` in the order of the mesh head's outputs.
         method: occupancy method, ``"exact"`` or ``"dipole"`` (exact has zero vertex gradients on closed meshes;
             see :mod:`nnunet_topo.occupancy`).
@@ -91,18 +94,27 @@ class MIELoss(nn.Module):
         lambda_lap: weight of the Laplacian term in ``total``.
         axis: slice axis for the 2D detection of 3d rules; ``None`` = each rule's ``axis`` attribute.
         eps: occupancy clamp margin.
-        smoothing: smoothed-dipole sigma in normalised units (``method="dipole"`` only).
+        smoothing: smoothed-dipole sigma in mm (``method="dipole"`` only).
+        spacing: ``(z, y, x)`` mm of the patches (None: 1 mm); every length is measured in this physical frame.
+        mesh_candidates: random candidates per rule for critical points where the meshes break a rule (as
+            :class:`~nnunet_topo.losses.tpm.TPMLoss`); None: label-map critical points only.
+        ignore_label: nnU-Net's ignore label, never a query or critical point.
+        length_scale: the Laplacian energy (mm²) is divided by ``length_scale²`` (e.g. the mean template edge
+            length in mm), so that it is dimensionless and the same for any voxel size.
 
     Shapes (forward):
         meshes: list of ``(B, V_s, 3)`` (normalised patch frame); faces: list of ``(F_s, 3)``;
         seg_logits: ``(B, C, Z, Y, X)``; ref_labels: ``(B, 1, Z, Y, X)``.
         Returns ``{"mie": BCE, "laplacian": energy (unweighted), "total": mie + lambda_lap * laplacian}``;
-        the number of critical points used by the last call is kept in ``last_num_critical`` (for logging).
+        the number of critical points used by the last call is kept in ``last_num_critical`` and the critical
+        voxels per source in ``last_counts`` (for logging).
     """
 
     def __init__(self, spec: TopologySpec, mesh_names: Sequence[str], method: str = "exact", rho: float = 0.2,
                  num_points: int = 2048, surface_fraction: float = 0.5, lambda_lap: float = 0.1,
-                 axis: Optional[int] = None, eps: float = DEFAULT_EPS, smoothing: float = 0.0) -> None:
+                 axis: Optional[int] = None, eps: float = DEFAULT_EPS, smoothing: float = 0.0,
+                 spacing: Optional[Sequence[float]] = None, mesh_candidates: Optional[int] = 1024,
+                 ignore_label: Optional[int] = None, length_scale: float = 1.0) -> None:
         super().__init__()
         self.spec = spec
         self.mesh_names = _check_common(spec, mesh_names, method, eps, smoothing)
@@ -114,23 +126,31 @@ class MIELoss(nn.Module):
             raise ValueError(f"lambda_lap must be a number >= 0, got {lambda_lap!r}")
         if axis is not None and axis not in (0, 1, 2):
             raise ValueError(f"axis must be None or 0, 1, 2, got {axis!r}")
+        if not isinstance(length_scale, (int, float)) or not length_scale > 0:
+            raise ValueError(f"length_scale must be a positive length in mm, got {length_scale!r}")
         self.num_points = _check_count("num_points", num_points, 1)
         self.method, self.rho, self.surface_fraction = method, float(rho), float(surface_fraction)
         self.lambda_lap, self.axis, self.eps, self.smoothing = float(lambda_lap), axis, float(eps), float(smoothing)
+        self.spacing = _check_spacing(spacing)
+        self.mesh_candidates = None if mesh_candidates is None else _check_count("mesh_candidates", mesh_candidates)
+        self.ignore_label = None if ignore_label is None else int(ignore_label)
+        self.length_scale = float(length_scale)
         self.last_num_critical = 0
+        self.last_counts: Dict[str, int] = {}
 
     def forward(self, meshes: Sequence[Tensor], faces: Sequence[Tensor], seg_logits: Tensor, ref_labels: Tensor,
                 generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
         ref = check_mesh_inputs(meshes, faces, seg_logits, ref_labels, len(self.mesh_names))
         shape = tuple(ref.shape[1:])
-        with torch.no_grad():
-            pred = seg_logits.detach().argmax(dim=1)
-        critical = critical_point_targets(pred, ref, self.spec, mode="2d", axis=self.axis)
+        meshes_mm = [normalized_to_mm(v, shape, self.spacing) for v in meshes]
+        critical, self.last_counts = critical_points_both_sources(
+            meshes_mm, faces, self.mesh_names, self.spec, seg_logits, ref, self.spacing, self.mesh_candidates,
+            self.ignore_label, generator, mode="2d", axis=self.axis)
         num_surface = int(round(self.surface_fraction * self.num_points))
         num_uniform = self.num_points - num_surface
         bce_terms, lap_terms = [], []
         n_crit = 0
-        for name, v, f in zip(self.mesh_names, meshes, faces):
+        for name, v, f in zip(self.mesh_names, meshes_mm, faces):
             ids = self.spec.mesh_structures[name].label_ids
             rnd_p, rnd_t = sample_query_points(ref, ids, num_uniform, num_surface, generator)
             # random points in random order, so that filling up with the first ones keeps the uniform/surface mix
@@ -144,10 +164,12 @@ class MIELoss(nn.Module):
                 pts.append(p)
                 tgts.append(t)
                 n_crit += k
-            pn = voxel_to_normalized(torch.stack(pts), shape).to(v.dtype)
-            bce_terms.append(occupancy_bce(pn, v, f, torch.stack(tgts), method=self.method, eps=self.eps,
-                                           reduction="mean", smoothing=self.smoothing))
-            lap_terms.append(laplacian_smoothness_energy(v, f).mean())
+            pts = torch.stack(pts)
+            w = known_weights(ref, pts, self.ignore_label)
+            pm = voxel_to_mm(pts, self.spacing).to(v.dtype)
+            bce_terms.append(occupancy_bce(pm, v, f, torch.stack(tgts), method=self.method, eps=self.eps,
+                                           weights=w, reduction="mean", smoothing=self.smoothing))
+            lap_terms.append(laplacian_smoothness_energy(v, f).mean() / self.length_scale ** 2)
         mie = torch.stack(bce_terms).mean()
         lap = torch.stack(lap_terms).mean()
         self.last_num_critical = n_crit
@@ -156,4 +178,4 @@ class MIELoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"mesh_names={self.mesh_names}, method={self.method!r}, rho={self.rho}, num_points={self.num_points}, "
                 f"surface_fraction={self.surface_fraction}, lambda_lap={self.lambda_lap}, axis={self.axis}, "
-                f"smoothing={self.smoothing}")
+                f"smoothing={self.smoothing} mm, spacing={self.spacing}, mesh_candidates={self.mesh_candidates}")

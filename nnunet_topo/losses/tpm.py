@@ -6,35 +6,43 @@ Cardiac Mesh Reconstruction* (TPM, arXiv:2503.07874); DESIGN §6.
 * ``L_occ`` (Eq. 10-11): per mesh structure X, query points uniform in the patch and near the reference
   surface of X (:func:`~nnunet_topo.losses.mesh_targets.sample_query_points`), BCE of the mesh occupancy
   (Eq. 5, :func:`nnunet_topo.occupancy.occupancy_bce`) against ``[label(p) ∈ region(X)]``; mean over meshes.
-* ``L_TPM`` (Eq. 6-9): the same BCE on the *critical points*, the violation voxels of the current prediction
-  ``argmax(seg_logits)`` (no gradient through the argmax), with rule-aware targets
-  (:func:`~nnunet_topo.losses.mesh_targets.critical_point_targets`); per mesh the mean over its critical points
-  of the whole batch, then the mean over the meshes that have any. A graph-connected zero when there are none.
+* ``L_TPM`` (Eq. 6-9): the same BCE on the *critical points* with rule-aware targets
+  (:func:`~nnunet_topo.losses.mesh_targets.critical_point_masks`): the violation voxels of the current prediction
+  ``argmax(seg_logits)`` (no gradient through the argmax) **and** the voxel centres where the predicted meshes
+  break a rule (``mesh_candidates``; without them, meshes that penetrate each other over a correct segmentation are
+  never penalised). Each critical point of a rule is a point of every mesh the rule names, target
+  ``[reference ∈ region(mesh)]``; per mesh the mean over its critical points of the whole batch, then the mean over
+  the meshes that have any. A graph-connected zero when there are none.
 
 The total of the paper is ``L_seg + L_occ + λ_TP · L_TPM`` (λ_TP = 0.5); this module returns ``occ``, ``tpm`` and
 ``total = occ + lambda_tp * tpm``; ``L_seg`` and the warm-up (``L_seg + L_occ`` only, paper §3.1) belong to the
 caller.
 
-Frame: meshes live in the normalised patch frame of ``grid_sample(align_corners=True)``: ``(x, y, z)`` in
-``[-1, 1]``, ``x`` along the last array axis (:func:`~nnunet_topo.losses.mesh_targets.voxel_to_normalized`).
+Frames: the mesh head predicts in the normalised patch frame of ``grid_sample(align_corners=True)``; the loss maps
+vertices and query points to the patch's **physical frame** (mm, ``spacing``; DESIGN §6 "Frames") before any
+occupancy is evaluated, so the dipole smoothing is a length in mm, the same along every axis.
 
 Gradients: with ``method="exact"`` the occupancy of a closed mesh is piecewise constant in the vertex positions
 (see :mod:`nnunet_topo.occupancy`), so the vertex gradient is zero almost everywhere; train with
-``method="dipole"`` and ``smoothing > 0`` (about one edge length, in normalised units).
+``method="dipole"`` and ``smoothing > 0`` (mm; at least about half the mean edge length, documentation/benchmarks.md
+"Dipole smoothing").
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from nnunet_topo.losses.mesh_targets import critical_point_targets, sample_query_points, voxel_to_normalized
+from nnunet_topo.losses.mesh_targets import (SOURCES, critical_point_masks, masks_to_targets, mesh_violation_masks,
+                                             normalized_to_mm, sample_query_points, voxel_to_mm)
 from nnunet_topo.occupancy import DEFAULT_EPS, METHODS, occupancy_bce
 from nnunet_topo.rules import TopologySpec
 
-__all__ = ["occupancy_loss", "TPMLoss", "check_mesh_inputs", "critical_bce"]
+__all__ = ["occupancy_loss", "TPMLoss", "check_mesh_inputs", "critical_bce", "critical_points_both_sources",
+           "known_weights"]
 
 
 def occupancy_loss(
@@ -50,13 +58,13 @@ def occupancy_loss(
     """Mean BCE of mesh occupancy at query points (TPM Eq. 10-11).
 
     Args:
-        vertices: ``(B, V, 3)`` mesh vertices, normalised patch frame ``(x, y, z)``; differentiable.
+        vertices: ``(B, V, 3)`` mesh vertices (any frame shared with the points, e.g. mm); differentiable.
         faces: ``(F, 3)`` integer triangles shared by the batch, outward (counter-clockwise) orientation.
         points_norm: ``(B, N, 3)`` query points in the same frame.
         targets: ``(B, N)`` in [0, 1] (1 = inside the structure).
         method: ``"exact"`` or ``"dipole"`` (:func:`nnunet_topo.occupancy.winding_number`).
         eps: occupancy clamp margin in (0, 0.5).
-        smoothing: smoothed-dipole sigma in normalised units (``method="dipole"`` only).
+        smoothing: smoothed-dipole sigma in the frame's unit (``method="dipole"`` only).
         weights: optional per-point weights broadcastable to ``(B, N)``.
 
     Returns:
@@ -80,11 +88,11 @@ def occupancy_loss(
 
 
 def critical_bce(
-    vertices: Tensor,
+    vertices_mm: Tensor,
     faces: Tensor,
     points_idx: Sequence[Tensor],
     targets: Sequence[Tensor],
-    shape: Sequence[int],
+    spacing: Optional[Sequence[float]] = None,
     method: str = "exact",
     eps: float = DEFAULT_EPS,
     smoothing: float = 0.0,
@@ -92,22 +100,22 @@ def critical_bce(
     """Sum of the occupancy BCE over ragged per-sample point sets, and the number of points.
 
     Args:
-        vertices: ``(B, V, 3)`` normalised frame.
+        vertices_mm: ``(B, V, 3)`` in the patch's physical frame (:func:`~.mesh_targets.normalized_to_mm`).
         faces: ``(F, 3)``.
         points_idx: ``B`` tensors ``(N_b, 3)`` of voxel indices ``(z, y, x)``.
         targets: ``B`` tensors ``(N_b,)``.
-        shape: patch shape ``(Z, Y, X)``.
+        spacing: ``(z, y, x)`` mm of the patch (None: 1 mm); smoothing: dipole sigma in mm.
 
     Returns:
         ``(sum of per-point BCE (graph-connected zero if no points), total number of points)``.
     """
-    total = vertices.sum() * 0.0
+    total = vertices_mm.sum() * 0.0
     count = 0
     for b, (p, t) in enumerate(zip(points_idx, targets)):
         if p.shape[0] == 0:
             continue
-        pn = voxel_to_normalized(p.to(vertices.device), shape).to(vertices.dtype)
-        total = total + occupancy_bce(pn, vertices[b], faces, t.to(vertices.device), method=method, eps=eps,
+        pm = voxel_to_mm(p.to(vertices_mm.device), spacing).to(vertices_mm.dtype)
+        total = total + occupancy_bce(pm, vertices_mm[b], faces, t.to(vertices_mm.device), method=method, eps=eps,
                                       reduction="sum", smoothing=smoothing)
         count += int(p.shape[0])
     return total, count
@@ -172,13 +180,13 @@ def _check_common(spec: TopologySpec, mesh_names: Sequence[str], method: str, ep
     if not 0.0 < eps < 0.5:
         raise ValueError(f"eps must lie in (0, 0.5), got {eps!r}")
     if not isinstance(smoothing, (int, float)) or isinstance(smoothing, bool) or not smoothing >= 0:
-        raise ValueError(f"smoothing must be a number >= 0 (normalised units), got {smoothing!r}")
+        raise ValueError(f"smoothing must be a number >= 0 (mm), got {smoothing!r}")
     if smoothing > 0 and method != "dipole":
         raise ValueError("smoothing > 0 needs method='dipole' (the smoothed kernel exists for the dipole form only)")
     if method == "exact":
         warnings.warn("method='exact': the exact occupancy of a closed mesh is piecewise constant in the vertex "
                       "positions, so this loss gives (almost) zero vertex gradients. To train a mesh head use "
-                      "method='dipole' with smoothing > 0 (about one edge length in normalised units).",
+                      "method='dipole' with smoothing > 0 (in mm; at least half an edge length).",
                       UserWarning, stacklevel=3)
     return names
 
@@ -193,7 +201,8 @@ class TPMLoss(nn.Module):
     """``L_occ`` and ``L_TPM`` of the TPM paper for a batch of predicted meshes.
 
     Args:
-        spec: the topology spec (rules, mesh structures, connectivity).
+        spec: the topology spec (rules, mesh structures, connectivity), slice axes in the patch's array order
+            (:func:`nnunet_topo.rules.spec_in_patch_frame`).
         mesh_names: names of ``spec.mesh_structures`` in the order of the mesh head's outputs.
         method: occupancy method, ``"exact"`` or ``"dipole"`` (see the module docstring about gradients).
         lambda_tp: weight of ``L_TPM`` in ``total`` (paper: 0.5 CT, 1.0 MRI).
@@ -202,17 +211,26 @@ class TPMLoss(nn.Module):
         max_critical_points: at most this many critical points per mesh and batch item (random subset;
             ``None`` = all) to bound the cost.
         eps: occupancy clamp margin.
-        smoothing: smoothed-dipole sigma in normalised units (``method="dipole"`` only).
+        smoothing: smoothed-dipole sigma in **mm** (``method="dipole"`` only).
+        spacing: ``(z, y, x)`` voxel size of the patches in mm (the configuration's spacing); None: 1 mm.
+        mesh_candidates: random voxel centres per rule and batch item tested against the meshes for critical
+            points of source (b) (:func:`~.mesh_targets.mesh_violation_masks`, besides the mesh vertices);
+            ``None`` switches source (b) off (critical points from the label map only, the paper's ``P``).
+        ignore_label: nnU-Net's ignore label: such voxels are never query or critical points. None: none.
 
     Shapes (forward):
         meshes: list of ``(B, V_s, 3)``, normalised patch frame; faces: list of ``(F_s, 3)``;
         seg_logits: ``(B, C, Z, Y, X)`` (channel c = label id c); ref_labels: ``(B, 1, Z, Y, X)``.
-        Returns ``{"occ", "tpm", "total"}`` scalars, ``total = occ + lambda_tp * tpm``.
+        Returns ``{"occ", "tpm", "total"}`` scalars, ``total = occ + lambda_tp * tpm``. The numbers of critical
+        points of the last call per source ((voxel, mesh) pairs over the batch, before the cap) are kept in
+        ``last_counts``.
     """
 
     def __init__(self, spec: TopologySpec, mesh_names: Sequence[str], method: str = "exact",
                  lambda_tp: float = 0.5, num_uniform: int = 1024, num_surface: int = 1024,
-                 max_critical_points: Optional[int] = 2048, eps: float = DEFAULT_EPS, smoothing: float = 0.0) -> None:
+                 max_critical_points: Optional[int] = 2048, eps: float = DEFAULT_EPS, smoothing: float = 0.0,
+                 spacing: Optional[Sequence[float]] = None, mesh_candidates: Optional[int] = 1024,
+                 ignore_label: Optional[int] = None) -> None:
         super().__init__()
         self.spec = spec
         self.mesh_names = _check_common(spec, mesh_names, method, eps, smoothing)
@@ -224,39 +242,92 @@ class TPMLoss(nn.Module):
         if max_critical_points is not None:
             _check_count("max_critical_points", max_critical_points, 1)
         self.max_critical_points = max_critical_points
+        self.spacing = _check_spacing(spacing)
+        self.mesh_candidates = None if mesh_candidates is None else _check_count("mesh_candidates", mesh_candidates)
+        self.ignore_label = None if ignore_label is None else int(ignore_label)
+        self.last_counts: Dict[str, int] = {src: 0 for src in SOURCES}
 
     def forward(self, meshes: Sequence[Tensor], faces: Sequence[Tensor], seg_logits: Tensor, ref_labels: Tensor,
                 generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
         ref = check_mesh_inputs(meshes, faces, seg_logits, ref_labels, len(self.mesh_names))
         shape = tuple(ref.shape[1:])
-        with torch.no_grad():
-            pred = seg_logits.detach().argmax(dim=1)
-        critical = critical_point_targets(pred, ref, self.spec, mode="3d")
-        occ_terms, tpm_terms = [], []
+        meshes_mm = [normalized_to_mm(v, shape, self.spacing) for v in meshes]
         zero = sum(v.sum() for v in meshes) * 0.0
-        for name, v, f in zip(self.mesh_names, meshes, faces):
-            ids = self.spec.mesh_structures[name].label_ids
+        occ_terms, tpm_terms = [], []
+        for name, v, f in zip(self.mesh_names, meshes_mm, faces):
             if self.num_uniform + self.num_surface > 0:
+                ids = self.spec.mesh_structures[name].label_ids
                 pts, tgt = sample_query_points(ref, ids, self.num_uniform, self.num_surface, generator)
-                pn = voxel_to_normalized(pts, shape).to(v.dtype)
-                occ_terms.append(occupancy_loss(v, f, pn, tgt, self.method, self.eps, self.smoothing))
-            pts_b, tgt_b = [], []
-            for b in range(len(critical)):
-                p, t = critical[b][name]
-                p, t = _subsample(p, t, self.max_critical_points, generator)
-                pts_b.append(p)
-                tgt_b.append(t)
-            s, n = critical_bce(v, f, pts_b, tgt_b, shape, self.method, self.eps, self.smoothing)
-            if n > 0:
-                tpm_terms.append(s / n)
+                w = known_weights(ref, pts, self.ignore_label)
+                pm = voxel_to_mm(pts, self.spacing).to(v.dtype)
+                occ_terms.append(occupancy_loss(v, f, pm, tgt, self.method, self.eps, self.smoothing, weights=w))
+        if self.spec.rules:
+            critical = self.critical_points(meshes_mm, faces, seg_logits, ref, generator)
+            for name, v, f in zip(self.mesh_names, meshes_mm, faces):
+                pts_b, tgt_b = [], []
+                for b in range(len(critical)):
+                    p, t = _subsample(*critical[b][name], self.max_critical_points, generator)
+                    pts_b.append(p)
+                    tgt_b.append(t)
+                s, n = critical_bce(v, f, pts_b, tgt_b, self.spacing, self.method, self.eps, self.smoothing)
+                if n > 0:
+                    tpm_terms.append(s / n)
         occ = torch.stack(occ_terms).mean() if occ_terms else zero
         tpm = torch.stack(tpm_terms).mean() + zero if tpm_terms else zero
         return {"occ": occ, "tpm": tpm, "total": occ + self.lambda_tp * tpm}
 
+    def critical_points(self, meshes_mm: Sequence[Tensor], faces: Sequence[Tensor], seg_logits: Tensor,
+                        ref: Tensor, generator: Optional[torch.Generator] = None
+                        ) -> List[Dict[str, Tuple[Tensor, Tensor]]]:
+        """Critical points of both sources, merged, with targets; counts per source in ``last_counts``."""
+        critical, self.last_counts = critical_points_both_sources(
+            meshes_mm, faces, self.mesh_names, self.spec, seg_logits, ref, self.spacing, self.mesh_candidates,
+            self.ignore_label, generator)
+        return critical
+
     def extra_repr(self) -> str:
         return (f"mesh_names={self.mesh_names}, method={self.method!r}, lambda_tp={self.lambda_tp}, "
                 f"num_uniform={self.num_uniform}, num_surface={self.num_surface}, "
-                f"max_critical_points={self.max_critical_points}, smoothing={self.smoothing}")
+                f"max_critical_points={self.max_critical_points}, smoothing={self.smoothing} mm, "
+                f"spacing={self.spacing}, mesh_candidates={self.mesh_candidates}, ignore_label={self.ignore_label}")
+
+
+def critical_points_both_sources(
+    meshes_mm: Sequence[Tensor], faces: Sequence[Tensor], mesh_names: Sequence[str], spec: TopologySpec,
+    seg_logits: Tensor, ref: Tensor, spacing: Optional[Sequence[float]], mesh_candidates: Optional[int],
+    ignore_label: Optional[int], generator: Optional[torch.Generator] = None, mode: str = "3d",
+    axis: Optional[int] = None) -> Tuple[List[Dict[str, Tuple[Tensor, Tensor]]], Dict[str, int]]:
+    """Critical points of the label map ``argmax(seg_logits)`` (no gradient) and, unless ``mesh_candidates`` is
+    None, of the meshes (physical frame), merged, with targets ``[ref ∈ region(mesh)]``; and the number of critical
+    points per source ((voxel, mesh) pairs over the batch, before any cap). Shared by :class:`TPMLoss` (``mode="3d"``) and MIE (``mode="2d"``)."""
+    with torch.no_grad():
+        pred = seg_logits.detach().argmax(dim=1)
+        mesh_viol = None
+        if mesh_candidates is not None:
+            mesh_viol = mesh_violation_masks(meshes_mm, faces, mesh_names, spec, tuple(ref.shape[1:]), spacing,
+                                             mesh_candidates, generator)
+        masks = critical_point_masks(pred, ref, spec, mode, axis, ignore_label, mesh_viol)
+    counts = {src: int(sum(int(m.sum()) for m in masks[src].values())) for src in SOURCES}
+    return masks_to_targets(masks, ref, spec), counts
+
+
+def known_weights(ref: Tensor, points_idx: Tensor, ignore_label: Optional[int]) -> Optional[Tensor]:
+    """``(B, N)`` weights 1 where the reference at the nearest voxel of a point is known, 0 where it is the ignore
+    label; None without an ignore label."""
+    if ignore_label is None:
+        return None
+    nearest = torch.round(points_idx).long()
+    b_idx = torch.arange(ref.shape[0], device=ref.device).view(-1, 1).expand(-1, points_idx.shape[1])
+    return (ref[b_idx, nearest[..., 0], nearest[..., 1], nearest[..., 2]] != ignore_label).to(torch.float32)
+
+
+def _check_spacing(spacing: Optional[Sequence[float]]) -> Optional[Tuple[float, float, float]]:
+    if spacing is None:
+        return None
+    sp = tuple(float(s) for s in spacing)
+    if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
+        raise ValueError(f"spacing must be three positive voxel sizes (z, y, x) in mm, got {spacing!r}")
+    return sp
 
 
 def _subsample(points: Tensor, targets: Tensor, k: Optional[int],
