@@ -7,8 +7,9 @@ structure, in the normalised frame of the training patch:
    the patch (:func:`nnunet_topo.patches.center_pad_to`: ``need // 2`` before);
 2. mask = ``isin(seg, structure ids)``; every mask is shifted by whole voxels so that its centroid lies on the mean
    centroid (:func:`align_centroids`, the "mean aligned mask");
-3. :func:`~nnunet_topo.mesh_head.templates.template_from_masks` (majority vote, genus from the Betti numbers);
-   where that fails and most masks are genus 0, a moment-fitted ellipsoid (:func:`ellipsoid_template`), logged.
+3. :func:`~nnunet_topo.mesh_head.templates.template_from_masks` (genus of most masks; genus 0: isosurface of the
+   smoothed mean mask, decimated; genus 1: fitted torus); where that fails and most masks are genus 0, a
+   moment-fitted ellipsoid (:func:`ellipsoid_template`), the last resort, logged.
 
 Plain numpy/torch (no nnU-Net import); the trainers load the cases and call this.
 """
@@ -77,9 +78,11 @@ def ellipsoid_template(masks: Sequence[np.ndarray], subdivisions: int, name: str
 def templates_from_label_maps(label_maps: Sequence[np.ndarray], structures: Mapping[str, Sequence[int]],
                               patch_size: Sequence[int], subdivisions: int = 3,
                               torus_sections: Sequence[int] = (32, 16),
-                              log: Callable[[str], None] = lambda msg: None) -> List[Template]:
+                              log: Callable[[str], None] = lambda msg: None,
+                              spacing: Optional[Sequence[float]] = None) -> List[Template]:
     """One template per entry of ``structures`` (``{name: label ids}``, in that order) from ``(Z, Y, X)`` label maps
-    that fit in ``patch_size``; vertices in the normalised frame of the patch.
+    that fit in ``patch_size``, of voxel size ``spacing`` ``(z, y, x)`` mm (None: 1 mm); vertices in the normalised
+    frame of the patch.
 
     Raises :class:`TemplateBuildError` when neither :func:`template_from_masks` nor the ellipsoid fallback works.
     """
@@ -90,7 +93,7 @@ def templates_from_label_maps(label_maps: Sequence[np.ndarray], structures: Mapp
         masks = align_centroids([np.isin(center_pad_to(np.asarray(s), patch), ids) for s in label_maps])
         try:
             templates.append(template_from_masks(masks, subdivisions=subdivisions, name=name,
-                                                 torus_sections=tuple(torus_sections)))
+                                                 torus_sections=tuple(torus_sections), spacing=spacing, log=log))
         except ValueError as e:
             fallback = ellipsoid_template(masks, subdivisions, name)
             if fallback is None:

@@ -7,15 +7,23 @@ align_corners=True)``: coordinates in ``[-1, 1]``, last dimension ordered ``(x, 
 indexes the *last* array axis of a ``(B, C, Z, Y, X)`` volume (see ``documentation/meshes.md``).
 Faces are wound so that normals point outward in that frame (positive signed volume).
 
-Templates from training labels (:func:`template_from_masks`):
+Templates from training labels (:func:`template_from_masks`, DESIGN §7):
 
-* the masks (one structure, already cropped/resampled to the patch) are averaged and thresholded
-  at 0.5 (``mean >= 0.5``, a majority vote);
-* the genus comes from the mean mask's Betti numbers (``b0 = 1, b2 = 0``; ``b1 = 0`` -> sphere,
-  ``b1 = 1`` -> torus); anything else raises ``ValueError``;
-* genus 0: an icosphere centred at the mean mask's centroid is *shrink-wrapped* onto the 0.5
-  level of the trilinearly interpolated mean mask along rays from the centroid (the structure must
-  be star-shaped from its centroid; otherwise ``ValueError``);
+* the genus is the majority genus of the individual masks (``b0 = 1, b2 = 0``; ``b1 = 0`` -> genus 0,
+  ``b1 = 1`` -> genus 1); anything else raises ``ValueError``. (The Betti numbers of the *mean* mask of a thin
+  structure are unreliable: the mean of 6 synthetic crescent RVs has (1, 1, 2).)
+* genus 0: the **isosurface** of the soft mean mask (the fraction of masks containing a voxel), smoothed with a
+  Gaussian of ``iso_smoothing_mm`` (half the finest spacing), resampled to isotropic voxels of the finest spacing (linear), cut at 0.5 by
+  marching cubes (scikit-image) in mm, the largest watertight piece kept, then decimated to the template's vertex
+  count (the resampling is refined while the isosurface has fewer faces) by quadric edge collapse
+  (``trimesh.Trimesh.simplify_quadric_decimation``, i.e. the fast-simplification
+  library: a maintained C++ implementation of Garland-Heckbert that keeps a closed manifold closed, chosen over
+  pymeshlab, a much larger binary), and scaled about its centroid to the volume of the thresholded mean mask
+  (smoothing and decimation shrink it). The result must be watertight with Euler characteristic 2 (genus 0); the
+  smoothing is doubled up to twice until it is. No star shape is needed, so a crescent RV gets a crescent.
+  Only if that fails, an icosphere is *shrink-wrapped* onto the 0.5 level of the thresholded mean mask along rays
+  from its centroid (star-shaped structures only), else ``ValueError`` (the trainers then use a moment-fitted
+  ellipsoid and log it).
 * genus 1: a torus with an elliptic cross-section fitted by moments (centroid; axis = the principal
   direction whose line through the centroid crosses the least foreground, i.e. the one through the
   hole; major radius = mean distance of the foreground voxels from the axis; cross-section
@@ -24,9 +32,9 @@ Templates from training labels (:func:`template_from_masks`):
   mask's voxel volume (within 0.1 %). It is a fitted torus, not
   shape-adapted beyond its moments.
 
-Ray marching and fitting are done in voxel indices (isotropic voxels are assumed: the patch is the
-network's input, resampled to the target spacing), then mapped to the normalised frame with
-:func:`nnunet_topo.meshes.index_to_normalized` (``n = 2 i / (size - 1) - 1``).
+The isosurface is computed in mm (``spacing``, the patch's voxel size); ray marching and torus fitting in voxel
+indices; everything is then mapped to the normalised frame with :func:`nnunet_topo.meshes.index_to_normalized`
+(``n = 2 i / (size - 1) - 1``).
 """
 from __future__ import annotations
 
@@ -354,42 +362,116 @@ def _fit_torus(mask: np.ndarray, major_sections: int, minor_sections: int, name:
     return v @ frame.T + c, f
 
 
+def _majority_genus(masks: Sequence[np.ndarray], name: str) -> int:
+    """The genus (0 or 1) of most masks with Betti numbers (1, g, 0); ValueError if there is none."""
+    votes: dict[int, int] = {}
+    for m in masks:
+        if np.any(m):
+            b0, b1, b2 = betti_numbers_3d(np.asarray(m) != 0)
+            if b0 == 1 and b2 == 0 and b1 in (0, 1):
+                votes[int(b1)] = votes.get(int(b1), 0) + 1
+    if not votes:
+        raise ValueError(
+            f"template_from_masks({name!r}): no mask has Betti numbers (1, 0, 0) or (1, 1, 0); supported are "
+            "genus 0 (sphere-like) and genus 1 (torus-like) structures. Check the structure's label ids, or provide "
+            "a template.")
+    return max(votes, key=lambda g: (votes[g], -g))
+
+
+def _isosurface_genus0(soft_mean: np.ndarray, spacing: Sequence[float], num_vertices: int, smoothing_mm: float,
+                       name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Genus-0 surface of the 0.5 level of the smoothed soft mean mask, decimated to ``num_vertices``: vertices in
+    voxel indices ``(z, y, x)``. ValueError when no closed genus-0 surface results."""
+    from skimage.measure import marching_cubes
+
+    sp = np.asarray(spacing, dtype=np.float64)
+    target_faces = 2 * int(num_vertices) - 4  # closed genus 0: F = 2 V - 4
+    errors = []
+    for sigma in (smoothing_mm, 2.0 * smoothing_mm, 4.0 * smoothing_mm):
+        sm = ndimage.gaussian_filter(soft_mean.astype(np.float32), sigma=sigma / sp) if sigma > 0 else soft_mean
+        pad = np.pad(sm, 1)
+        if pad.max() <= 0.5:
+            errors.append(f"smoothing {sigma:.2f} mm: nothing above 0.5")
+            continue
+        mesh = None
+        for refine in (1, 2, 4):  # isotropic voxels of the finest spacing, finer while too few faces
+            up = ndimage.zoom(pad, sp / sp.min() * refine, order=1)
+            step = (np.asarray(pad.shape) - 1) / (np.asarray(up.shape) - 1) * sp  # mm per resampled voxel
+            v, f, _, _ = marching_cubes(up, 0.5, spacing=tuple(step))
+            pieces = trimesh.Trimesh(v - sp, f, process=True).split(only_watertight=True)
+            mesh = max(pieces, key=lambda m: abs(m.volume)) if len(pieces) else None
+            if mesh is None or len(mesh.faces) > target_faces:
+                break
+        if mesh is None:
+            errors.append(f"smoothing {sigma:.2f} mm: no closed surface")
+            continue
+        if len(mesh.faces) > target_faces:
+            mesh = mesh.simplify_quadric_decimation(face_count=target_faces)
+        if not (mesh.is_watertight and mesh.euler_number == 2 and abs(mesh.volume) > 0):
+            errors.append(f"smoothing {sigma:.2f} mm: Euler characteristic {mesh.euler_number}, watertight "
+                          f"{mesh.is_watertight}")
+            continue
+        # smoothing and decimation shrink the surface: scale it about its centroid to the mean mask's volume
+        target = float((soft_mean >= 0.5).sum()) * float(np.prod(sp))
+        verts = np.asarray(mesh.vertices, dtype=np.float64)
+        c = np.asarray(mesh.center_mass, dtype=np.float64)  # the volume centroid, kept in place
+        verts = c + (verts - c) * (target / abs(mesh.volume)) ** (1.0 / 3.0)
+        return verts / sp, np.asarray(mesh.faces, dtype=np.int64)  # mm -> voxel indices (z, y, x)
+    raise ValueError(f"template_from_masks({name!r}): the isosurface of the mean mask is not a closed genus-0 "
+                     f"surface ({'; '.join(errors)}).")
+
+
 def template_from_masks(
     masks: Sequence[np.ndarray],
     subdivisions: int = 3,
     name: str = "structure",
     torus_sections: tuple[int, int] = (32, 16),
+    spacing: Sequence[float] | None = None,
+    iso_smoothing_mm: float | None = None,
+    log=None,
 ) -> Template:
-    """A genus-correct template with a fixed vertex count from the training masks of one structure.
+    """A genus-correct template from the training masks of one structure (module docstring).
 
     Args:
         masks: ``(Z, Y, X)`` arrays of equal shape (nonzero = structure), already cropped/resampled
-            to the patch the network sees.
-        subdivisions: icosphere level for genus 0 (``10 * 4**subdivisions + 2`` vertices).
+            to the patch the network sees (and aligned, e.g. by centroid).
+        subdivisions: vertex count of genus-0 templates, that of an icosphere of this level
+            (``10 * 4**subdivisions + 2``; the isosurface is decimated to it).
         name: structure name, stored in the template.
         torus_sections: ``(major, minor)`` sections for genus 1 (``major * minor`` vertices).
+        spacing: ``(z, y, x)`` voxel size in mm (None: 1 mm, isotropic).
+        iso_smoothing_mm: Gaussian smoothing of the mean mask before the isosurface (None: half the finest
+            spacing; more rounds thin structures off).
+        log: optional callable for a note when the shrink-wrapped sphere replaces the isosurface.
 
     Returns:
         A :class:`Template` in the normalised ``(x, y, z)`` frame of a patch of shape ``(Z, Y, X)``.
 
     Raises:
-        ValueError: empty or ill-shaped masks; mean mask not one component, with a cavity, or of
-            genus > 1; a genus-0 mean mask that is not star-shaped from its centroid; a genus-1 mean
-            mask to which no torus can be fitted.
+        ValueError: empty or ill-shaped masks; no mask of genus 0 or 1; a genus-0 structure whose isosurface is
+            not closed genus 0 and that is not star-shaped either; a genus-1 mean mask to which no torus can be
+            fitted.
     """
     mean = _mean_mask(masks)
     if not mean.any():
         raise ValueError(f"template_from_masks({name!r}): the mean mask (mean >= 0.5) is empty.")
-    b0, b1, b2 = betti_numbers_3d(mean)
-    if b0 != 1 or b2 != 0 or b1 > 1:
-        raise ValueError(
-            f"template_from_masks({name!r}): the mean mask has Betti numbers (b0, b1, b2) = "
-            f"({b0}, {b1}, {b2}); supported are (1, 0, 0) (sphere template) and (1, 1, 0) (torus "
-            "template). Check the structure's label ids, or provide a template."
-        )
-    if b1 == 0:
-        v_zyx, f = _shrink_wrap_sphere(mean, subdivisions, name)
+    sp = (1.0, 1.0, 1.0) if spacing is None else tuple(float(x) for x in spacing)
+    genus = _majority_genus(masks, name)
+    if genus == 0:
+        soft = np.mean(np.stack([np.asarray(m) != 0 for m in masks]).astype(np.float32), axis=0)
+        sigma = 0.5 * min(sp) if iso_smoothing_mm is None else float(iso_smoothing_mm)
+        try:
+            v_zyx, f = _isosurface_genus0(soft, sp, 10 * 4 ** int(subdivisions) + 2, sigma, name)
+        except ValueError as e:
+            v_zyx, f = _shrink_wrap_sphere(mean, subdivisions, name)  # raises if not star-shaped
+            if log is not None:
+                log(f"{e} -> shrink-wrapped icosphere instead")
     else:
+        b0, b1, b2 = betti_numbers_3d(mean)
+        if (b0, b1, b2) != (1, 1, 0):
+            raise ValueError(
+                f"template_from_masks({name!r}): most masks are genus 1, but the mean mask has Betti numbers "
+                f"({b0}, {b1}, {b2}), not (1, 1, 0), so no torus can be fitted. Provide a template.")
         v_zyx, f = _fit_torus(mean, torus_sections[0], torus_sections[1], name)
     v = index_to_normalized(v_zyx, mean.shape)
-    return Template(v, _orient_outward(v, f), name=name, genus=int(b1))
+    return Template(v, _orient_outward(v, f), name=name, genus=int(genus))

@@ -102,7 +102,8 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
         else:
             structures = {n: self.topology_spec.mesh_structures[n].label_ids for n in self.mesh_names}
             templates = templates_from_label_maps(segs, structures, patch, self.template_subdivisions,
-                                                  self.template_torus_sections, log=self.print_to_log_file)
+                                                  self.template_torus_sections, log=self.print_to_log_file,
+                                                  spacing=self.patch_spacing())
             self.print_to_log_file("mesh templates built from the training labels: " + ", ".join(
                 f"{t.name} (genus {t.genus}, {t.num_vertices} vertices)" for t in templates))
         if [t.name for t in templates] != list(self.mesh_names):

@@ -7,6 +7,7 @@ from typing import Any, Dict
 
 import torch
 
+from nnunet_topo.trainers.nnUNetTrainerMIE import nnUNetTrainerMIE
 from nnunet_topo.trainers.nnUNetTrainerMesh import nnUNetTrainerMesh
 from nnunet_topo.trainers.nnUNetTrainerProjPool import nnUNetTrainerProjPool
 from nnunet_topo.trainers.nnUNetTrainerTPM import nnUNetTrainerTPM
@@ -30,7 +31,8 @@ class nnUNetTrainerProjPool_demo(_ShortRunMixin, nnUNetTrainerProjPool):
     short_run = dict(num_epochs=10, num_iterations_per_epoch=20, num_val_iterations_per_epoch=5)
 
 
-#: the CPU study (examples/study_tpm_vs_mesh.sh): 15 epochs x 20 iterations, 512 occupancy query points per mesh,
+#: the CPU study (examples/study_tpm_vs_mesh.sh): 15 epochs x 20 iterations, 512 occupancy query points per mesh
+#: (512 MIE points),
 #: TPM switched on after 5 epochs (100 iterations, by which the segmentation that places the templates is usable)
 CPU_STUDY = dict(num_epochs=15, num_iterations_per_epoch=20, num_val_iterations_per_epoch=2, occ_num_uniform=256,
                  occ_num_surface=256, max_critical_points=512, tpm_warmup_epochs=5)
@@ -42,3 +44,7 @@ class nnUNetTrainerMesh_cpuStudy(_ShortRunMixin, nnUNetTrainerMesh):
 
 class nnUNetTrainerTPM_cpuStudy(_ShortRunMixin, nnUNetTrainerTPM):
     short_run = CPU_STUDY
+
+
+class nnUNetTrainerMIE_cpuStudy(_ShortRunMixin, nnUNetTrainerMIE):
+    short_run = dict(CPU_STUDY, mie_num_points=512)
