@@ -313,7 +313,9 @@ def format_table(summary: dict) -> str:
             lines.append(f"{name:<12}{g('Dice', 8)}{g('Chamfer_mm')}{g('HD95_mm')}{g('laplacian_energy_mm2', 11)}")
         mt = summary.get("mesh_topology_mean", {})
         tvs = mt.get("TVS")
-        lines.append(f"mesh TVS {tvs if tvs is not None else float('nan'):.5f}")
+        grid = ", ".join(f"{g:g}" for g in mt.get("grid_mm", []))
+        lines.append(f"mesh TVS {tvs if tvs is not None else float('nan'):.5f}"
+                     + (f"  (violating volumes on a {grid} mm isotropic world grid)" if grid else ""))
     return "\n".join(lines)
 
 

@@ -9,10 +9,17 @@ Per mesh structure (the dataset's ``mesh_structures``):
   geometry)`` (:mod:`nnunet_topo.metrics.mesh`: area-uniform samples, exact point-to-triangle distances);
 * **Laplacian smoothness energy** (mm²) and enclosed **volume** (mm³) of the predicted mesh.
 
-**Mesh TVS** (TPM, C. Zhang et al., arXiv:2503.07874, Eq. 13) on the same occupancy grids::
+**Mesh TVS** (TPM, C. Zhang et al., arXiv:2503.07874, Eq. 13)::
 
-    TVS = ( sum_{exclusion (A, B)} |occ(A) & occ(B)| + sum_{inclusion (I in O | M)} |occ(I) & ~(occ(O) | occ(M))| )
-          * voxel volume / reference foreground volume
+    TVS = ( sum_{exclusion (A, B)} vol(in(A) & in(B)) + sum_{inclusion (I in O | M)} vol(in(I) & ~(in(O) | in(M))) )
+          / reference foreground volume
+
+The violating volumes are measured on a **fine isotropic world grid** (cell centres, step ``h = min(1 mm, finest
+spacing of the reference)``, reported as ``grid_mm``), not at the reference voxel centres: with 10 mm slices a
+penetration thinner than a slice would be missed. Only the box where a violation can lie is sampled (the
+intersection of the two meshes' bounding boxes for an exclusion, the inner mesh's box for an inclusion), in slabs
+of at most ``_GRID_POINTS`` points (bounded memory), and the second mesh is only evaluated where the first is
+inside. The reference foreground volume is ``voxels x voxel volume``.
 
 A rule is evaluated when its structures are mesh structures with a predicted mesh (matched by their label-id
 sets); other rules are skipped and listed with the reason. ``may_touch`` joins the outer mesh only if it has a
@@ -43,6 +50,8 @@ from nnunet_topo.summary_io import load_json_arg, nanmean, to_builtin
 __all__ = [
     "MeshEvaluationError",
     "voxelize_mesh",
+    "mesh_tvs_grid_step",
+    "violating_volume_mm3",
     "evaluate_mesh_case",
     "evaluate_mesh_folder",
     "aggregate_mesh_cases",
@@ -51,6 +60,8 @@ __all__ = [
 
 # (point, face) pairs per winding-number block: ~100 bytes each in float64 forward -> ~0.4 GB
 _CHUNK = 2 ** 22
+#: grid points per slab of the mesh-TVS grid (~0.1 GB of float64 coordinates and results at most)
+_GRID_POINTS = 2 ** 21
 
 
 class MeshEvaluationError(ValueError):
@@ -86,6 +97,56 @@ def voxelize_mesh(mesh: trimesh.Trimesh, shape_zyx: Sequence[int], geometry: Ima
     return out
 
 
+def mesh_tvs_grid_step(spacing: Sequence[float]) -> float:
+    """Step (mm) of the mesh-TVS grid: 1 mm, or the finest spacing of the reference if that is finer."""
+    return float(min(1.0, min(float(x) for x in spacing)))
+
+
+def _box_cells(lo: np.ndarray, hi: np.ndarray, h: float) -> List[np.ndarray]:
+    """Cell-centre coordinates of the grid of step ``h`` covering ``[lo, hi]`` (world x, y, z), in slabs."""
+    n = np.maximum(np.ceil((hi - lo) / h).astype(int), 0)
+    if np.any(n == 0):
+        return []
+    axes = [lo[k] + (np.arange(n[k]) + 0.5) * h for k in range(3)]
+    per_z = int(n[0] * n[1])
+    step = max(1, _GRID_POINTS // max(per_z, 1))
+    out = []
+    for z0 in range(0, int(n[2]), step):
+        gx, gy, gz = np.meshgrid(axes[0], axes[1], axes[2][z0:z0 + step], indexing="ij")
+        out.append(np.stack([gx.ravel(), gy.ravel(), gz.ravel()], axis=1))
+    return out
+
+
+def _inside(mesh: trimesh.Trimesh, pts: np.ndarray) -> np.ndarray:
+    if len(pts) == 0:
+        return np.zeros(0, dtype=bool)
+    w = winding_number(torch.from_numpy(pts), torch.from_numpy(np.asarray(mesh.vertices, dtype=np.float64)),
+                       torch.from_numpy(np.asarray(mesh.faces, dtype=np.int64)), chunk_size=_CHUNK)
+    return w.numpy() > 0.5
+
+
+def violating_volume_mm3(first: trimesh.Trimesh, second: Sequence[trimesh.Trimesh], exclusion: bool,
+                         h: float) -> float:
+    """Volume (mm³) inside ``first`` and inside ``second[0]`` (``exclusion``), or inside ``first`` and outside every
+    mesh of ``second`` (an inclusion's outer mesh and allowed openings), on the world grid of step ``h`` mm."""
+    lo, hi = np.asarray(first.bounds[0], float), np.asarray(first.bounds[1], float)
+    if exclusion:
+        lo, hi = np.maximum(lo, second[0].bounds[0]), np.minimum(hi, second[0].bounds[1])
+        if np.any(hi <= lo):
+            return 0.0
+    count = 0
+    for pts in _box_cells(lo, hi, h):
+        pts = pts[_inside(first, pts)]
+        if exclusion:
+            count += int(_inside(second[0], pts).sum())
+        else:
+            keep = np.ones(len(pts), dtype=bool)
+            for m in second:
+                keep &= ~_inside(m, pts)
+            count += int(keep.sum())
+    return count * h ** 3
+
+
 def _mesh_name_for(structure, available: Mapping[frozenset, str]) -> Optional[str]:
     return available.get(frozenset(int(i) for i in structure.label_ids))
 
@@ -106,7 +167,7 @@ def evaluate_mesh_case(ref_label_map: np.ndarray, geometry: ImageGeometry,
     Returns:
         ``{"mesh_metrics": {structure: {"Dice", "Chamfer_mm", "HD95_mm", "laplacian_energy_mm2", "volume_mm3",
         "volume_ref_mm3", "n_inside", "n_ref"}}, "mesh_topology": {"TVS", "TVS_per_rule", "violating_volume_mm3",
-        "reference_foreground_mm3", "evaluated_rules", "skipped_rules", "notes", "missing_structures"}}``
+        "reference_foreground_mm3", "grid_mm" (step of the mesh-TVS grid), "evaluated_rules", "skipped_rules", "notes", "missing_structures"}}``
         (plain Python numbers; NaN where undefined).
 
     Raises:
@@ -149,6 +210,7 @@ def evaluate_mesh_case(ref_label_map: np.ndarray, geometry: ImageGeometry,
 
     available = {frozenset(int(i) for i in spec.mesh_structures[n].label_ids): n for n in predicted_meshes}
     ref_fg_mm3 = int(np.count_nonzero(ref)) * vv
+    h = mesh_tvs_grid_step(geometry.spacing_xyz)
     violating: Dict[str, float] = {}
     skipped: Dict[str, str] = {}
     notes: Dict[str, str] = {}
@@ -159,25 +221,25 @@ def evaluate_mesh_case(ref_label_map: np.ndarray, geometry: ImageGeometry,
                 lack = [s.name for s, n in ((rule.a, a), (rule.b, b)) if n is None]
                 skipped[rule.name] = f"no predicted mesh for {lack}"
                 continue
-            violating[rule.name] = int(np.count_nonzero(occ[a] & occ[b])) * vv
+            violating[rule.name] = violating_volume_mm3(predicted_meshes[a], [predicted_meshes[b]], True, h)
         elif isinstance(rule, InclusionRule):
             inner, outer = _mesh_name_for(rule.inner, available), _mesh_name_for(rule.outer, available)
             if inner is None or outer is None:
                 lack = [s.name for s, n in ((rule.inner, inner), (rule.outer, outer)) if n is None]
                 skipped[rule.name] = f"no predicted mesh for {lack}"
                 continue
-            allowed = occ[outer].copy()
+            allowed = [predicted_meshes[outer]]
             if rule.may_touch is not None:
                 mt = _mesh_name_for(rule.may_touch, available)
                 if mt is None:
                     notes[rule.name] = f"may_touch {rule.may_touch.name!r} has no mesh; evaluated without it"
                 else:
-                    allowed |= occ[mt]
-            violating[rule.name] = int(np.count_nonzero(occ[inner] & ~allowed)) * vv
+                    allowed.append(predicted_meshes[mt])
+            violating[rule.name] = violating_volume_mm3(predicted_meshes[inner], allowed, False, h)
     tvs_per_rule = {r: (v / ref_fg_mm3 if ref_fg_mm3 > 0 else math.nan) for r, v in violating.items()}
     tvs = (sum(violating.values()) / ref_fg_mm3) if (violating and ref_fg_mm3 > 0) else math.nan
     topology = {"TVS": tvs, "TVS_per_rule": tvs_per_rule, "violating_volume_mm3": violating,
-                "reference_foreground_mm3": ref_fg_mm3, "evaluated_rules": list(violating),
+                "reference_foreground_mm3": ref_fg_mm3, "grid_mm": h, "evaluated_rules": list(violating),
                 "skipped_rules": skipped, "notes": notes, "missing_structures": missing}
     return {"mesh_metrics": metrics, "mesh_topology": topology}
 
@@ -232,7 +294,7 @@ def evaluate_mesh_folder(ref_folder: str, mesh_folder: str, dataset_json: Union[
 
         {"metric_per_case": [{"case", "reference_file", "mesh_files", "mesh_metrics", "mesh_topology"}],
          "mesh_mean": {structure: {metric: NaN-ignoring mean}}, "mesh_foreground_mean": {metric: mean over
-         structures}, "mesh_topology_mean": {"TVS", "TVS_per_rule", "num_cases"}, "mesh_structures": [...]}
+         structures}, "mesh_topology_mean": {"TVS", "TVS_per_rule", "num_cases", "grid_mm" (the grid steps used)}, "mesh_structures": [...]}
 
     :func:`merge_mesh_summary` adds these to a ``summary_topology.json`` dict.
 
@@ -323,6 +385,7 @@ def aggregate_mesh_cases(cases: List[dict], spec: TopologySpec) -> dict:
     fg = {k: nanmean(mean[s][k] for s in structures) for k in keys}
     rules = sorted({r for c in cases for r in c["mesh_topology"]["TVS_per_rule"]})
     topo = {"num_cases": len(cases), "TVS": nanmean(c["mesh_topology"]["TVS"] for c in cases),
+            "grid_mm": sorted({c["mesh_topology"].get("grid_mm") for c in cases} - {None}),
             "TVS_per_rule": {r: nanmean(c["mesh_topology"]["TVS_per_rule"].get(r) for c in cases) for r in rules}}
     return {"mesh_mean": mean, "mesh_foreground_mean": fg, "mesh_topology_mean": topo}
 
