@@ -21,10 +21,10 @@ import numpy as np
 
 from ..meshes import index_to_normalized
 from ..metrics.topology import betti_numbers_3d
-from ..patches import center_pad_to
+from ..patches import center_pad_to, check_whole_volume_in_patch
 from .templates import Template, _orient_outward, sphere_template, template_from_masks
 
-__all__ = ["TemplateBuildError", "align_centroids", "ellipsoid_template",
+__all__ = ["TemplateBuildError", "align_centroids", "ellipsoid_template", "training_templates",
            "templates_from_label_maps"]
 
 
@@ -101,4 +101,35 @@ def templates_from_label_maps(label_maps: Sequence[np.ndarray], structures: Mapp
                                          f"{len(label_maps)} training case(s): {e}") from e
             log(f"template {name!r}: {e} -> using the moment-fitted ellipsoid instead")
             templates.append(fallback)
+    return templates
+
+
+def training_templates(cases: Sequence[tuple], structures: Mapping[str, Sequence[int]], patch_size: Sequence[int],
+                       spacing: Optional[Sequence[float]], stored: Optional[List[Template]], subdivisions: int = 3,
+                       torus_sections: Sequence[int] = (32, 16), log: Callable[[str], None] = lambda msg: None,
+                       who: str = "mesh trainer", configuration: str = "") -> List[Template]:
+    """The templates of a mesh trainer: ``stored`` ones (a run being continued) if given, else built from the
+    ``(identifier, (Z, Y, X) label map)`` ``cases`` by :func:`templates_from_label_maps`.
+
+    Raises ``RuntimeError`` with the fix when a case does not fit in the patch (a mesh describes a whole structure)
+    or the stored templates are for other structures than ``structures``."""
+    patch = [int(p) for p in patch_size]
+    check_whole_volume_in_patch(
+        [(k, np.shape(s)) for k, s in cases], patch,
+        reason=f"{who}: a mesh describes a whole structure, so every case must fit in the patch of configuration "
+               f"{configuration!r}",
+        advice="Train a configuration whose patch covers the preprocessed volume (e.g. 3d_lowres, or plans with a "
+               "larger patch_size), or crop the images to the structures first.")
+    if stored is not None:
+        log(f"mesh templates reused from the plans: {[t.name for t in stored]}")
+        templates = stored
+    else:
+        templates = templates_from_label_maps([s for _, s in cases], structures, patch, subdivisions,
+                                              torus_sections, log=log, spacing=spacing)
+        log("mesh templates built from the training labels: " + ", ".join(
+            f"{t.name} (genus {t.genus}, {t.num_vertices} vertices)" for t in templates))
+    if [t.name for t in templates] != list(structures):
+        raise RuntimeError(f"the templates in the plans are for {[t.name for t in templates]} but the topology "
+                           f"spec's mesh_structures are {list(structures)}; remove 'nnunet_topo_mesh_templates' "
+                           "from the plans (or train into a new output folder) to rebuild them.")
     return templates

@@ -1,13 +1,9 @@
 """nnUNetTrainerMesh: nnU-Net + a GCN mesh head supervised by occupancy (the λ_TP = 0 baseline of TPM Table 1).
 
-``L = L_seg + occ_weight L_occ + laplacian_weight L_lap + edge_weight L_edge``; ``L_seg`` is nnU-Net's own
-deep-supervised Dice+CE, untouched. TPM: C. Zhang et al., arXiv:2503.07874 (Eq. 5, 10-11). The TPM and MIE trainers
-subclass this one (``nnUNetTrainerTPM.py``, ``nnUNetTrainerMIE.py``). This file is nnU-Net wiring only; the pieces
-live where their names say: templates from labels in ``mesh_head/label_templates.py``, the mesh-caching network
-and the plans keys in ``mesh_head/network.py``, the term dispatcher in ``nnunet_topo/losses/mesh_terms.py``, the
-per-group lr schedule in ``nnunet_topo/lr_schedule.py``. The decisions (templates from *all* cases and stored in
-the plans, whole structures in the patch, no torch.compile, ±15° rotation and no mirroring, head lr) are explained
-in documentation/mesh_trainers.md.
+``L = L_seg + occ_weight L_occ + laplacian_weight L_lap + edge_weight L_edge`` (TPM, arXiv:2503.07874, Eq. 5,
+10-11), every mesh term in mm; ``L_seg`` is nnU-Net's own loss, untouched. nnU-Net wiring only: templates come
+from ``mesh_head/label_templates.py``, the network from ``mesh_head/network.py``, the terms from
+``nnunet_topo/losses/``; the decisions are explained in documentation/mesh_trainers.md.
 """
 from __future__ import annotations
 
@@ -26,11 +22,10 @@ from nnunet_topo.losses.mesh_terms import (MeshLossComputer, MeshTerm, default_s
                                            template_edge_lengths)
 from nnunet_topo.losses.tpm import TPMLoss
 from nnunet_topo.lr_schedule import GroupPolyLRScheduler
-from nnunet_topo.mesh_head.label_templates import templates_from_label_maps
+from nnunet_topo.mesh_head.label_templates import training_templates
 from nnunet_topo.mesh_head.network import (TEMPLATES_KEY, head_settings, mesh_network_from_configuration,
                                            store_in_configuration, stored_templates, unwrap_network)
 from nnunet_topo.mesh_head.templates import Template
-from nnunet_topo.patches import check_whole_volume_in_patch
 from nnunet_topo.plans import preprocessed_cases, saved_configuration
 from nnunet_topo.rules import TopologySpecError
 from nnunet_topo.trainers.nnUNetTrainerTopoBase import nnUNetTrainerTopoBase
@@ -89,27 +84,11 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
                                f"surfaces), but {self.configuration_name!r} has patch size {patch}.")
         # all cases, not the fold's split: every fold of a model folder shares one plans.json
         cases = [(k, np.asarray(seg[0])) for k, _, seg in preprocessed_cases(self.preprocessed_dataset_folder)]
-        identifiers, segs = [k for k, _ in cases], [s for _, s in cases]
-        check_whole_volume_in_patch(
-            list(zip(identifiers, (s.shape for s in segs))), patch,
-            reason=f"{self.__class__.__name__}: a mesh describes a whole structure, so every case must fit in the "
-                   f"patch of configuration {self.configuration_name!r}",
-            advice="Train a configuration whose patch covers the preprocessed volume (e.g. 3d_lowres, or plans with a "
-                   "larger patch_size), or crop the images to the structures first.")
-        templates = self._stored_templates()
-        if templates is not None:
-            self.print_to_log_file(f"mesh templates reused from the plans: {[t.name for t in templates]}")
-        else:
-            structures = {n: self.topology_spec.mesh_structures[n].label_ids for n in self.mesh_names}
-            templates = templates_from_label_maps(segs, structures, patch, self.template_subdivisions,
-                                                  self.template_torus_sections, log=self.print_to_log_file,
-                                                  spacing=self.patch_spacing())
-            self.print_to_log_file("mesh templates built from the training labels: " + ", ".join(
-                f"{t.name} (genus {t.genus}, {t.num_vertices} vertices)" for t in templates))
-        if [t.name for t in templates] != list(self.mesh_names):
-            raise RuntimeError(f"the templates in the plans are for {[t.name for t in templates]} but the topology "
-                               f"spec's mesh_structures are {list(self.mesh_names)}; remove {TEMPLATES_KEY!r} from "
-                               "the plans (or train into a new output folder) to rebuild them.")
+        structures = {n: self.topology_spec.mesh_structures[n].label_ids for n in self.mesh_names}
+        templates = training_templates(cases, structures, patch, self.patch_spacing(), self._stored_templates(),
+                                       self.template_subdivisions, self.template_torus_sections,
+                                       log=self.print_to_log_file, who=self.__class__.__name__,
+                                       configuration=self.configuration_name)
         channels = [self.topology_spec.mesh_structures[n].label_ids for n in self.mesh_names]  # = label ids
         head = head_settings(self.head_kwargs, self.head_decoder_stages,
                              channels if self.segmentation_guided_placement else None)

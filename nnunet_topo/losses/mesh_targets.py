@@ -366,10 +366,12 @@ def mesh_violation_masks(
                     cand.append(torch.minimum(lo + torch.floor(u * (up - lo + 1)).long(), up))
                 c = torch.unique(torch.cat(cand), dim=0)
                 pts = voxel_to_mm(c, spacing).to(v1.dtype)
-                w1 = winding_number(pts, v1[b].detach(), f1.to(device), method="exact")
+                in1 = winding_number(pts, v1[b].detach(), f1.to(device), method="exact") > 0.5
+                c, pts = c[in1], pts[in1]  # the second mesh only where the first is inside
+                if c.shape[0] == 0:
+                    continue
                 w2 = winding_number(pts, v2[b].detach(), f2.to(device), method="exact")
-                bad = (w1 > 0.5) & ((w2 > 0.5) if inside_second else (w2 < 0.5))
-                c = c[bad]
+                c = c[(w2 > 0.5) if inside_second else (w2 < 0.5)]
                 mask[b, c[:, 0], c[:, 1], c[:, 2]] = True
         out[rule.name] = mask
     return out
