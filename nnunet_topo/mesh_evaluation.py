@@ -89,11 +89,8 @@ def voxelize_mesh(mesh: trimesh.Trimesh, shape_zyx: Sequence[int], geometry: Ima
         return out  # the mesh lies outside the image
     grids = np.meshgrid(*[np.arange(a, b + 1) for a, b in zip(lo, hi)], indexing="ij")
     centres = np.stack([g.ravel() for g in grids], axis=1).astype(np.float64)
-    world = index_to_world(centres, geometry)
-    w = winding_number(torch.from_numpy(world), torch.from_numpy(v), torch.from_numpy(f),
-                       chunk_size=chunk_size).numpy()
     box = tuple(slice(a, b + 1) for a, b in zip(lo, hi))
-    out[box] = (w > 0.5).reshape(grids[0].shape)
+    out[box] = _inside(mesh, index_to_world(centres, geometry), chunk_size).reshape(grids[0].shape)
     return out
 
 
@@ -117,11 +114,13 @@ def _box_cells(lo: np.ndarray, hi: np.ndarray, h: float) -> List[np.ndarray]:
     return out
 
 
-def _inside(mesh: trimesh.Trimesh, pts: np.ndarray) -> np.ndarray:
+def _inside(mesh: trimesh.Trimesh, pts: np.ndarray, chunk_size: int = _CHUNK) -> np.ndarray:
+    """Exact winding number of a closed world mesh > 1/2 at world points ``(N, 3)`` (float64, CPU)."""
     if len(pts) == 0:
         return np.zeros(0, dtype=bool)
-    w = winding_number(torch.from_numpy(pts), torch.from_numpy(np.asarray(mesh.vertices, dtype=np.float64)),
-                       torch.from_numpy(np.asarray(mesh.faces, dtype=np.int64)), chunk_size=_CHUNK)
+    w = winding_number(torch.from_numpy(np.asarray(pts, dtype=np.float64)),
+                       torch.from_numpy(np.asarray(mesh.vertices, dtype=np.float64)),
+                       torch.from_numpy(np.asarray(mesh.faces, dtype=np.int64)), chunk_size=chunk_size)
     return w.numpy() > 0.5
 
 

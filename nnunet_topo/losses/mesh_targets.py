@@ -50,6 +50,7 @@ __all__ = [
     "normalized_to_voxel",
     "voxel_to_mm",
     "mm_to_voxel",
+    "check_spacing",
     "normalized_to_mm",
     "mesh_for_structure",
     "rule_meshes",
@@ -93,10 +94,19 @@ def normalized_to_voxel(points_xyz: Tensor, shape: Sequence[int]) -> Tensor:
     return normalized_to_index(points_xyz, shape)
 
 
-def _spacing_tensor(spacing: Optional[Sequence[float]], like: Tensor) -> Tensor:
-    sp = (1.0, 1.0, 1.0) if spacing is None else tuple(float(s) for s in spacing)
-    if len(sp) != 3 or not all(s > 0 and math.isfinite(s) for s in sp):
+def check_spacing(spacing: Optional[Sequence[float]]) -> Optional[Tuple[float, float, float]]:
+    """``spacing`` as a tuple of three positive finite voxel sizes ``(z, y, x)`` in mm (None stays None: 1 mm);
+    ``ValueError`` otherwise."""
+    if spacing is None:
+        return None
+    sp = tuple(float(s) for s in spacing)
+    if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
         raise ValueError(f"spacing must be three positive voxel sizes (z, y, x) in mm, got {spacing!r}")
+    return sp
+
+
+def _spacing_tensor(spacing: Optional[Sequence[float]], like: Tensor) -> Tensor:
+    sp = check_spacing(spacing) or (1.0, 1.0, 1.0)
     dtype = like.dtype if like.is_floating_point() else torch.float32
     return torch.tensor(sp, dtype=dtype, device=like.device)
 
@@ -230,13 +240,11 @@ def critical_point_masks(
         if not meshes:
             continue
         skip = None
-        sources = {"prediction": lambda r=rule: rule_violation_map(pred_labels, _slice_rule(r, mode, axis),
-                                                                   probabilities=False,
-                                                                   connectivity=spec.connectivity) > 0}
+        sources = {"prediction": rule_violation_map(pred_labels, _slice_rule(rule, mode, axis), probabilities=False,
+                                                    connectivity=spec.connectivity) > 0}
         if mesh_violations is not None and rule.name in mesh_violations:
-            sources["meshes"] = lambda r=rule: mesh_violations[r.name].to(pred_labels.device).bool()
-        for src, get in sources.items():
-            vmap = get()
+            sources["meshes"] = mesh_violations[rule.name].to(pred_labels.device).bool()
+        for src, vmap in sources.items():
             if not bool(vmap.any()):
                 continue
             if skip is None:

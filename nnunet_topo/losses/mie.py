@@ -22,8 +22,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from nnunet_topo.losses.mesh_targets import normalized_to_mm, sample_query_points, voxel_to_mm
-from nnunet_topo.losses.tpm import (_check_common, _check_count, _check_spacing, check_mesh_inputs,
+from nnunet_topo.losses.mesh_targets import check_spacing, normalized_to_mm, sample_query_points, voxel_to_mm
+from nnunet_topo.losses.tpm import (_check_common, _check_count, check_mesh_inputs,
                                    critical_points_both_sources, known_weights)
 from nnunet_topo.metrics.mesh import laplacian_smoothness_energy
 from nnunet_topo.occupancy import DEFAULT_EPS, occupancy_bce
@@ -131,7 +131,7 @@ class MIELoss(nn.Module):
         self.num_points = _check_count("num_points", num_points, 1)
         self.method, self.rho, self.surface_fraction = method, float(rho), float(surface_fraction)
         self.lambda_lap, self.axis, self.eps, self.smoothing = float(lambda_lap), axis, float(eps), float(smoothing)
-        self.spacing = _check_spacing(spacing)
+        self.spacing = check_spacing(spacing)
         self.mesh_candidates = None if mesh_candidates is None else _check_count("mesh_candidates", mesh_candidates)
         self.ignore_label = None if ignore_label is None else int(ignore_label)
         self.length_scale = float(length_scale)

@@ -29,14 +29,13 @@ Gradients: with ``method="exact"`` the occupancy of a closed mesh is piecewise c
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from nnunet_topo.losses.mesh_targets import (SOURCES, critical_point_masks, masks_to_targets, mesh_violation_masks,
+from nnunet_topo.losses.mesh_targets import (SOURCES, check_spacing, critical_point_masks, masks_to_targets, mesh_violation_masks,
                                              normalized_to_mm, sample_query_points, voxel_to_mm)
 from nnunet_topo.occupancy import DEFAULT_EPS, METHODS, occupancy_bce
 from nnunet_topo.rules import TopologySpec
@@ -242,7 +241,7 @@ class TPMLoss(nn.Module):
         if max_critical_points is not None:
             _check_count("max_critical_points", max_critical_points, 1)
         self.max_critical_points = max_critical_points
-        self.spacing = _check_spacing(spacing)
+        self.spacing = check_spacing(spacing)
         self.mesh_candidates = None if mesh_candidates is None else _check_count("mesh_candidates", mesh_candidates)
         self.ignore_label = None if ignore_label is None else int(ignore_label)
         self.last_counts: Dict[str, int] = {src: 0 for src in SOURCES}
@@ -319,15 +318,6 @@ def known_weights(ref: Tensor, points_idx: Tensor, ignore_label: Optional[int]) 
     nearest = torch.round(points_idx).long()
     b_idx = torch.arange(ref.shape[0], device=ref.device).view(-1, 1).expand(-1, points_idx.shape[1])
     return (ref[b_idx, nearest[..., 0], nearest[..., 1], nearest[..., 2]] != ignore_label).to(torch.float32)
-
-
-def _check_spacing(spacing: Optional[Sequence[float]]) -> Optional[Tuple[float, float, float]]:
-    if spacing is None:
-        return None
-    sp = tuple(float(s) for s in spacing)
-    if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
-        raise ValueError(f"spacing must be three positive voxel sizes (z, y, x) in mm, got {spacing!r}")
-    return sp
 
 
 def _subsample(points: Tensor, targets: Tensor, k: Optional[int],
