@@ -22,6 +22,7 @@ import numpy as np
 from ..meshes import index_to_normalized
 from ..metrics.topology import betti_numbers_3d
 from ..patches import center_pad_to, check_whole_volume_in_patch
+from .network import TEMPLATES_KEY
 from .templates import Template, _orient_outward, sphere_template, template_from_masks
 
 __all__ = ["TemplateBuildError", "align_centroids", "ellipsoid_template", "training_templates",
@@ -130,6 +131,6 @@ def training_templates(cases: Sequence[tuple], structures: Mapping[str, Sequence
             f"{t.name} (genus {t.genus}, {t.num_vertices} vertices)" for t in templates))
     if [t.name for t in templates] != list(structures):
         raise RuntimeError(f"the templates in the plans are for {[t.name for t in templates]} but the topology "
-                           f"spec's mesh_structures are {list(structures)}; remove 'nnunet_topo_mesh_templates' "
+                           f"spec's mesh_structures are {list(structures)}; remove {TEMPLATES_KEY!r} "
                            "from the plans (or train into a new output folder) to rebuild them.")
     return templates

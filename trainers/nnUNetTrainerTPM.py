@@ -37,7 +37,6 @@ class nnUNetTrainerTPM(nnUNetTrainerMesh):
     def _make_loss_modules(self) -> None:
         super()._make_loss_modules()
         self._tpm_loss = self._occupancy_loss(self.patch_topology_spec, self.lambda_tp)
-        self._point_counts: Dict[str, List[int]] = {"crit_pred": [], "crit_mesh": []}
         self.print_to_log_file(f"L_TPM: λ_TP {self.lambda_tp}, warm-up {self.warmup_epochs()} epochs, critical points "
                                f"from the label map and the meshes ({self.mesh_candidates} random candidates per "
                                f"rule), at most {self.max_critical_points} per mesh")
@@ -54,8 +53,9 @@ class nnUNetTrainerTPM(nnUNetTrainerMesh):
             out["tpm"] = sum(v.sum() for v in meshes) * 0.0  # its weight is 0 during the warm-up anyway
             return out
         r = self._tpm_loss(meshes, faces, logits, target)
-        self._point_counts["crit_pred"].append(self._tpm_loss.last_counts["prediction"])
-        self._point_counts["crit_mesh"].append(self._tpm_loss.last_counts["meshes"])
+        # this step's critical points per source, popped with the step's term values
+        self._point_counts = {"crit_pred": self._tpm_loss.last_counts["prediction"],
+                              "crit_mesh": self._tpm_loss.last_counts["meshes"]}
         return {"occ": r["occ"], "tpm": r["tpm"], **self.regularisers(meshes, faces, logits)}
 
     def on_train_epoch_start(self):
@@ -69,9 +69,9 @@ class nnUNetTrainerTPM(nnUNetTrainerMesh):
         values = super()._pop_term_values(split)
         if not self.tpm_active():
             values[f"{split}_tpm"] = float("nan")  # not computed during the warm-up
-        for name, counts in getattr(self, "_point_counts", {}).items():
-            values[f"{split}_{name}"] = float(sum(counts)) if counts else float("nan")
-            counts.clear()
+        counts = self.__dict__.pop("_point_counts", {})  # none: TPM did not run in this step (warm-up)
+        for name in ("crit_pred", "crit_mesh"):
+            values[f"{split}_{name}"] = float(counts.get(name, float("nan")))
         return values
 
 

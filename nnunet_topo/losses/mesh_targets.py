@@ -367,8 +367,7 @@ def mesh_violation_masks(
                 up = torch.minimum(up.ceil().long(), hi).clamp(min=0)
                 if bool((up < lo).any()):
                     continue  # the boxes do not meet: no overlap possible
-                cand = [torch.round(torch.cat([i1, i2])).long().clamp(min=0)]
-                cand[0] = torch.minimum(cand[0], hi)
+                cand = [torch.minimum(torch.round(torch.cat([i1, i2])).long().clamp(min=0), hi)]  # vertex voxels
                 if num_random > 0:
                     u = _rand((num_random, 3), generator, device)
                     cand.append(torch.minimum(lo + torch.floor(u * (up - lo + 1)).long(), up))
