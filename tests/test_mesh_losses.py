@@ -42,6 +42,23 @@ def test_voxel_normalized_round_trip_and_corners():
     assert torch.allclose(normalized_to_voxel(voxel_to_normalized(batched, shape), shape), batched, atol=1e-5)
 
 
+def test_mm_frame_round_trip_and_orientation():
+    from nnunet_topo.losses.mesh_targets import mm_to_voxel, normalized_to_mm, voxel_to_mm
+
+    shape, spacing = (4, 5, 7), (5.0, 1.5, 0.5)
+    idx = torch.tensor([[0.0, 0.0, 0.0], [3.0, 4.0, 6.0], [1.5, 2.0, 3.25]])
+    mm = voxel_to_mm(idx, spacing)
+    assert torch.allclose(mm[1], torch.tensor([3.0, 6.0, 15.0]))  # (x, y, z) mm = (6 * 0.5, 4 * 1.5, 3 * 5)
+    assert torch.allclose(mm_to_voxel(mm, spacing), idx)
+    assert torch.allclose(normalized_to_mm(voxel_to_normalized(idx, shape), shape, spacing), mm, atol=1e-5)
+    # the map from the normalised frame is a positive scaling: a mesh keeps its orientation (positive volume)
+    ico = trimesh.creation.icosphere(subdivisions=1, radius=0.3)
+    v = normalized_to_mm(torch.tensor(ico.vertices, dtype=torch.float64), shape, spacing).numpy()
+    assert trimesh.Trimesh(v, ico.faces, process=False).volume > 0
+    with pytest.raises(ValueError, match="three positive voxel sizes"):
+        voxel_to_mm(idx, (1.0, 0.0, 1.0))
+
+
 def test_normalized_frame_matches_grid_sample():
     vol = torch.arange(4 * 5 * 7, dtype=torch.float32).reshape(1, 1, 4, 5, 7)
     idx = torch.tensor([[0, 0, 0], [3, 4, 6], [2, 1, 5], [1, 3, 0]])
