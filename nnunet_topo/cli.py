@@ -117,11 +117,15 @@ def evaluate_folder_entry(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--mesh_folder", default=None,
                         help="folder with predicted meshes (meshes.json / CASE_<structure>.<ext> from "
                              "nnUNetv2_topo_predict_meshes); adds mesh Dice, Chamfer, HD95, smoothness and mesh TVS")
+    parser.add_argument("--ignore_geometry", action="store_true",
+                        help="evaluate voxel by voxel even where origin or direction of a prediction differ from its "
+                             "reference (default: such a case is an error; with this flag a warning)")
     args = parser.parse_args(argv)
     try:
         summary = compute_topology_metrics_on_folder(args.gt_folder, args.pred_folder, args.djfile, args.pfile,
                                                      output_file=args.o, num_processes=args.np, chill=args.chill,
-                                                     mesh_folder=args.mesh_folder)
+                                                     mesh_folder=args.mesh_folder,
+                                                     ignore_geometry=args.ignore_geometry)
     except (TopologySpecError, EvaluationError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     print(format_table(summary))

@@ -24,7 +24,7 @@ import math
 import multiprocessing
 import os
 import warnings
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -33,16 +33,64 @@ from nnunet_topo.metrics.topology import (
     betti_error,
     betti_error_2d,
     betti_numbers_3d,
+    betti_numbers_per_slice,
     connected_component_error_2d,
     connected_component_error_3d,
     slice_violation_rate,
 )
-from nnunet_topo.rules import TopologySpec, spec_from_dataset_json
-from nnunet_topo.summary_io import EvaluationError, load_json_arg, nanmean, to_builtin
+from nnunet_topo.rules import ExclusionRule, TopologySpec, reference_spec, spec_from_dataset_json
+from nnunet_topo.summary_io import EvaluationError, ignore_label_of, load_json_arg, nanmean, to_builtin
 from nnunet_topo.violations import violation_maps_numpy
 
 
 SPACING_RTOL = 1e-3
+#: origins of prediction and reference may differ by this fraction of the finest voxel spacing (a tenth of a voxel:
+#: a voxel-by-voxel comparison is then off by less than that)
+ORIGIN_TOL_VOXELS = 0.1
+#: direction cosines may differ by this much per entry (about 0.06 degrees)
+DIRECTION_TOL = 1e-3
+
+
+def image_geometry(props: dict) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """``(origin mm, direction matrix)`` of an image from nnU-Net's reader properties, or None when the format
+    carries none (PNG, TIFF: spacing only). SimpleITK: ``sitk_stuff``; nibabel: the affine of ``nibabel_stuff``
+    (its columns normalised by the spacing)."""
+    if "sitk_stuff" in props:
+        origin = np.asarray(props["sitk_stuff"]["origin"], dtype=np.float64)
+        d = len(origin)
+        return origin, np.asarray(props["sitk_stuff"]["direction"], dtype=np.float64).reshape(d, d)
+    if "nibabel_stuff" in props:
+        affine = np.asarray(props["nibabel_stuff"]["original_affine"], dtype=np.float64)
+        rot = affine[:3, :3]
+        return affine[:3, 3], rot / np.linalg.norm(rot, axis=0, keepdims=True)
+    return None
+
+
+def check_geometry(ref_geometry, pred_geometry, spacing: Sequence[float], ref_name: str = "reference",
+                   pred_name: str = "prediction") -> None:
+    """Raise :class:`EvaluationError` unless origin and direction agree (``ORIGIN_TOL_VOXELS`` x the finest spacing;
+    ``DIRECTION_TOL`` per direction cosine). Without geometry on either side (PNG, TIFF) there is nothing to check."""
+    if ref_geometry is None or pred_geometry is None:
+        return
+    (o_r, d_r), (o_p, d_p) = ref_geometry, pred_geometry
+    if o_r.shape != o_p.shape or d_r.shape != d_p.shape:
+        raise EvaluationError(f"geometry mismatch: {ref_name} is {len(o_r)}D, {pred_name} is {len(o_p)}D")
+    tol = ORIGIN_TOL_VOXELS * float(min(spacing))
+    shift = float(np.linalg.norm(o_r - o_p))
+    turn = float(np.max(np.abs(d_r - d_p)))
+    problems = []
+    if shift > tol:
+        problems.append(f"origins differ by {shift:.4g} mm (tolerance {tol:.3g} mm): {ref_name} "
+                        f"{tuple(np.round(o_r, 4))}, {pred_name} {tuple(np.round(o_p, 4))}")
+    if turn > DIRECTION_TOL:
+        problems.append(f"directions differ by up to {turn:.4g} per cosine (tolerance {DIRECTION_TOL}): {ref_name} "
+                        f"{np.round(d_r, 4).tolist()}, {pred_name} {np.round(d_p, 4).tolist()}")
+    if problems:
+        raise EvaluationError(
+            "geometry mismatch: the prediction does not lie where the reference does in patient space, so a "
+            "voxel-by-voxel comparison would be wrong; " + "; ".join(problems) + ". Resample the prediction into "
+            "the reference's geometry (nnUNetv2_predict writes it so), or pass --ignore_geometry "
+            "(ignore_geometry=True) if you are sure the voxels correspond.")
 
 
 def check_pair(ref: np.ndarray, pred: np.ndarray, ref_spacing: Sequence[float], pred_spacing: Sequence[float],
@@ -64,6 +112,18 @@ def check_pair(ref: np.ndarray, pred: np.ndarray, ref_spacing: Sequence[float], 
                 raise EvaluationError(f"{name} contains non-integer values; a label map must hold integer label ids")
 
 
+def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """Length (mm) of the image's diagonal, ``sqrt(sum((n_i * s_i)^2))``: longer than any distance between two voxel
+    centres of the image, so it is the worst-case HD95 of a structure that is missed (or invented) entirely."""
+    return float(math.sqrt(sum((float(n) * float(sp)) ** 2 for n, sp in zip(shape, spacing))))
+
+
+def _rule_structures(rule) -> list:
+    """The structures whose absence from a prediction makes a rule hold vacuously: both sides of an exclusion, the
+    inner structure of an inclusion (a missing outer one with a present inner one is an ordinary violation)."""
+    return [rule.a, rule.b] if isinstance(rule, ExclusionRule) else [rule.inner]
+
+
 def evaluate_case(reference: np.ndarray, prediction: np.ndarray, spacing: Sequence[float], spec: TopologySpec,
                   label_ids: Sequence[int], ignore_label: Optional[int] = None) -> dict:
     """All metrics of one case.
@@ -73,10 +133,13 @@ def evaluate_case(reference: np.ndarray, prediction: np.ndarray, spacing: Sequen
         spacing: voxel spacing in mm, same axis order.
         spec: the topology spec (rules and priors).
         label_ids: foreground label ids to report (nnU-Net's ``label_manager.foreground_labels``).
-        ignore_label: nnU-Net's ignore label; those reference voxels are excluded from Dice as in nnU-Net.
+        ignore_label: nnU-Net's ignore label. Ignored reference voxels are *unknown* (sparse annotation), never
+            background: each metric is computed on what the reference defines or is undefined (NaN), as
+            documentation/metrics.md says per metric.
 
     Returns:
-        ``{"metrics": {str(label): {...}}, "topology": {...}}`` (plain Python numbers, NaN where undefined).
+        ``{"metrics": {str(label): {...}}, "topology": {...}}`` (plain Python numbers, NaN where undefined;
+        ``topology["worst_case"]`` lists the values replaced by their documented worst case, ``warnings`` why).
     """
     from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
 
@@ -86,12 +149,31 @@ def evaluate_case(reference: np.ndarray, prediction: np.ndarray, spacing: Sequen
     reference = reference.astype(np.int32, copy=False)
     prediction = prediction.astype(np.int32, copy=False)
     ignore_mask = reference == ignore_label if ignore_label is not None else None
+    sparse = ignore_mask is not None and bool(ignore_mask.any())
+    known = ~ignore_mask if sparse else None
+    ref_fg_mask = (reference != 0) & ~ignore_mask if sparse else reference != 0
     axis2d = spec.betti_2d_axis
+    # slices (along the per-slice axis) without an ignored voxel: the per-slice errors are measured there only
+    slice_known = None
+    if sparse:
+        other = tuple(a for a in range(reference.ndim) if a != axis2d)
+        full = ~ignore_mask.any(axis=other)
+        shape = [1] * reference.ndim
+        shape[axis2d] = -1
+        slice_known = full.reshape(shape)
     case_warnings: List[str] = []
-    if not np.any(prediction[reference != ignore_label] if ignore_label is not None else prediction):
+    pred_known = prediction if known is None else np.where(known, prediction, 0)
+    if not np.any(pred_known):
         case_warnings.append("prediction is empty (all background)")
-    if not np.any(reference):
+    if not np.any(ref_fg_mask):
         case_warnings.append("reference is empty (all background): TVS is undefined (NaN)")
+    if sparse:
+        case_warnings.append(
+            f"sparse reference ({int(ignore_mask.sum())} ignored voxels): Dice and HD95 on the annotated voxels, "
+            f"per-slice errors on the {int(slice_known.sum())} fully annotated slice(s) along axis {axis2d}; "
+            "3D Betti error, CCE 3D and topologically correct are undefined (NaN)")
+    diagonal = image_diagonal_mm(reference.shape, spacing)
+    worst: Dict[str, list] = {"HD95": [], "rules": []}
 
     metrics: Dict[str, dict] = {}
     betti_sum = 0
@@ -107,45 +189,76 @@ def evaluate_case(reference: np.ndarray, prediction: np.ndarray, spacing: Sequen
             m["Dice"] = 2 * tp / (2 * tp + fp + fn)
             m["IoU"] = tp / (tp + fp + fn)
         m.update(FP=int(fp), TP=int(tp), FN=int(fn), TN=int(tn), n_pred=int(fp + tp), n_ref=int(fn + tp))
-        m["HD95"] = hausdorff_distance_95(mp, mr, spacing)
-        bp, br = betti_numbers_3d(mp), betti_numbers_3d(mr)
-        m["betti_3d_pred"], m["betti_3d_ref"] = list(bp), list(br)
-        m["betti_error_3d"] = betti_error(bp, br)
-        m["betti_error_2d"] = betti_error_2d(mp, mr, axis=axis2d)
-        m["cce_3d"] = connected_component_error_3d(mp, mr)
-        m["cce_2d"] = connected_component_error_2d(mp, mr, axis=axis2d)
-        m["topologically_correct"] = float(m["betti_error_3d"] == 0)
-        betti_sum += m["betti_error_3d"]
-        all_correct &= m["betti_error_3d"] == 0
+        if (tp + fp > 0) != (tp + fn > 0):  # missed or invented entirely: no distance exists, take the worst
+            m["HD95"] = diagonal
+            worst["HD95"].append(str(lab))
+        else:
+            m["HD95"] = hausdorff_distance_95(mp, mr, spacing, known)
+        bp = betti_numbers_3d(mp)
+        m["betti_3d_pred"] = list(bp)
+        if sparse:
+            m["betti_3d_ref"] = None
+            m["betti_error_3d"] = m["cce_3d"] = m["topologically_correct"] = math.nan
+            mp2, mr2 = mp & slice_known, mr & slice_known
+        else:
+            br = betti_numbers_3d(mr)
+            m["betti_3d_ref"] = list(br)
+            m["betti_error_3d"] = betti_error(bp, br)
+            m["cce_3d"] = connected_component_error_3d(mp, mr)
+            m["topologically_correct"] = float(m["betti_error_3d"] == 0)
+            betti_sum += m["betti_error_3d"]
+            all_correct &= m["betti_error_3d"] == 0
+            mp2, mr2 = mp, mr
+        m["betti_error_2d"] = betti_error_2d(mp2, mr2, axis=axis2d)
+        m["cce_2d"] = connected_component_error_2d(mp2, mr2, axis=axis2d)
         metrics[str(lab)] = m
 
-    # Betti priors of the dataset (labels or regions), on the prediction
+    # Betti priors of the dataset (labels or regions), on the prediction (needs no reference: defined when sparse)
     prior_error = 0
     for name, prior in spec.betti.items():
         ids = spec.betti_structures[name].label_ids
         prior_error += betti_error(betti_numbers_3d(np.isin(prediction, ids)), prior)
 
-    # rule violations on the prediction
+    # rule violations on the prediction, normalised by the reference foreground volume; for a sparse reference
+    # the ignored voxels are filled with the prediction, so the ignore label does not shrink the volume
     vmaps = violation_maps_numpy(prediction, spec)
-    ref_fg = int(np.count_nonzero(reference)) if ignore_label is None else \
-        int(np.count_nonzero((reference != 0) & (reference != ignore_label)))
+    ref_fg = int(np.count_nonzero(ref_fg_mask))
+    if sparse:
+        ref_fg += int(np.count_nonzero(ignore_mask & (prediction != 0)))
     violating = {name: int(np.count_nonzero(v)) for name, v in vmaps.items()}
-    tvs_per_rule = {name: (v / ref_fg if ref_fg > 0 else math.nan) for name, v in violating.items()}
-    tvs_total = (sum(violating.values()) / ref_fg) if ref_fg > 0 else math.nan
-    considered = (reference != 0) | (prediction != 0)
+    vacuous = {}
+    for rule in spec.rules:
+        structs = _rule_structures(rule)
+        lost = [s.name for s in structs
+                if not np.isin(prediction, s.label_ids).any() and np.isin(reference, s.label_ids).any()]
+        if lost:  # the rule holds only because the prediction lacks a structure the reference has
+            vacuous[rule.name] = int(np.count_nonzero(np.isin(reference, [i for s in structs for i in s.label_ids])))
+            case_warnings.append(f"rule {rule.name} holds only vacuously (the prediction lacks {lost}): its TVS is "
+                                 "the worst case, the reference volume of its structures; violated and SVR 1")
+            worst["rules"].append(rule.name)
+    counted = {**violating, **{k: max(v, violating[k]) for k, v in vacuous.items()}}
+    if not spec.rules:
+        tvs_per_rule, tvs_total = {}, math.nan  # no rule: nothing to violate, the score is undefined, not 0
+    else:
+        tvs_per_rule = {name: (v / ref_fg if ref_fg > 0 else math.nan) for name, v in counted.items()}
+        tvs_total = (sum(counted.values()) / ref_fg) if ref_fg > 0 else math.nan
+    considered = ref_fg_mask | (prediction != 0)
     svr = {}
     for rule in spec.rules:
         axis = rule.axis if rule.mode == "2d" else axis2d
-        svr[rule.name] = slice_violation_rate(vmaps[rule.name], axis=axis, considered=considered)
+        svr[rule.name] = 1.0 if rule.name in vacuous else \
+            slice_violation_rate(vmaps[rule.name], axis=axis, considered=considered)
     topology = {
         "TVS": tvs_total,
         "TVS_per_rule": tvs_per_rule,
         "violating_voxels": violating,
-        "violated": {k: v > 0 for k, v in violating.items()},
+        "violated": {k: v > 0 or k in vacuous for k, v in violating.items()},
         "SVR_per_rule": svr,
-        "betti_error_3d": betti_sum,
+        "betti_error_3d": math.nan if sparse else betti_sum,
         "betti_prior_error_3d": prior_error,
-        "topologically_correct": bool(all_correct),
+        "topologically_correct": math.nan if sparse else bool(all_correct),
+        "sparse_reference": sparse,
+        "worst_case": worst,
         "warnings": case_warnings,
     }
     return {"metrics": metrics, "topology": topology}
@@ -160,44 +273,71 @@ def _read(rw, path: str):
         if seg.shape[0] != 1:
             raise EvaluationError(f"{path}: expected a single-channel segmentation, got shape {seg.shape}")
         seg = seg[0]
-    return seg, tuple(float(s) for s in props["spacing"])
+    return seg, tuple(float(s) for s in props["spacing"]), image_geometry(props)
 
 
-def _evaluate_file_pair(ref_file: str, pred_file: str, rw, spec: TopologySpec, label_ids, ignore_label) -> dict:
-    ref, ref_spacing = _read(rw, ref_file)
-    pred, pred_spacing = _read(rw, pred_file)
+def _evaluate_file_pair(ref_file: str, pred_file: str, rw, spec: TopologySpec, label_ids, ignore_label,
+                        ignore_geometry: bool = False) -> dict:
+    ref, ref_spacing, ref_geometry = _read(rw, ref_file)
+    pred, pred_spacing, pred_geometry = _read(rw, pred_file)
     check_pair(ref, pred, ref_spacing, pred_spacing, ref_name=ref_file, pred_name=pred_file)
+    try:
+        check_geometry(ref_geometry, pred_geometry, ref_spacing, ref_name=ref_file, pred_name=pred_file)
+    except EvaluationError as e:
+        if not ignore_geometry:
+            raise
+        warnings.warn(f"--ignore_geometry: evaluating voxel by voxel despite: {e}")
     result = evaluate_case(ref, pred, ref_spacing, spec, label_ids, ignore_label)
     for w in result["topology"]["warnings"]:
         warnings.warn(f"{os.path.basename(pred_file)}: {w}")
     return {"reference_file": ref_file, "prediction_file": pred_file, **result}
 
 
+def _mean_n(values: Sequence) -> Tuple[float, int]:
+    """NaN-ignoring mean and the number of values it was taken over."""
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return nanmean(vals), len(vals)
+
+
 def aggregate(cases: List[dict], spec: TopologySpec, label_ids: Sequence[int]) -> dict:
-    """nnU-Net's ``mean`` / ``foreground_mean`` plus ``topology_mean`` over evaluated cases."""
-    scalar_keys = [k for k, v in cases[0]["metrics"][str(label_ids[0])].items() if not isinstance(v, list)] \
-        if cases and label_ids else []
-    mean = {str(lab): {k: nanmean(c["metrics"][str(lab)][k] for c in cases) for k in scalar_keys}
-            for lab in label_ids}
+    """nnU-Net's ``mean`` / ``foreground_mean`` plus ``topology_mean`` over evaluated cases.
+
+    Each mean leaves out the cases where the value is undefined (NaN), as nnU-Net does, and says over how many
+    cases it was taken: ``mean_num_cases`` (per label and metric), ``foreground_mean_num_cases`` (per metric: the
+    fewest cases any label's mean used), ``topology_mean_num_cases`` (per metric; per rule for ``*_per_rule``).
+    Worst-case values (HD95 of a missed structure, TVS of a vacuous rule) are ordinary values here, so that
+    emptying a prediction can never improve a mean.
+    """
+    scalar_keys = [k for k, v in cases[0]["metrics"][str(label_ids[0])].items() if not isinstance(v, list)
+                   and v is not None] if cases and label_ids else []
+    scalar_keys = [k for k in scalar_keys if k != "betti_3d_ref"]
+    mean, mean_n = {}, {}
+    for lab in label_ids:
+        pairs = {k: _mean_n([c["metrics"][str(lab)].get(k) for c in cases]) for k in scalar_keys}
+        mean[str(lab)] = {k: v[0] for k, v in pairs.items()}
+        mean_n[str(lab)] = {k: v[1] for k, v in pairs.items()}
     foreground_mean = {k: nanmean(mean[str(lab)][k] for lab in label_ids) for k in scalar_keys}
+    foreground_n = {k: min((mean_n[str(lab)][k] for lab in label_ids), default=0) for k in scalar_keys}
     rule_names = [r.name for r in spec.rules]
     topo = [c["topology"] for c in cases]
-    topology_mean = {
-        "num_cases": len(cases),
-        "TVS": nanmean(t["TVS"] for t in topo),
-        "TVS_per_rule": {r: nanmean(t["TVS_per_rule"][r] for t in topo) for r in rule_names},
-        "VR": float(np.mean([any(t["violated"].values()) for t in topo])) if topo else math.nan,
-        "VR_per_rule": {r: float(np.mean([t["violated"][r] for t in topo])) if topo else math.nan
-                        for r in rule_names},
-        "SVR_per_rule": {r: nanmean(t["SVR_per_rule"][r] for t in topo) for r in rule_names},
-        "betti_error_3d": nanmean(t["betti_error_3d"] for t in topo),
-        "betti_prior_error_3d": nanmean(t["betti_prior_error_3d"] for t in topo),
-        "betti_error_2d": foreground_mean.get("betti_error_2d", math.nan),
-        "cce_3d": foreground_mean.get("cce_3d", math.nan),
-        "cce_2d": foreground_mean.get("cce_2d", math.nan),
-        "topologically_correct": float(np.mean([t["topologically_correct"] for t in topo])) if topo else math.nan,
-    }
-    return {"mean": mean, "foreground_mean": foreground_mean, "topology_mean": topology_mean}
+    tm: Dict[str, object] = {"num_cases": len(cases)}
+    tn: Dict[str, object] = {}
+    for key in ("TVS", "betti_error_3d", "betti_prior_error_3d", "topologically_correct"):
+        tm[key], tn[key] = _mean_n([float(t[key]) if isinstance(t[key], bool) else t[key] for t in topo])
+    if rule_names:
+        tm["VR"], tn["VR"] = _mean_n([float(any(t["violated"].values())) for t in topo])
+    else:  # no rules: nothing can be violated; undefined, not 0
+        tm["VR"], tn["VR"] = math.nan, 0
+    for key, per_case in (("TVS_per_rule", lambda t, r: t["TVS_per_rule"][r]),
+                          ("VR_per_rule", lambda t, r: float(t["violated"][r])),
+                          ("SVR_per_rule", lambda t, r: t["SVR_per_rule"][r])):
+        pairs = {r: _mean_n([per_case(t, r) for t in topo]) for r in rule_names}
+        tm[key] = {r: v[0] for r, v in pairs.items()}
+        tn[key] = {r: v[1] for r, v in pairs.items()}
+    for key in ("betti_error_2d", "cce_3d", "cce_2d"):
+        tm[key], tn[key] = foreground_mean.get(key, math.nan), foreground_n.get(key, 0)
+    return {"mean": mean, "mean_num_cases": mean_n, "foreground_mean": foreground_mean,
+            "foreground_mean_num_cases": foreground_n, "topology_mean": tm, "topology_mean_num_cases": tn}
 
 
 def compute_topology_metrics_on_folder(folder_ref: str, folder_pred: str,
@@ -208,7 +348,8 @@ def compute_topology_metrics_on_folder(folder_ref: str, folder_pred: str,
                                        chill: bool = False,
                                        spec: Optional[TopologySpec] = None,
                                        show_progress: bool = True,
-                                       mesh_folder: Optional[str] = None) -> dict:
+                                       mesh_folder: Optional[str] = None,
+                                       ignore_geometry: bool = False) -> dict:
     """Evaluate every prediction in ``folder_pred`` against the file of the same name in ``folder_ref``.
 
     Same inputs as nnU-Net's ``compute_metrics_on_folder2`` (``nnUNetv2_evaluate_folder``). Writes
@@ -218,7 +359,8 @@ def compute_topology_metrics_on_folder(folder_ref: str, folder_pred: str,
 
     Raises:
         EvaluationError: a folder or file is missing, a reference is missing for a prediction, a reference has
-            no prediction (unless ``chill``), shapes or spacings differ, or a label map holds NaNs.
+            no prediction (unless ``chill``), shapes or spacings differ, origin or direction differ (unless
+            ``ignore_geometry``: then a warning per case), or a label map holds NaNs.
     """
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -249,7 +391,7 @@ def compute_topology_metrics_on_folder(folder_ref: str, folder_pred: str,
     label_ids = [int(i) for i in label_manager.foreground_labels]
     rw = determine_reader_writer_from_dataset_json(dataset_json, os.path.join(folder_ref, files_ref[0]))()
     args = [(os.path.join(folder_ref, f), os.path.join(folder_pred, f), rw, spec, label_ids,
-             label_manager.ignore_label) for f in files_pred]
+             label_manager.ignore_label, ignore_geometry) for f in files_pred]
 
     try:
         from tqdm import tqdm
@@ -287,50 +429,97 @@ def compute_topology_metrics_on_folder(folder_ref: str, folder_pred: str,
     return summary
 
 
+def _cell(v, width: int, precision: int, n: Optional[int] = None, total: Optional[int] = None) -> str:
+    """A right-aligned number; ``n/a`` when undefined; a ``*`` when the mean was taken over fewer than all cases."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return f"{'n/a':>{width}}"
+    flag = "*" if n is not None and total is not None and n < total else ""
+    return f"{v:.{precision}f}{flag}".rjust(width)
+
+
 def format_table(summary: dict) -> str:
-    """A plain-text table of the headline numbers (per label and topology)."""
+    """A plain-text table of the headline numbers (per label and topology).
+
+    ``n/a``: undefined for every case (e.g. TVS without rules). ``*``: a mean over fewer cases than were evaluated
+    (the others were undefined); the footnote says how many.
+    """
     names = summary.get("label_names", {})
-    lines = [f"{'label':<12}{'Dice':>8}{'HD95mm':>9}{'Betti3D':>9}{'Betti2D':>9}{'CCE3D':>8}"]
-    for key, m in summary["mean"].items():
-        def f(v, w, p=3):
-            return f"{'nan':>{w}}" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:>{w}.{p}f}"
-        lines.append(f"{names.get(key, key):<12}{f(m['Dice'], 8)}{f(m['HD95'], 9, 2)}{f(m['betti_error_3d'], 9, 2)}"
-                     f"{f(m['betti_error_2d'], 9, 3)}{f(m['cce_3d'], 8, 2)}")
     t = summary["topology_mean"]
+    total = t["num_cases"]
+    mean_n = summary.get("mean_num_cases", {})
+    tn = summary.get("topology_mean_num_cases", {})
+    short: List[str] = []
+    lines = [f"{'label':<12}{'Dice':>9}{'HD95mm':>10}{'Betti3D':>10}{'Betti2D':>10}{'CCE3D':>9}"]
+    for key, m in summary["mean"].items():
+        n = mean_n.get(key, {})
+        cols = [("Dice", 9, 3), ("HD95", 10, 2), ("betti_error_3d", 10, 2), ("betti_error_2d", 10, 3),
+                ("cce_3d", 9, 2)]
+        row = f"{names.get(key, key):<12}"
+        for k, w, p in cols:
+            row += _cell(m.get(k), w, p, n.get(k), total)
+            if n.get(k) is not None and 0 < n[k] < total:
+                short.append(f"{names.get(key, key)} {k}: {n[k]}/{total}")
+        lines.append(row)
+
+    def topo(key, w=0, p=3, per_rule=None):
+        v = t[key] if per_rule is None else t[key].get(per_rule)
+        n = tn.get(key) if per_rule is None else tn.get(key, {}).get(per_rule)
+        if n is not None and 0 < n < total:
+            short.append(f"{key if per_rule is None else f'{key} {per_rule}'}: {n}/{total}")
+        return _cell(v, w, p, n, total).strip()
+
     lines.append("")
-    lines.append(f"cases {t['num_cases']}  TVS {t['TVS']:.5f}  VR {t['VR']:.3f}  mean Betti error 3D "
-                 f"{t['betti_error_3d']:.3f}  topologically correct {t['topologically_correct']:.3f}")
-    for r, v in t["TVS_per_rule"].items():
-        lines.append(f"  {r:<45} TVS {v if v is not None else float('nan'):.5f}  VR {t['VR_per_rule'][r]:.3f}  "
-                     f"SVR {t['SVR_per_rule'][r] if t['SVR_per_rule'][r] is not None else float('nan'):.3f}")
+    no_rules = " (no rules)" if not t["TVS_per_rule"] else ""
+    lines.append(f"cases {total}  TVS {topo('TVS', p=5)}{no_rules}  VR {topo('VR')}  mean Betti error 3D "
+                 f"{topo('betti_error_3d')}  prior Betti error 3D {topo('betti_prior_error_3d')}  topologically "
+                 f"correct {topo('topologically_correct')}")
+    for r in t["TVS_per_rule"]:
+        lines.append(f"  {r:<45} TVS {topo('TVS_per_rule', p=5, per_rule=r)}  VR {topo('VR_per_rule', per_rule=r)}"
+                     f"  SVR {topo('SVR_per_rule', per_rule=r)}")
     if "mesh_mean" in summary:
         lines.append("")
         lines.append(f"{'mesh':<12}{'Dice':>8}{'Chamfer':>9}{'HD95mm':>9}{'Laplacian':>11}")
-        for name, m in summary["mesh_mean"].items():
-            def g(k, w=9, p=3):
-                v = m.get(k)
-                return f"{'nan':>{w}}" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:>{w}.{p}f}"
-            lines.append(f"{name:<12}{g('Dice', 8)}{g('Chamfer_mm')}{g('HD95_mm')}{g('laplacian_energy_mm2', 11)}")
         mt = summary.get("mesh_topology_mean", {})
-        tvs = mt.get("TVS")
+        mesh_total = mt.get("num_cases")
+        for name, m in summary["mesh_mean"].items():
+            n = summary.get("mesh_mean_num_cases", {}).get(name, {})
+            row = f"{name:<12}"
+            for k, w in (("Dice", 8), ("Chamfer_mm", 9), ("HD95_mm", 9), ("laplacian_energy_mm2", 11)):
+                row += _cell(m.get(k), w, 3, n.get(k), mesh_total)
+                if n.get(k) is not None and mesh_total is not None and 0 < n[k] < mesh_total:
+                    short.append(f"mesh {name} {k}: {n[k]}/{mesh_total}")
+            lines.append(row)
         grid = ", ".join(f"{g:g}" for g in mt.get("grid_mm", []))
-        lines.append(f"mesh TVS {tvs if tvs is not None else float('nan'):.5f}"
+        lines.append(f"mesh TVS {_cell(mt.get('TVS'), 0, 5).strip()}"
                      + (f"  (violating volumes on a {grid} mm isotropic world grid)" if grid else ""))
+    if short:
+        lines.append("")
+        lines.append("* mean over fewer cases than evaluated (undefined elsewhere, see documentation/metrics.md): "
+                     + "; ".join(short))
     return "\n".join(lines)
 
 
 def check_rules_on_folder(labels_folder: str, dataset_json: Union[str, os.PathLike, dict],
                           show_progress: bool = True) -> dict:
-    """Check the reference label maps of a dataset against its own topology spec.
+    """Check the reference label maps of a dataset against its own topology spec: every rule and every prior.
 
     For every case: per rule the number of violating voxels and the slice indices (along the rule's axis for
-    2D rules, along ``betti_2d.axis`` for 3D rules) that hold violations; per Betti prior, the reference Betti
-    numbers where they differ from the prior. A rule that reference labels violate cannot be learned: fix
-    the rule, add ``may_touch``, or switch it to ``"mode": "2d"``.
+    2D rules, along ``betti_2d.axis`` for 3D rules) that hold violations; per 3D Betti prior, the reference Betti
+    numbers where they differ from the prior; per per-slice prior (``betti_2d``), the slices whose Betti numbers
+    differ. A rule that reference labels violate cannot be learned: fix the rule, add ``may_touch``, or switch it
+    to ``"mode": "2d"``.
+
+    Sparse references (nnU-Net's ``ignore`` label): an ignored voxel is unknown. A rule violation is counted only
+    where both sides of a contact are annotated (:func:`nnunet_topo.rules.reference_spec`); 3D Betti numbers of a
+    case with ignored voxels are undefined (listed under ``cases_undefined``, not as differing); per-slice priors
+    are checked on fully annotated slices only.
 
     Returns:
-        ``{"num_cases", "rules": {name: {"cases_violating", "cases": {case: {"voxels", "slices"}}}},
-        "betti": {structure: {"prior", "cases_differing", "cases": {case: betti}}}, "clean": bool}``.
+        ``{"num_cases", "rules": {name: {"cases_violating", "cases": {case: {"voxels", "slices", "slice_axis"}}}},
+        "betti": {structure: {"prior", "cases_differing", "cases": {case: betti}, "cases_undefined": [case]}},
+        "betti_2d": {structure: {"prior", "axis", "cases_differing", "cases": {case: {"slices", "betti"}}}},
+        "notes": [str] (rules or priors on labels that occur in no reference case: they pass untested),
+        "clean": bool}``.
     """
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 
@@ -338,14 +527,22 @@ def check_rules_on_folder(labels_folder: str, dataset_json: Union[str, os.PathLi
     if not os.path.isdir(labels_folder):
         raise EvaluationError(f"labels folder not found: {labels_folder}")
     spec = spec_from_dataset_json(dataset_json)
+    ignore_label = ignore_label_of(dataset_json)
+    check_spec = reference_spec(spec, ignore_label)
     file_ending = dataset_json["file_ending"]
     files = sorted(f for f in os.listdir(labels_folder) if f.endswith(file_ending))
     if not files:
         raise EvaluationError(f"no label files ending in {file_ending!r} in {labels_folder}")
     rw = determine_reader_writer_from_dataset_json(dataset_json, os.path.join(labels_folder, files[0]))()
+    axis2d = spec.betti_2d_axis
     report = {"num_cases": len(files),
               "rules": {r.name: {"cases_violating": 0, "cases": {}} for r in spec.rules},
-              "betti": {name: {"prior": list(p), "cases_differing": 0, "cases": {}} for name, p in spec.betti.items()}}
+              "betti": {name: {"prior": list(p), "cases_differing": 0, "cases": {}, "cases_undefined": []}
+                        for name, p in spec.betti.items()},
+              "betti_2d": {name: {"prior": list(p), "axis": axis2d, "cases_differing": 0, "cases": {}}
+                           for name, p in spec.betti_2d.items()},
+              "notes": []}
+    seen = set()
     it = files
     if show_progress:
         try:
@@ -355,28 +552,66 @@ def check_rules_on_folder(labels_folder: str, dataset_json: Union[str, os.PathLi
             pass
     for f in it:
         case = f[: -len(file_ending)]
-        seg, _ = _read(rw, os.path.join(labels_folder, f))
+        seg, _, _ = _read(rw, os.path.join(labels_folder, f))
         check_pair(seg, seg, (1, 1, 1), (1, 1, 1), ref_name=f, pred_name=f)
         seg = seg.astype(np.int32, copy=False)
-        vmaps = violation_maps_numpy(seg, spec)
+        seen.update(int(v) for v in np.unique(seg))
+        ignored = seg == ignore_label if ignore_label is not None else None
+        sparse = ignored is not None and bool(ignored.any())
+        vmaps = violation_maps_numpy(seg, check_spec)
         for rule in spec.rules:
             v = vmaps[rule.name]
             n = int(np.count_nonzero(v))
             if n:
-                axis = rule.axis if rule.mode == "2d" else spec.betti_2d_axis
+                axis = rule.axis if rule.mode == "2d" else axis2d
                 other = tuple(a for a in range(v.ndim) if a != axis)
                 slices = np.nonzero(v.any(axis=other))[0].tolist()
                 entry = report["rules"][rule.name]
                 entry["cases_violating"] += 1
                 entry["cases"][case] = {"voxels": n, "slices": slices, "slice_axis": axis}
         for name, prior in spec.betti.items():
+            if sparse:
+                report["betti"][name]["cases_undefined"].append(case)
+                continue
             b = betti_numbers_3d(np.isin(seg, spec.betti_structures[name].label_ids))
             if tuple(b) != tuple(prior):
                 report["betti"][name]["cases_differing"] += 1
                 report["betti"][name]["cases"][case] = list(b)
+        if spec.betti_2d:
+            other = tuple(a for a in range(seg.ndim) if a != axis2d)
+            annotated = ~ignored.any(axis=other) if sparse else np.ones(seg.shape[axis2d], dtype=bool)
+        for name, prior in spec.betti_2d.items():
+            mask = np.isin(seg, spec.betti_structures[name].label_ids)
+            per_slice = betti_numbers_per_slice(mask, axis=axis2d)
+            present = mask.any(axis=other)
+            bad = [int(k) for k in np.nonzero(present & annotated)[0] if tuple(per_slice[k]) != tuple(prior)]
+            if bad:
+                e = report["betti_2d"][name]
+                e["cases_differing"] += 1
+                e["cases"][case] = {"slices": bad, "betti": [per_slice[k].tolist() for k in bad]}
+    ids_of = {s.name: s.label_ids for s in spec.betti_structures.values()}
+
+    def unseen(ids) -> List[str]:
+        names = {v: k for k, v in spec.labels.items()}
+        return [names.get(int(i), str(i)) for i in ids if int(i) not in seen]
+    for rule in spec.rules:
+        missing = unseen(sorted({i for s in _rule_structures(rule) for i in s.label_ids}))
+        if missing:
+            report["notes"].append(f"rule {rule.name}: label(s) {missing} occur in no reference case, so the rule "
+                                   "passes without being tested")
+    for kind, priors in (("Betti prior", spec.betti), ("per-slice Betti prior", spec.betti_2d)):
+        for name in priors:
+            missing = unseen(ids_of[name])
+            if missing:
+                report["notes"].append(f"{kind} {name}: label(s) {missing} occur in no reference case")
     report["clean"] = all(e["cases_violating"] == 0 for e in report["rules"].values()) and \
-        all(e["cases_differing"] == 0 for e in report["betti"].values())
+        all(e["cases_differing"] == 0 for e in report["betti"].values()) and \
+        all(e["cases_differing"] == 0 for e in report["betti_2d"].values())
     return report
+
+
+#: part of the cache key: a report written by an older version (other keys, other semantics) is recomputed
+_RULE_CHECK_VERSION = 2
 
 
 def cached_rule_check(labels_folder: str, dataset_json: dict, cache_file: str) -> dict:
@@ -385,7 +620,7 @@ def cached_rule_check(labels_folder: str, dataset_json: dict, cache_file: str) -
     import hashlib
 
     files = sorted(f for f in os.listdir(labels_folder) if f.endswith(dataset_json["file_ending"]))
-    key = hashlib.sha1(json.dumps([dataset_json.get("topology"), dataset_json["labels"], files,
+    key = hashlib.sha1(json.dumps([_RULE_CHECK_VERSION, dataset_json.get("topology"), dataset_json["labels"], files,
                                    [os.path.getmtime(os.path.join(labels_folder, f)) for f in files]],
                                   sort_keys=True).encode()).hexdigest()
     if os.path.isfile(cache_file):
@@ -418,17 +653,28 @@ def reference_violations_message(report: dict) -> str:
 
 
 def format_rule_report(report: dict) -> str:
-    lines = [f"{report['num_cases']} reference case(s) checked"]
+    n = report["num_cases"]
+    lines = [f"{n} reference case(s) checked"]
     for name, e in report["rules"].items():
-        lines.append(f"rule {name}: violated in {e['cases_violating']}/{report['num_cases']} case(s)")
+        lines.append(f"rule {name}: violated in {e['cases_violating']}/{n} case(s)")
         for case, c in list(e["cases"].items())[:20]:
             lines.append(f"    {case}: {c['voxels']} voxel(s) in slice(s) {c['slices']} (axis {c['slice_axis']})")
     for name, e in report["betti"].items():
-        lines.append(f"Betti prior {name} {tuple(e['prior'])}: differs in {e['cases_differing']}/{report['num_cases']} "
-                     "case(s)")
+        lines.append(f"Betti prior {name} {tuple(e['prior'])}: differs in {e['cases_differing']}/{n} case(s)")
         for case, b in list(e["cases"].items())[:20]:
             lines.append(f"    {case}: reference Betti {tuple(b)}")
+        if e.get("cases_undefined"):
+            lines.append(f"    not checked in {len(e['cases_undefined'])} sparse case(s) (ignored voxels: the 3D Betti "
+                         f"numbers of the reference are unknown), e.g. {e['cases_undefined'][:5]}")
+    for name, e in report.get("betti_2d", {}).items():
+        lines.append(f"per-slice Betti prior {name} {tuple(e['prior'])} (axis {e['axis']}): differs in "
+                     f"{e['cases_differing']}/{n} case(s)")
+        for case, c in list(e["cases"].items())[:20]:
+            shown = ", ".join(f"{k}: {tuple(b)}" for k, b in list(zip(c["slices"], c["betti"]))[:8])
+            lines.append(f"    {case}: {len(c['slices'])} slice(s) differ ({shown})")
+    for note in report.get("notes", []):
+        lines.append(f"note: {note}")
     lines.append("all rules and priors hold on the reference labels" if report["clean"] else
                  "some rules or priors do NOT hold on the reference labels: fix the rules (may_touch, \"mode\": \"2d\") "
-                 "or the labels before training")
+                 "or the priors or the labels before training")
     return "\n".join(lines)

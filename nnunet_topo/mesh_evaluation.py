@@ -45,7 +45,7 @@ from nnunet_topo.meshes import SUPPORTED_MESH_EXTENSIONS, ImageGeometry, MeshBui
 from nnunet_topo.metrics.mesh import laplacian_smoothness_energy, mesh_volume, surface_distances_mesh
 from nnunet_topo.occupancy import winding_number
 from nnunet_topo.rules import ExclusionRule, InclusionRule, TopologySpec, spec_from_dataset_json
-from nnunet_topo.summary_io import load_json_arg, nanmean, to_builtin
+from nnunet_topo.summary_io import ignore_label_of, load_json_arg, nanmean, to_builtin
 
 __all__ = [
     "MeshEvaluationError",
@@ -152,8 +152,13 @@ def _mesh_name_for(structure, available: Mapping[frozenset, str]) -> Optional[st
 
 def evaluate_mesh_case(ref_label_map: np.ndarray, geometry: ImageGeometry,
                        predicted_meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec,
-                       num_samples: int = 20000, seed: int = 0) -> dict:
+                       num_samples: int = 20000, seed: int = 0, ignore_label: Optional[int] = None) -> dict:
     """Mesh metrics and mesh TVS of one case.
+
+    A sparse reference (voxels with nnU-Net's ``ignore_label``, unknown): mesh Dice is taken over the annotated
+    voxels (as nnU-Net's Dice); Chamfer and HD95 against the reference surface are undefined (NaN, with a note):
+    the surface of a partly annotated structure is not known; the mesh-TVS volume is the annotated reference
+    foreground plus the ignored voxels inside a predicted mesh (the ignore label does not shrink it).
 
     Args:
         ref_label_map: ``(Z, Y, X)`` integer reference label map.
@@ -180,18 +185,26 @@ def evaluate_mesh_case(ref_label_map: np.ndarray, geometry: ImageGeometry,
         raise MeshEvaluationError(f"mesh(es) {unknown} are not mesh structures of the dataset; known: "
                                   f"{sorted(spec.mesh_structures)} (dataset.json topology.mesh_structures)")
     vv = geometry.voxel_volume
+    ignored = ref == ignore_label if ignore_label is not None else np.zeros(ref.shape, dtype=bool)
+    sparse = bool(ignored.any())
     occ: Dict[str, np.ndarray] = {}
     metrics: Dict[str, dict] = {}
+    notes: Dict[str, str] = {}
     for name, mesh in predicted_meshes.items():
         ids = list(spec.mesh_structures[name].label_ids)
         ref_mask = np.isin(ref, ids)
         o = voxelize_mesh(mesh, ref.shape, geometry)
         occ[name] = o
-        n_in, n_ref = int(o.sum()), int(ref_mask.sum())
-        inter = int(np.count_nonzero(o & ref_mask))
+        o_known = o & ~ignored if sparse else o
+        n_in, n_ref = int(o_known.sum()), int(ref_mask.sum())
+        inter = int(np.count_nonzero(o_known & ref_mask))
         m: Dict[str, Any] = {"Dice": (2 * inter / (n_in + n_ref)) if n_in + n_ref > 0 else math.nan,
                              "n_inside": n_in, "n_ref": n_ref, "volume_ref_mm3": n_ref * vv}
-        if n_ref > 0:
+        if sparse:
+            m["Chamfer_mm"] = m["HD95_mm"] = math.nan
+            notes[name] = ("sparse reference (ignored voxels): Chamfer and HD95 are undefined; Dice over the "
+                           "annotated voxels")
+        elif n_ref > 0:
             ref_mesh = mesh_from_mask(ref_mask, geometry)
             d_ab, d_ba = surface_distances_mesh(mesh, ref_mesh, num_samples, seed)
             if len(d_ab) and len(d_ba):
@@ -208,11 +221,13 @@ def evaluate_mesh_case(ref_label_map: np.ndarray, geometry: ImageGeometry,
     missing = [n for n in spec.mesh_structures if n not in predicted_meshes]
 
     available = {frozenset(int(i) for i in spec.mesh_structures[n].label_ids): n for n in predicted_meshes}
-    ref_fg_mm3 = int(np.count_nonzero(ref)) * vv
+    ref_fg = int(np.count_nonzero((ref != 0) & ~ignored))
+    if sparse and occ:
+        ref_fg += int(np.count_nonzero(ignored & np.logical_or.reduce(list(occ.values()))))
+    ref_fg_mm3 = ref_fg * vv
     h = mesh_tvs_grid_step(geometry.spacing_xyz)
     violating: Dict[str, float] = {}
     skipped: Dict[str, str] = {}
-    notes: Dict[str, str] = {}
     for rule in spec.rules:
         if isinstance(rule, ExclusionRule):
             a, b = _mesh_name_for(rule.a, available), _mesh_name_for(rule.b, available)
@@ -309,6 +324,7 @@ def evaluate_mesh_folder(ref_folder: str, mesh_folder: str, dataset_json: Union[
             raise MeshEvaluationError(f"{what} not found: {folder}")
     if spec is None:
         spec = spec_from_dataset_json(dataset_json)
+    ignore_label = ignore_label_of(dataset_json)
     structures = list(spec.mesh_structures)
     if not structures:
         raise MeshEvaluationError("the dataset's topology block defines no mesh_structures; nothing to evaluate")
@@ -361,7 +377,8 @@ def evaluate_mesh_folder(ref_folder: str, mesh_folder: str, dataset_json: Union[
             except (ValueError, OSError) as e:
                 raise MeshEvaluationError(f"case {case}, structure {s!r}: cannot read {files[case][s]}: {e}") from e
         try:
-            result = evaluate_mesh_case(seg, geometry, meshes, spec, num_samples=num_samples)
+            result = evaluate_mesh_case(seg, geometry, meshes, spec, num_samples=num_samples,
+                                        ignore_label=ignore_label)
         except MeshBuildError as e:
             raise MeshEvaluationError(f"case {case}: {e}") from e
         cases.append({"case": case, "reference_file": ref_file, "mesh_files": files[case], **result})
@@ -379,14 +396,20 @@ def aggregate_mesh_cases(cases: List[dict], spec: TopologySpec) -> dict:
     """``mesh_mean`` (per structure), ``mesh_foreground_mean`` and ``mesh_topology_mean`` over cases."""
     structures = list(spec.mesh_structures)
     keys = ["Dice", "Chamfer_mm", "HD95_mm", "laplacian_energy_mm2", "volume_mm3", "volume_ref_mm3"]
-    mean = {s: {k: nanmean(c["mesh_metrics"][s][k] for c in cases if s in c["mesh_metrics"]) for k in keys}
-            for s in structures}
+    def defined(values):
+        return [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    per = {s: {k: defined([c["mesh_metrics"][s][k] for c in cases if s in c["mesh_metrics"]]) for k in keys}
+           for s in structures}
+    mean = {s: {k: nanmean(v) for k, v in d.items()} for s, d in per.items()}
+    mean_n = {s: {k: len(v) for k, v in d.items()} for s, d in per.items()}
     fg = {k: nanmean(mean[s][k] for s in structures) for k in keys}
     rules = sorted({r for c in cases for r in c["mesh_topology"]["TVS_per_rule"]})
-    topo = {"num_cases": len(cases), "TVS": nanmean(c["mesh_topology"]["TVS"] for c in cases),
+    tvs = defined([c["mesh_topology"]["TVS"] for c in cases])
+    topo = {"num_cases": len(cases), "TVS": nanmean(tvs), "TVS_num_cases": len(tvs),
             "grid_mm": sorted({c["mesh_topology"].get("grid_mm") for c in cases} - {None}),
             "TVS_per_rule": {r: nanmean(c["mesh_topology"]["TVS_per_rule"].get(r) for c in cases) for r in rules}}
-    return {"mesh_mean": mean, "mesh_foreground_mean": fg, "mesh_topology_mean": topo}
+    return {"mesh_mean": mean, "mesh_mean_num_cases": mean_n, "mesh_foreground_mean": fg,
+            "mesh_topology_mean": topo}
 
 
 def merge_mesh_summary(summary: dict, mesh_summary: dict) -> dict:
@@ -408,7 +431,7 @@ def merge_mesh_summary(summary: dict, mesh_summary: dict) -> dict:
                 entry["mesh_files"] = c["mesh_files"]
                 used.add(case)
                 break
-    for k in ("mesh_mean", "mesh_foreground_mean", "mesh_topology_mean", "mesh_structures"):
+    for k in ("mesh_mean", "mesh_mean_num_cases", "mesh_foreground_mean", "mesh_topology_mean", "mesh_structures"):
         summary[k] = mesh_summary[k]
     extra = [c for case, c in by_case.items() if case not in used]
     if extra:

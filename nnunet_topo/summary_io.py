@@ -11,7 +11,7 @@ from typing import Iterable, Union
 
 import numpy as np
 
-__all__ = ["EvaluationError", "load_json_arg", "nanmean", "to_builtin"]
+__all__ = ["EvaluationError", "ignore_label_of", "load_json_arg", "nanmean", "to_builtin"]
 
 
 class EvaluationError(ValueError):
@@ -49,3 +49,9 @@ def load_json_arg(x: Union[str, os.PathLike, dict], what: str) -> dict:
         raise EvaluationError(f"{what} not found: {x}")
     with open(x) as f:
         return json.load(f)
+
+
+def ignore_label_of(dataset_json: dict):
+    """nnU-Net's ``ignore`` label id of a dataset.json (sparse annotation: such voxels are unknown), or None."""
+    value = dataset_json.get("labels", {}).get("ignore")
+    return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else None

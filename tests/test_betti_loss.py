@@ -327,3 +327,187 @@ def test_bad_input_raises():
         betti_prior_loss(p, torch.tensor([[[1, -1, 0]]]), class_ids=[1])
     with pytest.raises(ValueError, match="slice_axis needs 3D"):
         betti_prior_loss(torch.rand(1, 2, 5, 5), {1: (1, 0)}, slice_axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# sparse references: nnU-Net's ignore label
+# ---------------------------------------------------------------------------------------------
+
+IGNORE = 2  # nnU-Net: the ignore label is the highest id; the network has no channel for it
+
+
+def _logits(dense):
+    """Perfect prediction: 20 * one-hot of the dense reference (B, 1, *spatial) with labels {0, 1}."""
+    return 20 * torch.cat([1 - dense, dense], 1).float()
+
+
+def test_sparse_3d_patch_uses_the_prior_or_skips():
+    dense = torch.from_numpy(torus_mask().astype(np.int64))[None, None]  # (1, 1, 12, 24, 24), b = (1, 1, 0)
+    sparse = dense.clone()
+    sparse[:, :, ::2] = IGNORE  # every other slice unknown
+    logits = _logits(dense)
+    # the bug: ignored voxels counted as background split the torus, a perfect prediction costs > 1
+    assert BettiPriorLoss([1])(logits, sparse).item() > 1
+    loss = BettiPriorLoss([1], priors={1: (1, 1, 0)}, ignore_label=IGNORE)
+    assert loss(logits, sparse).item() <= 1e-4
+    assert loss.last_counts == {"units": 1, "prior": 1, "skipped": 0}
+    # the prior is a real target there: a prediction without the tunnel costs 1
+    y, x = np.mgrid[:24, :24] - 11.5
+    filled = dense.clone()
+    filled[0, 0, 5:7][:, torch.from_numpy(np.hypot(y, x) <= 6)] = 1  # a disc closes the tunnel: (1, 0, 0)
+    assert loss(_logits(filled), sparse).item() == pytest.approx(1.0, abs=1e-4)
+    # without priors the unit is undefined: skipped, a graph-connected zero
+    loss = BettiPriorLoss([1], ignore_label=IGNORE)
+    x = logits.clone().requires_grad_(True)
+    out = loss(x, sparse)
+    assert out.item() == 0.0 and out.requires_grad
+    assert loss.last_counts == {"units": 1, "prior": 0, "skipped": 1}
+    # a fully annotated patch keeps its label targets
+    assert loss(_logits(filled), dense).item() == pytest.approx(1.0, abs=1e-4)
+    assert loss.last_counts == {"units": 1, "prior": 0, "skipped": 0}
+
+
+def _ring_stack(n=16, slices=8, on=range(2, 6)):
+    y, x = np.mgrid[:n, :n] - (n - 1) / 2
+    ring = np.abs(np.hypot(y, x) - 5) <= 1.2
+    lab = np.zeros((1, 1, slices, n, n), dtype=np.int64)
+    lab[0, 0, list(on)] = ring
+    return torch.from_numpy(lab)
+
+
+def test_sparse_slice_mode_ignored_slices_prior_or_skip_annotated_slices_keep_labels():
+    dense = _ring_stack()  # ring on slices 2..5 of 8
+    sparse = dense.clone()
+    sparse[:, :, 1::2] = IGNORE  # slices 1, 3, 5, 7 unknown; 0, 2, 4, 6 annotated
+    logits = _logits(dense)
+    assert BettiPriorLoss([1], slice_axis=0)(logits, sparse).item() > 1  # the bug: rings on 3, 5 "are background"
+    no_prior = BettiPriorLoss([1], slice_axis=0, ignore_label=IGNORE)
+    with_prior = BettiPriorLoss([1], priors={1: (1, 1)}, slice_axis=0, ignore_label=IGNORE)
+    assert no_prior(logits, sparse).item() == 0.0
+    assert no_prior.last_counts == {"units": 8, "prior": 0, "skipped": 4}
+    assert with_prior(logits, sparse).item() <= 1e-4
+    # slices 3 and 5 show the ring: prior; slices 1 and 7 show nothing: skipped
+    assert with_prior.last_counts == {"units": 8, "prior": 2, "skipped": 2}
+    # annotated slices keep their label targets: a ring broken on slice 2 costs 1 (b1 target 1) ...
+    broken = dense.clone()
+    broken[0, 0, 2, :8, 7:9] = 0  # one cut: an arc
+    for loss in (no_prior, with_prior):
+        assert loss(_logits(broken), sparse).item() == pytest.approx(1.0, abs=1e-4)
+    # ... and a blob on the empty annotated slice 6 costs 1 (target (0, 0))
+    blob = dense.clone()
+    blob[0, 0, 6, 7:9, 7:9] = 1
+    assert no_prior(_logits(blob), sparse).item() == pytest.approx(1.0, abs=1e-4)
+    # the same break on the ignored slice 3: the prior asks for the ring, without a prior it is skipped
+    broken3 = dense.clone()
+    broken3[0, 0, 3, :8, 7:9] = 0
+    assert with_prior(_logits(broken3), sparse).item() == pytest.approx(1.0, abs=1e-4)
+    assert no_prior(_logits(broken3), sparse).item() == 0.0
+
+
+def test_sparse_structure_touching_the_border_is_skipped_not_given_the_prior():
+    arc = torch.from_numpy(torus_mask().astype(np.int64))[None, None][..., :14]  # the patch border cuts the ring
+    sparse = arc.clone()
+    sparse[:, :, ::2] = IGNORE
+    loss = BettiPriorLoss([1], priors={1: (1, 1, 0)}, ignore_label=IGNORE)
+    assert loss(_logits(arc), sparse).item() == 0.0  # the prior (1, 1, 0) would cost 1 on the arc
+    assert loss.last_counts == {"units": 1, "prior": 0, "skipped": 1}
+    # a structure in view in the reference but predicted touching the border: skipped too
+    dense = torch.from_numpy(torus_mask().astype(np.int64))[None, None]
+    sparse = dense.clone()
+    sparse[:, :, ::2] = IGNORE
+    pred = dense.clone()
+    pred[0, 0, 5:7, 0:2, 0:2] = 1  # a blob at the patch edge
+    assert loss(_logits(pred), sparse).item() == 0.0
+    assert loss.last_counts["skipped"] == 1
+    # slice mode: the in-plane border of the slice decides; the slice axis is not a border
+    ring = _ring_stack(on=range(8))  # ring on every slice, so the first and last slices too
+    cut = ring[..., :10]  # rings cut by the in-plane border: arcs
+    for lab, prior_used in ((ring, 4), (cut, 0)):
+        sparse = lab.clone()
+        sparse[:, :, 1::2] = IGNORE
+        loss = BettiPriorLoss([1], priors={1: (1, 1)}, slice_axis=0, ignore_label=IGNORE)
+        assert loss(_logits(lab), sparse).item() <= 1e-4
+        assert loss.last_counts == {"units": 8, "prior": prior_used, "skipped": 4 - prior_used}
+
+
+@pytest.mark.parametrize("slice_axis", [None, 1])
+@pytest.mark.parametrize("downsample", [1, 2])
+def test_ignore_label_none_or_absent_gives_the_old_values(slice_axis, downsample):
+    torch.manual_seed(3)
+    logits = torch.randn(2, 3, 8, 9, 7, requires_grad=True)
+    lab = torch.from_numpy(ndimage.zoom(np.random.default_rng(3).integers(0, 3, (2, 1, 4, 5, 4)), (1, 1, 2, 2, 2),
+                                        order=0)[..., :8, :9, :7])
+    kw = {"class_ids": [1, 2], "priors": {1: (1, 0), 2: (0, 0)} if slice_axis is not None else None,
+          "downsample": downsample, "slice_axis": slice_axis}
+    old = BettiPriorLoss(**kw)
+    want = old(logits, lab)
+    (g_want,) = torch.autograd.grad(want, logits)
+    for ignore_label in (None, 3):  # None, or an ignore label absent from the reference
+        new = BettiPriorLoss(**kw, ignore_label=ignore_label)
+        got = new(logits, lab)
+        (g_got,) = torch.autograd.grad(got, logits)
+        assert got.item() == want.item()
+        torch.testing.assert_close(g_got, g_want, rtol=0, atol=0)
+        assert new.last_counts["prior"] == new.last_counts["skipped"] == 0
+        assert new.last_counts["units"] == (4 if slice_axis is None else 2 * 2 * 9)
+
+
+def test_ignore_label_validation_and_counts_in_a_mixed_batch():
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="ignore_label"):
+            BettiPriorLoss([1], ignore_label=bad)
+    with pytest.raises(ValueError, match="ignore_label 1 cannot be one of the class_ids"):
+        BettiPriorLoss([1], ignore_label=1)
+    # sample 0 fully annotated (label targets), sample 1 sparse (prior)
+    dense = torch.from_numpy(torus_mask().astype(np.int64))[None, None].repeat(2, 1, 1, 1, 1)
+    sparse = dense.clone()
+    sparse[1, :, ::2] = IGNORE
+    loss = BettiPriorLoss([1], priors={1: (1, 1, 0)}, ignore_label=IGNORE)
+    assert loss.last_counts is None
+    assert loss(_logits(dense), sparse).item() <= 1e-4
+    assert loss.last_counts == {"units": 2, "prior": 1, "skipped": 0}
+
+
+def test_trainer_passes_ignore_label_and_priors_and_logs_the_counts():
+    from types import SimpleNamespace
+
+    from nnunet_topo.losses.combined import TopologyLossWrapper
+    from nnunet_topo.rules import default_topology
+
+    nnUNetTrainerBetti = pytest.importorskip("nnunet_topo.trainers.nnUNetTrainerBetti").nnUNetTrainerBetti  # nnunetv2
+
+    class Trainer(nnUNetTrainerBetti):
+        betti_downsample = 1
+        betti_every = 2
+
+    t = Trainer.__new__(Trainer)  # no plans or data needed for the loss wiring
+    with pytest.warns(UserWarning, match="no 'topology' block"):
+        t.topology_spec = default_topology({"background": 0, "ring": 1, "ignore": IGNORE})
+    t.label_manager = SimpleNamespace(ignore_label=IGNORE, foreground_labels=[1])
+    t._topology_term_names = ("betti",)
+    terms = t.build_topology_terms()
+    inner = terms["betti"][0].module
+    assert isinstance(inner, BettiPriorLoss)
+    assert inner.ignore_label == IGNORE and inner.priors == {1: (1, 0, 0)} and inner.class_ids == [1]
+    assert set(t.extra_logged_term_names()) == {"betti_skipped", "betti_prior_used"}
+
+    class Zero(torch.nn.Module):
+        def forward(self, output, target):
+            return output.sum() * 0.0
+
+    t.loss = TopologyLossWrapper(Zero(), terms)
+    dense = torch.from_numpy(torus_mask().astype(np.int64))[None, None]
+    sparse = dense.clone()
+    sparse[:, :, ::2] = IGNORE
+    cut = sparse[..., :14].contiguous()  # the arc touches the border: skipped
+    logits = _logits(dense).requires_grad_(True)
+    t.loss(logits, sparse)
+    v = t._pop_term_values("train")
+    assert (v["train_betti_prior_used"], v["train_betti_skipped"]) == (1.0, 0.0)
+    t.loss(logits, sparse)  # betti_every = 2: the term does not run on this step
+    v = t._pop_term_values("train")
+    assert np.isnan(v["train_betti_skipped"]) and np.isnan(v["train_betti_prior_used"])
+    with torch.no_grad():  # validation always evaluates
+        t.loss(_logits(dense[..., :14]), cut)
+    v = t._pop_term_values("val")
+    assert (v["val_betti_prior_used"], v["val_betti_skipped"]) == (0.0, 1.0)

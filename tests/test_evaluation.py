@@ -64,9 +64,12 @@ def test_evaluate_case_perfect_and_empty_prediction():
     assert all(m["Dice"] == 1.0 and m["betti_error_3d"] == 0 for m in perfect["metrics"].values())
     empty = evaluate_case(ref, np.zeros_like(ref), (1, 1, 1), spec, [1, 2, 3])
     assert empty["metrics"]["3"]["Dice"] == 0.0
-    assert math.isnan(empty["metrics"]["3"]["HD95"])
+    # a missed structure gets the documented worst-case HD95, the image diagonal (not NaN, which a mean would drop)
+    assert empty["metrics"]["3"]["HD95"] == pytest.approx(float(np.sqrt(sum(n * n for n in ref.shape))))
     assert empty["metrics"]["3"]["betti_error_3d"] == 1
-    assert empty["topology"]["TVS"] == 0.0
+    # rules that hold only because a structure is missing get their worst case, not TVS 0
+    assert empty["topology"]["worst_case"]["rules"] == list(spec.rule_names)
+    assert empty["topology"]["TVS"] >= 0.5 and all(empty["topology"]["violated"].values())
     assert "prediction is empty" in " ".join(empty["topology"]["warnings"])
     # empty reference: TVS undefined, not a crash
     both = evaluate_case(np.zeros_like(ref), np.zeros_like(ref), (1, 1, 1), spec, [1, 2, 3])

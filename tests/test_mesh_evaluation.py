@@ -211,3 +211,23 @@ def test_folder_missing_mesh_file(tmp_path):
         empty = tmp_path / "empty"
         empty.mkdir()
         evaluate_mesh_folder(str(ref_dir), str(empty), DATASET_JSON, show_progress=False)
+
+
+def test_sparse_reference_mesh_metrics():
+    """Sparse reference (every other slice ignored): mesh Dice over annotated voxels, no Chamfer/HD95 against a
+    surface that is not known, and the TVS volume is not shrunk (ignored voxels inside the meshes are filled in)."""
+    ignore = 9
+    dense = reference()
+    ref = dense.copy()
+    ref[1::2] = ignore
+    meshes = {"A": box_mesh((2, 2, 2), (5, 7, 9), AXIS), "B": box_mesh((2, 10, 2), (5, 15, 9), AXIS),
+              "outer": box_mesh((1, 4, 14), (8, 19, 27), AXIS), "I": box_mesh((3, 8, 18), (6, 15, 23), AXIS)}
+    res = evaluate_mesh_case(ref, AXIS, meshes, SPEC, num_samples=500, ignore_label=ignore)
+    a = res["mesh_metrics"]["A"]
+    assert a["Dice"] == pytest.approx(1.0) and a["n_ref"] == np.count_nonzero(ref == LABELS["A"])
+    assert math.isnan(a["Chamfer_mm"]) and math.isnan(a["HD95_mm"])
+    assert "sparse reference" in res["mesh_topology"]["notes"]["A"]
+    vv = AXIS.voxel_volume
+    assert res["mesh_topology"]["reference_foreground_mm3"] == pytest.approx(np.count_nonzero(dense) * vv)
+    dense_res = evaluate_mesh_case(dense, AXIS, meshes, SPEC, num_samples=500)
+    assert res["mesh_topology"]["TVS"] == pytest.approx(dense_res["mesh_topology"]["TVS"])

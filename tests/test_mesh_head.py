@@ -23,7 +23,6 @@ from nnunet_topo.mesh_head import (
     normalized_adjacency,
     sample_features,
     scaled_laplacian,
-    signed_volume,
     sphere_template,
     template_from_masks,
     torus_template,

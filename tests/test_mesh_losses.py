@@ -1,5 +1,4 @@
 """Tests of the mesh losses: targets (TPM Eq. 6-11), L_occ / L_TPM and L_MIE."""
-import math
 
 import numpy as np
 import pytest

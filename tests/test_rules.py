@@ -287,3 +287,37 @@ def test_messages_are_single_readable_sentences():
             parse_topology(dataset_json)
         except TopologySpecError as e:
             assert re.search(r"topology|dataset\.json|label", str(e)), str(e)
+
+
+def test_rule_names_stay_unambiguous_for_any_label_name():
+    """Label names with commas, brackets, '+', '|', spaces or quotes are quoted in rule names, and the names read
+    back (parse_rule_name) to the structures they were made from."""
+    from nnunet_topo.rules import parse_rule_name
+
+    odd = ["A,B", "C", "x+y", "x", "y", "in", "left (LV)", 'say "hi"', "may_touch", "v|w", "[2d axis 0]"]
+    labels = {"background": 0, **{n: i + 1 for i, n in enumerate(odd)}}
+    rules = [{"type": "exclusion", "a": "A,B", "b": "C"},
+             {"type": "exclusion", "a": "C", "b": "A,B"},
+             {"type": "exclusion", "a": ["x", "y"], "b": "x+y"},
+             {"type": "inclusion", "inner": "in", "outer": ["in", "left (LV)"], "may_touch": ['say "hi"', "v|w"],
+              "mode": "2d", "axis": 1},
+             {"type": "inclusion", "inner": "may_touch", "outer": ["may_touch", "[2d axis 0]"]}]
+    spec = parse_topology({"labels": labels, "topology": {"rules": rules}})
+    names = spec.rule_names
+    assert len(set(names)) == len(names)
+    assert names[0] == 'exclusion("A,B",C)' and names[2] == 'exclusion(x+y,"x+y")'
+    for raw, rule in zip(rules, spec.rules):
+        back = parse_rule_name(rule.name)
+        assert back["type"] == raw["type"] and back["mode"] == raw.get("mode", "3d")
+        assert back["axis"] == raw.get("axis", 0)
+        for key in ("a", "b", "inner", "outer", "may_touch"):
+            if key in raw:
+                want = raw[key]
+                assert back[key] == (tuple(want) if isinstance(want, list) else (want,)), (rule.name, key)
+    # a label named "A+B" and the region A+B no longer share a name
+    spec2 = parse_topology({"labels": {"background": 0, "A": 1, "B": 2, "A+B": 3, "R": 4},
+                            "topology": {"rules": [{"type": "exclusion", "a": ["A", "B"], "b": "R"},
+                                                   {"type": "exclusion", "a": "A+B", "b": "R"}]}})
+    assert len(set(spec2.rule_names)) == 2
+    with pytest.raises(ValueError, match="not a default rule name"):
+        parse_rule_name("LV inside MYO")

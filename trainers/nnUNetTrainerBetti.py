@@ -8,6 +8,11 @@ is in view: test-time refinement (``nnUNetv2_topo_refine``).
 Cost control (persistence is CPU work): the probability map is downsampled by ``betti_downsample`` before the
 persistence computation, and the term is evaluated every ``betti_every`` iterations (a graph-connected zero in
 between). Defaults were chosen by measurement (documentation/benchmarks.md). Variants are subclasses.
+
+Sparse references (nnU-Net's ``ignore`` label): a unit whose reference holds ignored voxels gets the dataset's 3D
+prior where the structure is in view, else no target (documentation/betti_loss.md); the units per step that used
+the prior and that were skipped are logged as ``betti_prior_used`` and ``betti_skipped`` (NaN on steps where the
+term did not run).
 """
 import os
 
@@ -34,12 +39,28 @@ class nnUNetTrainerBetti(nnUNetTrainerTopoBase):
         priors_3d, _ = label_priors(self.topology_spec)
         return sorted(priors_3d) or [int(i) for i in self.label_manager.foreground_labels]
 
+    def extra_logged_term_names(self):
+        return super().extra_logged_term_names() + ("betti_skipped", "betti_prior_used")
+
     def build_topology_terms(self):
-        loss = BettiPriorLoss(class_ids=self.betti_class_ids(), target=self.betti_target,
-                              downsample=self.betti_downsample, softmax=True)
+        ids = self.betti_class_ids()
+        priors = {c: v for c, v in label_priors(self.topology_spec)[0].items() if c in ids}
+        loss = self._betti_loss = BettiPriorLoss(
+            class_ids=ids, priors=priors or None, target=self.betti_target, downsample=self.betti_downsample,
+            softmax=True, ignore_label=self.label_manager.ignore_label)
         if self.betti_every > 1:
             loss = EveryKCalls(loss, self.betti_every)
         return {"betti": (loss, self.betti_weight)}
+
+    def _pop_term_values(self, split: str):
+        values = super()._pop_term_values(split)
+        inner = getattr(self, "_betti_loss", None)
+        counts = inner.last_counts if inner is not None else None  # None: the term did not run in this step
+        if inner is not None:
+            inner.last_counts = None
+        for name, key in (("betti_skipped", "skipped"), ("betti_prior_used", "prior")):
+            values[f"{split}_{name}"] = float(counts[key]) if counts else float("nan")
+        return values
 
 
 class nnUNetTrainerBetti_lambda005(nnUNetTrainerBetti):
@@ -66,7 +87,7 @@ class nnUNetTrainerBettiSemi(nnUNetTrainerBetti):
     unlabelled_every: int = 1
 
     def extra_logged_term_names(self):
-        return ("unlabelled_betti",)
+        return super().extra_logged_term_names() + ("unlabelled_betti",)
 
     def on_train_start(self):
         super().on_train_start()

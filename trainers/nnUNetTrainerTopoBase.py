@@ -88,6 +88,15 @@ class nnUNetTrainerTopoBase(nnUNetTrainer):
             raise TopologySpecError(message + " (Subclass with require_rules_hold_on_reference = False to train "
                                     "anyway.)")
 
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's, then the logged terms a checkpoint of an older version lacks get NaN for its epochs (nnU-Net
+        replaces the whole log from the checkpoint and refuses to log an unknown key, which would break ``--c``)."""
+        super().load_checkpoint(filename_or_checkpoint)
+        local = self.logger.local_logger.my_fantastic_logging
+        for name in self._logged_term_names:
+            for split in ("train", "val"):
+                local.setdefault(f"{split}_{name}", [float("nan")] * self.current_epoch)
+
     # ------------------------------------------------------------------ hooks for subclasses
     def topology_term_names(self) -> Tuple[str, ...]:
         """Names of the extra loss terms (fixed before ``initialize``, used to register logger keys)."""

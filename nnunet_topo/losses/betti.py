@@ -53,6 +53,17 @@ count:
   but the prediction does (probability above ``presence_threshold``; target ``(0, 0)``, which
   removes spurious blobs). Slices empty in both are skipped (nothing to penalise, and they save
   the persistence computation).
+
+Sparse references (``ignore_label``, nnU-Net's ``ignore`` label = unknown voxels), ``"patch"`` mode:
+a *target unit* is (sample, class), or (sample, class, slice) in slice mode. A unit whose reference
+region (the patch; the slice) holds an ignored voxel on the loss grid (a pooled cell is ignored if
+any of its voxels is) has undefined label targets: part of the structure may hide in the unknown
+voxels, and counting them as background would ask for broken rings and split structures. Such a
+unit gets the dataset prior ``priors[c]`` (of length ``maxdim + 1``) when the structure is *in view*:
+the class is in the unit's known reference voxels or in the prediction (pooled probability above
+``presence_threshold``), and neither touches the unit's border (any face of the patch; in slice
+mode the in-plane border of the slice). Otherwise it is skipped. Ignored voxels are never
+background in any target; units without ignored voxels keep their label targets.
 """
 
 from __future__ import annotations
@@ -168,6 +179,12 @@ def max_pool_downsample(x: Tensor, factor: int, slice_axis: int | None = None) -
 # ----------------------------------------------------------------------------------------------
 
 
+def _pooled_masks(target: Tensor, ids: Sequence[int], factor: int, ax: int | None) -> Tensor:
+    """``(B, K, *grid)`` bool: the masks ``target == ids[k]`` max-pooled onto the loss grid."""
+    masks = torch.cat([(target == c) for c in ids], dim=1).float()  # (B, K, *spatial)
+    return max_pool_downsample(masks, factor, ax) > 0.5
+
+
 def betti_targets_from_labels(
     target: Tensor,
     class_ids: Sequence[int],
@@ -209,8 +226,7 @@ def betti_targets_from_labels(
     ax = _normalise_slice_axis(slice_axis, sd)
     n = 2 if ax is not None else sd
     md = _check_maxdim(maxdim, n)
-    masks = torch.cat([(target == c) for c in ids], dim=1).float()  # (B, K, *spatial)
-    masks = (max_pool_downsample(masks, downsample, ax) > 0.5).cpu().numpy()
+    masks = _pooled_masks(target, ids, downsample, ax).cpu().numpy()
     B, K = masks.shape[:2]
     if ax is not None:
         out = np.zeros((B, K, masks.shape[2 + ax], 2), dtype=np.int64)
@@ -424,7 +440,8 @@ class BettiPriorLoss(nn.Module):
     Args:
         class_ids: label ids the loss acts on (usually not the background).
         priors: ``{class id: (b0, b1[, b2])}`` dataset priors (``target="prior"``: required, one per
-            class id; in ``"patch"`` mode validated and kept for reference, but not used).
+            class id; in ``"patch"`` mode used only for the units of a sparse reference whose label
+            targets are undefined, see ``ignore_label``).
         target: ``"patch"`` (default): target Betti numbers from the reference label patch passed
             to ``forward``; ``"prior"``: from ``priors`` (only when the whole structure is in
             view: whole-volume configs, test-time refinement).
@@ -436,6 +453,16 @@ class BettiPriorLoss(nn.Module):
         slice_axis: spatial axis of 3D inputs along which 2D slices are taken, or None (3D).
         executor: ``"thread"`` or ``"process"``.
         presence_threshold: probability above which a class counts as present in a slice.
+        ignore_label: nnU-Net's ``ignore`` label id (unknown voxels of a sparse reference), or None.
+            In ``"patch"`` mode a unit (sample, class[, slice]) whose reference region holds an
+            ignored voxel gets ``priors[c]`` if the structure is in view, else no target (see the
+            module docstring); ignored voxels are never background.
+
+    Attributes:
+        last_counts: after each forward, ``{"units": target units considered (B * K, per slice
+            B * K * S), "prior": units of a sparse reference that used the prior, "skipped": units
+            skipped because their label targets were undefined}`` (units skipped because the class
+            is absent from a fully annotated slice are not counted); None before the first call.
 
     Shapes:
         logits: ``(B, C, X, Y, Z)`` or ``(B, C, X, Y)``.
@@ -455,9 +482,14 @@ class BettiPriorLoss(nn.Module):
         slice_axis: int | None = None,
         executor: str = "thread",
         presence_threshold: float = 0.5,
+        ignore_label: int | None = None,
     ) -> None:
         super().__init__()
         self.class_ids = _check_class_ids(class_ids)
+        if ignore_label is not None and (not _is_int(ignore_label) or ignore_label < 0):
+            raise ValueError(f"ignore_label must be a non-negative int or None, got {ignore_label!r}.")
+        if ignore_label is not None and ignore_label in self.class_ids:
+            raise ValueError(f"ignore_label {ignore_label} cannot be one of the class_ids {self.class_ids}.")
         if target not in _TARGET_MODES:
             raise ValueError(f"target must be one of {_TARGET_MODES}, got {target!r}.")
         if not _is_int(downsample) or downsample < 1:
@@ -478,6 +510,8 @@ class BettiPriorLoss(nn.Module):
         self.slice_axis = slice_axis
         self.executor = executor
         self.presence_threshold = float(presence_threshold)
+        self.ignore_label = None if ignore_label is None else int(ignore_label)
+        self.last_counts: dict[str, int] | None = None
         self.priors: dict[int, tuple[int, ...]] | None = None
         if priors is not None:
             if not isinstance(priors, Mapping):
@@ -542,10 +576,41 @@ class BettiPriorLoss(nn.Module):
                     ).cpu()
                     skip = (tb[..., 0] == 0) & ~present
                     tb = tb.masked_fill(skip[..., None], -1)
+                counts = {"units": int(np.prod(tb.shape[:-1])), "prior": 0, "skipped": 0}
+                if self.ignore_label is not None:
+                    tb = self._sparse_targets(target, pooled, tb, ax, counts)
             else:
                 tb = {c: self.priors[c] for c in self.class_ids}
+                n_units = logits.shape[0] * len(self.class_ids) * (1 if ax is None else logits.shape[2 + ax])
+                counts = {"units": n_units, "prior": 0, "skipped": 0}
+            self.last_counts = counts
             # the input was checked for NaN/inf above; softmax and pooling keep it finite
             return _betti_prior_loss(
                 pooled, tb, self.class_ids if self.target == "patch" else None, self.maxdim, ax,
                 self.num_workers, self.executor, self.presence_threshold, check_finite=False,
             )
+
+    def _sparse_targets(self, target: Tensor, pooled: Tensor, tb: Tensor, ax: int | None, counts: dict) -> Tensor:
+        """``tb`` with the units whose reference region holds ignored voxels set to the prior (structure
+        in view) or to -1 (skip); updates ``counts``."""
+        ids, f = self.class_ids, self.downsample
+        ignored = (max_pool_downsample((target == self.ignore_label).float(), f, ax) > 0.5).cpu().numpy()
+        known = _pooled_masks(target, ids, f, ax).cpu().numpy()  # ignored voxels are not the class
+        fg = known | (pooled.detach()[:, ids] > self.presence_threshold).cpu().numpy()  # (B, K, *grid)
+        grid = fg.shape[2:]
+        dims = tuple(2 + a for a in range(len(grid)) if a != ax)  # the unit's region
+        border = np.zeros(grid, dtype=bool)
+        for a in (a for a in range(len(grid)) if a != ax):
+            border[(slice(None),) * a + ([0, grid[a] - 1],)] = True
+        undefined = np.broadcast_to(ignored.any(axis=dims), fg.any(axis=dims).shape)  # (B, K[, S])
+        in_view = fg.any(axis=dims) & ~(fg & border).any(axis=dims)
+        length = tb.shape[-1]
+        priors = self.priors or {}
+        has = np.array([len(priors.get(c, ())) == length for c in ids])
+        vecs = np.array([priors[c] if h else (-1,) * length for c, h in zip(ids, has)], dtype=np.int64)
+        shape = (1, len(ids)) + ((1,) if ax is not None else ()) + (length,)
+        use = undefined & in_view & has.reshape(shape[:-1])
+        out = np.where(undefined[..., None], -1, tb.numpy())
+        out = np.where(use[..., None], vecs.reshape(shape), out)
+        counts["prior"], counts["skipped"] = int(use.sum()), int((undefined & ~use).sum())
+        return torch.from_numpy(out.astype(np.int64))

@@ -90,14 +90,16 @@ def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def _surface(mask: np.ndarray) -> np.ndarray:
-    """Voxels of ``mask`` with a face-neighbour outside it (outside the array = background)."""
+def _surface(mask: np.ndarray, unknown: np.ndarray | None = None) -> np.ndarray:
+    """Voxels of ``mask`` with a face-neighbour outside it (outside the array = background). ``unknown`` voxels
+    (a sparse reference's ignored voxels) are neither inside nor outside: a neighbour there makes no surface."""
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
-    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
+    grown = mask if unknown is None else mask | unknown
+    return mask & ~ndimage.binary_erosion(grown, structure=structure, border_value=0)
 
 
 def surface_distances(
-    pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[float]
+    pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[float], known: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distances between the surface voxels of two masks, in mm.
 
@@ -105,6 +107,10 @@ def surface_distances(
         pred_mask: predicted mask of shape ``(Z, Y, X)`` (any ``ndim >= 1``); nonzero = foreground.
         ref_mask: reference mask, same shape.
         spacing: voxel spacing in mm, one positive finite entry per axis, same axis order.
+        known: for a sparse reference, the mask of annotated voxels (nnU-Net's ``reference != ignore``). Both
+            masks are then restricted to it, and a surface voxel is one with a face-neighbour that is annotated
+            and outside the mask (or outside the array): a boundary with an unannotated voxel is no surface,
+            because nothing is known there. None: every voxel is annotated.
 
     Returns:
         ``(pred_to_ref, ref_to_pred)``: float64 arrays with, for each surface voxel of the
@@ -117,13 +123,22 @@ def surface_distances(
     """
     pred, ref = _as_pair(pred_mask, ref_mask)
     sp = _check_spacing(spacing, pred.ndim)
+    unknown = None
+    if known is not None:
+        known = np.asarray(known, dtype=bool)
+        if known.shape != pred.shape:
+            raise ValueError(f"known must have the masks' shape {pred.shape}, got {known.shape}.")
+        pred, ref, unknown = pred & known, ref & known, ~known
     empty = np.zeros(0, dtype=np.float64)
     if not pred.any() or not ref.any():
         return empty, empty.copy()
     box = _bbox(pred | ref)
+    if unknown is not None:  # one voxel of margin, so that unknown neighbours of the box's edge voxels are seen
+        box = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(box, pred.shape))
     # Pad one background voxel so that voxels on the array border are surface voxels.
-    surf_pred = _surface(np.pad(pred[box], 1))
-    surf_ref = _surface(np.pad(ref[box], 1))
+    unknown_box = None if unknown is None else np.pad(unknown[box], 1)
+    surf_pred = _surface(np.pad(pred[box], 1), unknown_box)
+    surf_ref = _surface(np.pad(ref[box], 1), unknown_box)
     scale = np.asarray(sp, dtype=np.float64)
     pts_pred = np.argwhere(surf_pred) * scale  # voxel centres in mm (box frame), C order
     pts_ref = np.argwhere(surf_ref) * scale
@@ -133,7 +148,7 @@ def surface_distances(
 
 
 def hausdorff_distance_95(
-    pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[float]
+    pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[float], known: np.ndarray | None = None
 ) -> float:
     """95th-percentile symmetric Hausdorff distance in mm.
 
@@ -147,6 +162,7 @@ def hausdorff_distance_95(
         pred_mask: predicted mask ``(Z, Y, X)`` (any ``ndim >= 1``).
         ref_mask: reference mask, same shape.
         spacing: voxel spacing in mm, one entry per axis.
+        known: mask of annotated voxels of a sparse reference (see :func:`surface_distances`), or None.
 
     Returns:
         HD95 in mm; NaN if either mask is empty (the distance to an empty set is undefined).
@@ -154,7 +170,7 @@ def hausdorff_distance_95(
     Raises:
         ValueError: on a shape mismatch or invalid spacing.
     """
-    d_pr, d_rp = surface_distances(pred_mask, ref_mask, spacing)
+    d_pr, d_rp = surface_distances(pred_mask, ref_mask, spacing, known)
     if d_pr.size == 0 or d_rp.size == 0:
         return math.nan
     return float(max(np.percentile(d_pr, 95), np.percentile(d_rp, 95)))
