@@ -10,8 +10,9 @@ label manager and reuses ``compute_tp_fp_fn_tn``); the metrics themselves live i
   id: nnU-Net's ``Dice, IoU, TP, FP, FN, TN, n_pred, n_ref`` plus ``HD95`` (mm), ``betti_3d_pred``,
   ``betti_3d_ref``, ``betti_error_3d``, ``betti_error_2d``, ``cce_3d``, ``cce_2d``) and ``topology`` (per case:
   ``TVS``, ``TVS_per_rule``, ``violating_voxels``, ``violated``, ``SVR_per_rule``, ``betti_error_3d`` (sum over
-  labels), ``betti_prior_error_3d``, ``topologically_correct``, ``warnings``);
-* ``mean`` (per label, NaN-ignoring mean over cases, as nnU-Net), ``foreground_mean`` (mean over labels);
+  labels), ``betti_prior_error_3d``, ``topologically_correct``, ``sparse_reference``, ``worst_case``, ``warnings``);
+* ``mean`` (per label, NaN-ignoring mean over cases, as nnU-Net), ``foreground_mean`` (mean over labels), and
+  ``mean_num_cases`` / ``foreground_mean_num_cases`` / ``topology_mean_num_cases``: how many cases each mean used;
 * ``topology_mean``: ``TVS``, ``TVS_per_rule``, ``VR``, ``VR_per_rule``, ``SVR_per_rule``, ``betti_error_3d``,
   ``betti_error_2d``, ``cce_3d``, ``cce_2d``, ``betti_prior_error_3d``, ``topologically_correct``, ``num_cases``.
 

@@ -72,6 +72,7 @@ __all__ = [
     "map_persistence_pairs",
     "persistence_diagrams",
     "batch_persistence_diagrams",
+    "persistence_workers",
 ]
 
 # cripser reports essential deaths as DBL_MAX; anything above this counts as infinite.
@@ -226,6 +227,16 @@ def _resolve_workers(num_workers: int | None, n_jobs: int) -> int:
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be a non-negative int or None, got {num_workers!r}.")
     return max(1, min(num_workers, n_jobs))
+
+
+def persistence_workers(reserved: int = 0) -> int:
+    """Threads for persistence that leave ``reserved`` cores to others (nnU-Net's data-augmentation workers and the
+    main process): ``max(1, usable cores - reserved)``, usable cores from the process's CPU affinity."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - int(reserved))
 
 
 def map_persistence_pairs(

@@ -1,5 +1,7 @@
 """Betti prior loss (Clough et al.): naive loop reference, exact gradients, patch vs prior targets,
 slice-wise mode, downsampling, graph-connected zero and bad input."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -485,11 +487,14 @@ def test_trainer_passes_ignore_label_and_priors_and_logs_the_counts():
         t.topology_spec = default_topology({"background": 0, "ring": 1, "ignore": IGNORE})
     t.label_manager = SimpleNamespace(ignore_label=IGNORE, foreground_labels=[1])
     t._topology_term_names = ("betti",)
+    logged = []
+    t.print_to_log_file = lambda *a, **k: logged.append(" ".join(map(str, a)))
     terms = t.build_topology_terms()
     inner = terms["betti"][0].module
     assert isinstance(inner, BettiPriorLoss)
     assert inner.ignore_label == IGNORE and inner.priors == {1: (1, 0, 0)} and inner.class_ids == [1]
     assert set(t.extra_logged_term_names()) == {"betti_skipped", "betti_prior_used"}
+    assert inner.downsample == 1 and inner.num_workers >= 1 and "persistence thread" in logged[0]
 
     class Zero(torch.nn.Module):
         def forward(self, output, target):
@@ -511,3 +516,25 @@ def test_trainer_passes_ignore_label_and_priors_and_logs_the_counts():
         t.loss(_logits(dense[..., :14]), cut)
     v = t._pop_term_values("val")
     assert (v["val_betti_prior_used"], v["val_betti_skipped"]) == (0.0, 1.0)
+
+
+def test_default_downsampling_bounds_the_pooled_map():
+    """The trainer's default factor: the smallest whose pooled map has at most 32^3 voxels, for any planned patch."""
+    from nnunet_topo.losses.betti import DEFAULT_MAX_POOLED_VOXELS, betti_downsample_for_patch
+
+    for patch, expected in (((128, 128, 128), 4), ((10, 256, 224), 3), ((10, 64, 64), 2), ((20, 20, 20), 1)):
+        f = betti_downsample_for_patch(patch)
+        assert f == expected, patch
+        assert np.prod([-(-n // f) for n in patch]) <= DEFAULT_MAX_POOLED_VOXELS
+        assert f == 1 or np.prod([-(-n // (f - 1)) for n in patch]) > DEFAULT_MAX_POOLED_VOXELS  # smallest
+    assert betti_downsample_for_patch((10, 256, 224), slice_axis=0) == 5  # slices are not pooled
+    with pytest.raises(ValueError, match="patch_size"):
+        betti_downsample_for_patch((0, 4, 4))
+
+
+def test_persistence_workers_leave_the_reserved_cores():
+    from nnunet_topo.persistence import persistence_workers
+
+    cores = len(os.sched_getaffinity(0))
+    assert persistence_workers(0) == cores
+    assert persistence_workers(cores + 5) == 1

@@ -439,3 +439,20 @@ def test_module_bad_inputs():
         loss_fn([meshes[0][:1]] + meshes[1:], faces, logits, ref)
     with pytest.raises(ValueError, match=r"seg_logits"):
         loss_fn(meshes, faces, logits[:, :, 0], ref)
+
+
+def test_ignored_query_points_carry_no_weight():
+    """Occupancy query points on ignored voxels (sparse reference) get weight 0: their target is unknown."""
+    from nnunet_topo.losses.tpm import known_weights
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randint(0, 4, (2, 3, 5, 6), generator=g)
+    ref[0, 1] = 9  # an ignored slice
+    ref[1, :, 2, 3] = 9
+    pts = torch.rand(2, 500, 3, generator=g) * torch.tensor([2.0, 4.0, 5.0])  # continuous voxel coordinates
+    w = known_weights(ref, pts, 9)
+    nearest = pts.round().long()
+    b = torch.arange(2)[:, None].expand(-1, 500)
+    expected = (ref[b, nearest[..., 0], nearest[..., 1], nearest[..., 2]] != 9).float()
+    assert torch.equal(w, expected) and (w == 0).any() and (w == 1).any()
+    assert known_weights(ref, pts, None) is None

@@ -5,9 +5,13 @@ numbers come from the reference patch (``betti_target = "patch"``): a patch cuts
 prior of ``dataset.json`` would be wrong there (DESIGN §6). The dataset priors are used where the whole structure
 is in view: test-time refinement (``nnUNetv2_topo_refine``).
 
-Cost control (persistence is CPU work): the probability map is downsampled by ``betti_downsample`` before the
-persistence computation, and the term is evaluated every ``betti_every`` iterations (a graph-connected zero in
-between). Defaults were chosen by measurement (documentation/benchmarks.md). Variants are subclasses.
+Cost control (persistence is CPU work, also when the network trains on a GPU): the probability map is max-pooled
+by ``betti_downsample`` before the persistence computation — by default (None) the smallest factor whose pooled map
+has at most ``betti_max_pooled_voxels`` (32^3) voxels, so the cost per step is bounded whatever patch nnU-Net
+planned (``betti_downsample_for_patch``) —; the term is evaluated every ``betti_every`` iterations (a
+graph-connected zero in between); persistence runs in ``betti_num_workers`` threads, by default the cores left after
+nnU-Net's data-augmentation workers and the main process. Measured costs: documentation/benchmarks.md ("Betti loss
+cost per step"). Variants are subclasses.
 
 Sparse references (nnU-Net's ``ignore`` label): a unit whose reference holds ignored voxels gets the dataset's 3D
 prior where the structure is in view, else no target (documentation/betti_loss.md); the units per step that used
@@ -18,7 +22,7 @@ import os
 
 import torch
 
-from nnunet_topo.losses.betti import BettiPriorLoss
+from nnunet_topo.losses.betti import DEFAULT_MAX_POOLED_VOXELS, BettiPriorLoss, betti_downsample_for_patch
 from nnunet_topo.losses.combined import EveryKCalls
 from nnunet_topo.patches import center_pad_to, check_whole_volume_in_patch
 from nnunet_topo.rules import label_priors
@@ -27,9 +31,24 @@ from nnunet_topo.trainers.nnUNetTrainerTopoBase import nnUNetTrainerTopoBase
 
 class nnUNetTrainerBetti(nnUNetTrainerTopoBase):
     betti_weight: float = 0.01
-    betti_downsample: int = 2
+    betti_downsample = None  # None: betti_downsample_for_patch(patch, betti_max_pooled_voxels)
+    betti_max_pooled_voxels: int = DEFAULT_MAX_POOLED_VOXELS
     betti_every: int = 1
     betti_target: str = "patch"
+    betti_num_workers = None  # None: the cores left after nnU-Net's data-augmentation workers
+
+    def betti_factor(self) -> int:
+        if self.betti_downsample is not None:
+            return int(self.betti_downsample)
+        return betti_downsample_for_patch(self.configuration_manager.patch_size, self.betti_max_pooled_voxels)
+
+    def betti_workers(self) -> int:
+        if self.betti_num_workers is not None:
+            return int(self.betti_num_workers)
+        from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+        from nnunet_topo.persistence import persistence_workers
+        return persistence_workers(reserved=get_allowed_n_proc_DA() + 1)
 
     def topology_term_names(self):
         return ("betti",)
@@ -46,8 +65,10 @@ class nnUNetTrainerBetti(nnUNetTrainerTopoBase):
         ids = self.betti_class_ids()
         priors = {c: v for c, v in label_priors(self.topology_spec)[0].items() if c in ids}
         loss = self._betti_loss = BettiPriorLoss(
-            class_ids=ids, priors=priors or None, target=self.betti_target, downsample=self.betti_downsample,
-            softmax=True, ignore_label=self.label_manager.ignore_label)
+            class_ids=ids, priors=priors or None, target=self.betti_target, downsample=self.betti_factor(),
+            softmax=True, ignore_label=self.label_manager.ignore_label, num_workers=self.betti_workers())
+        self.print_to_log_file(f"Betti loss: downsample {self.betti_factor()}, every {self.betti_every} step(s), "
+                               f"{self.betti_workers()} persistence thread(s)")
         if self.betti_every > 1:
             loss = EveryKCalls(loss, self.betti_every)
         return {"betti": (loss, self.betti_weight)}
@@ -100,11 +121,11 @@ class nnUNetTrainerBettiSemi(nnUNetTrainerBetti):
         self._unlabelled_losses = []
         if priors_3d:
             self._unlabelled_losses.append(BettiPriorLoss(sorted(priors_3d), priors=priors_3d, target="prior",
-                                                          downsample=self.betti_downsample))
+                                                          downsample=self.betti_factor()))
         if priors_2d:
             axis = self.patch_topology_spec.betti_2d_axis  # slice axis in the preprocessed order
             self._unlabelled_losses.append(BettiPriorLoss(sorted(priors_2d), priors=priors_2d, target="prior",
-                                                          downsample=self.betti_downsample, slice_axis=axis))
+                                                          downsample=self.betti_factor(), slice_axis=axis))
         self._unlabelled_calls = 0
         self.print_to_log_file(f"semi-supervised priors: {len(self._unlabelled)} unlabelled case(s), 3D priors "
                                f"{priors_3d}, 2D priors {priors_2d}, weight {self.unlabelled_weight}")

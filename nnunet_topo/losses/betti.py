@@ -78,7 +78,8 @@ from torch import Tensor, nn
 from nnunet_topo.metrics.topology import betti_numbers_2d, betti_numbers_3d, betti_numbers_per_slice
 from nnunet_topo.persistence import _check_maxdim, map_persistence_pairs
 
-__all__ = ["betti_prior_loss", "BettiPriorLoss", "betti_targets_from_labels", "max_pool_downsample"]
+__all__ = ["betti_prior_loss", "BettiPriorLoss", "betti_downsample_for_patch", "betti_targets_from_labels",
+           "max_pool_downsample"]
 
 _TARGET_MODES = ("patch", "prior")
 
@@ -172,6 +173,34 @@ def max_pool_downsample(x: Tensor, factor: int, slice_axis: int | None = None) -
         kernel[slice_axis] = 1
     pool = F.max_pool3d if sd == 3 else F.max_pool2d
     return pool(x, kernel_size=kernel, stride=kernel, ceil_mode=True)
+
+
+#: pooled voxels per map the trainers aim at by default: a 32^3 map costs cripser about 20-40 ms (benchmarks.md)
+DEFAULT_MAX_POOLED_VOXELS = 32 ** 3
+
+
+def betti_downsample_for_patch(patch_size: Sequence[int], max_voxels: int = DEFAULT_MAX_POOLED_VOXELS,
+                               slice_axis: int | None = None) -> int:
+    """The smallest max-pooling factor whose pooled map of ``patch_size`` has at most ``max_voxels`` voxels.
+
+    The persistence cost grows with the voxels of the pooled map (and its extrema), so bounding the pooled size
+    bounds the CPU time per step whatever the planned patch: a 128^3 CT patch gets factor 4, the ACDC patch
+    10 x 256 x 224 factor 3, the 10 x 64 x 64 demo patch factor 2 (the former fixed default). With ``slice_axis``
+    that axis is not pooled (slice-wise losses pool in-plane only).
+    """
+    sizes = [int(n) for n in patch_size]
+    if not sizes or any(n < 1 for n in sizes):
+        raise ValueError(f"patch_size must be positive ints, got {patch_size!r}.")
+    if not _is_int(max_voxels) or max_voxels < 1:
+        raise ValueError(f"max_voxels must be a positive int, got {max_voxels!r}.")
+    f = 1
+    while True:
+        pooled = 1
+        for a, n in enumerate(sizes):
+            pooled *= n if a == slice_axis else -(-n // f)
+        if pooled <= max_voxels or f >= max(sizes):
+            return f
+        f += 1
 
 
 # ----------------------------------------------------------------------------------------------
