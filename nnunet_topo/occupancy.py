@@ -44,11 +44,21 @@ and faces or vertices); the backward pass recomputes each block instead of stori
 is bounded by the block size whatever the number of points: in float32 about 100 (exact) / 55 (dipole)
 bytes per pair in the forward pass and 250 / 130 in the backward pass (1 GB for the default exact block).
 
+**Backends.** ``backend="torch"`` (the default) is the chunked torch code above. ``backend="triton"``
+runs fused tiled Triton kernels (:mod:`nnunet_topo.occupancy_triton`: the dipole form forward and
+backward, the exact form forward only) on CUDA tensors; on CPU tensors only under the Triton
+interpreter (``TRITON_INTERPRET=1``, for tests). ``"auto"`` picks Triton for CUDA tensors when it is
+importable, else torch. The default is ``DEFAULT_BACKEND`` unless the environment variable
+``NNUNET_TOPO_OCCUPANCY_BACKEND`` names another. It stays ``"torch"`` until a GPU measurement
+(``benchmarks/bench_occupancy.py --backends torch triton``) shows the kernels are faster: so far they
+are checked against the torch code only on the CPU, through the interpreter.
+
 Coordinates: points and vertices share one frame and unit (voxels or mm); ``w`` is unitless.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -58,6 +68,10 @@ METHODS: tuple[str, ...] = ("exact", "dipole")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
 DEFAULT_CHUNK_SIZE: int = 2 ** 22
 DEFAULT_EPS: float = 1e-4
+BACKENDS: tuple[str, ...] = ("torch", "triton", "auto")
+# Keep "torch" until a GPU run shows the Triton kernels are faster (see the module docstring).
+DEFAULT_BACKEND: str = "torch"
+BACKEND_ENV_VAR: str = "NNUNET_TOPO_OCCUPANCY_BACKEND"
 # |a.(b x c)| below _DET_TOL * machine eps * |N| * (|a| + mesh radius) counts as "in the face's plane".
 _DET_TOL: float = 8.0
 
@@ -231,6 +245,30 @@ def _check_options(method: str, chunk_size: int, smoothing: float) -> None:
                          "triangle has no closed form); use method='dipole' or smoothing=0")
 
 
+def _check_backend(backend: Optional[str]) -> None:
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (or None for the default), got {backend!r}")
+
+
+def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """``"torch"`` or ``"triton"`` for tensors on ``device``; ``None`` = ``$NNUNET_TOPO_OCCUPANCY_BACKEND``
+    if set, else ``DEFAULT_BACKEND``. Raises ValueError if ``"triton"`` cannot run there."""
+    if backend is None:
+        backend = os.environ.get(BACKEND_ENV_VAR) or DEFAULT_BACKEND
+        if backend not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV_VAR}={backend!r}: must be one of {BACKENDS}")
+    _check_backend(backend)
+    if backend == "torch":
+        return "torch"
+    from nnunet_topo import occupancy_triton
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and occupancy_triton.triton_available() else "torch"
+    reason = occupancy_triton.unavailable_reason(device)
+    if reason is not None:
+        raise ValueError(f"backend='triton': {reason}")
+    return "triton"
+
+
 def _check_eps(eps: float) -> None:
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0.0 < eps < 0.5:
         raise ValueError(f"eps must lie in (0, 0.5), got {eps!r}")
@@ -283,6 +321,7 @@ def winding_number(
     method: str = "exact",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     smoothing: float = 0.0,
+    backend: Optional[str] = None,
 ) -> Tensor:
     """Generalised winding number of points with respect to oriented triangle meshes (TPM Eq. 5).
 
@@ -301,22 +340,31 @@ def winding_number(
             memory is about 250 bytes per pair (exact, backward; 100 forward) in float32.
         smoothing: ``sigma`` of the smoothed dipole kernel ``(|r|^2 + sigma^2)^-3/2``, in vertex units
             (``method="dipole"`` only; 0 = the plain dipole form). See the module docstring.
+        backend: ``"torch"`` (chunked torch), ``"triton"`` (fused Triton kernels; CUDA tensors, or CPU
+            tensors under ``TRITON_INTERPRET=1``), ``"auto"`` (Triton for CUDA tensors when importable,
+            else torch) or ``None``: ``$NNUNET_TOPO_OCCUPANCY_BACKEND`` if set, else ``DEFAULT_BACKEND``
+            (``"torch"``; it stays so until a GPU measurement shows Triton is faster). Triton computes
+            the same function in float32 (``chunk_size`` is ignored, memory is O(points + vertices));
+            float64 inputs and the exact form with gradients use torch.
 
     Returns:
         ``(..., N)`` winding numbers (``(M, N)`` for a sequence of meshes) in float32, or float64 when an
         input is float64. Autocast is disabled inside.
 
     Raises:
-        ValueError: bad shapes, NaN coordinates, empty or out-of-range ``faces``, unknown ``method``.
+        ValueError: bad shapes, NaN coordinates, empty or out-of-range ``faces``, unknown ``method``,
+            unknown ``backend`` or ``"triton"`` where it cannot run.
     """
     if isinstance(vertices, (list, tuple)):
-        return _winding_number_list(points, vertices, faces, method, chunk_size, smoothing)
+        return _winding_number_list(points, vertices, faces, method, chunk_size, smoothing, backend)
     _check_options(method, chunk_size, smoothing)
+    _check_backend(backend)
     _check_coordinates("points", points)
     _check_coordinates("vertices", vertices)
     if points.device != vertices.device:
         raise ValueError(f"points ({points.device}) and vertices ({vertices.device}) must be on the same device")
     faces = _check_faces(faces, vertices.shape[-2], vertices.device)
+    backend = _resolve_backend(backend, points.device)
     try:
         batch_shape = torch.broadcast_shapes(points.shape[:-2], vertices.shape[:-2])
     except RuntimeError as err:
@@ -333,15 +381,24 @@ def winding_number(
         # Translation invariance: centre each mesh (detached) so float32 offsets keep their precision.
         centre = v.detach().mean(dim=1, keepdim=True)
         p, v = p - centre, v - centre
+        use_triton = backend == "triton" and dtype == torch.float32
         if method == "exact":
-            w = _ChunkedWinding.apply(_exact_kernel(faces), faces.shape[0], chunk_size, p, v)
+            if use_triton and not (torch.is_grad_enabled() and (p.requires_grad or v.requires_grad)):
+                from nnunet_topo.occupancy_triton import exact_winding
+                w = exact_winding(p, v, faces)
+            else:
+                w = _ChunkedWinding.apply(_exact_kernel(faces), faces.shape[0], chunk_size, p, v)
         else:
             m = _vertex_moments(v, faces)
-            w = _ChunkedWinding.apply(_dipole_kernel(smoothing), num_vertices, chunk_size, p, v, m)
+            if use_triton:
+                from nnunet_topo.occupancy_triton import dipole_winding
+                w = dipole_winding(p, v, m, smoothing)
+            else:
+                w = _ChunkedWinding.apply(_dipole_kernel(smoothing), num_vertices, chunk_size, p, v, m)
     return w.reshape(*batch_shape, num_points)
 
 
-def _winding_number_list(points, vertices, faces, method, chunk_size, smoothing) -> Tensor:
+def _winding_number_list(points, vertices, faces, method, chunk_size, smoothing, backend=None) -> Tensor:
     if len(vertices) == 0:
         raise ValueError("vertices is an empty sequence: give at least one mesh")
     if isinstance(faces, Tensor):
@@ -361,7 +418,8 @@ def _winding_number_list(points, vertices, faces, method, chunk_size, smoothing)
     for p, v, f in zip(per_mesh, vertices, faces):
         if not isinstance(v, Tensor) or v.ndim != 2:
             raise ValueError("each mesh of a sequence must be a (V_i, 3) tensor")
-        out.append(winding_number(p, v, f, method=method, chunk_size=chunk_size, smoothing=smoothing))
+        out.append(winding_number(p, v, f, method=method, chunk_size=chunk_size, smoothing=smoothing,
+                                  backend=backend))
     return torch.stack(out)
 
 
@@ -373,11 +431,12 @@ def occupancy(
     eps: float = DEFAULT_EPS,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     smoothing: float = 0.0,
+    backend: Optional[str] = None,
 ) -> Tensor:
     """Occupancy ``clamp(w, eps, 1 - eps)`` of points in meshes (TPM Eq. 5), ready for a BCE.
 
     Args:
-        points, vertices, faces, method, chunk_size, smoothing: as in :func:`winding_number`.
+        points, vertices, faces, method, chunk_size, smoothing, backend: as in :func:`winding_number`.
         eps: clamp margin in (0, 0.5); keeps ``log(o)`` and ``log(1 - o)`` finite (>= log(eps)).
             The clamp has zero gradient where ``w`` lies outside ``[eps, 1 - eps]``.
 
@@ -385,7 +444,7 @@ def occupancy(
         ``(..., N)`` occupancy in ``[eps, 1 - eps]`` (float32, or float64 for float64 inputs).
     """
     _check_eps(eps)
-    return winding_number(points, vertices, faces, method, chunk_size, smoothing).clamp(eps, 1.0 - eps)
+    return winding_number(points, vertices, faces, method, chunk_size, smoothing, backend).clamp(eps, 1.0 - eps)
 
 
 def occupancy_bce(
@@ -399,13 +458,14 @@ def occupancy_bce(
     reduction: str = "mean",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     smoothing: float = 0.0,
+    backend: Optional[str] = None,
 ) -> Tensor:
     """Binary cross-entropy of mesh occupancy against inside/outside targets (TPM Eq. 10-11).
 
     ``l = -weights * (t log(o) + (1 - t) log(1 - o))`` with ``o = occupancy(points, vertices, faces)``.
 
     Args:
-        points, vertices, faces, method, eps, chunk_size, smoothing: as in :func:`occupancy`.
+        points, vertices, faces, method, eps, chunk_size, smoothing, backend: as in :func:`occupancy`.
         targets: ``(..., N)`` in [0, 1] (1 = the point belongs to the structure), the shape of the
             occupancy; soft targets are accepted.
         weights: optional per-point weights broadcastable to the occupancy shape (e.g. 0 for padded
@@ -421,7 +481,8 @@ def occupancy_bce(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
-    o = occupancy(points, vertices, faces, method=method, eps=eps, chunk_size=chunk_size, smoothing=smoothing)
+    o = occupancy(points, vertices, faces, method=method, eps=eps, chunk_size=chunk_size, smoothing=smoothing,
+                  backend=backend)
     if targets.shape != o.shape:
         raise ValueError(f"targets must have the occupancy's shape {tuple(o.shape)} (batch..., N), "
                          f"got {tuple(targets.shape)}")
@@ -454,6 +515,7 @@ class OccupancyBCELoss(nn.Module):
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         chunk_size: most point-face (or point-vertex) pairs per block.
         smoothing: smoothed-dipole ``sigma`` in vertex units (``method="dipole"`` only).
+        backend: ``"torch"``, ``"triton"``, ``"auto"`` or ``None`` (see :func:`winding_number`).
 
     Shapes:
         points ``(..., N, 3)``, vertices ``(..., V, 3)``, faces ``(F, 3)``, targets ``(..., N)``,
@@ -461,21 +523,25 @@ class OccupancyBCELoss(nn.Module):
     """
 
     def __init__(self, method: str = "exact", eps: float = DEFAULT_EPS, reduction: str = "mean",
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, smoothing: float = 0.0) -> None:
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, smoothing: float = 0.0,
+                 backend: Optional[str] = None) -> None:
         super().__init__()
         _check_options(method, chunk_size, smoothing)
+        _check_backend(backend)
         _check_eps(eps)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.method, self.eps, self.reduction = method, float(eps), reduction
         self.chunk_size, self.smoothing = chunk_size, float(smoothing)
+        self.backend = backend
 
     def forward(self, points: Tensor, vertices: Union[Tensor, Sequence[Tensor]],
                 faces: Union[Tensor, Sequence[Tensor]], targets: Tensor,
                 weights: Optional[Tensor] = None) -> Tensor:
         return occupancy_bce(points, vertices, faces, targets, method=self.method, eps=self.eps, weights=weights,
-                             reduction=self.reduction, chunk_size=self.chunk_size, smoothing=self.smoothing)
+                             reduction=self.reduction, chunk_size=self.chunk_size, smoothing=self.smoothing,
+                             backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"method={self.method!r}, eps={self.eps}, reduction={self.reduction!r}, "
-                f"chunk_size={self.chunk_size}, smoothing={self.smoothing}")
+                f"chunk_size={self.chunk_size}, smoothing={self.smoothing}, backend={self.backend!r}")
