@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One prepared device check for a GPU machine (nothing is downloaded; <= 8 min on one GPU).
+#   bash benchmarks/device_check.sh OUT_DIR            # on the GPU machine
+#   bash benchmarks/device_check.sh OUT_DIR --dry-run  # the same steps on the CPU at tiny sizes
+# Writes OUT_DIR/device_check.json and OUT_DIR/device_check.md; the logic is in benchmarks/device_check.py.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(dirname "$here")"
+if [ "$#" -lt 1 ]; then
+    echo "usage: bash benchmarks/device_check.sh OUT_DIR [--dry-run] [more options of device_check.py]" >&2
+    exit 2
+fi
+if [ -x "$repo/.venv/bin/python" ]; then
+    py="$repo/.venv/bin/python"
+else
+    py="$(command -v python3)"
+fi
+exec "$py" "$here/device_check.py" "$@"
