@@ -13,6 +13,14 @@ fi
 if [ -x "$repo/.venv/bin/python" ]; then
     py="$repo/.venv/bin/python"
 else
+    # A bare GPU machine (its python3 holds torch and triton, not nnU-Net): install the wheels carried in .whl/
+    # (nnU-Net and the dependencies it lacks, downloaded on a machine with the registry) and this repository, offline.
     py="$(command -v python3)"
+    if [ -d "$repo/.whl" ]; then
+        site="${DEVICE_CHECK_SITE:-/tmp/devcheck_site}"
+        "$py" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$site" \
+            "$repo"/.whl/*.whl "$repo"
+        export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
 fi
 exec "$py" "$here/device_check.py" "$@"
