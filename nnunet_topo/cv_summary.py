@@ -232,7 +232,7 @@ def format_cv_table(summary: dict) -> str:
 
 
 def summarize_cv_entry(argv: Optional[Sequence[str]] = None) -> None:
-    from nnunet_topo.cli import _fail
+    from nnunet_topo.cli import _fail, model_folder_from_args
     from nnunet_topo.rules import TopologySpecError
     from nnunet_topo.summary_io import EvaluationError
 
@@ -251,11 +251,8 @@ def summarize_cv_entry(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--chill", action="store_true",
                         help="summarize the folds that have validation outputs, list the others as missing")
     args = parser.parse_args(argv)
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
-
     try:
-        model_folder = get_output_folder(maybe_convert_to_dataset_name(args.d), args.tr, args.p, args.c)
+        model_folder = model_folder_from_args(args)
     except RuntimeError as e:  # dataset not found, nnUNet_results unset
         _fail(str(e))
     try:

@@ -40,7 +40,8 @@ from nnunet_topo.metrics.topology import (
     slice_violation_rate,
 )
 from nnunet_topo.rules import ExclusionRule, TopologySpec, reference_spec, spec_from_dataset_json
-from nnunet_topo.summary_io import EvaluationError, ignore_label_of, load_json_arg, nanmean, to_builtin
+from nnunet_topo.summary_io import EvaluationError, ignore_label_of, load_json_arg, mean_and_count, nanmean, \
+    to_builtin
 from nnunet_topo.violations import violation_maps_numpy
 
 
@@ -55,13 +56,17 @@ DIRECTION_TOL = 1e-3
 def image_geometry(props: dict) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """``(origin mm, direction matrix)`` of an image from nnU-Net's reader properties, or None when the format
     carries none (PNG, TIFF: spacing only). SimpleITK: ``sitk_stuff``; nibabel: the affine of ``nibabel_stuff``
-    (its columns normalised by the spacing)."""
+    (the reoriented one where present, as :meth:`nnunet_topo.meshes.ImageGeometry.from_nnunet_properties`; its
+    columns normalised by the spacing). Not that method itself: it is 3D only and imports torch, and this check
+    also serves 2D images in the evaluator's spawned workers; both sides of a comparison are read alike, so the
+    frame (RAS or LPS) does not matter here."""
     if "sitk_stuff" in props:
         origin = np.asarray(props["sitk_stuff"]["origin"], dtype=np.float64)
         d = len(origin)
         return origin, np.asarray(props["sitk_stuff"]["direction"], dtype=np.float64).reshape(d, d)
     if "nibabel_stuff" in props:
-        affine = np.asarray(props["nibabel_stuff"]["original_affine"], dtype=np.float64)
+        stuff = props["nibabel_stuff"]
+        affine = np.asarray(stuff.get("reoriented_affine", stuff.get("original_affine")), dtype=np.float64)
         rot = affine[:3, :3]
         return affine[:3, 3], rot / np.linalg.norm(rot, axis=0, keepdims=True)
     return None
@@ -294,12 +299,6 @@ def _evaluate_file_pair(ref_file: str, pred_file: str, rw, spec: TopologySpec, l
     return {"reference_file": ref_file, "prediction_file": pred_file, **result}
 
 
-def _mean_n(values: Sequence) -> Tuple[float, int]:
-    """NaN-ignoring mean and the number of values it was taken over."""
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return nanmean(vals), len(vals)
-
-
 def aggregate(cases: List[dict], spec: TopologySpec, label_ids: Sequence[int]) -> dict:
     """nnU-Net's ``mean`` / ``foreground_mean`` plus ``topology_mean`` over evaluated cases.
 
@@ -314,7 +313,7 @@ def aggregate(cases: List[dict], spec: TopologySpec, label_ids: Sequence[int]) -
     scalar_keys = [k for k in scalar_keys if k != "betti_3d_ref"]
     mean, mean_n = {}, {}
     for lab in label_ids:
-        pairs = {k: _mean_n([c["metrics"][str(lab)].get(k) for c in cases]) for k in scalar_keys}
+        pairs = {k: mean_and_count([c["metrics"][str(lab)].get(k) for c in cases]) for k in scalar_keys}
         mean[str(lab)] = {k: v[0] for k, v in pairs.items()}
         mean_n[str(lab)] = {k: v[1] for k, v in pairs.items()}
     foreground_mean = {k: nanmean(mean[str(lab)][k] for lab in label_ids) for k in scalar_keys}
@@ -324,15 +323,15 @@ def aggregate(cases: List[dict], spec: TopologySpec, label_ids: Sequence[int]) -
     tm: Dict[str, object] = {"num_cases": len(cases)}
     tn: Dict[str, object] = {}
     for key in ("TVS", "betti_error_3d", "betti_prior_error_3d", "topologically_correct"):
-        tm[key], tn[key] = _mean_n([float(t[key]) if isinstance(t[key], bool) else t[key] for t in topo])
+        tm[key], tn[key] = mean_and_count([float(t[key]) if isinstance(t[key], bool) else t[key] for t in topo])
     if rule_names:
-        tm["VR"], tn["VR"] = _mean_n([float(any(t["violated"].values())) for t in topo])
+        tm["VR"], tn["VR"] = mean_and_count([float(any(t["violated"].values())) for t in topo])
     else:  # no rules: nothing can be violated; undefined, not 0
         tm["VR"], tn["VR"] = math.nan, 0
     for key, per_case in (("TVS_per_rule", lambda t, r: t["TVS_per_rule"][r]),
                           ("VR_per_rule", lambda t, r: float(t["violated"][r])),
                           ("SVR_per_rule", lambda t, r: t["SVR_per_rule"][r])):
-        pairs = {r: _mean_n([per_case(t, r) for t in topo]) for r in rule_names}
+        pairs = {r: mean_and_count([per_case(t, r) for t in topo]) for r in rule_names}
         tm[key] = {r: v[0] for r, v in pairs.items()}
         tn[key] = {r: v[1] for r, v in pairs.items()}
     for key in ("betti_error_2d", "cce_3d", "cce_2d"):

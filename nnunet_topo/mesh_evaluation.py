@@ -45,7 +45,7 @@ from nnunet_topo.meshes import SUPPORTED_MESH_EXTENSIONS, ImageGeometry, MeshBui
 from nnunet_topo.metrics.mesh import laplacian_smoothness_energy, mesh_volume, surface_distances_mesh
 from nnunet_topo.occupancy import winding_number
 from nnunet_topo.rules import ExclusionRule, InclusionRule, TopologySpec, spec_from_dataset_json
-from nnunet_topo.summary_io import ignore_label_of, load_json_arg, nanmean, to_builtin
+from nnunet_topo.summary_io import ignore_label_of, load_json_arg, mean_and_count, nanmean, to_builtin
 
 __all__ = [
     "MeshEvaluationError",
@@ -396,16 +396,14 @@ def aggregate_mesh_cases(cases: List[dict], spec: TopologySpec) -> dict:
     """``mesh_mean`` (per structure), ``mesh_foreground_mean`` and ``mesh_topology_mean`` over cases."""
     structures = list(spec.mesh_structures)
     keys = ["Dice", "Chamfer_mm", "HD95_mm", "laplacian_energy_mm2", "volume_mm3", "volume_ref_mm3"]
-    def defined(values):
-        return [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    per = {s: {k: defined([c["mesh_metrics"][s][k] for c in cases if s in c["mesh_metrics"]]) for k in keys}
+    per = {s: {k: mean_and_count([c["mesh_metrics"][s][k] for c in cases if s in c["mesh_metrics"]]) for k in keys}
            for s in structures}
-    mean = {s: {k: nanmean(v) for k, v in d.items()} for s, d in per.items()}
-    mean_n = {s: {k: len(v) for k, v in d.items()} for s, d in per.items()}
+    mean = {s: {k: v[0] for k, v in d.items()} for s, d in per.items()}
+    mean_n = {s: {k: v[1] for k, v in d.items()} for s, d in per.items()}
     fg = {k: nanmean(mean[s][k] for s in structures) for k in keys}
     rules = sorted({r for c in cases for r in c["mesh_topology"]["TVS_per_rule"]})
-    tvs = defined([c["mesh_topology"]["TVS"] for c in cases])
-    topo = {"num_cases": len(cases), "TVS": nanmean(tvs), "TVS_num_cases": len(tvs),
+    tvs, tvs_n = mean_and_count([c["mesh_topology"]["TVS"] for c in cases])
+    topo = {"num_cases": len(cases), "TVS": tvs, "TVS_num_cases": tvs_n,
             "grid_mm": sorted({c["mesh_topology"].get("grid_mm") for c in cases} - {None}),
             "TVS_per_rule": {r: nanmean(c["mesh_topology"]["TVS_per_rule"].get(r) for c in cases) for r in rules}}
     return {"mesh_mean": mean, "mesh_mean_num_cases": mean_n, "mesh_foreground_mean": fg,

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Iterable, Union
+from typing import Iterable, Tuple, Union
 
 import numpy as np
 
-__all__ = ["EvaluationError", "ignore_label_of", "load_json_arg", "nanmean", "to_builtin"]
+__all__ = ["EvaluationError", "ignore_label_of", "load_json_arg", "mean_and_count", "nanmean", "to_builtin"]
 
 
 class EvaluationError(ValueError):
@@ -35,10 +35,15 @@ def to_builtin(x):
     return x
 
 
+def mean_and_count(values: Iterable) -> Tuple[float, int]:
+    """Mean over the values that are neither None nor NaN (NaN when none is left), and how many those were."""
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return (float(np.mean(vals)) if vals else math.nan), len(vals)
+
+
 def nanmean(values: Iterable) -> float:
     """Mean over the values that are neither None nor NaN; NaN when none is left."""
-    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return float(np.mean(vals)) if vals else math.nan
+    return mean_and_count(values)[0]
 
 
 def load_json_arg(x: Union[str, os.PathLike, dict], what: str) -> dict:

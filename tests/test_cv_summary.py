@@ -4,31 +4,17 @@ import math
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from nnunet_topo.cv_summary import CVSummaryError, format_cv_table, summarize_cv, summarize_cv_entry
 from nnunet_topo.evaluation import compute_topology_metrics_on_folder
+from test_evaluation import DJ as _DJ, TOPOLOGY, heart, write  # the same phantom and writer
 
-LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
-TOPOLOGY = {"rules": [{"type": "exclusion", "a": "LV", "b": "RV"},
-                      {"type": "inclusion", "inner": "LV", "outer": ["LV", "MYO"]}],
-            "betti": {"LV": [1, 0, 0]}}
-DJ = {"labels": LABELS, "file_ending": ".nii.gz", "channel_names": {"0": "MRI"}, "numTraining": 6,
-      "topology": TOPOLOGY}
+DJ = dict(_DJ, numTraining=6)
 DATASET = "Dataset042_Fake"
 MODEL = "nnUNetTrainerTPM__nnUNetPlans__3d_fullres"
 #: cases per fold (fold 1 has three, so that a mean of fold means differs from the pooled mean)
 pytestmark = pytest.mark.filterwarnings("ignore:.*holds only vacuously")
 SPLITS = {0: ["case_0", "case_1"], 1: ["case_2", "case_3", "case_4"], 2: ["case_5"]}
-
-
-def heart(shape=(6, 12, 16)):
-    """LV cube inside a MYO shell, RV cube beside it separated by the MYO wall."""
-    lab = np.zeros(shape, np.uint8)
-    lab[1:5, 2:10, 2:10] = 2
-    lab[2:4, 4:8, 4:8] = 3
-    lab[1:5, 2:10, 10:14] = 1
-    return lab
 
 
 def defect(i):
@@ -43,12 +29,6 @@ def defect(i):
     elif i == 4:
         p[0, 0:2, 0:2] = 1           # a spurious RV component
     return p
-
-
-def write(path, arr, spacing=(2.0, 1.0, 1.0)):
-    img = sitk.GetImageFromArray(arr)
-    img.SetSpacing(tuple(reversed(spacing)))
-    sitk.WriteImage(img, str(path))
 
 
 @pytest.fixture
