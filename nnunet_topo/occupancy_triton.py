@@ -104,6 +104,13 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 if triton is not None:
 
     @triton.jit
+    def _load3(base, idx, mask):
+        """The three coordinates of rows ``idx`` of a contiguous ``(rows, 3)`` float tensor at ``base`` (0 where
+        masked)."""
+        return (tl.load(base + idx * 3 + 0, mask=mask, other=0.0), tl.load(base + idx * 3 + 1, mask=mask, other=0.0),
+                tl.load(base + idx * 3 + 2, mask=mask, other=0.0))
+
+    @triton.jit
     def _atan2(y, x):
         """float32 ``atan2(y, x)``: octant reduction to ``|z| <= tan(pi/8)`` and Cephes' atanf polynomial."""
         ax = tl.abs(x)
@@ -135,21 +142,15 @@ if triton is not None:
         pb = p_ptr + b * N * 3
         vb = v_ptr + b * V * 3
         mb = m_ptr + b * V * 3
-        px = tl.load(pb + offs_n * 3 + 0, mask=mask_n, other=0.0)
-        py = tl.load(pb + offs_n * 3 + 1, mask=mask_n, other=0.0)
-        pz = tl.load(pb + offs_n * 3 + 2, mask=mask_n, other=0.0)
+        px, py, pz = _load3(pb, offs_n, mask_n)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         v_start = split * V_PER_SPLIT
         v_end = tl.minimum(V, v_start + V_PER_SPLIT)
         for v0 in range(v_start, v_end, BLOCK_V):
             offs_v = v0 + tl.arange(0, BLOCK_V)
             mask_v = offs_v < v_end
-            vx = tl.load(vb + offs_v * 3 + 0, mask=mask_v, other=0.0)
-            vy = tl.load(vb + offs_v * 3 + 1, mask=mask_v, other=0.0)
-            vz = tl.load(vb + offs_v * 3 + 2, mask=mask_v, other=0.0)
-            mx = tl.load(mb + offs_v * 3 + 0, mask=mask_v, other=0.0)
-            my = tl.load(mb + offs_v * 3 + 1, mask=mask_v, other=0.0)
-            mz = tl.load(mb + offs_v * 3 + 2, mask=mask_v, other=0.0)
+            vx, vy, vz = _load3(vb, offs_v, mask_v)
+            mx, my, mz = _load3(mb, offs_v, mask_v)
             dx = vx[None, :] - px[:, None]                             # (BLOCK_N, BLOCK_V)  vertex - point
             dy = vy[None, :] - py[:, None]
             dz = vz[None, :] - pz[:, None]
@@ -171,9 +172,7 @@ if triton is not None:
         pb = p_ptr + b * N * 3
         vb = v_ptr + b * V * 3
         mb = m_ptr + b * V * 3
-        px = tl.load(pb + offs_n * 3 + 0, mask=mask_n, other=0.0)
-        py = tl.load(pb + offs_n * 3 + 1, mask=mask_n, other=0.0)
-        pz = tl.load(pb + offs_n * 3 + 2, mask=mask_n, other=0.0)
+        px, py, pz = _load3(pb, offs_n, mask_n)
         g = tl.load(g_ptr + b * N + offs_n, mask=mask_n, other=0.0)
         ax = tl.zeros([BLOCK_N], dtype=tl.float32)
         ay = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -183,12 +182,8 @@ if triton is not None:
         for v0 in range(v_start, v_end, BLOCK_V):
             offs_v = v0 + tl.arange(0, BLOCK_V)
             mask_v = offs_v < v_end
-            vx = tl.load(vb + offs_v * 3 + 0, mask=mask_v, other=0.0)
-            vy = tl.load(vb + offs_v * 3 + 1, mask=mask_v, other=0.0)
-            vz = tl.load(vb + offs_v * 3 + 2, mask=mask_v, other=0.0)
-            mx = tl.load(mb + offs_v * 3 + 0, mask=mask_v, other=0.0)
-            my = tl.load(mb + offs_v * 3 + 1, mask=mask_v, other=0.0)
-            mz = tl.load(mb + offs_v * 3 + 2, mask=mask_v, other=0.0)
+            vx, vy, vz = _load3(vb, offs_v, mask_v)
+            mx, my, mz = _load3(mb, offs_v, mask_v)
             dx = vx[None, :] - px[:, None]
             dy = vy[None, :] - py[:, None]
             dz = vz[None, :] - pz[:, None]
@@ -221,12 +216,8 @@ if triton is not None:
         pb = p_ptr + b * N * 3
         vb = v_ptr + b * V * 3
         mb = m_ptr + b * V * 3
-        vx = tl.load(vb + offs_v * 3 + 0, mask=mask_v, other=0.0)
-        vy = tl.load(vb + offs_v * 3 + 1, mask=mask_v, other=0.0)
-        vz = tl.load(vb + offs_v * 3 + 2, mask=mask_v, other=0.0)
-        mx = tl.load(mb + offs_v * 3 + 0, mask=mask_v, other=0.0)
-        my = tl.load(mb + offs_v * 3 + 1, mask=mask_v, other=0.0)
-        mz = tl.load(mb + offs_v * 3 + 2, mask=mask_v, other=0.0)
+        vx, vy, vz = _load3(vb, offs_v, mask_v)
+        mx, my, mz = _load3(mb, offs_v, mask_v)
         gvx = tl.zeros([BLOCK_V], dtype=tl.float32)
         gvy = tl.zeros([BLOCK_V], dtype=tl.float32)
         gvz = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -238,9 +229,7 @@ if triton is not None:
         for n0 in range(n_start, n_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < n_end
-            px = tl.load(pb + offs_n * 3 + 0, mask=mask_n, other=0.0)
-            py = tl.load(pb + offs_n * 3 + 1, mask=mask_n, other=0.0)
-            pz = tl.load(pb + offs_n * 3 + 2, mask=mask_n, other=0.0)
+            px, py, pz = _load3(pb, offs_n, mask_n)
             g = tl.load(g_ptr + b * N + offs_n, mask=mask_n, other=0.0)   # 0 for masked points
             dx = vx[None, :] - px[:, None]                             # (BLOCK_N, BLOCK_V)
             dy = vy[None, :] - py[:, None]
@@ -279,9 +268,7 @@ if triton is not None:
         mask_n = offs_n < N
         pb = p_ptr + b * N * 3
         vb = v_ptr + b * V * 3
-        px = tl.load(pb + offs_n * 3 + 0, mask=mask_n, other=0.0)
-        py = tl.load(pb + offs_n * 3 + 1, mask=mask_n, other=0.0)
-        pz = tl.load(pb + offs_n * 3 + 2, mask=mask_n, other=0.0)
+        px, py, pz = _load3(pb, offs_n, mask_n)
         radius = tl.load(radius_ptr + b)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         f_start = split * F_PER_SPLIT
@@ -292,15 +279,9 @@ if triton is not None:
             i0 = tl.load(f_ptr + offs_f * 3 + 0, mask=mask_f, other=0)
             i1 = tl.load(f_ptr + offs_f * 3 + 1, mask=mask_f, other=0)
             i2 = tl.load(f_ptr + offs_f * 3 + 2, mask=mask_f, other=0)
-            ax_ = tl.load(vb + i0 * 3 + 0, mask=mask_f, other=0.0)
-            ay_ = tl.load(vb + i0 * 3 + 1, mask=mask_f, other=0.0)
-            az_ = tl.load(vb + i0 * 3 + 2, mask=mask_f, other=0.0)
-            bx_ = tl.load(vb + i1 * 3 + 0, mask=mask_f, other=0.0)
-            by_ = tl.load(vb + i1 * 3 + 1, mask=mask_f, other=0.0)
-            bz_ = tl.load(vb + i1 * 3 + 2, mask=mask_f, other=0.0)
-            cx_ = tl.load(vb + i2 * 3 + 0, mask=mask_f, other=0.0)
-            cy_ = tl.load(vb + i2 * 3 + 1, mask=mask_f, other=0.0)
-            cz_ = tl.load(vb + i2 * 3 + 2, mask=mask_f, other=0.0)
+            ax_, ay_, az_ = _load3(vb, i0, mask_f)
+            bx_, by_, bz_ = _load3(vb, i1, mask_f)
+            cx_, cy_, cz_ = _load3(vb, i2, mask_f)
             # Per-face quantities, as in the torch kernel: N = (B - A) x (C - A), squared edge lengths.
             ux = bx_ - ax_
             uy = by_ - ay_
