@@ -3,8 +3,9 @@
 :func:`templates_from_label_maps` turns the preprocessed segmentations of a dataset into one template per mesh
 structure, in the normalised frame of the training patch:
 
-1. each label map is centre-padded to the patch size exactly as nnU-Net's data loader places a case smaller than
-   the patch (:func:`nnunet_topo.patches.center_pad_to`: ``need // 2`` before);
+1. each case is cut to the patch-size window centred on the box of its mesh structures (:func:`roi_crops`, the
+   heart ROI of DESIGN §7; the ROI data loader shifts training patches at random around that same centre), one
+   case at a time, so only the crops are held in memory;
 2. mask = ``isin(seg, structure ids)``; every mask is shifted by whole voxels so that its centroid lies on the mean
    centroid (:func:`align_centroids`, the "mean aligned mask");
 3. :func:`~nnunet_topo.mesh_head.templates.template_from_masks` (genus of most masks; genus 0: isosurface of the
@@ -15,17 +16,18 @@ Plain numpy/torch (no nnU-Net import); the trainers load the cases and call this
 """
 from __future__ import annotations
 
-from typing import Callable, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..meshes import index_to_normalized
 from ..metrics.topology import betti_numbers_3d
-from ..patches import center_pad_to, check_whole_volume_in_patch
+from ..patches import center_pad_to
+from ..roi import Box, box_fits, centered_window_start, crop_to_window, structure_box
 from .network import TEMPLATES_KEY
 from .templates import Template, _orient_outward, sphere_template, template_from_masks
 
-__all__ = ["TemplateBuildError", "align_centroids", "ellipsoid_template", "training_templates",
+__all__ = ["TemplateBuildError", "align_centroids", "ellipsoid_template", "roi_crops", "training_templates",
            "templates_from_label_maps"]
 
 
@@ -105,22 +107,49 @@ def templates_from_label_maps(label_maps: Sequence[np.ndarray], structures: Mapp
     return templates
 
 
+def roi_crops(cases: Iterable[Tuple[str, np.ndarray]], label_ids: Sequence[int], patch_size: Sequence[int],
+              who: str = "mesh trainer", configuration: str = "") -> Tuple[List[Tuple[str, np.ndarray]],
+                                                                           Dict[str, Optional[Box]]]:
+    """``([(identifier, patch-size crop)], {identifier: box or None})`` from streamed ``(identifier, (Z, Y, X) label
+    map)`` cases: each crop is the ``patch_size`` window centred on the box of the voxels with ``label_ids`` (the
+    union of the mesh structures), padded with 0 where it reaches outside the case; cases without those labels get
+    box None and no crop. Only the crops are kept, so memory is bounded by the patch, not by the case size.
+
+    Raises ``RuntimeError`` naming the cases whose mesh structures span more than the patch, or when no case has
+    any of them."""
+    patch = [int(p) for p in patch_size]
+    crops, boxes, too_big = [], {}, []
+    for key, seg in cases:
+        seg = np.asarray(seg)
+        box = structure_box(seg, label_ids)
+        boxes[key] = box
+        if box is not None and not box_fits(box, patch):
+            too_big.append((key, [h - lo for lo, h in zip(*box)]))
+        elif box is not None:
+            crops.append((key, crop_to_window(seg, centered_window_start(box, patch), patch, fill=0)))
+        del seg
+    if too_big:
+        raise RuntimeError(
+            f"{who}: a mesh describes a whole structure, so the mesh structures of every case must fit in the patch "
+            f"{patch} of configuration {configuration!r}, but they span more voxels in {len(too_big)} case(s), e.g. "
+            f"{too_big[:3]}. Plan a mesh configuration whose patch holds the heart ROI (nnUNetv2_topo_plan_mesh -d "
+            "ID, then nnUNetv2_preprocess and nnUNetv2_train with the configuration and plans it prints).")
+    if not crops:
+        raise RuntimeError(f"{who}: none of the {len(boxes)} preprocessed case(s) contains the mesh structures "
+                           f"(labels {list(label_ids)}); check the topology block's mesh_structures")
+    return crops, boxes
+
+
 def training_templates(cases: Sequence[tuple], structures: Mapping[str, Sequence[int]], patch_size: Sequence[int],
                        spacing: Optional[Sequence[float]], stored: Optional[List[Template]], subdivisions: int = 3,
-                       torus_sections: Sequence[int] = (32, 16), log: Callable[[str], None] = lambda msg: None,
-                       who: str = "mesh trainer", configuration: str = "") -> List[Template]:
+                       torus_sections: Sequence[int] = (32, 16), log: Callable[[str], None] = lambda msg: None) \
+        -> List[Template]:
     """The templates of a mesh trainer: ``stored`` ones (a run being continued) if given, else built from the
-    ``(identifier, (Z, Y, X) label map)`` ``cases`` by :func:`templates_from_label_maps`.
+    ``(identifier, (Z, Y, X) label map)`` ``cases`` (patch-size ROI crops, :func:`roi_crops`) by
+    :func:`templates_from_label_maps`.
 
-    Raises ``RuntimeError`` with the fix when a case does not fit in the patch (a mesh describes a whole structure)
-    or the stored templates are for other structures than ``structures``."""
+    Raises ``RuntimeError`` with the fix when the stored templates are for other structures than ``structures``."""
     patch = [int(p) for p in patch_size]
-    check_whole_volume_in_patch(
-        [(k, np.shape(s)) for k, s in cases], patch,
-        reason=f"{who}: a mesh describes a whole structure, so every case must fit in the patch of configuration "
-               f"{configuration!r}",
-        advice="Train a configuration whose patch covers the preprocessed volume (e.g. 3d_lowres, or plans with a "
-               "larger patch_size), or crop the images to the structures first.")
     if stored is not None:
         log(f"mesh templates reused from the plans: {[t.name for t in stored]}")
         templates = stored

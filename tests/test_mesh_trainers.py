@@ -223,9 +223,24 @@ def test_build_network_architecture_without_templates_is_a_clear_error(pre, env)
         nnUNetTrainerMesh.build_network_architecture(PlansManager(_load(pre, PLANS_BIG + ".json")), cm, 1, 4, False)
 
 
-def test_patch_smaller_than_a_case_is_a_clear_error(pre, env):
-    with pytest.raises(RuntimeError, match=r"patch size .*\[10, 40, 40\].*3d_lowres"):
-        _trainer("nnUNetTrainerMesh", plans="nnUNetPlans")
+def test_patch_smaller_than_a_case_is_fine_but_not_smaller_than_its_structures(pre, env):
+    """The heart ROI (DESIGN §7): a case may be larger than the patch as long as its mesh structures fit; the
+    loader then places every patch on them. Structures larger than the patch are a clear error naming a case."""
+    from nnunet_topo.plans import preprocessed_cases
+    from nnunet_topo.roi import structure_box
+
+    tr = _trainer("nnUNetTrainerMesh", plans="nnUNetPlans")  # patch (10, 40, 40) < some cases (11 x 42 x 42)
+    assert len(tr.mesh_boxes) == 6 and all(b is not None for b in tr.mesh_boxes.values())
+    k, _, seg = next(iter(preprocessed_cases(tr.preprocessed_dataset_folder)))
+    assert tr.mesh_boxes[k] == structure_box(np.asarray(seg[0]), [1, 2, 3])
+    plans = _load(pre, "nnUNetPlans.json")
+    plans["plans_name"] = "nnUNetPlansTinyPatch"
+    plans["configurations"]["3d_fullres"]["patch_size"] = [4, 16, 16]
+    with open(os.path.join(pre, "nnUNetPlansTinyPatch.json"), "w") as f:
+        json.dump(plans, f)
+    with pytest.raises(RuntimeError, match=r"mesh structures of every case must fit in the patch \[4, 16, 16\].*"
+                                           r"nnUNetv2_topo_plan_mesh"):
+        _trainer("nnUNetTrainerMesh", plans="nnUNetPlansTinyPatch")
 
 
 def test_missing_mesh_structures_is_a_clear_error(pre, env):

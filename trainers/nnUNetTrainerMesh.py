@@ -22,11 +22,12 @@ from nnunet_topo.losses.mesh_terms import (MeshLossComputer, MeshTerm, default_s
                                            template_edge_lengths)
 from nnunet_topo.losses.tpm import TPMLoss
 from nnunet_topo.lr_schedule import GroupPolyLRScheduler
-from nnunet_topo.mesh_head.label_templates import training_templates
+from nnunet_topo.mesh_head.label_templates import roi_crops, training_templates
 from nnunet_topo.mesh_head.network import (TEMPLATES_KEY, head_settings, mesh_network_from_configuration,
                                            store_in_configuration, stored_templates, unwrap_network)
 from nnunet_topo.mesh_head.templates import Template
 from nnunet_topo.plans import preprocessed_cases, saved_configuration
+from nnunet_topo.roi_loader import roi_data_loaders
 from nnunet_topo.rules import TopologySpecError
 from nnunet_topo.trainers.nnUNetTrainerTopoBase import nnUNetTrainerTopoBase
 
@@ -82,13 +83,19 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
         if len(patch) != 3:
             raise RuntimeError(f"{self.__class__.__name__} needs a 3D configuration (mesh structures are closed "
                                f"surfaces), but {self.configuration_name!r} has patch size {patch}.")
-        # all cases, not the fold's split: every fold of a model folder shares one plans.json
-        cases = [(k, np.asarray(seg[0])) for k, _, seg in preprocessed_cases(self.preprocessed_dataset_folder)]
         structures = {n: self.topology_spec.mesh_structures[n].label_ids for n in self.mesh_names}
-        templates = training_templates(cases, structures, patch, self.patch_spacing(), self._stored_templates(),
+        self.mesh_label_ids = sorted({int(i) for ids in structures.values() for i in ids})
+        # all cases, not the fold's split (every fold of a model folder shares one plans.json), streamed: only the
+        # patch-size ROI crops are kept; the boxes place the training patches (nnunet_topo/roi_loader.py)
+        crops, self.mesh_boxes = roi_crops(((k, seg[0]) for k, _, seg in preprocessed_cases(
+            self.preprocessed_dataset_folder)), self.mesh_label_ids, patch, self.__class__.__name__,
+            self.configuration_name)
+        # templates of the model folder's plans.json (a run being continued), else of the given plans, else built
+        stored = stored_templates(saved_configuration(self.output_folder_base, self.configuration_name),
+                                  self.configuration_manager.configuration)
+        templates = training_templates(crops, structures, patch, self.patch_spacing(), stored,
                                        self.template_subdivisions, self.template_torus_sections,
-                                       log=self.print_to_log_file, who=self.__class__.__name__,
-                                       configuration=self.configuration_name)
+                                       log=self.print_to_log_file)
         channels = [self.topology_spec.mesh_structures[n].label_ids for n in self.mesh_names]  # = label ids
         head = head_settings(self.head_kwargs, self.head_decoder_stages,
                              channels if self.segmentation_guided_placement else None)
@@ -97,10 +104,10 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
             store_in_configuration(conf, templates, head)
         self.mesh_templates: List[Template] = templates
 
-    def _stored_templates(self) -> Optional[List[Template]]:
-        """Templates of the model folder's plans.json (a run being continued), else of the given plans, else None."""
-        return stored_templates(saved_configuration(self.output_folder_base, self.configuration_name),
-                                self.configuration_manager.configuration)
+    def get_dataloaders(self):
+        """nnU-Net's loaders, with training and validation patches placed on the mesh structures (the heart ROI)."""
+        with roi_data_loaders(self.mesh_boxes, self.mesh_label_ids):
+            return super().get_dataloaders()
 
     def print_plans(self):
         # nnU-Net prints the whole configuration dict; the template vertex/face lists would flood the log.
