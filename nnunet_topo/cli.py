@@ -46,6 +46,11 @@ def make_synthetic_entry(argv: Optional[Sequence[str]] = None) -> None:
                         help="volume shape in voxels (default: the preset's)")
     parser.add_argument("--name", default=None, help="dataset name (default SynthACDC / SynthWholeHeart)")
     parser.add_argument("--oblique", action="store_true", help="random non-identity image directions")
+    parser.add_argument("--canvas", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                        help="place each heart off-centre in a larger image of this size (CT-like cases much larger "
+                             "than the heart)")
+    parser.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                        help="voxel size in mm for every case instead of the preset's random one")
     parser.add_argument("-o", "--raw_root", default=None, help="folder to write into (default: $nnUNet_raw)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this ID")
     args = parser.parse_args(argv)
@@ -56,7 +61,8 @@ def make_synthetic_entry(argv: Optional[Sequence[str]] = None) -> None:
         path = synthetic.write_dataset(raw_root, args.dataset_id, preset=args.preset, num_training=args.num_training,
                                        num_test=args.num_test, seed=args.seed,
                                        shape=tuple(args.shape) if args.shape else None, name=args.name,
-                                       oblique=args.oblique, overwrite=args.overwrite)
+                                       oblique=args.oblique, overwrite=args.overwrite, canvas=args.canvas,
+                                       spacing=args.spacing)
     except (ValueError, FileExistsError) as e:
         _fail(str(e))
     print(f"wrote {path}")

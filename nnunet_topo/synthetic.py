@@ -52,6 +52,7 @@ __all__ = [
     "PlantedDefect",
     "DEFECT_KINDS",
     "make_phantom",
+    "embed_phantom",
     "topology_block",
     "labels_for",
     "rule_name",
@@ -1130,10 +1131,47 @@ def _is_ours(folder: pathlib.Path) -> bool:
         return False
 
 
+def embed_phantom(ph: Phantom, canvas: Sequence[int], rng: SeedLike,
+                  spacing: Optional[Sequence[float]] = None) -> Phantom:
+    """The phantom placed off-centre in a larger ``canvas`` ``(Z, Y, X)`` (an image much larger than the heart, as
+    a CT scan is): the heart block goes at a random offset in one corner region (the low third of every axis's free
+    room, or the high third, per axis at random), the rest is background with the phantom's background intensity
+    statistics (median and standard deviation of its label-0 voxels, Gaussian noise); label 0 outside. ``spacing``
+    ``(z, y, x)`` mm replaces the phantom's voxel size (the arrays are unchanged; e.g. a coarse middle axis gives
+    nnU-Net a non-identity ``transpose_forward``). The origin is moved so the heart stays where it was in world
+    space (up to the new spacing)."""
+    rng = _rng(rng)
+    canvas = tuple(int(c) for c in canvas)
+    shape = ph.label.shape
+    if len(canvas) != 3 or any(c < s for c, s in zip(canvas, shape)):
+        raise ValueError(f"canvas {list(canvas)} must be 3 sizes >= the phantom's shape {list(shape)}")
+    offset = []
+    for c, s in zip(canvas, shape):
+        room = c - s
+        third = room // 3
+        lo = int(rng.integers(0, third + 1))
+        offset.append(lo if rng.random() < 0.5 else room - lo)
+    bg = ph.image[ph.label == 0]
+    med, sd = (float(np.median(bg)), float(np.std(bg))) if bg.size else (0.0, 1.0)
+    image = (med + sd * rng.standard_normal(canvas)).astype(np.float32)
+    label = np.zeros(canvas, np.uint8)
+    sl = tuple(slice(o, o + s) for o, s in zip(offset, shape))
+    image[sl] = ph.image
+    label[sl] = ph.label
+    sp = tuple(float(v) for v in (ph.spacing if spacing is None else spacing))
+    d = np.asarray(ph.direction, float).reshape(3, 3)
+    shift_xyz = np.asarray(offset[::-1], float) * np.asarray(sp[::-1])
+    origin = tuple(float(v) for v in np.asarray(ph.origin, float) - d @ shift_xyz)
+    params = dict(ph.params, canvas=list(canvas), heart_offset=offset)
+    return Phantom(image=image, label=label, spacing=sp, origin=origin, direction=ph.direction,  # type: ignore
+                   preset=ph.preset, labels=dict(ph.labels), params=params)
+
+
 def write_dataset(raw_root: Union[str, os.PathLike], dataset_id: int, preset: str = "acdc",
                   num_training: int = 10, num_test: int = 4, seed: int = 0,
                   shape: Optional[Sequence[int]] = None, name: Optional[str] = None, oblique: bool = False,
-                  overwrite: bool = False) -> pathlib.Path:
+                  overwrite: bool = False, canvas: Optional[Sequence[int]] = None,
+                  spacing: Optional[Sequence[float]] = None) -> pathlib.Path:
     """Write a synthetic nnU-Net v2 raw dataset ``raw_root/Dataset{ID:03d}_{name}/``.
 
     Layout: ``imagesTr/{case}_0000.nii.gz``, ``labelsTr/{case}.nii.gz``, ``imagesTs/``, ``labelsTs/`` (test
@@ -1153,6 +1191,9 @@ def write_dataset(raw_root: Union[str, os.PathLike], dataset_id: int, preset: st
         shape: ``(Z, Y, X)`` of every case (default: the preset's default shape).
         name: dataset name (default ``SynthACDC`` / ``SynthWholeHeart``); letters, digits, ``-`` and ``_``.
         oblique: give every case a random non-identity direction matrix.
+        canvas: ``(Z, Y, X)``: place each phantom off-centre in an image of this size (:func:`embed_phantom`;
+            CT-like cases much larger than the heart).
+        spacing: ``(z, y, x)`` mm for every case instead of the preset's random voxel size.
         overwrite: replace an existing dataset with this ID, if it was written by this function (its
             dataset.json carries the ``"nnunet_topo_synthetic"`` marker). Nothing else is ever deleted.
 
@@ -1208,7 +1249,10 @@ def write_dataset(raw_root: Union[str, os.PathLike], dataset_id: int, preset: st
         cases = []
         for i in range(num_training + num_test):
             case = f"{p.case_prefix}_{i:03d}"
-            ph = make_phantom(p.name, np.random.default_rng((int(seed), i)), shp, oblique=oblique)
+            rng = np.random.default_rng((int(seed), i))
+            ph = make_phantom(p.name, rng, shp, oblique=oblique)
+            if canvas is not None or spacing is not None:
+                ph = embed_phantom(ph, shp if canvas is None else canvas, rng, spacing)
             split = "Tr" if i < num_training else "Ts"
             save_phantom(ph, tmp / f"images{split}" / f"{case}_0000.nii.gz", tmp / f"labels{split}" / f"{case}.nii.gz")
             cases.append(case)
@@ -1225,6 +1269,8 @@ def write_dataset(raw_root: Union[str, os.PathLike], dataset_id: int, preset: st
             "overwrite_image_reader_writer": "SimpleITKIO",
             "topology": topology_block(p.name),
             _MARKER_KEY: {"preset": p.name, "seed": int(seed), "shape": list(shp), "oblique": bool(oblique),
+                          "canvas": None if canvas is None else [int(c) for c in canvas],
+                          "spacing": None if spacing is None else [float(v) for v in spacing],
                           "training_cases": cases[:num_training], "test_cases": cases[num_training:]},
         }
         with open(tmp / "dataset.json", "w", encoding="utf-8") as f:

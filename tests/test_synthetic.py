@@ -499,3 +499,31 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="too small"):
         syn.write_dataset(tmp_path, 1, shape=(3, 10, 10))
     assert list(pathlib.Path(tmp_path).iterdir()) == []  # nothing written on bad arguments
+
+
+def test_embedded_phantom_keeps_the_heart_in_world_space(tmp_path):
+    """--canvas: the heart sits off-centre in a much larger image; same voxels, same world position, label 0 around."""
+    import SimpleITK as sitk
+
+    from nnunet_topo.synthetic import embed_phantom, make_phantom, write_dataset
+
+    ph = make_phantom("wholeheart", 3, (32, 40, 40), oblique=True)
+    big = embed_phantom(ph, (64, 96, 80), 5)
+    off = big.params["heart_offset"]
+    sl = tuple(slice(o, o + s) for o, s in zip(off, ph.label.shape))
+    np.testing.assert_array_equal(big.label[sl], ph.label)
+    assert big.label.sum() == ph.label.sum() and big.image.shape == (64, 96, 80)
+    # the heart block is in a corner region: within the outer thirds of the free room on every axis
+    for o, c, s in zip(off, big.label.shape, ph.label.shape):
+        assert o <= (c - s) // 3 or o >= (c - s) - (c - s) // 3
+
+    def world(p, idx):
+        img = sitk.Image(p.label.shape[::-1], sitk.sitkUInt8)
+        img.SetSpacing(p.spacing[::-1]), img.SetOrigin(p.origin), img.SetDirection(p.direction)
+        return np.asarray(img.TransformContinuousIndexToPhysicalPoint([float(v) for v in idx[::-1]]))
+
+    np.testing.assert_allclose(world(big, np.asarray(off) + 3.0), world(ph, np.asarray([3.0, 3.0, 3.0])), atol=1e-6)
+    folder = write_dataset(tmp_path, 7, "wholeheart", num_training=5, num_test=0, shape=(32, 40, 40),
+                           canvas=(48, 64, 56), spacing=(1.0, 2.0, 1.0))
+    img = sitk.ReadImage(str(sorted((folder / "labelsTr").iterdir())[0]))
+    assert img.GetSize() == (56, 64, 48) and img.GetSpacing() == (1.0, 2.0, 1.0)
