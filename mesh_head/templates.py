@@ -252,6 +252,15 @@ def torus_template(
 # ----------------------------------------------------------------------------------------------
 
 
+def _soft_mean(masks: Sequence[np.ndarray]) -> np.ndarray:
+    """Fraction of the masks containing each voxel (float32), accumulated mask by mask: memory of two volumes, not
+    of all masks stacked (20 CT-size crops would need GBs)."""
+    total = np.zeros(np.shape(masks[0]), np.float32)
+    for m in masks:
+        total += np.asarray(m) != 0
+    return total / np.float32(len(masks))
+
+
 def _mean_mask(masks: Sequence[np.ndarray]) -> np.ndarray:
     if len(masks) == 0:
         raise ValueError("template_from_masks needs at least one mask.")
@@ -265,8 +274,7 @@ def _mean_mask(masks: Sequence[np.ndarray]) -> np.ndarray:
                 f"all masks must have the same shape (crop/resample them to the patch first); mask 0 "
                 f"has {shape}, mask {k} has {a.shape}."
             )
-    mean = np.mean(np.stack(arrs, 0).astype(np.float32), axis=0)
-    return mean >= 0.5
+    return _soft_mean(arrs) >= 0.5
 
 
 def _shrink_wrap_sphere(mask: np.ndarray, subdivisions: int, name: str) -> np.ndarray:
@@ -458,7 +466,7 @@ def template_from_masks(
     sp = (1.0, 1.0, 1.0) if spacing is None else tuple(float(x) for x in spacing)
     genus = _majority_genus(masks, name)
     if genus == 0:
-        soft = np.mean(np.stack([np.asarray(m) != 0 for m in masks]).astype(np.float32), axis=0)
+        soft = _soft_mean(masks)
         sigma = 0.5 * min(sp) if iso_smoothing_mm is None else float(iso_smoothing_mm)
         try:
             v_zyx, f = _isosurface_genus0(soft, sp, 10 * 4 ** int(subdivisions) + 2, sigma, name)
