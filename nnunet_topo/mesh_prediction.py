@@ -1,22 +1,37 @@
-"""Mesh prediction with a trained mesh model: one surface file per structure, in patient coordinates.
+"""Mesh prediction with a trained mesh model on the heart ROI: one surface file per structure, in patient coordinates.
 
-DESIGN §7 "Export": the mesh head of :class:`nnunet_topo.mesh_head.network.MeshAugmentedNetwork` predicts
-vertices in the normalised ``grid_sample`` frame of its input, i.e. of nnU-Net's *preprocessed* array
-(transposed by the plans' ``transpose_forward``, cropped to ``bbox_used_for_cropping``, resampled to the
-configuration's spacing), padded here to the network's stride. This module maps them back through each of
-those steps to the continuous index of the original image and then to world coordinates (mm, ITK/LPS) with
-:class:`nnunet_topo.meshes.ImageGeometry`, and writes ``CASE_<structure>.<ext>`` files plus ``meshes.json``.
+DESIGN §7 ("Where the mesh fits: the heart ROI", "Export"). A mesh describes a whole structure, and the head was
+trained on patch-size windows centred on the mesh structures, so at inference it sees the same window. Per case,
+:func:`predict_meshes_folder`
+
+1. runs nnU-Net's sliding-window prediction of the whole preprocessed case with the same model
+   (``nnUNetPredictor.predict_logits_from_preprocessed_data``, ``nnUNetv2_predict``'s default settings) and writes
+   the segmentation exactly as ``nnUNetv2_predict`` does (``export_prediction_from_logits``, same file name);
+2. takes the label map in the preprocessed frame (argmax of those logits: nnU-Net's label before resampling) and the
+   box of the union of the mesh structures' labels (:func:`mesh_roi`, :func:`nnunet_topo.roi.structure_box`);
+3. cuts the patch-size window centred on that box (:func:`nnunet_topo.roi.centered_window_start`,
+   :func:`nnunet_topo.roi.crop_to_window`, filled with 0 outside the case as nnU-Net pads);
+4. runs network + head once on that crop (``forward_with_meshes``, :func:`predict_meshes_in_roi`) and maps the
+   vertices back to world coordinates.
+
+A case whose predicted mesh structures span more voxels than the patch (:class:`RoiDoesNotFitError`) or that has
+none of them (:class:`EmptyPredictionError`) gets no mesh and a clear message; its segmentation is still written.
+A mesh is never fitted to a rescaled view of the case.
 
 Frames (see ``documentation/meshes.md`` and ``documentation/mesh_output.md``):
 
-* normalised ``(x, y, z)`` in ``[-1, 1]`` of the *padded* network input (``align_corners=True``)
-  -> padded preprocessed index ``(z, y, x)`` (:func:`nnunet_topo.meshes.normalized_to_index`)
-  -> preprocessed index (minus the padding before the data)
-  -> original image index (:func:`preprocessed_to_original_index`: undo resampling, add the crop offset,
-  undo the transpose) -> world (:func:`nnunet_topo.meshes.index_to_world`).
+* normalised crop frame: ``(x, y, z)`` in ``[-1, 1]`` of the ``(1, C, *patch_size)`` network input (the
+  ``grid_sample`` frame, ``align_corners=True``; what the head predicts)
+  -> crop index ``(z, y, x)`` (:func:`nnunet_topo.meshes.normalized_to_index` with the patch size)
+  -> preprocessed index (``+ roi.start``; the window may reach outside the array, the map is the same)
+  -> original image index (:func:`preprocessed_to_original_index`: undo resampling, add nnU-Net's crop offset
+  ``bbox_used_for_cropping``, undo ``transpose_forward``)
+  -> world ``(x, y, z)`` mm, ITK/LPS (:func:`nnunet_topo.meshes.index_to_world` with
+  :meth:`nnunet_topo.meshes.ImageGeometry.from_nnunet_properties`).
 
 nnU-Net's preprocessing order is transpose -> crop -> resample (``DefaultPreprocessor.run_case_npy``), so the
-crop bounding box and ``shape_after_cropping_and_before_resampling`` are in the *transposed* axis order.
+crop bounding box, ``shape_after_cropping_and_before_resampling`` and the ROI (start, size, box) are in the
+*transposed* axis order.
 
 nnU-Net glue (``nnunetv2`` is imported inside the functions that need it); :func:`predict_meshes_entry` is the
 console script ``nnUNetv2_topo_predict_meshes``.
@@ -29,6 +44,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -38,23 +54,69 @@ from torch import nn
 
 from nnunet_topo.meshes import SUPPORTED_MESH_EXTENSIONS, ImageGeometry, export_mesh, index_to_world, \
     normalized_to_index
+from nnunet_topo.roi import Box, RoiError, box_extent_mm, centered_window_start, check_box_fits, crop_to_window, \
+    structure_box
 
 __all__ = [
     "MeshPredictionError",
+    "NoMeshError",
+    "RoiDoesNotFitError",
+    "EmptyPredictionError",
+    "MeshRoi",
     "preprocessed_shape",
     "preprocessed_to_original_index",
-    "network_input_padding",
     "check_mesh_network",
+    "mesh_roi",
+    "predict_meshes_in_roi",
     "predict_meshes_case",
     "predict_meshes_folder",
     "predict_meshes_entry",
 ]
 
 NO_MESH_HEAD = "this model has no mesh head; train with nnUNetTrainerMesh/TPM/MIE"
+ROI_FRAME = ("preprocessed voxel index (z, y, x) after nnU-Net's transpose_forward, crop and resampling; "
+             "window [start, start + size), box [lo, hi) of the predicted mesh structures")
 
 
 class MeshPredictionError(ValueError):
     """Bad input to mesh prediction (folders, model without mesh head, broken meshes)."""
+
+
+class NoMeshError(MeshPredictionError):
+    """This case gets no mesh (its prediction does not allow one); :func:`predict_meshes_folder` records the message
+    in ``meshes.json`` and goes on with the other cases. ``box`` is the predicted structures' box (or None)."""
+
+    def __init__(self, message: str, box: Optional[Box] = None) -> None:
+        super().__init__(message)
+        self.box = box
+
+
+class RoiDoesNotFitError(NoMeshError):
+    """The predicted mesh structures of a case span more voxels than the patch the head sees."""
+
+
+class EmptyPredictionError(NoMeshError):
+    """The predicted segmentation of a case contains none of the mesh structures' labels."""
+
+
+@dataclass(frozen=True)
+class MeshRoi:
+    """The patch-size window the head runs on, in the preprocessed frame (transposed array order, voxels).
+
+    Attributes:
+        start: first voxel of the window per axis (may be negative or reach past the array: zero padding).
+        size: the window size = the configuration's patch size.
+        box: ``(lo, hi)`` half-open box of the predicted mesh structures (inside the window).
+    """
+
+    start: Tuple[int, ...]
+    size: Tuple[int, ...]
+    box: Box
+
+    def to_dict(self) -> dict:
+        """``{"start": [...], "size": [...], "box": [lo, hi]}`` (the ``roi`` entry of ``meshes.json``)."""
+        return {"start": [int(s) for s in self.start], "size": [int(s) for s in self.size],
+                "box": [[int(v) for v in self.box[0]], [int(v) for v in self.box[1]]]}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -122,22 +184,10 @@ def preprocessed_to_original_index(points_zyx: np.ndarray, properties: Mapping[s
     return original
 
 
+
 # ----------------------------------------------------------------------------------------------------
 # one case
 # ----------------------------------------------------------------------------------------------------
-
-def network_input_padding(shape_zyx: Sequence[int], strides: Sequence[int],
-                          patch_size: Optional[Sequence[int]] = None) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    """``(padded shape, padding before the data)``: each axis padded (centred) to at least ``patch_size`` and to a
-    multiple of the network's total stride."""
-    padded, before = [], []
-    for k, (s, m) in enumerate(zip(shape_zyx, strides)):
-        t = max(int(s), int(patch_size[k]) if patch_size is not None else 0)
-        t = int(math.ceil(t / int(m)) * int(m))
-        padded.append(t)
-        before.append((t - int(s)) // 2)
-    return tuple(padded), tuple(before)
-
 
 def check_mesh_network(network: nn.Module) -> nn.Module:
     """The :class:`MeshAugmentedNetwork` (``torch.compile`` unwrapped), or :class:`MeshPredictionError`."""
@@ -154,46 +204,116 @@ def _structure_names(net: nn.Module) -> List[str]:
     return [t.name for t in net.templates()]
 
 
-def predict_meshes_case(network: nn.Module, data: np.ndarray, properties: Mapping[str, Any], plans_manager,
-                        configuration_manager, device: str | torch.device = "cpu",
-                        case: str = "case") -> Dict[str, trimesh.Trimesh]:
-    """Run the mesh head once on one whole preprocessed case and return world meshes.
+def _check_structure_names(structures: Mapping[str, Sequence[int]], names: Sequence[str], where: str) -> None:
+    if set(structures) != set(names):
+        raise MeshPredictionError(
+            f"{where}: the mesh structures {list(structures)} are not the structures of the model's templates "
+            f"{list(names)}; pass the dataset's topology.mesh_structures of the dataset the model was trained on")
+
+
+def _fmt_mm(values: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:.1f}" for v in values) + "] mm"
+
+
+def mesh_roi(segmentation: np.ndarray, structures: Mapping[str, Sequence[int]], patch_size: Sequence[int],
+             spacing: Optional[Sequence[float]] = None, case: str = "case") -> MeshRoi:
+    """The patch-size window centred on the box of the union of the mesh structures in ``segmentation``.
+
+    Args:
+        segmentation: ``(Z, Y, X)`` (or ``(1, Z, Y, X)``) integer label map in nnU-Net's preprocessed frame (the
+            predicted labels before resampling; transposed order).
+        structures: ``{mesh structure name: label ids}``; the box is that of the voxels with any of the ids.
+        patch_size: the configuration's patch size (voxels, same axis order).
+        spacing: the configuration's spacing (mm, same order), only for the sizes in mm of the error message.
+        case: case name for messages.
+
+    Returns:
+        :class:`MeshRoi` with ``start = roi.centered_window_start(box, patch_size)``.
+
+    Raises:
+        EmptyPredictionError: none of the labels is predicted.
+        RoiDoesNotFitError: the box spans more voxels than ``patch_size`` on some axis (message: case, box size in
+            voxels and mm, patch in voxels and mm, what to do).
+    """
+    seg = np.asarray(segmentation)
+    if seg.ndim == 4 and seg.shape[0] == 1:
+        seg = seg[0]
+    patch = tuple(int(p) for p in patch_size)
+    if seg.ndim != len(patch):
+        raise MeshPredictionError(f"case {case}: segmentation of shape {seg.shape} does not match the "
+                                  f"{len(patch)}D patch {list(patch)}")
+    ids = sorted({int(i) for v in structures.values() for i in v})
+    if not ids:
+        raise MeshPredictionError(f"case {case}: no label ids for the mesh structures {list(structures)}")
+    desc = ", ".join(f"{n}: labels {sorted(int(i) for i in v)}" for n, v in structures.items())
+    box = structure_box(seg, ids)
+    if box is None:
+        raise EmptyPredictionError(
+            f"case {case}: empty prediction: the predicted segmentation contains none of the mesh structures' labels "
+            f"({desc}), so there is no heart ROI to run the mesh head on; no mesh is written")
+    mm = ""
+    if spacing is not None:
+        patch_mm = [p * float(s) for p, s in zip(patch, spacing)]
+        mm = (f" (at the configuration spacing {[round(float(s), 4) for s in spacing]}: the box spans "
+              f"{_fmt_mm(box_extent_mm(box, spacing))}, the patch {_fmt_mm(patch_mm)})")
+    try:
+        check_box_fits(box, patch, case, what="the predicted mesh structures",
+                       advice=f"Box {list(box[0])}..{list(box[1])} in the preprocessed frame{mm}. The mesh head "
+                              "sees one patch, so no mesh is written rather than a rescaled one. Either the "
+                              "prediction has spurious voxels of these labels far from the heart (check the "
+                              "segmentation), or the heart ROI of this case is larger than the model's: plan a mesh "
+                              "configuration with a larger patch or margin (nnUNetv2_topo_plan_mesh) and retrain")
+    except RoiError as e:
+        raise RoiDoesNotFitError(str(e), box) from e
+    return MeshRoi(centered_window_start(box, patch), patch, box)
+
+
+def predict_meshes_in_roi(network: nn.Module, data: np.ndarray, roi: MeshRoi, properties: Mapping[str, Any],
+                          plans_manager, configuration_manager, device: str | torch.device = "cpu",
+                          case: str = "case") -> Dict[str, trimesh.Trimesh]:
+    """Run network + head once on the ROI crop of one preprocessed case and return world meshes.
 
     Args:
         network: a :class:`MeshAugmentedNetwork` (weights loaded; put in eval mode here).
         data: ``(C, Z, Y, X)`` preprocessed image (``preprocessor.run_case``), transposed order.
-        properties: its nnU-Net data properties (with ``sitk_stuff`` or ``nibabel_stuff`` for the geometry).
-        plans_manager, configuration_manager: the model's managers (stride, patch size, transpose, spacing).
+        roi: the window (:func:`mesh_roi`); ``roi.size`` must be the configuration's patch size.
+        properties: nnU-Net data properties of the case (with ``sitk_stuff`` or ``nibabel_stuff`` for the geometry).
+        plans_manager, configuration_manager: the model's managers (patch size, stride, transpose, spacing).
         device: where to run the network.
         case: case name for error messages.
 
     Returns:
-        ``{structure name: trimesh.Trimesh}`` in world coordinates ``(x, y, z)`` mm, faces wound outward.
+        ``{structure name: trimesh.Trimesh}`` in world coordinates ``(x, y, z)`` mm, faces wound outward, in the
+        order of the network's templates.
 
     Raises:
-        MeshPredictionError: no mesh head; a mesh with NaN/inf vertices or zero volume (names case and structure).
+        MeshPredictionError: no mesh head; a patch that is not a multiple of the network's stride; a mesh with
+            NaN/inf vertices or zero volume (names case and structure).
     """
     net = check_mesh_network(network)
     data = np.asarray(data)
     if data.ndim != 4:
         raise MeshPredictionError(f"case {case}: expected preprocessed data (C, Z, Y, X), got shape {data.shape}")
-    geometry = ImageGeometry.from_nnunet_properties(properties)
+    patch = tuple(int(p) for p in configuration_manager.patch_size)
+    if tuple(int(s) for s in roi.size) != patch:
+        raise MeshPredictionError(f"case {case}: the ROI size {list(roi.size)} is not the patch size {list(patch)}")
     strides = np.prod(np.array(configuration_manager.pool_op_kernel_sizes), axis=0).astype(int).tolist()
+    if any(p % s for p, s in zip(patch, strides)):
+        raise MeshPredictionError(f"the patch size {list(patch)} is not a multiple of the network's total stride "
+                                  f"{strides}; check the plans")
+    geometry = ImageGeometry.from_nnunet_properties(properties)
     shape = tuple(int(s) for s in data.shape[1:])
-    padded, before = network_input_padding(shape, strides, configuration_manager.patch_size)
-    pads = []
-    for s, t, b in zip(shape, padded, before):
-        pads.append((b, t - s - b))
-    flat = [v for pb in reversed(pads) for v in pb]
+    crop = crop_to_window(data, roi.start, patch, fill=0)  # nnU-Net pads with 0 (data loader, sliding window)
     dev = torch.device(device)
-    x = torch.nn.functional.pad(torch.from_numpy(data.astype(np.float32, copy=False))[None], flat).to(dev)
-    network.eval()
+    x = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None].to(dev)
+    net.to(dev).eval()
     with torch.no_grad():
         _, verts = net.forward_with_meshes(x)
     names = _structure_names(net)
     if len(verts) != len(names):
         raise MeshPredictionError(f"case {case}: the mesh head returned {len(verts)} meshes for {len(names)} "
                                   "templates")
+    start = np.asarray(roi.start, dtype=np.float64)
     out: Dict[str, trimesh.Trimesh] = {}
     for s, (name, v) in enumerate(zip(names, verts)):
         v = v.detach().double().cpu().numpy()
@@ -201,7 +321,7 @@ def predict_meshes_case(network: nn.Module, data: np.ndarray, properties: Mappin
             v = v[0]
         if not np.all(np.isfinite(v)):
             raise MeshPredictionError(f"case {case}, structure {name!r}: the mesh head predicted NaN/inf vertices")
-        idx = normalized_to_index(v, padded) - np.asarray(before, dtype=np.float64)
+        idx = normalized_to_index(v, patch) + start  # crop index -> preprocessed index
         orig = preprocessed_to_original_index(idx, properties, plans_manager, configuration_manager, shape)
         world = index_to_world(orig, geometry)
         faces = net.mesh_head.template_faces(s).detach().cpu().numpy().astype(np.int64)
@@ -219,6 +339,54 @@ def predict_meshes_case(network: nn.Module, data: np.ndarray, properties: Mappin
     return out
 
 
+def predict_meshes_case(network: nn.Module, data: np.ndarray, properties: Mapping[str, Any], plans_manager,
+                        configuration_manager, segmentation: Optional[np.ndarray] = None,
+                        structures: Optional[Mapping[str, Sequence[int]]] = None,
+                        device: str | torch.device = "cpu", case: str = "case") -> Dict[str, trimesh.Trimesh]:
+    """Meshes of one preprocessed case: the heart ROI of ``segmentation`` (:func:`mesh_roi`), then network + head
+    once on that crop (:func:`predict_meshes_in_roi`).
+
+    Args:
+        network: a :class:`MeshAugmentedNetwork` (weights loaded).
+        data: ``(C, Z, Y, X)`` preprocessed image (``preprocessor.run_case``), transposed order.
+        properties: its nnU-Net data properties.
+        plans_manager, configuration_manager: the model's managers.
+        segmentation: ``(Z, Y, X)`` integer label map of the case in the same preprocessed frame (the prediction:
+            argmax of nnU-Net's logits). Required.
+        structures: ``{mesh structure name: label ids}`` for the network's templates (any order; the folder tool
+            reads it from the dataset's ``topology.mesh_structures``). Required.
+        device: where to run the network.
+        case: case name for messages.
+
+    Returns:
+        ``{structure name: trimesh.Trimesh}`` in world coordinates ``(x, y, z)`` mm, faces wound outward.
+
+    Raises:
+        TypeError: ``segmentation`` or ``structures`` missing.
+        EmptyPredictionError, RoiDoesNotFitError: the case gets no mesh (both are :class:`NoMeshError`).
+        MeshPredictionError: no mesh head; structures that are not the templates'; shapes that do not match; broken
+            meshes.
+    """
+    net = check_mesh_network(network)
+    if segmentation is None:
+        raise TypeError("predict_meshes_case needs segmentation=, the predicted (Z, Y, X) label map of the case in the "
+                        "preprocessed frame: the mesh head runs on the patch-size window centred on the predicted mesh "
+                        "structures (DESIGN §7), never on the whole case")
+    if structures is None:
+        raise TypeError("predict_meshes_case needs structures={mesh structure name: label ids}, e.g. "
+                        "{n: s.label_ids for n, s in nnunet_topo.rules.parse_topology(dataset_json)"
+                        ".mesh_structures.items()}")
+    _check_structure_names(structures, _structure_names(net), f"case {case}")
+    seg = np.asarray(segmentation)
+    seg_shape = seg.shape[1:] if seg.ndim == 4 and seg.shape[0] == 1 else seg.shape
+    if np.ndim(data) != 4 or tuple(seg_shape) != tuple(np.shape(data)[1:]):
+        raise MeshPredictionError(f"case {case}: segmentation of shape {seg.shape} does not match the preprocessed "
+                                  f"data (C, Z, Y, X) of shape {np.shape(data)}")
+    roi = mesh_roi(seg, structures, configuration_manager.patch_size, configuration_manager.spacing, case=case)
+    return predict_meshes_in_roi(network, data, roi, properties, plans_manager, configuration_manager, device=device,
+                                 case=case)
+
+
 # ----------------------------------------------------------------------------------------------------
 # folder
 # ----------------------------------------------------------------------------------------------------
@@ -231,21 +399,52 @@ def _check_format(file_format: str) -> str:
     return ext
 
 
+def _mesh_structures_of(dataset_json: Mapping, names: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
+    """``{name: label ids}`` of the dataset's ``topology.mesh_structures``, in the order of the templates ``names``."""
+    from nnunet_topo.rules import TopologySpecError, parse_topology
+
+    try:
+        mesh = parse_topology(dataset_json).mesh_structures
+    except TopologySpecError as e:
+        raise MeshPredictionError(f"the model's dataset.json: {e}") from e
+    if set(mesh) != set(names):
+        raise MeshPredictionError(
+            f"the model's templates are for the mesh structures {list(names)}, but its dataset.json's "
+            f"topology.mesh_structures are {list(mesh)}; the model folder's dataset.json must be the one it was "
+            "trained with")
+    return {n: tuple(int(i) for i in mesh[n].label_ids) for n in names}
+
+
 def predict_meshes_folder(model_folder: str, input_folder: str, output_folder: str, fold: str = "0",
                           checkpoint: str = "checkpoint_final.pth", file_format: str = ".vtk", device: str = "cuda",
                           overwrite: bool = False, show_progress: bool = True) -> dict:
-    """Predict meshes for every case of ``input_folder`` (nnU-Net raw images, ``CASE_0000.nii.gz``...).
+    """Segment and mesh every case of ``input_folder`` (nnU-Net raw images, ``CASE_0000.nii.gz``...).
 
-    Writes ``output_folder/CASE_<structure><ext>`` (world mm, LPS) and ``output_folder/meshes.json``::
+    Per case: nnU-Net's sliding-window prediction of the whole case with the model (``nnUNetPredictor`` with
+    ``nnUNetv2_predict``'s defaults: tile step 0.5, Gaussian weighting, mirroring along the checkpoint's
+    ``inference_allowed_mirroring_axes``, which the mesh trainers leave empty), the segmentation written as
+    ``output_folder/CASE<file_ending>`` exactly as ``nnUNetv2_predict`` writes it, then the heart ROI of the predicted
+    labels in the preprocessed frame and one forward of network + head on it (module docstring). Writes
+    ``output_folder/CASE_<structure><ext>`` (world mm, LPS) and ``output_folder/meshes.json``::
 
-        {"model_folder", "fold", "checkpoint", "format", "structures": [...],
-         "cases": {CASE: {"files": {structure: file name}, "seconds": s}}}
+        {"model_folder", "fold", "checkpoint", "format", "structures": [...], "frame", "roi_frame",
+         "cases": {CASE: {"files": {structure: file name}, "segmentation": file name,
+                          "roi": {"start": [...], "size": [...], "box": [lo, hi]}, "seconds": s}},
+         "cases_without_mesh": [CASE, ...]}
 
-    Never writes into ``input_folder``; refuses to replace an existing mesh file unless ``overwrite``.
+    A case whose predicted mesh structures do not fit the patch, or with none of them, gets no mesh files: a message
+    on stderr and ``"cases": {CASE: {"error": message, "files": {}, "segmentation": file name, "seconds": s}}``;
+    the other cases go on. Never writes into ``input_folder``; refuses, before any work, to replace an existing
+    mesh or segmentation file unless ``overwrite``.
+
+    Returns:
+        The ``meshes.json`` dict.
 
     Raises:
-        MeshPredictionError: folders missing/identical, no images, a model without mesh head, a broken mesh.
+        MeshPredictionError: folders missing/identical, no images, a model without mesh head, a region-based model,
+            templates that are not the dataset's mesh structures, existing outputs, a broken mesh.
     """
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
@@ -258,70 +457,124 @@ def predict_meshes_folder(model_folder: str, input_folder: str, output_folder: s
         raise MeshPredictionError("the output folder must differ from the input folder (inputs are never "
                                   "overwritten)")
     dev = torch.device(device)
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=dev,
-                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    # nnUNetv2_predict's defaults (perform_everything_on_device: nnU-Net turns it off on non-CUDA devices)
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                perform_everything_on_device=True, device=dev, verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(model_folder, (fold,), checkpoint_name=checkpoint)
     network = predictor.network
     net = check_mesh_network(network)
-    net.load_state_dict(predictor.list_of_parameters[0])
-    net.to(dev)
     plans_manager, cm, dj = predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
+    if predictor.label_manager.has_regions:
+        raise MeshPredictionError("this model is region-based (dataset.json 'regions_class_order'); the mesh trainers "
+                                  "do not support regions, so mesh prediction does not either")
+    names = _structure_names(net)
+    structures = _mesh_structures_of(dj, names)
     file_ending = dj["file_ending"]
     cases = create_lists_from_splitted_dataset_folder(input_folder, file_ending)
     if not cases:
         raise MeshPredictionError(f"no images ending in _0000{file_ending} in {input_folder}")
-    names = _structure_names(net)
+    case_names = [os.path.basename(files[0])[: -len(f"_0000{file_ending}")] for files in cases]
+    # refuse early, before any work, if a file would be overwritten
+    if not overwrite:
+        for name in case_names:
+            for fname in [f"{name}_{s}{ext}" for s in names] + [name + file_ending]:
+                p = os.path.join(output_folder, fname)
+                if os.path.exists(p):
+                    raise MeshPredictionError(f"{p} exists; pass --overwrite to replace it")
     os.makedirs(output_folder, exist_ok=True)
     preprocessor = cm.preprocessor_class(verbose=False)
     summary: dict = {"model_folder": os.path.abspath(model_folder), "fold": str(fold), "checkpoint": checkpoint,
                      "format": ext, "structures": names, "frame": "world (x, y, z) mm, ITK physical space (LPS)",
-                     "cases": {}}
-    # refuse early, before any work, if a file would be overwritten
-    case_names = [os.path.basename(files[0])[: -len(f"_0000{file_ending}")] for files in cases]
-    if not overwrite:
-        for name in case_names:
-            for s in names:
-                p = os.path.join(output_folder, f"{name}_{s}{ext}")
-                if os.path.exists(p):
-                    raise MeshPredictionError(f"{p} exists; pass --overwrite to replace it")
+                     "roi_frame": ROI_FRAME, "cases": {}, "cases_without_mesh": []}
     it = list(zip(case_names, cases))
     if show_progress:
         from tqdm import tqdm
-        it = tqdm(it, desc="predicting meshes")
+        it = tqdm(it, desc="predicting segmentations and meshes")
     for name, files in it:
         t0 = time.time()
         data, _, props = preprocessor.run_case(files, None, plans_manager, cm, dj)
-        meshes = predict_meshes_case(network, data, props, plans_manager, cm, device=dev, case=name)
+        # as nnUNetv2_predict (data iterator -> predict_from_data_iterator): all loaded folds averaged
+        x = torch.from_numpy(data).to(dtype=torch.float32, memory_format=torch.contiguous_format)
+        logits = predictor.predict_logits_from_preprocessed_data(x).cpu().detach().numpy()
+        seg_pre = predictor.label_manager.convert_logits_to_segmentation(logits)  # argmax, preprocessed frame
+        seg_file = name + file_ending
+        export_prediction_from_logits(logits, props, cm, plans_manager, dj, os.path.join(output_folder, name),
+                                      save_probabilities=False)
+        del logits
+        try:
+            roi = mesh_roi(seg_pre, structures, cm.patch_size, cm.spacing, case=name)
+        except NoMeshError as e:
+            print(f"no mesh: {e}", file=sys.stderr)
+            summary["cases"][name] = {"error": str(e), "files": {}, "segmentation": seg_file,
+                                      "seconds": round(time.time() - t0, 2)}
+            summary["cases_without_mesh"].append(name)
+            continue
+        # one entry per loaded fold; this tool loads one (-f), the head's fold ensemble is a later step
+        per_model = []
+        for params in predictor.list_of_parameters:
+            net.load_state_dict(params)
+            per_model.append(predict_meshes_in_roi(network, data, roi, props, plans_manager, cm, device=dev,
+                                                   case=name))
+        meshes = per_model[0]
         written = {}
         for s, mesh in meshes.items():
             fname = f"{name}_{s}{ext}"
             export_mesh(mesh, os.path.join(output_folder, fname), overwrite=overwrite)
             written[s] = fname
-        summary["cases"][name] = {"files": written, "seconds": round(time.time() - t0, 2)}
+        summary["cases"][name] = {"files": written, "segmentation": seg_file, "roi": roi.to_dict(),
+                                  "seconds": round(time.time() - t0, 2)}
     with open(os.path.join(output_folder, "meshes.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
 
 
+def _set_torch_threads_as_nnunet(device: str) -> None:
+    """``nnUNetv2_predict``'s thread settings (all CPU cores on the CPU, one thread next to a GPU)."""
+    if device == "cpu":
+        import multiprocessing
+
+        torch.set_num_threads(multiprocessing.cpu_count())
+    elif device == "cuda":
+        torch.set_num_threads(1)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set, or parallel work has started in this process
+            pass
+
+
 def predict_meshes_entry(argv: Optional[Sequence[str]] = None) -> None:
-    """Console script ``nnUNetv2_topo_predict_meshes`` (arguments as ``nnUNetv2_predict`` where they apply)."""
+    """Console script ``nnUNetv2_topo_predict_meshes`` (arguments as ``nnUNetv2_predict`` where they apply).
+
+    Exit codes: 0 all cases meshed; 1 everything written, but some cases got no mesh (listed on stderr and in
+    ``meshes.json``); 2 an error before or during the run (message on stderr)."""
     parser = argparse.ArgumentParser(
         prog="nnUNetv2_topo_predict_meshes",
-        description="Predict one surface mesh per mesh structure with a model trained with a mesh head "
-                    "(nnUNetTrainerMesh/TPM/MIE). Writes CASE_<structure>.<format> in patient coordinates "
-                    "(ITK/LPS mm, the image's origin, spacing and direction) and meshes.json to -o.")
+        description="Predict the segmentation (as nnUNetv2_predict) and one surface mesh per mesh structure with a "
+                    "model trained with a mesh head (nnUNetTrainerMesh/TPM/MIE). The head runs once on the "
+                    "patch-size heart ROI centred on the predicted mesh structures. Writes CASE<file_ending>, "
+                    "CASE_<structure>.<format> in patient coordinates (ITK/LPS mm, the image's origin, spacing and "
+                    "direction) and meshes.json to -o. Cases whose predicted structures do not fit the patch, or "
+                    "with none of them, get no mesh (exit code 1 at the end).")
     from nnunet_topo.cli import add_model_arguments, model_folder_from_args
 
-    add_model_arguments(parser, "nnUNetTrainerMesh", "output folder for the meshes (never -i)")
+    add_model_arguments(parser, "nnUNetTrainerMesh", "output folder for the segmentations and meshes (never -i)")
     parser.add_argument("--format", default="vtk", choices=[e[1:] for e in SUPPORTED_MESH_EXTENSIONS],
                         help="mesh file format (default vtk)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing mesh files in -o")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing mesh and segmentation files in -o")
     args = parser.parse_args(argv)
     try:
         model_folder = model_folder_from_args(args)
+        _set_torch_threads_as_nnunet(args.device)
         summary = predict_meshes_folder(model_folder, args.i, args.o, fold=args.f, checkpoint=args.chk,
                                         file_format=args.format, device=args.device, overwrite=args.overwrite)
     except (MeshPredictionError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    print(f"wrote meshes of {len(summary['cases'])} case(s) ({', '.join(summary['structures'])}) to {args.o}")
+    n, failed = len(summary["cases"]), summary["cases_without_mesh"]
+    print(f"wrote the segmentations of {n} case(s) and the meshes ({', '.join(summary['structures'])}) of "
+          f"{n - len(failed)} to {args.o}")
+    if failed:
+        print(f"error: {len(failed)} of {n} case(s) got no mesh: {', '.join(failed)} (reasons above and in "
+              f"{os.path.join(args.o, 'meshes.json')})", file=sys.stderr)
+        raise SystemExit(1)

@@ -182,7 +182,8 @@ def test_semi_supervised_betti_trainer(dataset, env, nnunet_dirs):
 
 def test_tpm_trainer_meshes_end_to_end(dataset, env, nnunet_dirs):
     """nnUNetTrainerTPM through nnUNetv2_train (plans whose patch covers the volume), nnUNetv2_predict,
-    nnUNetv2_topo_predict_meshes (closed meshes in patient coordinates) and the evaluator with --mesh_folder."""
+    nnUNetv2_topo_predict_meshes (closed meshes in patient coordinates, the ROI recorded, and a segmentation equal to
+    nnUNetv2_predict's) and the evaluator with --mesh_folder."""
     import trimesh
 
     run_cli([nnunet_cli("nnUNetv2_topo_plan_whole_volume"), "-d", str(DATASET_ID), "-c", "3d_fullres",
@@ -209,6 +210,27 @@ def test_tpm_trainer_meshes_end_to_end(dataset, env, nnunet_dirs):
     for f in files:
         m = read_mesh(f)
         assert isinstance(m, trimesh.Trimesh) and m.is_watertight and m.volume > 0
+    # the segmentation written next to the meshes is nnUNetv2_predict's, voxel for voxel and with its geometry; the
+    # head ran on the patch-size ROI that contains the predicted structures' box (preprocessed frame)
+    import numpy as np
+    import SimpleITK as sitk
+
+    listing = json.loads((meshes / "meshes.json").read_text())
+    patch = json.loads((out.parent / "plans.json").read_text())["configurations"]["3d_fullres"]["patch_size"]
+    assert listing["cases_without_mesh"] == [] and len(listing["cases"]) == 2
+    for case, entry in listing["cases"].items():
+        assert entry["segmentation"] == case + ".nii.gz" and set(entry["files"]) == {"LV_endo", "LV_epi", "RV"}
+        ours = sitk.ReadImage(str(meshes / entry["segmentation"]))
+        theirs = sitk.ReadImage(str(pred / (case + ".nii.gz")))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(theirs))
+        for get in ("GetOrigin", "GetSpacing", "GetDirection"):
+            np.testing.assert_allclose(getattr(ours, get)(), getattr(theirs, get)(), atol=1e-6)
+        roi = entry["roi"]
+        (lo, hi), start = roi["box"], roi["start"]
+        assert roi["size"] == patch and all(s <= a < b <= s + p for s, a, b, p in zip(start, lo, hi, patch)), roi
+    again = run_cli([nnunet_cli("nnUNetv2_topo_predict_meshes"), "-i", str(dataset / "imagesTs"), "-o", str(meshes),
+                     "--format", "vtk"] + common, env, check=False)
+    assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
 
     plans = next((nnunet_dirs["preprocessed"]).glob(f"Dataset{DATASET_ID}_*")) / "nnUNetPlansWholeVolume.json"
     proc = run_cli([nnunet_cli("nnUNetv2_topo_evaluate_folder"), str(dataset / "labelsTs"), str(pred),

@@ -14,9 +14,12 @@ import trimesh
 from nnunet_topo.meshes import ImageGeometry, index_to_normalized, index_to_world, mesh_from_mask, world_to_index
 from nnunet_topo.mesh_prediction import (
     NO_MESH_HEAD,
+    EmptyPredictionError,
     MeshPredictionError,
+    NoMeshError,
+    RoiDoesNotFitError,
     check_mesh_network,
-    network_input_padding,
+    mesh_roi,
     predict_meshes_case,
     predict_meshes_entry,
     predict_meshes_folder,
@@ -24,6 +27,7 @@ from nnunet_topo.mesh_prediction import (
     preprocessed_to_original_index,
 )
 from nnunet_topo.occupancy import winding_number
+from nnunet_topo.roi import centered_window_start, structure_box
 from nnunet_topo.synthetic import labels_for, write_dataset
 
 STRUCTURES = {"LV_endo": ["LV"], "LV_epi": ["LV", "MYO"], "RV": ["RV"]}
@@ -97,11 +101,6 @@ def test_preprocessed_to_original_index_synthetic():
     np.testing.assert_allclose(preprocessed_to_original_index(p, props, pm, cm, (10, 16, 16)), got)
     with pytest.raises(ValueError, match=r"\(N, 3\)"):
         preprocessed_to_original_index(np.zeros((3, 2)), props, pm, cm)
-
-
-def test_network_input_padding():
-    padded, before = network_input_padding((5, 30, 33), [2, 4, 4], [8, 32, 16])
-    assert padded == (8, 32, 36) and before == (1, 1, 1)
 
 
 # ------------------------------------------------------------------------------ nnU-Net round trip
@@ -214,7 +213,10 @@ def test_round_trip_lossy_resampling_is_unbiased(tmp_path, oblique):
         assert shift < 0.25 * min(geometry.spacing_xyz), (name, shift)
 
 
-# ------------------------------------------------------------------------------ prediction core
+# ------------------------------------------------------------------------------ prediction core: the heart ROI
+
+ROI_PATCH = [48, 16, 40]  # holds the structures' box (32, 10, 34) of _case with FINE plans; multiple of the stride
+
 
 def _mesh_network(templates):
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
@@ -228,51 +230,279 @@ def _mesh_network(templates):
     return MeshAugmentedNetwork(unet, templates)
 
 
-@pytest.mark.parametrize("oblique", [False, True])
-def test_predict_meshes_case_oracle_templates(tmp_path, oblique):
-    """An untrained head outputs its templates bit for bit; templates = meshes of the preprocessed reference, written
-    in the normalised frame of the padded input, must come back on the original labels in world space."""
+def _mesh_ids():
+    labels = labels_for("acdc")
+    return {name: [labels[n] for n in lab_names] for name, lab_names in STRUCTURES.items()}
+
+
+def _all_ids():
+    return sorted({i for ids in _mesh_ids().values() for i in ids})
+
+
+def _oracle_network(seg_pre, patch):
+    """A mesh network whose templates are the meshes of ``seg_pre`` in the normalised frame of the patch-size window
+    centred on its mesh structures (the window the ROI inference cuts); an untrained head outputs its templates bit
+    for bit (zero-initialised alignment and offset layers), so the predicted meshes are these meshes."""
     from nnunet_topo.mesh_head.templates import Template
 
-    img_file, seg_file, dj, seg = _case(tmp_path, oblique)
-    plans = _plans_for(dj, img_file)
-    pm, cm, data, seg_pre, props = _preprocess(img_file, seg_file, dj, plans)
-    strides = np.prod(np.array(cm.pool_op_kernel_sizes), axis=0).astype(int).tolist()
-    padded, before = network_input_padding(seg_pre.shape, strides, cm.patch_size)
-    labels = labels_for("acdc")
-    templates, direct = [], {}
-    for name, lab_names in STRUCTURES.items():
-        ids = [labels[n] for n in lab_names]
-        m = mesh_from_mask(np.isin(seg_pre, ids))
-        zyx = np.asarray(m.vertices)[:, ::-1] + np.asarray(before)
-        templates.append(Template(index_to_normalized(zyx, padded), np.asarray(m.faces), name=name))
-        direct[name] = _preprocessed_world_mesh(seg_pre, ids, props, pm, cm)
-    net = _mesh_network(templates)
-    meshes = predict_meshes_case(net, data, props, pm, cm, device="cpu", case="c0")
+    box = structure_box(seg_pre, _all_ids())
+    start = np.asarray(centered_window_start(box, patch))
+    templates = []
+    for name, ids in _mesh_ids().items():
+        m = mesh_from_mask(np.isin(seg_pre, ids))  # vertices: (x, y, z) index of the preprocessed array
+        zyx = np.asarray(m.vertices)[:, ::-1] - start  # -> crop index
+        templates.append(Template(index_to_normalized(zyx, patch), np.asarray(m.faces), name=name))
+    return _mesh_network(templates)
+
+
+def _sitk_centroid(seg_file, ids):
+    """World centroid (mm) of the raw label voxels with ``ids``, by SimpleITK alone (independent of our frames)."""
+    img = sitk.ReadImage(seg_file)
+    zyx = np.argwhere(np.isin(sitk.GetArrayFromImage(img), ids)).mean(0)
+    return np.asarray(img.TransformContinuousIndexToPhysicalPoint([float(v) for v in zyx[::-1]]))
+
+
+def _check_on_reference(meshes, seg_pre, seg_file, props, pm, cm, centroid_mm=0.2):
+    """The ROI meshes = the reference meshes mapped directly (float32 templates: ~1e-4 mm), and their centroids lie
+    within ``centroid_mm`` of the reference structures' centroids computed by SimpleITK (observed: <= 0.05 mm; the
+    tolerance 0.2 mm is below a third of the finest preprocessed voxel, 0.67 mm)."""
     assert list(meshes) == list(STRUCTURES)
-    geometry = ImageGeometry.from_nnunet_properties(props)
-    for name, mesh in meshes.items():
+    for name, ids in _mesh_ids().items():
+        mesh = meshes[name]
         assert mesh.volume > 0 and mesh.is_watertight
-        # float32 template coordinates: agreement to ~1e-4 mm
-        np.testing.assert_allclose(mesh.vertices, direct[name].vertices, atol=1e-3)
-    # (the direct meshes overlay the labels: test_round_trip_overlays_original_labels); one overlay check here
-    ids = [labels[n] for n in STRUCTURES["LV_epi"]]
-    assert _overlay_fraction(meshes["LV_epi"], seg, ids, geometry) >= 0.95
+        direct = _preprocessed_world_mesh(seg_pre, ids, props, pm, cm)
+        np.testing.assert_allclose(mesh.vertices, direct.vertices, atol=1e-3)
+        shift = np.linalg.norm(mesh.center_mass - _sitk_centroid(seg_file, ids))
+        assert shift < centroid_mm, (name, shift)
+
+
+def _padded_case(tmp_path, img_file, seg_file, lo_xyz, hi_xyz):
+    """The case padded by (lo, hi) voxels per (x, y, z) axis, image with a non-zero constant (so nnU-Net does not crop
+    the padding away), labels with 0; SimpleITK keeps the world position of every original voxel."""
+    img, seg = sitk.ReadImage(img_file), sitk.ReadImage(seg_file)
+    img_p = sitk.ConstantPad(img, list(lo_xyz), list(hi_xyz), 1000.0)
+    seg_p = sitk.ConstantPad(seg, list(lo_xyz), list(hi_xyz), 0)
+    np.testing.assert_allclose(img_p.TransformIndexToPhysicalPoint([int(v) for v in lo_xyz]),
+                               img.TransformIndexToPhysicalPoint([0, 0, 0]), atol=1e-4)
+    out = tmp_path / "padded"
+    out.mkdir()
+    sitk.WriteImage(img_p, str(out / "big_0000.nii.gz"))
+    sitk.WriteImage(seg_p, str(out / "big.nii.gz"))
+    return str(out / "big_0000.nii.gz"), str(out / "big.nii.gz")
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_predict_meshes_case_roi_oracle_templates(tmp_path, oblique):
+    """With the preprocessed reference standing in for the prediction and templates = its meshes in the normalised
+    frame of the ROI window, the world meshes are the reference meshes mapped directly, and land on the reference
+    structures (centroids within 1 mm of SimpleITK's). Transpose (2, 0, 1), nnU-Net crops, every axis resampled; the
+    window reaches outside the array on one axis (zero padding) and is smaller than it on another."""
+    img_file, seg_file, dj, seg = _case(tmp_path, oblique)
+    plans = make_plans([2, 0, 1], _plans_for(dj, img_file)["configurations"]["3d_fullres"]["spacing"], ROI_PATCH)
+    pm, cm, data, seg_pre, props = _preprocess(img_file, seg_file, dj, plans)
+    assert data.shape[1] < ROI_PATCH[0] and data.shape[3] > ROI_PATCH[2]  # padded on axis 0, cut on axis 2
+    net = _oracle_network(seg_pre, ROI_PATCH)
+    meshes = predict_meshes_case(net, data, props, pm, cm, segmentation=seg_pre, structures=_mesh_ids(),
+                                 device="cpu", case="c0")
+    _check_on_reference(meshes, seg_pre, seg_file, props, pm, cm)
+    geometry = ImageGeometry.from_nnunet_properties(props)
+    assert _overlay_fraction(meshes["LV_epi"], seg, _mesh_ids()["LV_epi"], geometry) >= 0.95
+    roi = mesh_roi(seg_pre, _mesh_ids(), ROI_PATCH, cm.spacing)
+    box = structure_box(seg_pre, _all_ids())
+    assert roi.box == box and roi.start == centered_window_start(box, ROI_PATCH) and list(roi.size) == ROI_PATCH
+    assert roi.to_dict() == {"start": list(roi.start), "size": ROI_PATCH, "box": [list(box[0]), list(box[1])]}
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_predict_meshes_case_larger_than_patch(tmp_path, oblique):
+    """A case several patches long (x padded by 80 voxels on one side, y by 30 on the other: the structures sit far
+    off-centre, preprocessed array (240, 16, 140) for a (48, 16, 40) patch): the meshes still land on the reference,
+    since only the window around the structures is seen (the whole-case path stretched such a case into the
+    normalised frame)."""
+    img_file, seg_file, dj, _ = _case(tmp_path, oblique)
+    big_img, big_seg = _padded_case(tmp_path, img_file, seg_file, (0, 30, 0), (80, 0, 0))
+    plans = make_plans([2, 0, 1], _plans_for(dj, img_file)["configurations"]["3d_fullres"]["spacing"], ROI_PATCH)
+    pm, cm, data, seg_pre, props = _preprocess(big_img, big_seg, dj, plans)
+    assert data.shape[1] >= 4 * ROI_PATCH[0] and data.shape[3] >= 3 * ROI_PATCH[2], data.shape
+    box = structure_box(seg_pre, _all_ids())
+    centre = (np.asarray(box[0]) + np.asarray(box[1])) / 2
+    assert abs(centre[0] - data.shape[1] / 2) > ROI_PATCH[0] and abs(centre[2] - data.shape[3] / 2) > ROI_PATCH[2] / 2
+    net = _oracle_network(seg_pre, ROI_PATCH)
+    meshes = predict_meshes_case(net, data, props, pm, cm, segmentation=seg_pre, structures=_mesh_ids(), case="big")
+    _check_on_reference(meshes, seg_pre, big_seg, props, pm, cm)
+
+
+def test_predict_meshes_case_cropped_and_uncropped_agree(tmp_path):
+    """One network (templates from the large case's window), two versions of the same case: the large one and a copy
+    cropped physically with SimpleITK slicing (same world geometry; nnU-Net's crop box, preprocessed shape, ROI start
+    all change; smaller than the patch on axis 0, so the window is zero-padded there). Their world meshes agree to
+    1e-3 mm: with 2x resampling the two preprocessed grids coincide, so the two ROI windows cover the same anatomy and
+    only float32 rounding is left (a non-integer resampling would move a window by up to one voxel)."""
+    img_file, seg_file, dj, _ = _case(tmp_path, True)
+    big_img, big_seg = _padded_case(tmp_path, img_file, seg_file, (0, 30, 0), (80, 0, 0))
+    small_img, small_seg = str(tmp_path / "small_0000.nii.gz"), str(tmp_path / "small.nii.gz")
+    crop = (slice(6, 28), slice(25, 70), slice(0, 8))  # (x, y, z): cuts into the non-zero padding on y
+    sitk.WriteImage(sitk.ReadImage(big_img)[crop], small_img)
+    sitk.WriteImage(sitk.ReadImage(big_seg)[crop], small_seg)
+    plans = make_plans([2, 0, 1], _plans_for(dj, img_file)["configurations"]["3d_fullres"]["spacing"], ROI_PATCH)
+    pm, cm, data_b, seg_b, props_b = _preprocess(big_img, big_seg, dj, plans)
+    _, _, data_s, seg_s, props_s = _preprocess(small_img, small_seg, dj, plans)
+    assert data_s.shape[1] < ROI_PATCH[0] < data_b.shape[1] and data_s.shape != data_b.shape
+    assert props_s["bbox_used_for_cropping"] != props_b["bbox_used_for_cropping"]
+    net = _oracle_network(seg_b, ROI_PATCH)
+    big = predict_meshes_case(net, data_b, props_b, pm, cm, segmentation=seg_b, structures=_mesh_ids(), case="big")
+    small = predict_meshes_case(net, data_s, props_s, pm, cm, segmentation=seg_s, structures=_mesh_ids(),
+                                case="small")
+    assert mesh_roi(seg_s, _mesh_ids(), ROI_PATCH).start != mesh_roi(seg_b, _mesh_ids(), ROI_PATCH).start
+    for name in STRUCTURES:
+        np.testing.assert_allclose(small[name].vertices, big[name].vertices, atol=1e-3)
+    _check_on_reference(small, seg_b, small_seg, props_b, pm, cm)  # (both equal the big case's direct meshes)
+
+
+def test_predict_meshes_case_roi_errors(tmp_path):
+    """Structures larger than the patch and an empty prediction: a clear message (case, sizes in voxels and mm, the
+    patch), no mesh. Missing arguments and structures that are not the templates' are refused."""
+    img_file, seg_file, dj, _ = _case(tmp_path, False)
+    plans = _plans_for(dj, img_file)  # patch (8, 32, 32): the box (32, 10, 34) does not fit
+    pm, cm, data, seg_pre, props = _preprocess(img_file, seg_file, dj, plans)
+    net = _oracle_network(seg_pre, ROI_PATCH)
+    ids = _mesh_ids()
+    with pytest.raises(RoiDoesNotFitError, match=r"case c0: the predicted mesh structures span \[32, 10, 34\] "
+                                                   r"voxels, more than the patch \[8, 32, 32\]") as e:
+        predict_meshes_case(net, data, props, pm, cm, segmentation=seg_pre, structures=ids, case="c0")
+    msg = str(e.value)
+    assert "box spans [21.5, 34.7, 22.8] mm, the patch [5.4, 111.2, 21.5] mm" in msg, msg
+    assert "no mesh is written rather than a rescaled one" in msg and e.value.box == structure_box(seg_pre, _all_ids())
+    assert isinstance(e.value, NoMeshError) and isinstance(e.value, MeshPredictionError)
+    with pytest.raises(EmptyPredictionError, match=r"case c0: empty prediction: .*none of the mesh structures' "
+                                                   r"labels \(LV_endo: labels \[3\], LV_epi: labels \[2, 3\], "
+                                                   r"RV: labels \[1\]\)"):
+        predict_meshes_case(net, data, props, pm, cm, segmentation=np.zeros_like(seg_pre), structures=ids, case="c0")
+    with pytest.raises(EmptyPredictionError):  # labels outside the mesh structures do not make an ROI
+        predict_meshes_case(net, data, props, pm, cm, segmentation=np.full_like(seg_pre, 7), structures=ids)
+    with pytest.raises(TypeError, match="needs segmentation="):
+        predict_meshes_case(net, data, props, pm, cm)
+    with pytest.raises(TypeError, match="needs structures="):
+        predict_meshes_case(net, data, props, pm, cm, segmentation=seg_pre)
+    with pytest.raises(MeshPredictionError, match=r"are not the structures of the model's templates"):
+        predict_meshes_case(net, data, props, pm, cm, segmentation=seg_pre, structures={"LV": [3]})
+    with pytest.raises(MeshPredictionError, match="does not match the preprocessed data"):
+        predict_meshes_case(net, data, props, pm, cm, segmentation=seg_pre[:, :5], structures=ids)
+
+
+def test_mesh_roi_window():
+    """Unit check of the window on a hand-made label map: centred on the union of the structures' labels."""
+    seg = np.zeros((10, 20, 30), np.uint8)
+    seg[2:5, 3:9, 10:14] = 1
+    seg[6, 12, 20] = 2
+    seg[0, 0, 0] = 9  # not a mesh structure label
+    roi = mesh_roi(seg, {"a": [1], "b": [1, 2]}, [8, 16, 16], case="u")
+    assert roi.box == ((2, 3, 10), (7, 13, 21)) and roi.start == (0, 0, 7) and roi.size == (8, 16, 16)
+    roi4 = mesh_roi(seg[None], {"a": [1], "b": [1, 2]}, [8, 16, 16])
+    assert roi4 == roi
+    with pytest.raises(RoiDoesNotFitError, match=r"case u: .* span \[5, 10, 11\] voxels, more than the patch "
+                                                   r"\[4, 16, 16\]"):
+        mesh_roi(seg, {"a": [1], "b": [1, 2]}, [4, 16, 16], case="u")
 
 
 def test_predict_meshes_case_sphere_template_and_errors(tmp_path):
     from nnunet_topo.mesh_head.templates import sphere_template
 
     img_file, seg_file, dj, seg = _case(tmp_path, False)
-    plans = _plans_for(dj, img_file)
+    plans = make_plans([2, 0, 1], _plans_for(dj, img_file)["configurations"]["3d_fullres"]["spacing"], ROI_PATCH)
     pm, cm, data, seg_pre, props = _preprocess(img_file, seg_file, dj, plans)
     net = _mesh_network([sphere_template(2, name="blob")])
-    meshes = predict_meshes_case(net, data, props, pm, cm, case="c0")
+    blob = {"blob": _all_ids()}
+    meshes = predict_meshes_case(net, data, props, pm, cm, segmentation=seg_pre, structures=blob, case="c0")
     assert list(meshes) == ["blob"] and meshes["blob"].volume > 0
+    # the unit sphere of the normalised crop frame is centred on the window: its world centre is the window's centre
+    roi = mesh_roi(seg_pre, blob, ROI_PATCH)
+    centre = np.asarray(roi.start) + (np.asarray(ROI_PATCH) - 1) / 2
+    centre = index_to_world(preprocessed_to_original_index(centre[None], props, pm, cm, seg_pre.shape),
+                            ImageGeometry.from_nnunet_properties(props))[0]
+    assert np.linalg.norm(meshes["blob"].vertices.mean(0) - centre) < 1e-3
     # NaN vertices: error names case and structure
     net.forward_with_meshes = lambda x: (None, [torch.full((1, 162, 3), float("nan"))])
     with pytest.raises(MeshPredictionError, match=r"case c0, structure 'blob'.*NaN"):
-        predict_meshes_case(net, data, props, pm, cm, case="c0")
+        predict_meshes_case(net, data, props, pm, cm, segmentation=seg_pre, structures=blob, case="c0")
+
+
+def _constant_label_model(folder, plans, dj, label):
+    """A hand-made nnU-Net model folder of nnUNetTrainerMesh whose network predicts ``label`` everywhere (last
+    segmentation layer: zero weights, bias one-hot) and whose untrained head outputs its sphere templates."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_topo.mesh_head.network import head_settings, store_in_configuration
+    from nnunet_topo.mesh_head.templates import sphere_template
+    from nnunet_topo.trainers.nnUNetTrainerMesh import nnUNetTrainerMesh
+
+    plans = json.loads(json.dumps(plans))
+    store_in_configuration(plans["configurations"]["3d_fullres"],
+                           [sphere_template(2, radius=0.3, name=n) for n in STRUCTURES], head_settings({}))
+    pm = PlansManager(plans)
+    net = nnUNetTrainerMesh.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 4, False)
+    with torch.no_grad():
+        last = net.network.decoder.seg_layers[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.eye(4)[label] * 10)
+    (folder / "fold_0").mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(dj))
+    torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainerMesh",
+                "init_args": {"configuration": "3d_fullres"}, "inference_allowed_mirroring_axes": None},
+               folder / "fold_0" / "checkpoint_final.pth")
+    return str(folder)
+
+
+def test_predict_meshes_folder_rois_and_cases_without_mesh(tmp_path, monkeypatch, capsys):
+    """predict_meshes_folder and the console entry on a hand-made model folder (nnU-Net's own predictor, lookup and
+    export): a case within the patch gets meshes and its ROI; a case several patches long whose prediction fills it
+    gets a clear message and no mesh; an empty prediction likewise; exit code 1; existing segmentations refused."""
+    from nnunet_topo.trainers import TRAINER_DIR
+
+    monkeypatch.setenv("nnUNet_extTrainer", TRAINER_DIR)
+    img_file, seg_file, dj, _ = _case(tmp_path, False)
+    big_img, _ = _padded_case(tmp_path, img_file, seg_file, (0, 30, 0), (80, 0, 0))
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    sitk.WriteImage(sitk.ReadImage(img_file), str(inputs / "small_0000.nii.gz"))
+    sitk.WriteImage(sitk.ReadImage(big_img), str(inputs / "big_0000.nii.gz"))
+    patch = [48, 16, 48]  # the small case, (40, 16, 42) preprocessed, fits; the big one, (240, 16, 140), does not
+    plans = make_plans([2, 0, 1], _plans_for(dj, img_file)["configurations"]["3d_fullres"]["spacing"], patch)
+
+    rv = _constant_label_model(tmp_path / "model_rv", plans, dj, labels_for("acdc")["RV"])
+    out = tmp_path / "out_rv"
+    summary = predict_meshes_folder(rv, str(inputs), str(out), device="cpu", show_progress=False)
+    assert json.loads((out / "meshes.json").read_text()) == summary
+    assert summary["cases_without_mesh"] == ["big"] and summary["structures"] == list(STRUCTURES)
+    small, big = summary["cases"]["small"], summary["cases"]["big"]
+    assert small["roi"] == {"start": [-4, 0, -3], "size": patch, "box": [[0, 0, 0], [40, 16, 42]]}
+    assert small["files"] == {n: f"small_{n}.vtk" for n in STRUCTURES} and small["segmentation"] == "small.nii.gz"
+    assert all((out / f).is_file() for f in small["files"].values())
+    assert big["files"] == {} and big["segmentation"] == "big.nii.gz" and "roi" not in big
+    assert big["error"].startswith("case big: the predicted mesh structures span [240, 16, 140] voxels, more than "
+                                   "the patch [48, 16, 48]")
+    assert not list(out.glob("big_*")) and "no mesh: case big" in capsys.readouterr().err
+    # nnU-Net's export: RV inside nnU-Net's crop box, 0 outside it (the big case's non-zero padding spans it all)
+    for case, labels in (("small", {0, 1}), ("big", {1})):
+        assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz"))))) == labels
+
+    empty = _constant_label_model(tmp_path / "model_bg", plans, dj, 0)
+    monkeypatch.setattr("nnunet_topo.cli.model_folder_from_args", lambda args: empty)
+    out = tmp_path / "out_bg"
+    argv = ["-i", str(inputs), "-o", str(out), "-d", "1", "-c", "3d_fullres", "-device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        predict_meshes_entry(argv)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "no mesh: case small: empty prediction" in err and "error: 2 of 2 case(s) got no mesh: big, small" in err
+    listing = json.loads((out / "meshes.json").read_text())
+    assert listing["cases_without_mesh"] == ["big", "small"]
+    assert all("empty prediction" in c["error"] and c["files"] == {} for c in listing["cases"].values())
+    assert sorted(p.name for p in out.iterdir()) == ["big.nii.gz", "meshes.json", "small.nii.gz"]
+    with pytest.raises(SystemExit) as e:  # the segmentation files exist now
+        predict_meshes_entry(argv)
+    assert e.value.code == 2 and "big.nii.gz exists; pass --overwrite" in capsys.readouterr().err
 
 
 def test_no_mesh_head_error():
