@@ -271,11 +271,23 @@ def _mesh_files_from_json(mesh_folder: str, case_names: Sequence[str]) -> Dict[s
                                   "nnUNetv2_topo_predict_meshes)")
     out = {}
     for case, entry in cases.items():
+        if isinstance(entry, dict) and entry.get("error") and not entry.get("files"):
+            continue  # nnUNetv2_topo_predict_meshes wrote no mesh for this case (its reason is in meshes.json)
         files = entry.get("files", entry) if isinstance(entry, dict) else None
         if not isinstance(files, dict):
             raise MeshEvaluationError(f"meshes.json: case {case!r} lists no files")
         out[case] = {s: os.path.join(mesh_folder, fn) for s, fn in files.items()}
     return out
+
+
+def _no_mesh_reasons(mesh_folder: str) -> Dict[str, str]:
+    """``{case: error}`` of the cases nnUNetv2_topo_predict_meshes gave no mesh (empty without a meshes.json)."""
+    path = os.path.join(mesh_folder, "meshes.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        cases = json.load(f).get("cases", {})
+    return {c: str(e["error"]) for c, e in cases.items() if isinstance(e, dict) and e.get("error")}
 
 
 def _mesh_files_by_name(mesh_folder: str, case_names: Sequence[str], structures: Sequence[str]
@@ -352,8 +364,11 @@ def evaluate_mesh_folder(ref_folder: str, mesh_folder: str, dataset_json: Union[
                 raise MeshEvaluationError(f"case {case}, structure {s!r}: mesh file not found: {fs[s]}")
     missing_cases = [c for c in case_names if c not in files]
     if missing_cases and not chill:
+        reasons = _no_mesh_reasons(mesh_folder)
+        why = "; ".join(f"{c}: {reasons[c]}" for c in missing_cases[:3] if c in reasons)
         raise MeshEvaluationError(f"{len(missing_cases)} reference case(s) have no meshes in {mesh_folder}: "
-                                  f"{missing_cases[:10]} (pass chill=True / --chill to evaluate only those predicted)")
+                                  f"{missing_cases[:10]} (pass chill=True / --chill to evaluate only those predicted)"
+                                  + (f". meshes.json says why: {why}" if why else ""))
     rw = determine_reader_writer_from_dataset_json(dataset_json, os.path.join(ref_folder, ref_files[0]))()
     it = [c for c in case_names if c in files]
     if show_progress:

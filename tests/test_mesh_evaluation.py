@@ -190,6 +190,15 @@ def test_folder(tmp_path):
     s = evaluate_mesh_folder(str(ref_dir), str(mesh_dir), DATASET_JSON, num_samples=500, chill=True,
                              show_progress=False)
     assert [c["case"] for c in s["metric_per_case"]] == ["c1"]
+    # a case the mesh prediction gave no mesh (its error in meshes.json): missing, with the reason; --chill skips it
+    (mesh_dir / "meshes.json").write_text(json.dumps(
+        {"cases": {"c1": {"files": {n: f"c1_{n}.vtk" for n in SPEC.mesh_structures}},
+                   "c2": {"error": "case c2: the predicted mesh structures span [9, 9, 9] voxels", "files": {}}}}))
+    with pytest.raises(MeshEvaluationError, match=r"have no meshes.*\['c2'\].*meshes.json says why: c2: case c2"):
+        evaluate_mesh_folder(str(ref_dir), str(mesh_dir), DATASET_JSON, num_samples=500, show_progress=False)
+    s = evaluate_mesh_folder(str(ref_dir), str(mesh_dir), DATASET_JSON, num_samples=500, chill=True,
+                             show_progress=False)
+    assert [c["case"] for c in s["metric_per_case"]] == ["c1"]
 
 
 def test_folder_missing_mesh_file(tmp_path):
