@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end on a fresh machine, exactly as a user runs it:
 #   synthetic dataset -> check rules -> plan+preprocess -> train (nnUNetTrainerProjPool, CPU) -> predict -> evaluate,
-#   then the mesh path: whole-volume plans -> train (nnUNetTrainerTPM, short CPU settings) -> predict segmentations
-#   and meshes (VTK, patient coordinates) -> evaluate with mesh metrics
+#   then the mesh path: heart-ROI mesh plans -> preprocess -> train (nnUNetTrainerTPM, short CPU settings) ->
+#   predict segmentations and meshes (VTK, patient coordinates) -> evaluate with mesh metrics
 # and print the result tables. About 17 minutes on 2 CPU cores (plus the one-time install).
 # Works in $NNUNET_TOPO_DEMO_DIR (default ./demo_output); only a folder this script created is ever replaced.
 set -euo pipefail
@@ -38,14 +38,15 @@ nnUNetv2_topo_evaluate_folder "$nnUNet_raw/Dataset501_SynthACDC/labelsTs" "$WORK
   -djfile "$nnUNet_raw/Dataset501_SynthACDC/dataset.json" \
   -pfile "$nnUNet_preprocessed/Dataset501_SynthACDC/nnUNetPlans.json"
 
-# the mesh path: a patch that holds whole structures, the TPM trainer (15 epochs x 20 iterations), meshes out
+# the mesh path: a configuration whose patch holds the heart ROI, the TPM trainer (15 epochs x 20 iterations),
+# segmentations and meshes out (nnUNetv2_topo_predict_meshes writes both)
 MTR=nnUNetTrainerTPM_cpuStudy
-M=(-d $ID -c 3d_fullres -tr $MTR -p nnUNetPlansWholeVolume -f 0 -device cpu)
-nnUNetv2_topo_plan_whole_volume -d $ID -c 3d_fullres
-nnUNetv2_train $ID 3d_fullres 0 -tr $MTR -p nnUNetPlansWholeVolume -device cpu
-nnUNetv2_predict -i "$nnUNet_raw/Dataset501_SynthACDC/imagesTs" -o "$WORK/pred_tpm" "${M[@]}" -npp 1 -nps 1
+M=(-d $ID -c 3d_mesh -tr $MTR -p nnUNetPlansMesh -f 0 -device cpu)
+nnUNetv2_topo_plan_mesh -d $ID
+nnUNetv2_preprocess -d $ID -plans_name nnUNetPlansMesh -c 3d_mesh -np 2
+nnUNetv2_train $ID 3d_mesh 0 -tr $MTR -p nnUNetPlansMesh -device cpu
 nnUNetv2_topo_predict_meshes -i "$nnUNet_raw/Dataset501_SynthACDC/imagesTs" -o "$WORK/meshes_tpm" "${M[@]}" \
   --format vtk
-nnUNetv2_topo_evaluate_folder "$nnUNet_raw/Dataset501_SynthACDC/labelsTs" "$WORK/pred_tpm" \
+nnUNetv2_topo_evaluate_folder "$nnUNet_raw/Dataset501_SynthACDC/labelsTs" "$WORK/meshes_tpm" \
   -djfile "$nnUNet_raw/Dataset501_SynthACDC/dataset.json" \
-  -pfile "$nnUNet_preprocessed/Dataset501_SynthACDC/nnUNetPlansWholeVolume.json" --mesh_folder "$WORK/meshes_tpm"
+  -pfile "$nnUNet_preprocessed/Dataset501_SynthACDC/nnUNetPlansMesh.json" --mesh_folder "$WORK/meshes_tpm"
