@@ -1,0 +1,136 @@
+"""Per-iteration time on the heart-ROI mesh configuration vs the whole-volume plans, same data, same run.
+
+An ACDC-like synthetic dataset whose images are much larger than the heart (``--canvas``, like real cine MRI, where
+most of the image is not heart) is planned twice: ``nnUNetv2_topo_plan_whole_volume`` (patch = the largest case,
+the old way to train the mesh trainers) and ``nnUNetv2_topo_plan_mesh`` (patch = the heart ROI). ``nnUNetTrainer``
+and ``nnUNetTrainerTPM`` (``tpm_warmup_epochs=0``: L_TPM itself is timed) are built on each exactly as
+``nnUNetv2_train`` builds them, and ``train_step`` is timed on pre-fetched batches of each configuration's own
+loader in interleaved rounds (the order alternates). Printed: ms/iteration (median over rounds) and the ratios
+ROI / whole volume per trainer and TPM / nnUNetTrainer per configuration (medians of same-round ratios, with
+their ranges).
+
+    python benchmarks/bench_roi_speed.py --device cpu --iters 3 --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_trainer_speed import _setup_env  # noqa: E402
+
+DATASET = 983
+
+
+def _prepare(canvas, shape, n) -> None:
+    from nnunet_topo.plans import write_whole_volume_plans
+    from nnunet_topo.synthetic import write_dataset
+
+    raw, pre = os.environ["nnUNet_raw"], os.environ["nnUNet_preprocessed"]
+    bindir = os.path.dirname(sys.executable)
+    if not any(x.startswith(f"Dataset{DATASET}_") for x in os.listdir(raw)):
+        write_dataset(raw, DATASET, "acdc", num_training=n, num_test=0, seed=0, shape=shape, canvas=canvas)
+    if not any(x.startswith(f"Dataset{DATASET}_") for x in os.listdir(pre)):
+        subprocess.run([os.path.join(bindir, "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET), "-c",
+                        "3d_fullres", "-np", "1", "-npfp", "1"], check=True, stdout=subprocess.DEVNULL)
+    try:
+        write_whole_volume_plans(str(DATASET), "3d_fullres", "nnUNetPlans", "nnUNetPlansWholeVolume")
+    except FileExistsError:
+        pass
+    folder = next(x for x in os.scandir(pre) if x.name.startswith(f"Dataset{DATASET}_")).path
+    if not os.path.isfile(os.path.join(folder, "nnUNetPlansMesh.json")):
+        subprocess.run([os.path.join(bindir, "nnUNetv2_topo_plan_mesh"), "-d", str(DATASET)], check=True,
+                       stdout=subprocess.DEVNULL)
+    if not os.path.isdir(os.path.join(folder, "nnUNetPlansMesh_3d_mesh")):
+        subprocess.run([os.path.join(bindir, "nnUNetv2_preprocess"), "-d", str(DATASET), "-plans_name",
+                        "nnUNetPlansMesh", "-c", "3d_mesh", "-np", "1"], check=True, stdout=subprocess.DEVNULL)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--canvas", type=int, nargs=3, default=(10, 176, 176), metavar=("Z", "Y", "X"),
+                        help="image size (default 10 x 176 x 176, about an ACDC image at 1.5 mm)")
+    parser.add_argument("--shape", type=int, nargs=3, default=(10, 64, 64), metavar=("Z", "Y", "X"),
+                        help="size of the heart phantom block inside the image")
+    parser.add_argument("-n", type=int, default=6, help="training cases")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("nnUNet_n_proc_DA", "1")
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    _setup_env(tempfile.mkdtemp(prefix="nnunet_topo_bench_roi_"))
+    _prepare(tuple(args.canvas), tuple(args.shape), args.n)
+    device = torch.device(args.device)
+    setups = {"whole volume": ("3d_fullres", "nnUNetPlansWholeVolume"), "heart ROI": ("3d_mesh", "nnUNetPlansMesh")}
+    runs, batches, info = {}, {}, {}
+    for label, (conf, plans) in setups.items():
+        for name in ("nnUNetTrainer", "nnUNetTrainerTPM"):
+            t = get_trainer_from_args(str(DATASET), conf, 0, name, plans, device=device)
+            if hasattr(t, "tpm_warmup_epochs"):
+                t.tpm_warmup_epochs = 0
+            t.initialize()
+            t.on_train_start()
+            t.on_train_epoch_start()
+            runs[(label, name)] = t
+        first = runs[(label, "nnUNetTrainerTPM")]  # the ROI loader places the patches for the mesh trainer
+        batches[label] = [next(first.dataloader_train) for _ in range(args.iters)]
+        info[label] = (list(first.configuration_manager.patch_size), list(first.configuration_manager.spacing),
+                       first.configuration_manager.batch_size)
+        for t in (runs[(label, "nnUNetTrainer")], first):
+            for dl in (t.dataloader_train, t.dataloader_val):
+                if hasattr(dl, "_finish"):
+                    dl._finish()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for key, t in runs.items():
+        for b in batches[key[0]][: args.warmup]:
+            t.train_step(b)
+    keys = list(runs)
+    times = {k: [] for k in keys}
+    for r in range(args.rounds):
+        for k in (keys if r % 2 == 0 else keys[::-1]):
+            sync()
+            t0 = time.perf_counter()
+            for b in batches[k[0]]:
+                runs[k].train_step(b)
+            sync()
+            times[k].append((time.perf_counter() - t0) / args.iters * 1000)
+
+    dev = torch.cuda.get_device_name(0) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    print(f"device: {dev}; torch {torch.__version__}; {args.iters} iterations x {args.rounds} rounds; "
+          f"image {list(args.canvas)}, heart block {list(args.shape)}, {args.n} cases")
+    for label, (patch, spacing, bs) in info.items():
+        print(f"  {label:<13} {setups[label][1]}/{setups[label][0]}: patch {patch}, spacing "
+              f"{[round(s, 3) for s in spacing]}, batch {bs}")
+
+    def ratio(a, b):
+        rs = [x / y for x, y in zip(times[a], times[b])]
+        return f"{statistics.median(rs):.3f} ({min(rs):.3f}..{max(rs):.3f})"
+
+    print(f"{'trainer':<18}{'configuration':<15}{'ms/iter':>10}   TPM / nnUNetTrainer")
+    for (label, name) in keys:
+        extra = ratio((label, "nnUNetTrainerTPM"), (label, "nnUNetTrainer")) if name == "nnUNetTrainerTPM" else ""
+        print(f"{name:<18}{label:<15}{statistics.median(times[(label, name)]):>10.0f}   {extra}")
+    for name in ("nnUNetTrainer", "nnUNetTrainerTPM"):
+        print(f"ROI / whole volume, {name}: {ratio(('heart ROI', name), ('whole volume', name))}")
+    print(json.dumps({f"{k[0]}|{k[1]}": round(statistics.median(v), 1) for k, v in times.items()}))
+
+
+if __name__ == "__main__":
+    main()
