@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 
 def _fail(msg: str) -> "NoReturn":  # noqa: F821
@@ -146,9 +146,53 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_trainer: str, o
     parser.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
     parser.add_argument("-tr", default=default_trainer, help=f"trainer of the model (default {default_trainer})")
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-    parser.add_argument("-f", default="0", help="fold of the model (one fold; default 0)")
+    parser.add_argument("-f", nargs="+", default=None,
+                        help="folds of the model, e.g. -f 0 1 2 3 4 or -f all; several folds are an ensemble, as in "
+                             "nnUNetv2_predict (default: every fold_N folder of the model folder with the checkpoint "
+                             "-chk)")
     parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
     parser.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="default cuda")
+
+
+def resolve_folds(model_folder: str, folds, checkpoint: str = "checkpoint_final.pth") -> List[Union[int, str]]:
+    """The folds to use, as ``nnUNetPredictor.initialize_from_trained_model_folder`` takes them.
+
+    ``folds`` None (the default of ``-f``): every ``fold_N`` folder of ``model_folder`` that holds ``checkpoint``
+    (as ``nnUNetPredictor.auto_detect_available_folds``, which also skips ``fold_all``). Otherwise a fold or a
+    sequence of folds: integers, or ``"all"`` (the model trained on all cases). Raises ``ValueError`` naming the
+    missing folder or checkpoint, a fold that is neither an integer nor ``all``, a repeated fold, or no fold found.
+    """
+    if folds is None:
+        found = []
+        if os.path.isdir(model_folder):
+            for d in os.listdir(model_folder):
+                if d.startswith("fold_") and d != "fold_all" and d[5:].isdigit() and \
+                        os.path.isfile(os.path.join(model_folder, d, checkpoint)):
+                    found.append(int(d[5:]))
+        if not found:
+            raise ValueError(f"no fold_N folder with {checkpoint} in {model_folder}; train a fold first, pass -f (e.g. "
+                             "-f all), or choose the checkpoint with -chk")
+        return sorted(found)
+    if isinstance(folds, (str, int)):
+        folds = [folds]
+    out: List[Union[int, str]] = []
+    for f in folds:
+        text = str(f).strip()
+        if text != "all" and not text.lstrip("-").isdigit():
+            raise ValueError(f"fold {f!r} is neither an integer nor 'all'")
+        fold: Union[int, str] = "all" if text == "all" else int(text)
+        if fold in out:
+            raise ValueError(f"fold {fold} is given twice in {list(folds)}")
+        folder = os.path.join(model_folder, f"fold_{fold}")
+        if not os.path.isdir(folder):
+            raise ValueError(f"fold {fold}: no folder {folder}; train that fold first or leave it out of -f")
+        if not os.path.isfile(os.path.join(folder, checkpoint)):
+            raise ValueError(f"fold {fold}: no checkpoint {checkpoint} in {folder} (unfinished training? pass -chk "
+                             "checkpoint_best.pth or checkpoint_latest.pth, or leave the fold out of -f)")
+        out.append(fold)
+    if not out:
+        raise ValueError("no fold given")
+    return out
 
 
 def model_folder_from_args(args) -> str:
@@ -178,7 +222,7 @@ def refine_entry(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     try:
         model_folder = model_folder_from_args(args)
-        summary = refine_folder(model_folder, args.i, args.o, fold=args.f, checkpoint=args.chk, steps=args.steps,
+        summary = refine_folder(model_folder, args.i, args.o, folds=args.f, checkpoint=args.chk, steps=args.steps,
                                 lr=args.lr, lam=args.lam, downsample=args.downsample, use_2d=not args.no_2d,
                                 device=args.device, overwrite=args.overwrite)
     except (RefinementError, TopologySpecError, RuntimeError) as e:

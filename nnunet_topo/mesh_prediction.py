@@ -12,7 +12,11 @@ trained on patch-size windows centred on the mesh structures, so at inference it
 3. cuts the patch-size window centred on that box (:func:`nnunet_topo.roi.centered_window_start`,
    :func:`nnunet_topo.roi.crop_to_window`, filled with 0 outside the case as nnU-Net pads);
 4. runs network + head once on that crop (``forward_with_meshes``, :func:`predict_meshes_in_roi`) and maps the
-   vertices back to world coordinates.
+   vertices back to world coordinates;
+5. with several folds (``-f 0 1 2 3 4``; the folds must share the templates, :func:`check_fold_templates`): steps 1-3
+   use nnU-Net's ensemble (the folds' logits averaged), step 4 runs once per fold on the same crop, and each mesh is
+   the per-vertex mean of the folds' world vertices with the per-vertex spread in mm (:func:`ensemble_meshes`,
+   ``SPREAD_DEFINITION``), written as VTK point data ``spread_mm`` (``documentation/mesh_output.md``).
 
 A case whose predicted mesh structures span more voxels than the patch (:class:`RoiDoesNotFitError`) or that has
 none of them (:class:`EmptyPredictionError`) gets no mesh and a clear message; its segmentation is still written.
@@ -69,6 +73,9 @@ __all__ = [
     "mesh_roi",
     "predict_meshes_in_roi",
     "predict_meshes_case",
+    "check_fold_templates",
+    "ensemble_meshes",
+    "SPREAD_NAME",
     "predict_meshes_folder",
     "predict_meshes_entry",
 ]
@@ -388,6 +395,109 @@ def predict_meshes_case(network: nn.Module, data: np.ndarray, properties: Mappin
 
 
 # ----------------------------------------------------------------------------------------------------
+# fold ensembles
+# ----------------------------------------------------------------------------------------------------
+
+SPREAD_NAME = "spread_mm"
+SPREAD_DEFINITION = ("per vertex v: sqrt(mean over the K folds of |x_k(v) - mean_k x_k(v)|^2), x_k(v) the world "
+                     "position (mm) of template vertex v predicted by fold k; the RMS distance of the folds' vertices "
+                     "to the ensemble vertex")
+
+
+def _mesh_head_prefix(state_dict: Mapping[str, Any]) -> Optional[str]:
+    keys = [k for k in state_dict if k.endswith("mesh_head._extra_state")]
+    return keys[0][: -len("_extra_state")] if len(keys) == 1 else None
+
+
+def check_fold_templates(list_of_parameters: Sequence[Mapping[str, Any]], folds: Sequence[Any]) -> None:
+    """Refuse a fold ensemble whose checkpoints carry different mesh templates.
+
+    Vertex ``v`` of one structure is averaged over the folds, which is meaningful only if every fold deforms the
+    same template (same names, genera, faces and template vertices; the templates are buffers of each checkpoint's
+    state dict, ``mesh_head.template_vertices_<s>`` / ``template_faces_<s>``). Identical ``plans.json`` means
+    identical templates, but a checkpoint copied from another run may differ.
+
+    Raises:
+        MeshPredictionError: a checkpoint without mesh head, or templates that differ (names the folds, the
+            structure and what differs, and what to do).
+    """
+    from nnunet_topo.mesh_head.head import MeshHead
+
+    ref = None
+    for fold, params in zip(folds, list_of_parameters):
+        prefix = _mesh_head_prefix(params)
+        if prefix is None:
+            raise MeshPredictionError(f"fold {fold}: {NO_MESH_HEAD} (its checkpoint has no mesh head weights)")
+        templates = MeshHead.templates_from_state_dict(params, prefix)
+        if ref is None:
+            ref = (fold, templates)
+            continue
+        f0, t0 = ref
+        why = None
+        if [t.name for t in templates] != [t.name for t in t0]:
+            why = f"structures {[t.name for t in t0]} vs {[t.name for t in templates]}"
+        else:
+            for a, b in zip(t0, templates):
+                if a.genus != b.genus:
+                    why = f"structure {a.name!r}: genus {a.genus} vs {b.genus}"
+                elif a.faces.shape != b.faces.shape or not np.array_equal(a.faces, b.faces):
+                    why = f"structure {a.name!r}: faces differ ({len(a.faces)} vs {len(b.faces)} triangles)"
+                elif a.vertices.shape != b.vertices.shape or not np.allclose(a.vertices, b.vertices, rtol=0,
+                                                                                atol=1e-6):
+                    why = f"structure {a.name!r}: template vertices differ"
+                if why:
+                    break
+        if why:
+            raise MeshPredictionError(
+                f"folds {f0} and {fold} have different mesh templates ({why}); a fold ensemble averages vertex by "
+                "vertex and needs the same templates in every fold. Use folds trained with the same plans.json "
+                "(same nnUNetv2_topo_plan_mesh run), or predict with one fold (-f)")
+
+
+def ensemble_meshes(per_fold: Sequence[Mapping[str, trimesh.Trimesh]], case: str = "case"
+                    ) -> Tuple[Dict[str, trimesh.Trimesh], Dict[str, np.ndarray]]:
+    """Per-vertex mean and spread of the folds' world meshes of one case (same template, so vertex ``v`` corresponds).
+
+    Args:
+        per_fold: K >= 1 dicts ``{structure: mesh}`` (world mm), one per fold, e.g. from :func:`predict_meshes_in_roi`
+            with each fold's weights on the same ROI; the same structures and vertex counts in each.
+        case: case name for messages.
+
+    Returns:
+        ``(meshes, spread)``: ``meshes[s]`` has the mean vertices ``(V, 3)`` (mm) and the first fold's faces, wound
+        outward (flipped if the mean mesh's signed volume is negative); ``spread[s]`` is ``(V,)`` mm,
+        ``sqrt(mean_k |x_k - mean|^2)`` (population RMS, 0 for K = 1).
+
+    Raises:
+        MeshPredictionError: no folds, different structures or vertex counts, a mean mesh with no volume.
+    """
+    if not per_fold:
+        raise MeshPredictionError("ensemble_meshes needs at least one fold's meshes")
+    names = list(per_fold[0])
+    meshes: Dict[str, trimesh.Trimesh] = {}
+    spread: Dict[str, np.ndarray] = {}
+    for name in names:
+        if any(list(m) != names for m in per_fold):
+            raise MeshPredictionError(f"case {case}: the folds predicted different structures")
+        stack = np.stack([np.asarray(m[name].vertices, np.float64) for m in per_fold
+                          if len(m[name].vertices) == len(per_fold[0][name].vertices)])
+        if len(stack) != len(per_fold):
+            raise MeshPredictionError(f"case {case}, structure {name!r}: the folds' meshes have different vertex "
+                                      "counts (different templates)")
+        mean = stack.mean(0)
+        spread[name] = np.sqrt(((stack - mean) ** 2).sum(-1).mean(0))
+        faces = np.asarray(per_fold[0][name].faces, np.int64)
+        mesh = trimesh.Trimesh(mean, faces, process=False)
+        vol = float(mesh.volume)
+        if not math.isfinite(vol) or vol == 0:
+            raise MeshPredictionError(f"case {case}, structure {name!r}: the fold-mean mesh encloses no volume")
+        if vol < 0:
+            mesh = trimesh.Trimesh(mean, faces[:, ::-1].copy(), process=False)
+        meshes[name] = mesh
+    return meshes, spread
+
+
+# ----------------------------------------------------------------------------------------------------
 # folder
 # ----------------------------------------------------------------------------------------------------
 
@@ -415,10 +525,20 @@ def _mesh_structures_of(dataset_json: Mapping, names: Sequence[str]) -> Dict[str
     return {n: tuple(int(i) for i in mesh[n].label_ids) for n in names}
 
 
-def predict_meshes_folder(model_folder: str, input_folder: str, output_folder: str, fold: str = "0",
-                          checkpoint: str = "checkpoint_final.pth", file_format: str = ".vtk", device: str = "cuda",
-                          overwrite: bool = False, show_progress: bool = True) -> dict:
+def predict_meshes_folder(model_folder: str, input_folder: str, output_folder: str,
+                          folds: Optional[Sequence[Any]] = None, checkpoint: str = "checkpoint_final.pth",
+                          file_format: str = ".vtk", device: str = "cuda", overwrite: bool = False,
+                          show_progress: bool = True) -> dict:
     """Segment and mesh every case of ``input_folder`` (nnU-Net raw images, ``CASE_0000.nii.gz``...).
+
+    ``folds``: one fold, several (an ensemble, as ``nnUNetv2_predict -f 0 1 2 3 4``), ``"all"``, or None for every
+    ``fold_N`` folder with ``checkpoint`` (:func:`nnunet_topo.cli.resolve_folds`). With several folds the
+    segmentation is nnU-Net's ensemble (the folds' logits averaged by ``predict_logits_from_preprocessed_data``), the
+    ROI is that of the ensemble segmentation, every fold's network + head runs on that same ROI crop, and each mesh
+    is the per-vertex mean of the folds' world vertices (:func:`ensemble_meshes`; the folds must share the templates,
+    :func:`check_fold_templates`) with the per-vertex spread (``SPREAD_DEFINITION``, mm) written as point data
+    ``spread_mm`` into ``.vtk``/``.vtp`` files, or as ``CASE_<structure>_spread.npy`` ``(V,)`` float64 next to
+    ``.ply``/``.obj``/``.stl`` files. One fold: the fold's mesh, no spread (nothing written, no spread keys).
 
     Per case: nnU-Net's sliding-window prediction of the whole case with the model (``nnUNetPredictor`` with
     ``nnUNetv2_predict``'s defaults: tile step 0.5, Gaussian weighting, mirroring along the checkpoint's
@@ -427,9 +547,12 @@ def predict_meshes_folder(model_folder: str, input_folder: str, output_folder: s
     labels in the preprocessed frame and one forward of network + head on it (module docstring). Writes
     ``output_folder/CASE_<structure><ext>`` (world mm, LPS) and ``output_folder/meshes.json``::
 
-        {"model_folder", "fold", "checkpoint", "format", "structures": [...], "frame", "roi_frame",
+        {"model_folder", "folds": [0, 1, ...], "checkpoint", "format", "structures": [...], "frame", "roi_frame",
+         "spread": SPREAD_DEFINITION (ensembles only),
          "cases": {CASE: {"files": {structure: file name}, "segmentation": file name,
-                          "roi": {"start": [...], "size": [...], "box": [lo, hi]}, "seconds": s}},
+                          "roi": {"start": [...], "size": [...], "box": [lo, hi]}, "seconds": s,
+                          ensembles only: "spread_mm": {structure: {"max": mm, "mean": mm}},
+                          "spread_files": {structure: .npy file name} (ply/obj/stl only)}},
          "cases_without_mesh": [CASE, ...]}
 
     A case whose predicted mesh structures do not fit the patch, or with none of them, gets no mesh files: a message
@@ -456,14 +579,22 @@ def predict_meshes_folder(model_folder: str, input_folder: str, output_folder: s
     if os.path.abspath(output_folder) == os.path.abspath(input_folder):
         raise MeshPredictionError("the output folder must differ from the input folder (inputs are never "
                                   "overwritten)")
+    from nnunet_topo.cli import resolve_folds
+
+    try:
+        folds = resolve_folds(model_folder, folds, checkpoint)
+    except ValueError as e:
+        raise MeshPredictionError(str(e)) from e
+    ensemble = len(folds) > 1
     dev = torch.device(device)
     # nnUNetv2_predict's defaults (perform_everything_on_device: nnU-Net turns it off on non-CUDA devices)
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                                 perform_everything_on_device=True, device=dev, verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(model_folder, (fold,), checkpoint_name=checkpoint)
+    predictor.initialize_from_trained_model_folder(model_folder, tuple(folds), checkpoint_name=checkpoint)
     network = predictor.network
     net = check_mesh_network(network)
+    check_fold_templates(predictor.list_of_parameters, folds)  # before any fold's weights are loaded
     plans_manager, cm, dj = predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
     if predictor.label_manager.has_regions:
         raise MeshPredictionError("this model is region-based (dataset.json 'regions_class_order'); the mesh trainers "
@@ -478,15 +609,18 @@ def predict_meshes_folder(model_folder: str, input_folder: str, output_folder: s
     # refuse early, before any work, if a file would be overwritten
     if not overwrite:
         for name in case_names:
-            for fname in [f"{name}_{s}{ext}" for s in names] + [name + file_ending]:
+            sidecars = [f"{name}_{s}_spread.npy" for s in names] if ensemble and ext not in (".vtk", ".vtp") else []
+            for fname in [f"{name}_{s}{ext}" for s in names] + sidecars + [name + file_ending]:
                 p = os.path.join(output_folder, fname)
                 if os.path.exists(p):
                     raise MeshPredictionError(f"{p} exists; pass --overwrite to replace it")
     os.makedirs(output_folder, exist_ok=True)
     preprocessor = cm.preprocessor_class(verbose=False)
-    summary: dict = {"model_folder": os.path.abspath(model_folder), "fold": str(fold), "checkpoint": checkpoint,
+    summary: dict = {"model_folder": os.path.abspath(model_folder), "folds": list(folds), "checkpoint": checkpoint,
                      "format": ext, "structures": names, "frame": "world (x, y, z) mm, ITK physical space (LPS)",
                      "roi_frame": ROI_FRAME, "cases": {}, "cases_without_mesh": []}
+    if ensemble:
+        summary["spread"] = SPREAD_DEFINITION
     it = list(zip(case_names, cases))
     if show_progress:
         from tqdm import tqdm
@@ -510,20 +644,33 @@ def predict_meshes_folder(model_folder: str, input_folder: str, output_folder: s
                                       "seconds": round(time.time() - t0, 2)}
             summary["cases_without_mesh"].append(name)
             continue
-        # one entry per loaded fold; this tool loads one (-f), the head's fold ensemble is a later step
+        # every fold's network + head on the same ROI (that of the ensemble segmentation)
         per_model = []
         for params in predictor.list_of_parameters:
             net.load_state_dict(params)
             per_model.append(predict_meshes_in_roi(network, data, roi, props, plans_manager, cm, device=dev,
                                                    case=name))
-        meshes = per_model[0]
-        written = {}
+        if ensemble:
+            meshes, spread = ensemble_meshes(per_model, case=name)
+        else:
+            meshes, spread = per_model[0], {}
+        written, spread_files, spread_stats = {}, {}, {}
         for s, mesh in meshes.items():
             fname = f"{name}_{s}{ext}"
-            export_mesh(mesh, os.path.join(output_folder, fname), overwrite=overwrite)
+            vtk_data = {SPREAD_NAME: spread[s]} if ensemble and ext in (".vtk", ".vtp") else None
+            export_mesh(mesh, os.path.join(output_folder, fname), overwrite=overwrite, point_data=vtk_data)
             written[s] = fname
-        summary["cases"][name] = {"files": written, "segmentation": seg_file, "roi": roi.to_dict(),
-                                  "seconds": round(time.time() - t0, 2)}
+            if ensemble:
+                spread_stats[s] = {"max": float(spread[s].max()), "mean": float(spread[s].mean())}
+                if vtk_data is None:
+                    spread_files[s] = f"{name}_{s}_spread.npy"
+                    np.save(os.path.join(output_folder, spread_files[s]), spread[s])
+        entry = {"files": written, "segmentation": seg_file, "roi": roi.to_dict()}
+        if ensemble:
+            entry["spread_mm"] = spread_stats
+            if spread_files:
+                entry["spread_files"] = spread_files
+        summary["cases"][name] = {**entry, "seconds": round(time.time() - t0, 2)}
     with open(os.path.join(output_folder, "meshes.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
@@ -566,7 +713,7 @@ def predict_meshes_entry(argv: Optional[Sequence[str]] = None) -> None:
     try:
         model_folder = model_folder_from_args(args)
         _set_torch_threads_as_nnunet(args.device)
-        summary = predict_meshes_folder(model_folder, args.i, args.o, fold=args.f, checkpoint=args.chk,
+        summary = predict_meshes_folder(model_folder, args.i, args.o, folds=args.f, checkpoint=args.chk,
                                         file_format=args.format, device=args.device, overwrite=args.overwrite)
     except (MeshPredictionError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

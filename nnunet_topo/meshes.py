@@ -47,6 +47,7 @@ __all__ = [
     "structure_meshes",
     "export_mesh",
     "read_mesh",
+    "read_point_data",
     "SUPPORTED_MESH_EXTENSIONS",
 ]
 
@@ -567,8 +568,23 @@ def _mesh_arrays(mesh: trimesh.Trimesh) -> tuple[np.ndarray, np.ndarray]:
     return vertices, faces
 
 
-def _write_vtk_legacy(path: str, vertices: np.ndarray, faces: np.ndarray) -> None:
-    """Legacy VTK 4.2 POLYDATA, binary (big-endian float64 points, int32 polygon lists)."""
+def _check_point_data(point_data: Mapping[str, Any] | None, n_vertices: int) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for name, values in (point_data or {}).items():
+        arr = np.asarray(values, dtype=np.float64)
+        if arr.shape != (n_vertices,):
+            raise ValueError(f"point data {name!r} must be one value per vertex, shape ({n_vertices},), got "
+                             f"{arr.shape}.")
+        if not name or any(c.isspace() for c in name) or any(c in name for c in "<>&\"'"):
+            raise ValueError(f"point data name {name!r} must be non-empty without spaces or XML characters.")
+        out[name] = arr
+    return out
+
+
+def _write_vtk_legacy(path: str, vertices: np.ndarray, faces: np.ndarray,
+                      point_data: Mapping[str, np.ndarray] | None = None) -> None:
+    """Legacy VTK 4.2 POLYDATA, binary (big-endian float64 points, int32 polygon lists; point data as
+    ``POINT_DATA`` float64 ``SCALARS``)."""
     if len(faces) and 4 * len(faces) >= 2**31:
         raise ValueError("mesh too large for a legacy VTK file (int32 indices).")
     polys = np.concatenate([np.full((len(faces), 1), 3, np.int64), faces], axis=1)
@@ -583,10 +599,26 @@ def _write_vtk_legacy(path: str, vertices: np.ndarray, faces: np.ndarray) -> Non
         f.write(f"POLYGONS {len(faces)} {polys.size}\n".encode())
         f.write(polys.astype(">i4").tobytes())
         f.write(b"\n")
+        if point_data:
+            f.write(f"POINT_DATA {len(vertices)}\n".encode())
+            for name, values in point_data.items():
+                f.write(f"SCALARS {name} double 1\nLOOKUP_TABLE default\n".encode())
+                f.write(np.asarray(values, np.float64).astype(">f8").tobytes())
+                f.write(b"\n")
 
 
-def _write_vtp(path: str, vertices: np.ndarray, faces: np.ndarray) -> None:
-    """VTK XML PolyData, ASCII (17 significant digits, so float64 coordinates round-trip)."""
+def _write_vtp(path: str, vertices: np.ndarray, faces: np.ndarray,
+               point_data: Mapping[str, np.ndarray] | None = None) -> None:
+    """VTK XML PolyData, ASCII (17 significant digits, so float64 coordinates round-trip); point data as Float64
+    ``PointData`` arrays (before ``Points``, the order of the VTK XML format)."""
+    pd = ""
+    if point_data:
+        arrays = "".join(
+            f'        <DataArray type="Float64" Name="{name}" NumberOfComponents="1" format="ascii">\n'
+            f"          {' '.join(repr(float(v)) for v in values)}\n"
+            "        </DataArray>\n"
+            for name, values in point_data.items())
+        pd = f'      <PointData Scalars="{next(iter(point_data))}">\n{arrays}      </PointData>\n'
     pts = " ".join(repr(float(v)) for v in vertices.ravel())
     conn = " ".join(str(int(i)) for i in faces.ravel())
     offs = " ".join(str(3 * (k + 1)) for k in range(len(faces)))
@@ -596,6 +628,7 @@ def _write_vtp(path: str, vertices: np.ndarray, faces: np.ndarray) -> None:
         "  <PolyData>\n"
         f'    <Piece NumberOfPoints="{len(vertices)}" NumberOfVerts="0" NumberOfLines="0" '
         f'NumberOfStrips="0" NumberOfPolys="{len(faces)}">\n'
+        f"{pd}"
         "      <Points>\n"
         '        <DataArray type="Float64" Name="Points" NumberOfComponents="3" format="ascii">\n'
         f"          {pts}\n"
@@ -617,7 +650,8 @@ def _write_vtp(path: str, vertices: np.ndarray, faces: np.ndarray) -> None:
         f.write(text)
 
 
-def export_mesh(mesh: trimesh.Trimesh, path: str | os.PathLike, overwrite: bool = False) -> str:
+def export_mesh(mesh: trimesh.Trimesh, path: str | os.PathLike, overwrite: bool = False,
+                point_data: Mapping[str, Any] | None = None) -> str:
     """Write a triangle mesh; the format follows the file extension.
 
     * ``.vtk``: legacy VTK 4.2 ``POLYDATA`` (binary), written here: surface meshes are VTK
@@ -636,6 +670,9 @@ def export_mesh(mesh: trimesh.Trimesh, path: str | os.PathLike, overwrite: bool 
         mesh: the mesh (``vertices (V, 3)``, ``faces (F, 3)``).
         path: output file; missing parent folders are created.
         overwrite: replace an existing file; by default an existing file is an error.
+        point_data: ``{name: (V,) values}``, one scalar per vertex (e.g. ``spread_mm``), written as VTK point data
+            (float64) into ``.vtk``/``.vtp`` files and read back by :func:`read_point_data`; other formats refuse it
+            (``ValueError``).
 
     Returns:
         The path written, as a string.
@@ -649,12 +686,15 @@ def export_mesh(mesh: trimesh.Trimesh, path: str | os.PathLike, overwrite: bool 
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
     vertices, faces = _mesh_arrays(mesh)
+    pdata = _check_point_data(point_data, len(vertices))
+    if pdata and ext not in (".vtk", ".vtp"):
+        raise ValueError(f"point data ({', '.join(pdata)}) is written only into .vtk/.vtp files, not {ext}.")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     if ext == ".vtk":
-        _write_vtk_legacy(path, vertices, faces)
+        _write_vtk_legacy(path, vertices, faces, pdata)
     elif ext == ".vtp":
-        _write_vtp(path, vertices, faces)
+        _write_vtp(path, vertices, faces, pdata)
     else:
         plain = trimesh.Trimesh(vertices, faces, process=False)
         kwargs = {"include_normals": False} if ext == ".obj" else {}
@@ -662,10 +702,11 @@ def export_mesh(mesh: trimesh.Trimesh, path: str | os.PathLike, overwrite: bool 
     return path
 
 
-def _read_vtk_legacy(path: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_vtk_legacy(path: str, point_data: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Legacy VTK POLYDATA (versions <= 4.2 and 5.1, ASCII or binary); triangles only.
 
-    Other legacy datasets (``UNSTRUCTURED_GRID``) are read with meshio.
+    Other legacy datasets (``UNSTRUCTURED_GRID``) are read with meshio. If ``point_data`` is a dict, the
+    ``POINT_DATA`` ``SCALARS`` arrays are stored in it (``{name: (V,) or (V, k)}``); other attributes are skipped.
     """
     with open(path, "rb") as f:
         data = f.read()
@@ -764,6 +805,19 @@ def _read_vtk_legacy(path: str) -> tuple[np.ndarray, np.ndarray]:
                 hdr = next_line()
                 read_values(int(toks[1]), hdr[1])
                 next_line()
+        elif key == "POINT_DATA" and point_data is not None and points is not None:
+            n_pts = int(toks[1])
+            while True:
+                hdr = next_line()
+                if not hdr or hdr[0].upper() != "SCALARS":
+                    break  # other attributes (VECTORS, FIELD, CELL_DATA...) are not read
+                ncomp = int(hdr[3]) if len(hdr) > 3 else 1
+                lut = next_line()
+                if not lut or lut[0].upper() != "LOOKUP_TABLE":
+                    raise ValueError(f"{path}: SCALARS {hdr[1]} without LOOKUP_TABLE.")
+                vals = read_values(n_pts * ncomp, hdr[2]).astype(np.float64)
+                point_data[hdr[1]] = vals if ncomp == 1 else vals.reshape(n_pts, ncomp)
+            break
         elif key in ("POINT_DATA", "CELL_DATA", "FIELD"):
             break  # attribute data follows the geometry; not needed
         else:
@@ -773,8 +827,9 @@ def _read_vtk_legacy(path: str) -> tuple[np.ndarray, np.ndarray]:
     return points, faces
 
 
-def _read_vtp(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """VTK XML PolyData with ASCII data arrays (as written by :func:`export_mesh`)."""
+def _read_vtp(path: str, point_data: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """VTK XML PolyData with ASCII data arrays (as written by :func:`export_mesh`); ``PointData`` arrays into
+    ``point_data`` if it is a dict."""
     root = ET.parse(path).getroot()
     if root.get("type") != "PolyData":
         raise ValueError(f"{path}: not a VTK XML PolyData file (type={root.get('type')!r}).")
@@ -801,7 +856,31 @@ def _read_vtp(path: str) -> tuple[np.ndarray, np.ndarray]:
     for kind in ("Verts", "Lines", "Strips"):
         if int(piece.get(f"NumberOf{kind}", "0")) > 0:
             raise ValueError(f"{path}: {kind} cells are not supported (triangle surfaces only).")
+    if point_data is not None:
+        for elem in piece.findall("PointData/DataArray"):
+            vals = array(elem, f"PointData {elem.get('Name')}")
+            ncomp = int(elem.get("NumberOfComponents", "1"))
+            point_data[elem.get("Name")] = vals if ncomp == 1 else vals.reshape(-1, ncomp)
     return points, conn.reshape(-1, 3)
+
+
+def read_point_data(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The per-vertex scalar arrays of a ``.vtk`` (legacy ``POINT_DATA SCALARS``) or ``.vtp`` (``PointData``) file,
+    e.g. ``{"spread_mm": (V,)}`` as written by :func:`export_mesh`; ``{}`` when there are none.
+
+    Raises:
+        ValueError: another extension (other formats carry no point data here), or a malformed file.
+        FileNotFoundError: no such file.
+    """
+    path = os.fspath(path)
+    ext = _extension(path)
+    if ext not in (".vtk", ".vtp"):
+        raise ValueError(f"{path}: point data is read from .vtk/.vtp files only.")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no mesh file at {path}.")
+    out: dict[str, np.ndarray] = {}
+    (_read_vtk_legacy if ext == ".vtk" else _read_vtp)(path, out)
+    return out
 
 
 def read_mesh(path: str | os.PathLike) -> trimesh.Trimesh:

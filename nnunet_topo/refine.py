@@ -9,6 +9,10 @@ slices along ``betti_2d.axis``; :class:`nnunet_topo.losses.betti.BettiPriorLoss`
 term keeps the segmentation close to the network's own answer; the second repairs the topology. The trained
 weights are never modified; every case starts again from ``w0``.
 
+A fold ensemble (several ``-f``) is refined as a whole: its output is the mean of the folds' logits (as nnU-Net
+ensembles folds), the loss above is applied to that mean, and all folds' copies are fine-tuned jointly
+(:func:`refine_logits_ensemble`), so the written ensemble segmentation is the one that meets the priors.
+
 The network runs on the whole preprocessed volume (padded to a multiple of the network's total stride), not on
 sliding-window patches: the priors describe whole structures, so the whole structure must be in view (DESIGN §6).
 Volumes much larger than the training patch need correspondingly more memory.
@@ -92,6 +96,66 @@ def refine_logits(network: nn.Module, x: Tensor, prior_losses: Sequence[nn.Modul
     return logits0, logits1, history
 
 
+def refine_logits_ensemble(networks: Sequence[nn.Module], x: Tensor, prior_losses: Sequence[nn.Module],
+                           steps: int = 30, lr: float = 1e-4, lam: float = 1.0
+                           ) -> Tuple[Tensor, Tensor, List[dict]]:
+    """Fine-tune copies of K networks (a fold ensemble) jointly, so that their *ensemble* output meets the priors.
+
+    The ensemble output is the mean of the K networks' logits, as nnU-Net ensembles folds
+    (``nnUNetPredictor.predict_logits_from_preprocessed_data``), and the loss of :func:`refine_logits` is applied to
+    it: ``mean((softmax(zbar) - softmax(zbar0))^2) + lambda * topology(zbar)`` with ``zbar = mean_k f_k(x; w_k)``,
+    ``zbar0`` the unrefined ensemble. So the segmentation that is written (the ensemble's) is the one refined
+    towards the priors; refining each fold alone and averaging would not guarantee that, since the mean of
+    topologically correct outputs need not be correct. One Adam optimiser over all copies' weights.
+
+    Memory: the gradient of a mean is ``dL/dz_k = dL/dzbar / K``, so each step computes ``zbar`` without graph, the
+    loss gradient with respect to ``zbar``, then back-propagates each network on its own (one network's activations
+    at a time, two forwards per network and step).
+
+    Args:
+        networks: K >= 1 modules mapping ``x`` to logits ``(1, C, *spatial)``; not modified.
+        x, prior_losses, steps, lr, lam: as :func:`refine_logits`.
+
+    Returns:
+        ``(ensemble logits before, ensemble logits after, history)`` as :func:`refine_logits`.
+    """
+    if steps < 0 or not (lr > 0) or not (lam >= 0):
+        raise RefinementError(f"need steps >= 0, lr > 0, lam >= 0; got steps={steps}, lr={lr}, lam={lam}")
+    if not networks:
+        raise RefinementError("refine_logits_ensemble needs at least one network")
+    nets = [copy.deepcopy(n) for n in networks]
+    for n in nets:
+        n.eval()
+
+    def ensemble_logits(models: Sequence[nn.Module]) -> Tensor:
+        with torch.no_grad():
+            total = None
+            for m in models:
+                z = m(x).float()
+                total = z if total is None else total + z
+            return total / len(models)
+
+    logits0 = ensemble_logits(networks)
+    if not torch.isfinite(logits0).all():
+        raise RefinementError("the networks produced NaN/inf logits for this case")
+    p0 = torch.softmax(logits0, 1)
+    opt = torch.optim.Adam([q for n in nets for q in n.parameters() if q.requires_grad], lr=lr)
+    history = []
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        zbar = ensemble_logits(nets).requires_grad_(True)
+        fidelity = ((torch.softmax(zbar, 1) - p0) ** 2).mean()
+        topo = sum(loss(zbar) for loss in prior_losses)
+        total = fidelity + lam * topo
+        (grad,) = torch.autograd.grad(total, zbar)
+        for n in nets:
+            n(x).float().backward(grad / len(nets))
+        opt.step()
+        history.append({"step": step, "fidelity": float(fidelity.detach()), "topology": float(topo.detach())})
+    logits1 = ensemble_logits(nets)
+    return logits0, logits1, history
+
+
 def topology_errors(seg: np.ndarray, priors_3d: Mapping[int, Sequence[int]], priors_2d: Mapping[int, Sequence[int]],
                     slice_axis: Optional[int]) -> Dict[str, dict]:
     """Betti numbers and errors of a label map against priors: 3D per class, 2D mean over slices with the class."""
@@ -125,11 +189,16 @@ def _pad_to_multiple(x: Tensor, multiple: Sequence[int]) -> Tuple[Tensor, Tuple[
     return torch.nn.functional.pad(x, flat), tuple(slicer)
 
 
-def refine_folder(model_folder: str, input_folder: str, output_folder: str, fold: str = "0",
+def refine_folder(model_folder: str, input_folder: str, output_folder: str, folds: Optional[Sequence] = None,
                   checkpoint: str = "checkpoint_final.pth", steps: int = 30, lr: float = 1e-4, lam: float = 1.0,
                   downsample: int = 1, use_2d: bool = True, device: str = "cuda", overwrite: bool = False,
                   show_progress: bool = True) -> dict:
     """Refine every case of ``input_folder`` (nnU-Net raw images) and write segmentations to ``output_folder``.
+
+    ``folds``: one fold, several, ``"all"``, or None for every ``fold_N`` folder with ``checkpoint``
+    (:func:`nnunet_topo.cli.resolve_folds`). One fold: :func:`refine_logits` on its network. Several folds: the
+    ensemble (mean of the folds' logits, as ``nnUNetv2_predict -f 0 1 ...``) is refined, every fold's copy
+    fine-tuned jointly (:func:`refine_logits_ensemble`); the written segmentation is the refined ensemble's.
 
     Writes one segmentation per case (nnU-Net's file naming and export, original geometry) and
     ``refinement_summary.json`` (per case: Betti numbers/errors against the priors before and after, voxels
@@ -147,10 +216,16 @@ def refine_folder(model_folder: str, input_folder: str, output_folder: str, fold
         raise RefinementError(f"model folder not found: {model_folder} (train first, or check -d/-c/-tr/-p)")
     if os.path.abspath(output_folder) == os.path.abspath(input_folder):
         raise RefinementError("the output folder must differ from the input folder (inputs are never overwritten)")
+    from nnunet_topo.cli import resolve_folds
+
+    try:
+        folds = resolve_folds(model_folder, folds, checkpoint)
+    except ValueError as e:
+        raise RefinementError(str(e)) from e
     dev = torch.device(device)
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=dev,
                                 verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(model_folder, (fold,), checkpoint_name=checkpoint)
+    predictor.initialize_from_trained_model_folder(model_folder, tuple(folds), checkpoint_name=checkpoint)
     plans_manager, cm, dj = predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
     spec = spec_from_dataset_json(dj)
     # priors on single labels only (BettiPriorLoss acts on channels); regions are reported, not refined
@@ -170,8 +245,13 @@ def refine_folder(model_folder: str, input_folder: str, output_folder: str, fold
     network = predictor.network
     network.load_state_dict(predictor.list_of_parameters[0])
     network.to(dev)
+    networks = [network]
+    for params in predictor.list_of_parameters[1:]:  # one copy per further fold (parameters only: small)
+        other = copy.deepcopy(network)
+        other.load_state_dict(params)
+        networks.append(other)
     preprocessor = cm.preprocessor_class(verbose=False)
-    summary: dict = {"model_folder": model_folder, "fold": fold, "checkpoint": checkpoint, "steps": steps, "lr": lr,
+    summary: dict = {"model_folder": model_folder, "folds": list(folds), "checkpoint": checkpoint, "steps": steps, "lr": lr,
                      "lambda": lam, "downsample": downsample, "priors_3d": {str(k): list(v) for k, v in priors_3d.items()},
                      "priors_2d": {str(k): list(v) for k, v in priors_2d.items()}, "cases": {}}
     it = cases
@@ -187,7 +267,10 @@ def refine_folder(model_folder: str, input_folder: str, output_folder: str, fold
         data, _, props = preprocessor.run_case(files, None, plans_manager, cm, dj)
         x, slicer = _pad_to_multiple(torch.from_numpy(data)[None].float(), strides)
         x = x.to(dev)
-        logits0, logits1, hist = refine_logits(network, x, losses, steps=steps, lr=lr, lam=lam)
+        if len(networks) == 1:
+            logits0, logits1, hist = refine_logits(network, x, losses, steps=steps, lr=lr, lam=lam)
+        else:
+            logits0, logits1, hist = refine_logits_ensemble(networks, x, losses, steps=steps, lr=lr, lam=lam)
         logits0 = logits0[slicer][0].cpu()
         logits1 = logits1[slicer][0].cpu()
         seg0, seg1 = logits0.argmax(0).numpy(), logits1.argmax(0).numpy()

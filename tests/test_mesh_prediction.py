@@ -573,3 +573,144 @@ def test_round_trip_with_real_plans(tmp_path):
             centre = index_to_world(preprocessed_to_original_index(vox, props, pm, cm, seg_pre.shape), geometry)[0]
             # marching cubes cuts corners: mesh and voxel centroids of a thin crescent differ by ~0.15 voxel
             assert np.linalg.norm(mesh.center_mass - centre) < 0.2 * min(geometry.spacing_xyz), (case.name, name)
+
+
+# ------------------------------------------------------------------------------ fold ensembles
+
+def _add_fold(folder, fold, seed=None, scale_template=None):
+    """Copy fold_0's checkpoint of a hand-made model to fold_<fold>, with the head's weights perturbed (``seed``:
+    every mesh head parameter + 0.05 N(0, 1); the segmentation layers stay, so the segmentation and ROI do not change)
+    or the first template's vertices scaled (``scale_template``: a checkpoint with other templates)."""
+    ckpt = torch.load(folder / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    sd = {k: v.clone() if torch.is_tensor(v) else v for k, v in ckpt["network_weights"].items()}
+    if seed is not None:
+        g = torch.Generator().manual_seed(seed)
+        for k, v in sd.items():
+            if k.startswith("mesh_head.") and "template" not in k and torch.is_tensor(v) and v.is_floating_point():
+                sd[k] = v + 0.05 * torch.randn(v.shape, generator=g)
+    if scale_template is not None:
+        sd["mesh_head.template_vertices_0"] = sd["mesh_head.template_vertices_0"] * scale_template
+    (folder / f"fold_{fold}").mkdir()
+    torch.save({**ckpt, "network_weights": sd}, folder / f"fold_{fold}" / "checkpoint_final.pth")
+
+
+def _ensemble_setup(tmp_path):
+    img_file, seg_file, dj, _ = _case(tmp_path, False)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    sitk.WriteImage(sitk.ReadImage(img_file), str(inputs / "small_0000.nii.gz"))
+    patch = [48, 16, 48]
+    plans = make_plans([2, 0, 1], _plans_for(dj, img_file)["configurations"]["3d_fullres"]["spacing"], patch)
+    model = tmp_path / "model"
+    _constant_label_model(model, plans, dj, labels_for("acdc")["RV"])
+    return model, inputs
+
+
+def test_fold_ensemble_mean_and_spread(tmp_path, monkeypatch):
+    """Two folds with different head weights: the ensemble mesh is the per-vertex mean of the single-fold meshes
+    (same ROI), the spread is sqrt(mean_k |x_k - mean|^2) of those meshes and reads back from the .vtk point data and
+    the .npy sidecar of .ply; default folds = all fold_N with the checkpoint; a missing fold is an error."""
+    from nnunet_topo.meshes import read_mesh, read_point_data
+    from nnunet_topo.trainers import TRAINER_DIR
+
+    monkeypatch.setenv("nnUNet_extTrainer", TRAINER_DIR)
+    model, inputs = _ensemble_setup(tmp_path)
+    _add_fold(model, 1, seed=1)
+    (model / "fold_7").mkdir()  # no checkpoint: not found by default, an error when asked for
+    ens = predict_meshes_folder(str(model), str(inputs), str(tmp_path / "ens"), device="cpu", show_progress=False)
+    one = [predict_meshes_folder(str(model), str(inputs), str(tmp_path / f"f{k}"), folds=[k], device="cpu",
+                                 show_progress=False) for k in (0, 1)]
+    assert ens["folds"] == [0, 1] and [s["folds"] for s in one] == [[0], [1]]
+    assert "spread" in ens and all("spread" not in s for s in one)
+    assert ens["cases"]["small"]["roi"] == one[0]["cases"]["small"]["roi"] == one[1]["cases"]["small"]["roi"]
+    assert all("spread_mm" not in s["cases"]["small"] for s in one)
+    for n in STRUCTURES:
+        v = [read_mesh(tmp_path / f"f{k}" / f"small_{n}.vtk").vertices for k in (0, 1)]
+        assert not np.allclose(v[0], v[1], atol=1e-3)  # the folds disagree
+        assert read_point_data(tmp_path / "f0" / f"small_{n}.vtk") == {}  # one fold: no point data
+        mesh = read_mesh(tmp_path / "ens" / f"small_{n}.vtk")
+        np.testing.assert_allclose(mesh.vertices, (v[0] + v[1]) / 2, atol=1e-9)
+        assert mesh.volume > 0
+        spread = read_point_data(tmp_path / "ens" / f"small_{n}.vtk")["spread_mm"]
+        expect = np.sqrt(np.mean([np.sum((vk - (v[0] + v[1]) / 2) ** 2, axis=1) for vk in v], axis=0))
+        np.testing.assert_allclose(spread, expect, atol=1e-9)
+        np.testing.assert_allclose(spread, np.linalg.norm(v[0] - v[1], axis=1) / 2, atol=1e-9)  # K = 2
+        assert spread.min() >= 0 and spread.max() > 0
+        stats = ens["cases"]["small"]["spread_mm"][n]
+        assert stats == pytest.approx({"max": spread.max(), "mean": spread.mean()})
+
+    # the console entry: -f with several folds, .ply with the spread as a sidecar .npy
+    monkeypatch.setattr("nnunet_topo.cli.model_folder_from_args", lambda args: str(model))
+    argv = ["-i", str(inputs), "-d", "1", "-c", "3d_fullres", "-device", "cpu"]
+    predict_meshes_entry(argv + ["-o", str(tmp_path / "ply"), "-f", "1", "0", "--format", "ply"])  # exit code 0
+    listing = json.loads((tmp_path / "ply" / "meshes.json").read_text())
+    assert listing["folds"] == [1, 0]
+    for n in STRUCTURES:
+        assert listing["cases"]["small"]["spread_files"][n] == f"small_{n}_spread.npy"
+        np.testing.assert_allclose(np.load(tmp_path / "ply" / f"small_{n}_spread.npy"),
+                                   read_point_data(tmp_path / "ens" / f"small_{n}.vtk")["spread_mm"], atol=1e-9)
+        np.testing.assert_allclose(read_mesh(tmp_path / "ply" / f"small_{n}.ply").vertices,
+                                   read_mesh(tmp_path / "ens" / f"small_{n}.vtk").vertices, atol=1e-9)
+
+    for folds, msg in (([7], r"fold 7: no checkpoint checkpoint_final.pth in"), ([0, 3], r"fold 3: no folder"),
+                       (["x"], "neither an integer nor 'all'"), ([0, 0], "given twice")):
+        with pytest.raises(MeshPredictionError, match=msg):
+            predict_meshes_folder(str(model), str(inputs), str(tmp_path / "err"), folds=folds, device="cpu")
+    with pytest.raises(MeshPredictionError, match="no fold_N folder with checkpoint_best.pth"):
+        predict_meshes_folder(str(model), str(inputs), str(tmp_path / "err"), checkpoint="checkpoint_best.pth",
+                              device="cpu")
+
+
+def test_fold_ensemble_refuses_different_templates(tmp_path, monkeypatch):
+    from nnunet_topo.trainers import TRAINER_DIR
+
+    monkeypatch.setenv("nnUNet_extTrainer", TRAINER_DIR)
+    model, inputs = _ensemble_setup(tmp_path)
+    _add_fold(model, 2, scale_template=1.1)
+    with pytest.raises(MeshPredictionError, match=r"folds 0 and 2 have different mesh templates \(structure "
+                                                  r"'LV_endo': template vertices differ\)"):
+        predict_meshes_folder(str(model), str(inputs), str(tmp_path / "out"), device="cpu", show_progress=False)
+    assert not (tmp_path / "out").exists()  # refused before any work
+    # each fold alone is fine
+    s = predict_meshes_folder(str(model), str(inputs), str(tmp_path / "out2"), folds=["2"], device="cpu",
+                              show_progress=False)
+    assert s["folds"] == [2] and s["cases"]["small"]["files"]
+
+
+def test_ensemble_meshes_naive():
+    """ensemble_meshes against a loop over vertices; K = 1 gives the mesh and zero spread."""
+    from nnunet_topo.mesh_prediction import ensemble_meshes
+
+    base = trimesh.creation.icosphere(1)
+    rng = np.random.default_rng(0)
+    per_fold = [{"a": trimesh.Trimesh(base.vertices + 0.05 * rng.normal(size=base.vertices.shape), base.faces,
+                                      process=False)} for _ in range(3)]
+    meshes, spread = ensemble_meshes(per_fold)
+    for v in range(len(base.vertices)):
+        xs = [m["a"].vertices[v] for m in per_fold]
+        mu = sum(xs) / 3
+        assert np.allclose(meshes["a"].vertices[v], mu)
+        assert np.isclose(spread["a"][v], np.sqrt(sum(np.sum((x - mu) ** 2) for x in xs) / 3))
+    m1, s1 = ensemble_meshes(per_fold[:1])
+    assert np.array_equal(m1["a"].vertices, per_fold[0]["a"].vertices) and not s1["a"].any()
+    with pytest.raises(MeshPredictionError, match="different vertex counts"):
+        ensemble_meshes([per_fold[0], {"a": trimesh.creation.icosphere(2)}])
+
+
+@pytest.mark.parametrize("ext", ["vtk", "vtp"])
+def test_point_data_round_trip(tmp_path, ext):
+    """export_mesh(point_data=) writes VTK point data that read_point_data reads back bit for bit, read_mesh still
+    reads the geometry; other formats and wrong shapes are refused."""
+    from nnunet_topo.meshes import export_mesh, read_mesh, read_point_data
+
+    m = trimesh.creation.icosphere(1)
+    values = np.random.default_rng(0).random(len(m.vertices))
+    p = export_mesh(m, tmp_path / f"a.{ext}", point_data={"spread_mm": values})
+    back = read_mesh(p)
+    assert np.array_equal(back.vertices, m.vertices) and np.array_equal(back.faces, m.faces)
+    assert list(read_point_data(p)) == ["spread_mm"] and np.array_equal(read_point_data(p)["spread_mm"], values)
+    assert read_point_data(export_mesh(m, tmp_path / f"b.{ext}")) == {}
+    with pytest.raises(ValueError, match="one value per vertex"):
+        export_mesh(m, tmp_path / f"c.{ext}", point_data={"spread_mm": values[:-1]})
+    with pytest.raises(ValueError, match=r"only into \.vtk/\.vtp"):
+        export_mesh(m, tmp_path / "c.ply", point_data={"spread_mm": values})

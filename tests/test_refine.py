@@ -5,7 +5,13 @@ import torch
 from torch import nn
 
 from nnunet_topo.metrics.topology import betti_numbers_3d, betti_numbers_per_slice
-from nnunet_topo.refine import RefinementError, build_prior_losses, refine_logits, topology_errors
+from nnunet_topo.refine import (
+    RefinementError,
+    build_prior_losses,
+    refine_logits,
+    refine_logits_ensemble,
+    topology_errors,
+)
 
 
 class FixedLogits(nn.Module):
@@ -109,3 +115,102 @@ def test_planted_defect_in_synthetic_phantom_is_repaired(kind):
     err = topology_errors(seg1, priors_3d, priors_2d, 0)[str(myo)]
     assert err["betti_error_3d"] == 0 and err.get("slices_wrong_2d", 0) == 0
     assert (seg0 != seg1).sum() <= 3 * defect.mask.sum() + 10
+
+
+# ------------------------------------------------------------------------------ fold ensembles
+
+def _ball_with_blob():
+    lab = np.zeros((12, 16, 16), np.int64)
+    zz, yy, xx = np.ogrid[:12, :16, :16]
+    lab[(zz - 6) ** 2 + (yy - 7) ** 2 + (xx - 7) ** 2 <= 16] = 1
+    blob = np.zeros_like(lab, bool)
+    blob[9:11, 12:14, 12:14] = True
+    with_blob = lab.copy()
+    with_blob[blob] = 1
+    return lab, with_blob, blob
+
+
+def test_ensemble_of_one_or_identical_folds_is_the_single_refinement():
+    """K = 1: the two-pass gradient (dL/dzbar, then back through the network) is the single-network refinement.
+    K identical copies: each copy gets dL/dzbar / K, which Adam's scale invariance turns into the same steps (up to
+    its eps on tiny gradients), so the segmentation is the single-network one."""
+    _, lab, blob = _ball_with_blob()
+    net = FixedLogits(logits_from_labels(lab, weak=blob))
+    losses = build_prior_losses({1: (1, 0, 0)}, {}, None)
+    x = torch.zeros(1, 1, 12, 16, 16)
+    b1, a1, h1 = refine_logits(net, x, losses, steps=10, lr=0.1)
+    b2, a2, h2 = refine_logits_ensemble([net], x, losses, steps=10, lr=0.1)
+    torch.testing.assert_close(b2, b1)
+    torch.testing.assert_close(a2, a1, atol=1e-5, rtol=1e-5)
+    assert [h["topology"] for h in h2] == pytest.approx([h["topology"] for h in h1], abs=1e-5)
+    b3, a3, _ = refine_logits_ensemble([net, net, net], x, losses, steps=10, lr=0.1)
+    torch.testing.assert_close(b3, b1)
+    assert torch.equal(a3.argmax(1), a1.argmax(1))
+    torch.testing.assert_close(a3, a1, atol=0.1, rtol=0)
+
+
+def test_ensemble_refinement_repairs_the_ensemble_output():
+    """Fold A sees a spurious blob (confidently), fold B does not (weakly): their mean of logits (nnU-Net's fold
+    ensemble) has the blob; joint refinement removes it from the ensemble output; the folds are untouched."""
+    lab, with_blob, blob = _ball_with_blob()
+    a = FixedLogits(logits_from_labels(with_blob, weak=blob))  # blob: foreground by a margin of 2
+    lb = logits_from_labels(lab, weak=blob)
+    lb[0][:, torch.from_numpy(blob)] *= 0.5  # blob: background by a margin of 1
+    b = FixedLogits(lb)
+    la, lb = a(None).clone(), b(None).clone()
+    losses = build_prior_losses({1: (1, 0, 0)}, {}, None)
+    before, after, hist = refine_logits_ensemble([a, b], torch.zeros(1, 1, 12, 16, 16), losses, steps=60, lr=0.1)
+    torch.testing.assert_close(before, (la + lb) / 2)
+    seg0, seg1 = before.argmax(1)[0].numpy(), after.argmax(1)[0].numpy()
+    assert betti_numbers_3d(seg0 == 1) == (2, 0, 0) and betti_numbers_3d(seg1 == 1) == (1, 0, 0)
+    assert (seg0 != seg1).sum() <= blob.sum() + 4
+    assert hist[-1]["topology"] < hist[0]["topology"]
+    assert torch.equal(a(None), la) and torch.equal(b(None), lb)
+    with pytest.raises(RefinementError, match="at least one network"):
+        refine_logits_ensemble([], torch.zeros(1), losses)
+
+
+def test_refine_folder_fold_ensemble(tmp_path, capsys, monkeypatch):
+    """refine_folder / nnUNetv2_topo_refine on a hand-made two-fold plain nnU-Net model folder: default folds = every
+    fold_N with the checkpoint, -f takes several folds, a missing fold is a clear error."""
+    import json
+
+    import SimpleITK as sitk
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from test_mesh_prediction import _case, _plans_for
+
+    from nnunet_topo.cli import refine_entry
+    from nnunet_topo.refine import refine_folder
+
+    img_file, _, dj, _ = _case(tmp_path, False)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    sitk.WriteImage(sitk.ReadImage(img_file), str(inputs / "c_0000.nii.gz"))
+    plans = _plans_for(dj, img_file)
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "plans.json").write_text(json.dumps(plans))
+    (model / "dataset.json").write_text(json.dumps(dj))
+    for fold in (0, 1):
+        torch.manual_seed(fold)
+        net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                     1, len(dj["labels"]), deep_supervision=False)
+        (model / f"fold_{fold}").mkdir()
+        torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer",
+                    "init_args": {"configuration": "3d_fullres"}, "inference_allowed_mirroring_axes": None},
+                   model / f"fold_{fold}" / "checkpoint_final.pth")
+    s = refine_folder(str(model), str(inputs), str(tmp_path / "out"), steps=1, lr=1e-3, device="cpu",
+                      show_progress=False)
+    assert s["folds"] == [0, 1] and (tmp_path / "out" / "c.nii.gz").is_file()
+    assert json.loads((tmp_path / "out" / "refinement_summary.json").read_text())["folds"] == [0, 1]
+    s1 = refine_folder(str(model), str(inputs), str(tmp_path / "out1"), folds=["1"], steps=0, device="cpu",
+                       show_progress=False)
+    assert s1["folds"] == [1]
+    with pytest.raises(RefinementError, match="fold 3: no folder"):
+        refine_folder(str(model), str(inputs), str(tmp_path / "out3"), folds=[0, 3], device="cpu")
+    monkeypatch.setattr("nnunet_topo.cli.model_folder_from_args", lambda args: str(model))
+    with pytest.raises(SystemExit) as e:
+        refine_entry(["-i", str(inputs), "-o", str(tmp_path / "o"), "-d", "1", "-c", "3d_fullres", "-f", "0", "5",
+                      "-device", "cpu"])
+    assert e.value.code == 2 and "fold 5: no folder" in capsys.readouterr().err
