@@ -528,8 +528,14 @@ def _mesh_structures_of(dataset_json: Mapping, names: Sequence[str]) -> Dict[str
 def predict_meshes_folder(model_folder: str, input_folder: str, output_folder: str,
                           folds: Optional[Sequence[Any]] = None, checkpoint: str = "checkpoint_final.pth",
                           file_format: str = ".vtk", device: str = "cuda", overwrite: bool = False,
-                          show_progress: bool = True) -> dict:
+                          show_progress: bool = True, roi_from: Optional[str] = None) -> dict:
     """Segment and mesh every case of ``input_folder`` (nnU-Net raw images, ``CASE_0000.nii.gz``...).
+
+    ``roi_from``: a folder of label maps ``CASE<file_ending>`` on the images' grids (e.g. corrected segmentations)
+    from which the ROI is taken instead of from the model's own segmentation (which is still written); the network
+    and mesh head run on the image as always. Each label map goes through nnU-Net's preprocessing with its image
+    (``preprocessor.run_case(images, label)``), so it lands in the same preprocessed frame; a missing file is an
+    error before any work.
 
     ``folds``: one fold, several (an ensemble, as ``nnUNetv2_predict -f 0 1 2 3 4``), ``"all"``, or None for every
     ``fold_N`` folder with ``checkpoint`` (:func:`nnunet_topo.cli.resolve_folds`). With several folds the
@@ -606,6 +612,11 @@ def predict_meshes_folder(model_folder: str, input_folder: str, output_folder: s
     if not cases:
         raise MeshPredictionError(f"no images ending in _0000{file_ending} in {input_folder}")
     case_names = [os.path.basename(files[0])[: -len(f"_0000{file_ending}")] for files in cases]
+    if roi_from is not None:
+        missing = [c for c in case_names if not os.path.isfile(os.path.join(roi_from, c + file_ending))]
+        if missing:
+            raise MeshPredictionError(f"--roi_from {roi_from}: no label map for {len(missing)} case(s), e.g. "
+                                      f"{[c + file_ending for c in missing[:3]]}")
     # refuse early, before any work, if a file would be overwritten
     if not overwrite:
         for name in case_names:
@@ -618,7 +629,8 @@ def predict_meshes_folder(model_folder: str, input_folder: str, output_folder: s
     preprocessor = cm.preprocessor_class(verbose=False)
     summary: dict = {"model_folder": os.path.abspath(model_folder), "folds": list(folds), "checkpoint": checkpoint,
                      "format": ext, "structures": names, "frame": "world (x, y, z) mm, ITK physical space (LPS)",
-                     "roi_frame": ROI_FRAME, "cases": {}, "cases_without_mesh": []}
+                     "roi_frame": ROI_FRAME, "roi_from": "prediction" if roi_from is None else os.path.abspath(roi_from),
+                     "cases": {}, "cases_without_mesh": []}
     if ensemble:
         summary["spread"] = SPREAD_DEFINITION
     it = list(zip(case_names, cases))
@@ -627,7 +639,8 @@ def predict_meshes_folder(model_folder: str, input_folder: str, output_folder: s
         it = tqdm(it, desc="predicting segmentations and meshes")
     for name, files in it:
         t0 = time.time()
-        data, _, props = preprocessor.run_case(files, None, plans_manager, cm, dj)
+        roi_file = None if roi_from is None else os.path.join(roi_from, name + file_ending)
+        data, roi_seg, props = preprocessor.run_case(files, roi_file, plans_manager, cm, dj)
         # as nnUNetv2_predict (data iterator -> predict_from_data_iterator): all loaded folds averaged
         x = torch.from_numpy(data).to(dtype=torch.float32, memory_format=torch.contiguous_format)
         logits = predictor.predict_logits_from_preprocessed_data(x).cpu().detach().numpy()
@@ -637,7 +650,9 @@ def predict_meshes_folder(model_folder: str, input_folder: str, output_folder: s
                                       save_probabilities=False)
         del logits
         try:
-            roi = mesh_roi(seg_pre, structures, cm.patch_size, cm.spacing, case=name)
+            # without a label file nnU-Net's run_case returns its nonzero mask as seg: used only with roi_from
+            roi = mesh_roi(seg_pre if roi_file is None else roi_seg[0], structures, cm.patch_size, cm.spacing,
+                           case=name)
         except NoMeshError as e:
             print(f"no mesh: {e}", file=sys.stderr)
             summary["cases"][name] = {"error": str(e), "files": {}, "segmentation": seg_file,
@@ -709,12 +724,17 @@ def predict_meshes_entry(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--format", default="vtk", choices=[e[1:] for e in SUPPORTED_MESH_EXTENSIONS],
                         help="mesh file format (default vtk)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing mesh and segmentation files in -o")
+    parser.add_argument("--roi_from", default=None, metavar="FOLDER",
+                        help="take the ROI from these label maps (CASE<file ending>, on the images' grids, e.g. "
+                             "corrected segmentations) instead of the model's own segmentation; the network and "
+                             "mesh head still run on the image")
     args = parser.parse_args(argv)
     try:
         model_folder = model_folder_from_args(args)
         _set_torch_threads_as_nnunet(args.device)
         summary = predict_meshes_folder(model_folder, args.i, args.o, folds=args.f, checkpoint=args.chk,
-                                        file_format=args.format, device=args.device, overwrite=args.overwrite)
+                                        file_format=args.format, device=args.device, overwrite=args.overwrite,
+                                        roi_from=args.roi_from)
     except (MeshPredictionError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -462,7 +462,7 @@ def test_predict_meshes_folder_rois_and_cases_without_mesh(tmp_path, monkeypatch
 
     monkeypatch.setenv("nnUNet_extTrainer", TRAINER_DIR)
     img_file, seg_file, dj, _ = _case(tmp_path, False)
-    big_img, _ = _padded_case(tmp_path, img_file, seg_file, (0, 30, 0), (80, 0, 0))
+    big_img, big_seg = _padded_case(tmp_path, img_file, seg_file, (0, 30, 0), (80, 0, 0))
     inputs = tmp_path / "in"
     inputs.mkdir()
     sitk.WriteImage(sitk.ReadImage(img_file), str(inputs / "small_0000.nii.gz"))
@@ -503,6 +503,26 @@ def test_predict_meshes_folder_rois_and_cases_without_mesh(tmp_path, monkeypatch
     with pytest.raises(SystemExit) as e:  # the segmentation files exist now
         predict_meshes_entry(argv)
     assert e.value.code == 2 and "big.nii.gz exists; pass --overwrite" in capsys.readouterr().err
+
+    # --roi_from: the ROI from given label maps (here the references), the empty model's own segmentation still
+    # written; both cases now get meshes, each ROI box is the reference's in the preprocessed frame
+    roi_dir = tmp_path / "roi_labels"
+    roi_dir.mkdir()
+    sitk.WriteImage(sitk.ReadImage(seg_file), str(roi_dir / "small.nii.gz"))
+    out = tmp_path / "out_roi_from"
+    with pytest.raises(MeshPredictionError, match="--roi_from .*no label map for 1 case.*big.nii.gz"):
+        predict_meshes_folder(empty, str(inputs), str(out), device="cpu", show_progress=False, roi_from=str(roi_dir))
+    sitk.WriteImage(sitk.ReadImage(big_seg), str(roi_dir / "big.nii.gz"))
+    summary = predict_meshes_folder(empty, str(inputs), str(out), device="cpu", show_progress=False,
+                                    roi_from=str(roi_dir))
+    assert summary["cases_without_mesh"] == [] and summary["roi_from"] == str(roi_dir)
+    ids = sorted({i for n in STRUCTURES.values() for i in (labels_for("acdc")[x] for x in n)})
+    for case, (img, seg) in {"small": (img_file, seg_file), "big": (big_img, big_seg)}.items():
+        _, _, _, seg_pre, _ = _preprocess(img, seg, dj, plans)
+        lo, hi = structure_box(seg_pre, ids)
+        assert summary["cases"][case]["roi"]["box"] == [list(lo), list(hi)], case
+        assert all((out / f).is_file() for f in summary["cases"][case]["files"].values())
+    assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "small.nii.gz"))))) == {0}
 
 
 def test_no_mesh_head_error():
