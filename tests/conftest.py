@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +32,15 @@ def nnunet_dirs(tmp_path_factory):
     for d in dirs.values():
         d.mkdir()
     return dirs
+
+
+def integration_env(dirs) -> dict:
+    """The environment of the CLI integration tests: the session's nnU-Net folders, one data-augmentation worker,
+    no torch.compile, and nnunet-topo's trainers plus the tests' short-run trainers (``dirs["ext_trainers"]``)."""
+    from nnunet_topo.trainers import TRAINER_DIR
+
+    e = dict(os.environ)
+    e.update(nnUNet_raw=str(dirs["raw"]), nnUNet_preprocessed=str(dirs["preprocessed"]),
+             nnUNet_results=str(dirs["results"]), nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1",
+             nnUNet_extTrainer=os.pathsep.join([TRAINER_DIR, str(dirs["ext_trainers"])]))
+    return e

@@ -5,15 +5,13 @@ nnUNetTrainerProjPool (a 2 epoch x 2 iteration subclass written to a second nnUN
 nnUNetv2_predict -> nnUNetv2_topo_evaluate_folder. Nothing of nnU-Net is mocked.
 """
 import json
-import os
 import textwrap
 
 import pytest
 import torch
 
 from nnunet_topo.synthetic import write_dataset
-from nnunet_topo.trainers import TRAINER_DIR
-from conftest import nnunet_cli, run_cli
+from conftest import integration_env, nnunet_cli, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -43,11 +41,7 @@ SMOKE_TRAINERS = "import os\nimport torch\n" + "".join(
 @pytest.fixture(scope="module")
 def env(nnunet_dirs):
     (nnunet_dirs["ext_trainers"] / "smoke_trainers.py").write_text(SMOKE_TRAINERS)
-    e = dict(os.environ)
-    e.update(nnUNet_raw=str(nnunet_dirs["raw"]), nnUNet_preprocessed=str(nnunet_dirs["preprocessed"]),
-             nnUNet_results=str(nnunet_dirs["results"]), nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1",
-             nnUNet_extTrainer=os.pathsep.join([TRAINER_DIR, str(nnunet_dirs["ext_trainers"])]))
-    return e
+    return integration_env(nnunet_dirs)
 
 
 @pytest.fixture(scope="module")
