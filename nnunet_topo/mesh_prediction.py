@@ -8,7 +8,8 @@ trained on patch-size windows centred on the mesh structures, so at inference it
    (``nnUNetPredictor.predict_logits_from_preprocessed_data``, ``nnUNetv2_predict``'s default settings) and writes
    the segmentation exactly as ``nnUNetv2_predict`` does (``export_prediction_from_logits``, same file name);
 2. takes the label map in the preprocessed frame (argmax of those logits: nnU-Net's label before resampling) and the
-   box of the union of the mesh structures' labels (:func:`mesh_roi`, :func:`nnunet_topo.roi.structure_box`);
+   box of the mesh structures' labels, the largest connected component of each (:func:`mesh_roi`,
+   :func:`nnunet_topo.roi.largest_component_box`);
 3. cuts the patch-size window centred on that box (:func:`nnunet_topo.roi.centered_window_start`,
    :func:`nnunet_topo.roi.crop_to_window`, filled with 0 outside the case as nnU-Net pads);
 4. runs network + head once on that crop (``forward_with_meshes``, :func:`predict_meshes_in_roi`) and maps the
@@ -59,7 +60,7 @@ from torch import nn
 from nnunet_topo.meshes import SUPPORTED_MESH_EXTENSIONS, ImageGeometry, export_mesh, index_to_world, \
     normalized_to_index
 from nnunet_topo.roi import Box, RoiError, box_extent_mm, centered_window_start, check_box_fits, crop_to_window, \
-    structure_box
+    largest_component_box
 
 __all__ = [
     "MeshPredictionError",
@@ -119,11 +120,14 @@ class MeshRoi:
     start: Tuple[int, ...]
     size: Tuple[int, ...]
     box: Box
+    #: voxels of the mesh-structure labels outside each structure's largest connected component (not in the box)
+    ignored_voxels: int = 0
 
     def to_dict(self) -> dict:
-        """``{"start": [...], "size": [...], "box": [lo, hi]}`` (the ``roi`` entry of ``meshes.json``)."""
+        """``{"start": [...], "size": [...], "box": [lo, hi], "ignored_voxels": n}`` (``roi`` of ``meshes.json``)."""
         return {"start": [int(s) for s in self.start], "size": [int(s) for s in self.size],
-                "box": [[int(v) for v in self.box[0]], [int(v) for v in self.box[1]]]}
+                "box": [[int(v) for v in self.box[0]], [int(v) for v in self.box[1]]],
+                "ignored_voxels": int(self.ignored_voxels)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,7 +228,9 @@ def _fmt_mm(values: Sequence[float]) -> str:
 
 def mesh_roi(segmentation: np.ndarray, structures: Mapping[str, Sequence[int]], patch_size: Sequence[int],
              spacing: Optional[Sequence[float]] = None, case: str = "case") -> MeshRoi:
-    """The patch-size window centred on the box of the union of the mesh structures in ``segmentation``.
+    """The patch-size window centred on the box of the mesh structures in ``segmentation``: the union of the boxes of
+    each structure's largest connected component (:func:`nnunet_topo.roi.largest_component_box`; a mesh structure is
+    one closed surface, so other islands of its labels are spurious for the ROI; their voxel count is recorded).
 
     Args:
         segmentation: ``(Z, Y, X)`` (or ``(1, Z, Y, X)``) integer label map in nnU-Net's preprocessed frame (the
@@ -253,7 +259,7 @@ def mesh_roi(segmentation: np.ndarray, structures: Mapping[str, Sequence[int]], 
     if not ids:
         raise MeshPredictionError(f"case {case}: no label ids for the mesh structures {list(structures)}")
     desc = ", ".join(f"{n}: labels {sorted(int(i) for i in v)}" for n, v in structures.items())
-    box = structure_box(seg, ids)
+    box, ignored = largest_component_box(seg, structures)
     if box is None:
         raise EmptyPredictionError(
             f"case {case}: empty prediction: the predicted segmentation contains none of the mesh structures' labels "
@@ -267,12 +273,12 @@ def mesh_roi(segmentation: np.ndarray, structures: Mapping[str, Sequence[int]], 
         check_box_fits(box, patch, case, what="the predicted mesh structures",
                        advice=f"Box {list(box[0])}..{list(box[1])} in the preprocessed frame{mm}. The mesh head "
                               "sees one patch, so no mesh is written rather than a rescaled one. Either the "
-                              "prediction has spurious voxels of these labels far from the heart (check the "
-                              "segmentation), or the heart ROI of this case is larger than the model's: plan a mesh "
+                              "prediction has spurious voxels of these labels connected to the heart (check the "
+                              "segmentation; separate islands are already ignored), or the heart ROI of this case is larger than the model's: plan a mesh "
                               "configuration with a larger patch or margin (nnUNetv2_topo_plan_mesh) and retrain")
     except RoiError as e:
         raise RoiDoesNotFitError(str(e), box) from e
-    return MeshRoi(centered_window_start(box, patch), patch, box)
+    return MeshRoi(centered_window_start(box, patch), patch, box, ignored)
 
 
 def predict_meshes_in_roi(network: nn.Module, data: np.ndarray, roi: MeshRoi, properties: Mapping[str, Any],

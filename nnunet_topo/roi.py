@@ -16,11 +16,11 @@ numpy, no nnU-Net import.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["Box", "RoiError", "structure_box", "box_extent_mm", "box_fits", "check_box_fits",
+__all__ = ["Box", "RoiError", "structure_box", "largest_component_box", "box_extent_mm", "box_fits", "check_box_fits",
            "centered_window_start", "random_window_start", "crop_to_window", "window_contains"]
 
 Box = Tuple[Tuple[int, ...], Tuple[int, ...]]
@@ -48,6 +48,36 @@ def structure_box(label_map: np.ndarray, label_ids: Sequence[int]) -> Optional[B
         lo.append(int(idx[0]))
         hi.append(int(idx[-1]) + 1)
     return tuple(lo), tuple(hi)
+
+
+def largest_component_box(label_map: np.ndarray, structures: Mapping[str, Sequence[int]]
+                          ) -> Tuple[Optional[Box], int]:
+    """``(box, ignored voxels)``: the union over the mesh structures (``{name: label ids}``) of the box of each
+    structure's *largest* connected component (26-connectivity, scipy.ndimage), and the number of voxels of the
+    other components. A mesh structure is one closed surface (its template has b0 = 1), so islands of its labels
+    away from the main component are spurious for the ROI (a predicted segmentation often has a few): they would
+    stretch the box, not add to the mesh. Box None when no structure has a voxel."""
+    from scipy import ndimage
+
+    a = np.asarray(label_map)
+    if a.ndim == 4 and a.shape[0] == 1:
+        a = a[0]
+    lo, hi, ignored = None, None, 0
+    for ids in structures.values():
+        mask = np.isin(a, np.asarray(list(ids)))
+        if not mask.any():
+            continue
+        lab, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
+        if n > 1:
+            sizes = np.bincount(lab.ravel())[1:]
+            keep = int(np.argmax(sizes)) + 1
+            ignored += int(sizes.sum() - sizes[keep - 1])
+            mask = lab == keep
+        del lab
+        b = structure_box(mask, [1])
+        lo = b[0] if lo is None else tuple(min(x, y) for x, y in zip(lo, b[0]))
+        hi = b[1] if hi is None else tuple(max(x, y) for x, y in zip(hi, b[1]))
+    return (None if lo is None else (lo, hi)), ignored
 
 
 def box_extent_mm(box: Box, spacing: Sequence[float]) -> Tuple[float, ...]:

@@ -310,7 +310,15 @@ def test_predict_meshes_case_roi_oracle_templates(tmp_path, oblique):
     roi = mesh_roi(seg_pre, _mesh_ids(), ROI_PATCH, cm.spacing)
     box = structure_box(seg_pre, _all_ids())
     assert roi.box == box and roi.start == centered_window_start(box, ROI_PATCH) and list(roi.size) == ROI_PATCH
-    assert roi.to_dict() == {"start": list(roi.start), "size": ROI_PATCH, "box": [list(box[0]), list(box[1])]}
+    assert roi.to_dict() == {"start": list(roi.start), "size": ROI_PATCH, "box": [list(box[0]), list(box[1])],
+                             "ignored_voxels": 0}
+    # a stray predicted voxel far from the heart does not stretch the ROI (largest component per structure)
+    stray = seg_pre.copy()
+    far = [0 if lo_ > 0 else s_ - 1 for lo_, s_ in zip(box[0], stray.shape)]
+    stray[tuple(far)] = _mesh_ids()["RV"][0]
+    assert structure_box(stray, _all_ids()) != box
+    roi2 = mesh_roi(stray, _mesh_ids(), ROI_PATCH, cm.spacing)
+    assert roi2.box == box and roi2.ignored_voxels >= 1
 
 
 @pytest.mark.parametrize("oblique", [False, True])
@@ -391,18 +399,21 @@ def test_predict_meshes_case_roi_errors(tmp_path):
 
 
 def test_mesh_roi_window():
-    """Unit check of the window on a hand-made label map: centred on the union of the structures' labels."""
+    """Unit check of the window on a hand-made label map: centred on the union of the structures' boxes (each
+    structure's largest component; a separate structure counts, an island of one does not)."""
     seg = np.zeros((10, 20, 30), np.uint8)
     seg[2:5, 3:9, 10:14] = 1
     seg[6, 12, 20] = 2
     seg[0, 0, 0] = 9  # not a mesh structure label
-    roi = mesh_roi(seg, {"a": [1], "b": [1, 2]}, [8, 16, 16], case="u")
+    roi = mesh_roi(seg, {"a": [1], "b": [2]}, [8, 16, 16], case="u")
     assert roi.box == ((2, 3, 10), (7, 13, 21)) and roi.start == (0, 0, 7) and roi.size == (8, 16, 16)
-    roi4 = mesh_roi(seg[None], {"a": [1], "b": [1, 2]}, [8, 16, 16])
+    roi4 = mesh_roi(seg[None], {"a": [1], "b": [2]}, [8, 16, 16])
     assert roi4 == roi
     with pytest.raises(RoiDoesNotFitError, match=r"case u: .* span \[5, 10, 11\] voxels, more than the patch "
                                                    r"\[4, 16, 16\]"):
-        mesh_roi(seg, {"a": [1], "b": [1, 2]}, [4, 16, 16], case="u")
+        mesh_roi(seg, {"a": [1], "b": [2]}, [4, 16, 16], case="u")
+    island = mesh_roi(seg, {"a": [1], "ab": [1, 2]}, [8, 16, 16])  # label 2 is an island of structure ab
+    assert island.box == ((2, 3, 10), (5, 9, 14)) and island.ignored_voxels == 1
 
 
 def test_predict_meshes_case_sphere_template_and_errors(tmp_path):
@@ -476,7 +487,8 @@ def test_predict_meshes_folder_rois_and_cases_without_mesh(tmp_path, monkeypatch
     assert json.loads((out / "meshes.json").read_text()) == summary
     assert summary["cases_without_mesh"] == ["big"] and summary["structures"] == list(STRUCTURES)
     small, big = summary["cases"]["small"], summary["cases"]["big"]
-    assert small["roi"] == {"start": [-4, 0, -3], "size": patch, "box": [[0, 0, 0], [40, 16, 42]]}
+    assert small["roi"] == {"start": [-4, 0, -3], "size": patch, "box": [[0, 0, 0], [40, 16, 42]],
+                            "ignored_voxels": 0}
     assert small["files"] == {n: f"small_{n}.vtk" for n in STRUCTURES} and small["segmentation"] == "small.nii.gz"
     assert all((out / f).is_file() for f in small["files"].values())
     assert big["files"] == {} and big["segmentation"] == "big.nii.gz" and "roi" not in big

@@ -56,3 +56,23 @@ def test_crop_to_window_against_padding():
         big = np.pad(a, [(0, 0)] + [(20, 20)] * 3, constant_values=-3)
         sl = tuple(slice(s + 20, s + 20 + p) for s, p in zip(start, patch))
         np.testing.assert_array_equal(out, big[(slice(None),) + sl])
+
+
+def test_largest_component_box_ignores_islands_of_a_structure():
+    from nnunet_topo.roi import largest_component_box
+
+    lab = np.zeros((12, 30, 30), np.uint8)
+    lab[2:6, 3:10, 3:10] = 1          # structure A
+    lab[2:6, 10:14, 3:10] = 2         # structure B, touching A
+    lab[11, 29, 29] = 1               # a stray voxel of A far away
+    lab[0, 25:27, 0:2] = 2            # a small island of B
+    lab[8:10, 20:28, 20:28] = 3       # structure C, separate from A and B: its own largest component counts
+    box, ignored = largest_component_box(lab[None], {"A": [1], "B": [2], "AB": [1, 2], "C": [3]})
+    assert box == ((2, 3, 3), (10, 28, 28)) and ignored == 1 + 4 + 5  # A's voxel, B's island, both in AB
+    box, ignored = largest_component_box(lab, {"A": [1]})
+    assert box == ((2, 3, 3), (6, 10, 10)) and ignored == 1
+    assert largest_component_box(lab, {"D": [7]}) == (None, 0)
+    # diagonal neighbours are one component (26-connectivity)
+    d = np.zeros((3, 3, 3), np.uint8)
+    d[0, 0, 0] = d[1, 1, 1] = 1
+    assert largest_component_box(d, {"A": [1]}) == (((0, 0, 0), (2, 2, 2)), 0)
