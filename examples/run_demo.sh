@@ -3,7 +3,7 @@
 #   synthetic dataset -> check rules -> plan+preprocess -> train (nnUNetTrainerProjPool, CPU) -> predict -> evaluate,
 #   then the mesh path: heart-ROI mesh plans -> preprocess -> train (nnUNetTrainerTPM, short CPU settings) ->
 #   predict segmentations and meshes (VTK, patient coordinates) -> evaluate with mesh metrics
-# and print the result tables. About 17 minutes on 2 CPU cores (plus the one-time install).
+# and print the result tables. About 17-30 minutes on 2 CPU cores (plus the one-time install).
 # Works in $NNUNET_TOPO_DEMO_DIR (default ./demo_output); only a folder this script created is ever replaced.
 set -euo pipefail
 cd "$(dirname "$0")/.."
