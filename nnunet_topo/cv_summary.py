@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence, Union
 
 from nnunet_topo.evaluation import _cell, aggregate, compute_topology_metrics_on_folder, format_table
 from nnunet_topo.rules import spec_from_dataset_json
-from nnunet_topo.summary_io import load_json_arg, to_builtin
+from nnunet_topo.summary_io import load_json_arg, to_builtin, write_json_atomic
 
 SUMMARY_NAME = "summary_topology.json"
 CV_SUMMARY_NAME = "summary_topology_cv.json"
@@ -92,17 +92,6 @@ def _load_or_compute_fold(model_folder: str, fold: int, dataset_json: dict, plan
     # chill: gt_segmentations holds every case of the dataset, validation/ only this fold's (as the trainers do)
     return compute_topology_metrics_on_folder(gt, val, dataset_json, plans, output_file=path, chill=True,
                                               show_progress=False)
-
-
-def _write_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def summarize_cv(model_folder: str, folds: Optional[Sequence[int]] = None, chill: bool = False,
@@ -189,7 +178,7 @@ def summarize_cv(model_folder: str, folds: Optional[Sequence[int]] = None, chill
         folds_out[str(k)] = entry
     summary = to_builtin({"folds": folds_out, "pooled": pooled, **pooled, "metric_per_case": cases,
                           "missing_folds": missing, "label_names": ref["label_names"], "rules": ref["rules"]})
-    _write_atomic(os.path.join(model_folder, CV_SUMMARY_NAME), summary)
+    write_json_atomic(os.path.join(model_folder, CV_SUMMARY_NAME), summary, indent=2, sort_keys=True)
     return summary
 
 

@@ -41,7 +41,7 @@ from nnunet_topo.metrics.topology import (
 )
 from nnunet_topo.rules import ExclusionRule, TopologySpec, reference_spec, spec_from_dataset_json
 from nnunet_topo.summary_io import EvaluationError, ignore_label_of, load_json_arg, mean_and_count, nanmean, \
-    to_builtin
+    to_builtin, write_json_atomic
 from nnunet_topo.violations import violation_maps_numpy
 
 
@@ -632,10 +632,7 @@ def cached_rule_check(labels_folder: str, dataset_json: dict, cache_file: str) -
         except (OSError, ValueError, KeyError):
             pass
     report = check_rules_on_folder(labels_folder, dataset_json, show_progress=False)
-    tmp = f"{cache_file}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"key": key, "report": report}, f)
-    os.replace(tmp, cache_file)
+    write_json_atomic(cache_file, {"key": key, "report": report})
     return report
 
 

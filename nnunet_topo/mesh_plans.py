@@ -63,6 +63,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from nnunet_topo import roi
+from nnunet_topo.plans import derived_plans
+from nnunet_topo.summary_io import to_builtin, write_json_atomic
 
 __all__ = ["MeshPlansError", "RoiStatistics", "mesh_structure_labels", "roi_statistics", "roi_voxels",
            "coarsen_spacing", "median_shape_at_spacing", "find_planner_class", "plan_mesh_configuration",
@@ -309,25 +311,10 @@ def _r(v: Sequence[float]) -> List[float]:
     return [round(float(x), 3) for x in v]
 
 
-def _jsonable(obj: Any) -> Any:
-    """A JSON-ready copy: numpy scalars to int/float/bool, arrays and tuples to lists, keys to str."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    return obj
-
-
 def mesh_configuration(planned: Mapping, parent_resolved: Mapping, parent: str, mesh_roi: Mapping) -> dict:
     """The stored mesh configuration: ``inherits_from`` the parent, the planner's keys that differ from the parent's
     resolved configuration (always those of ``ALWAYS_STORED``), cascade links cleared, and ``mesh_roi``."""
-    new, old = _jsonable(planned), _jsonable(parent_resolved)
+    new, old = to_builtin(planned), to_builtin(parent_resolved)
     conf: Dict[str, Any] = {"inherits_from": parent}
     for k, v in new.items():
         if k in ALWAYS_STORED or k not in old or old[k] != v:
@@ -335,7 +322,7 @@ def mesh_configuration(planned: Mapping, parent_resolved: Mapping, parent: str, 
     for k in ("next_stage", "previous_stage"):
         if old.get(k) is not None:
             conf[k] = None
-    conf["mesh_roi"] = _jsonable(mesh_roi)
+    conf["mesh_roi"] = to_builtin(mesh_roi)
     return conf
 
 
@@ -363,13 +350,10 @@ def write_mesh_plans(dataset: str, configuration: str = "3d_fullres", plans_iden
         ValueError (MeshPlansError, TopologySpecError), FileNotFoundError, FileExistsError, RuntimeError: with the
         fix in the message.
     """
-    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.paths import nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    if output_identifier == plans_identifier:
-        raise ValueError("the output plans identifier (-o) must differ from the input one (-p): the input is never "
-                         "modified")
     if patch is not None:
         patch = [int(p) for p in patch]
         if len(patch) != 3 or any(p < 1 for p in patch):
@@ -377,16 +361,9 @@ def write_mesh_plans(dataset: str, configuration: str = "3d_fullres", plans_iden
     if gpu_memory_target is not None and not (float(gpu_memory_target) > 0):
         raise ValueError(f"--gpu_memory_target must be > 0 GB, got {gpu_memory_target}")
     dataset_name = maybe_convert_to_dataset_name(dataset)
-    base = os.path.join(os.fspath(nnUNet_preprocessed), dataset_name)
-    src = os.path.join(base, plans_identifier + ".json")
-    dst = os.path.join(base, output_identifier + ".json")
-    if not os.path.isfile(src):
-        raise FileNotFoundError(f"plans not found: {src} (run nnUNetv2_plan_and_preprocess -d {dataset} --no_pp, "
-                                "or nnUNetv2_extract_fingerprint + nnUNetv2_plan_experiment, first)")
-    if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
-    with open(src) as f:
-        plans = json.load(f)
+    src, dst, plans = derived_plans(dataset, plans_identifier, output_identifier, overwrite,
+                                    f"run nnUNetv2_plan_and_preprocess -d {dataset} --no_pp, or "
+                                    "nnUNetv2_extract_fingerprint + nnUNetv2_plan_experiment, first")
     if configuration not in plans["configurations"]:
         raise ValueError(f"configuration {configuration!r} not in {src}; it has {sorted(plans['configurations'])}")
     if name in plans["configurations"]:
@@ -419,17 +396,13 @@ def write_mesh_plans(dataset: str, configuration: str = "3d_fullres", plans_iden
     new_plans = deepcopy(plans)
     new_plans["plans_name"] = output_identifier
     new_plans["configurations"][name] = conf
-    text = json.dumps(_jsonable(new_plans), indent=4)
-    cm = PlansManager(json.loads(text)).get_configuration(name)  # what nnU-Net will read back
-    want = _jsonable(planned)
+    new_plans = to_builtin(new_plans)
+    cm = PlansManager(json.loads(json.dumps(new_plans))).get_configuration(name)  # what nnU-Net will read back
+    want = to_builtin(planned)
     if list(cm.patch_size) != want["patch_size"] or list(cm.spacing) != want["spacing"]:
         raise RuntimeError(f"the written configuration {name!r} resolves to patch {cm.patch_size} and spacing "
                            f"{cm.spacing}, not the planned {want['patch_size']} / {want['spacing']}")
-    os.makedirs(base, exist_ok=True)
-    tmp = dst + f".{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, dst)
+    write_json_atomic(dst, new_plans, indent=4)
     return dst
 
 

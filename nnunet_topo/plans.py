@@ -19,6 +19,8 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from nnunet_topo.summary_io import write_json_atomic
+
 
 def preprocessed_cases(preprocessed_dataset_folder: str) -> Iterator[Tuple[str, Any, Any]]:
     """``(identifier, data (C, Z, Y, X), seg (1, Z, Y, X))`` of every preprocessed case of one configuration folder,
@@ -64,23 +66,34 @@ def whole_volume_patch(shapes: List[tuple], strides: List[List[int]]) -> List[in
     return [int(math.ceil(b / t) * t) for b, t in zip(biggest, total)]
 
 
-def write_whole_volume_plans(dataset: str, configuration: str = "3d_fullres", plans_identifier: str = "nnUNetPlans",
-                             output_identifier: str = "nnUNetPlansWholeVolume", overwrite: bool = False) -> str:
-    """Write ``<output_identifier>.json`` next to the plans; returns its path. Never modifies the input plans."""
+def derived_plans(dataset: str, plans_identifier: str, output_identifier: str, overwrite: bool,
+                  missing_hint: str = "") -> Tuple[str, str, dict]:
+    """``(input path, output path, input plans dict)`` of a plans file derived from another one in the dataset's
+    preprocessed folder (nnU-Net's ``-p PLANS`` mechanism): refuses an output identifier equal to the input one (the
+    input is never modified), a missing input (``missing_hint`` says how to make it) and an existing output unless
+    ``overwrite``."""
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     if output_identifier == plans_identifier:
-        raise ValueError("the output plans identifier must differ from the input one (the input is never modified)")
-    base = os.path.join(str(nnUNet_preprocessed), maybe_convert_to_dataset_name(dataset))
+        raise ValueError("the output plans identifier (-o) must differ from the input one (-p): the input is never "
+                         "modified")
+    base = os.path.join(os.fspath(nnUNet_preprocessed), maybe_convert_to_dataset_name(dataset))
     src = os.path.join(base, plans_identifier + ".json")
     dst = os.path.join(base, output_identifier + ".json")
     if not os.path.isfile(src):
-        raise FileNotFoundError(f"plans not found: {src}")
+        raise FileNotFoundError(f"plans not found: {src}" + (f" ({missing_hint})" if missing_hint else ""))
     if os.path.exists(dst) and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
     with open(src) as f:
-        plans = json.load(f)
+        return src, dst, json.load(f)
+
+
+def write_whole_volume_plans(dataset: str, configuration: str = "3d_fullres", plans_identifier: str = "nnUNetPlans",
+                             output_identifier: str = "nnUNetPlansWholeVolume", overwrite: bool = False) -> str:
+    """Write ``<output_identifier>.json`` next to the plans; returns its path. Never modifies the input plans."""
+    src, dst, plans = derived_plans(dataset, plans_identifier, output_identifier, overwrite)
+    base = os.path.dirname(src)
     if configuration not in plans["configurations"]:
         raise ValueError(f"configuration {configuration!r} not in {src}; it has {sorted(plans['configurations'])}")
     conf = plans["configurations"][configuration]
@@ -92,10 +105,7 @@ def write_whole_volume_plans(dataset: str, configuration: str = "3d_fullres", pl
     patch = [max(int(p), int(q)) for p, q in zip(patch, conf["patch_size"])]
     conf["patch_size"] = patch
     plans["plans_name"] = output_identifier
-    tmp = dst + f".{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(plans, f, indent=4)
-    os.replace(tmp, dst)
+    write_json_atomic(dst, plans, indent=4)
     return dst
 
 

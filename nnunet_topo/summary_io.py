@@ -11,7 +11,8 @@ from typing import Iterable, Tuple, Union
 
 import numpy as np
 
-__all__ = ["EvaluationError", "ignore_label_of", "load_json_arg", "mean_and_count", "nanmean", "to_builtin"]
+__all__ = ["EvaluationError", "ignore_label_of", "load_json_arg", "mean_and_count", "nanmean", "to_builtin",
+           "write_json_atomic"]
 
 
 class EvaluationError(ValueError):
@@ -60,3 +61,16 @@ def ignore_label_of(dataset_json: dict):
     """nnU-Net's ``ignore`` label id of a dataset.json (sparse annotation: such voxels are unknown), or None."""
     value = dataset_json.get("labels", {}).get("ignore")
     return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else None
+
+
+def write_json_atomic(path: str, obj, **dump_kwargs) -> None:
+    """``json.dump(obj)`` to ``path`` through a temporary file renamed over it, so a reader never sees half a file
+    and a crash leaves the old file (the temporary one is removed)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, **dump_kwargs)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
