@@ -108,12 +108,13 @@ def templates_from_label_maps(label_maps: Sequence[np.ndarray], structures: Mapp
 
 
 def roi_crops(cases: Iterable[Tuple[str, np.ndarray]], label_ids: Sequence[int], patch_size: Sequence[int],
-              who: str = "mesh trainer", configuration: str = "") -> Tuple[List[Tuple[str, np.ndarray]],
-                                                                           Dict[str, Optional[Box]]]:
+              who: str = "mesh trainer", configuration: str = "", crop: bool = True
+              ) -> Tuple[List[Tuple[str, np.ndarray]], Dict[str, Optional[Box]]]:
     """``([(identifier, patch-size crop)], {identifier: box or None})`` from streamed ``(identifier, (Z, Y, X) label
     map)`` cases: each crop is the ``patch_size`` window centred on the box of the voxels with ``label_ids`` (the
     union of the mesh structures), padded with 0 where it reaches outside the case; cases without those labels get
-    box None and no crop. Only the crops are kept, so memory is bounded by the patch, not by the case size.
+    box None and no crop. Only the crops are kept, so memory is bounded by the patch, not by the case size. With
+    ``crop=False`` only the boxes are computed (and checked): templates that exist already need no crops.
 
     Raises ``RuntimeError`` naming the cases whose mesh structures span more than the patch, or when no case has
     any of them."""
@@ -125,7 +126,7 @@ def roi_crops(cases: Iterable[Tuple[str, np.ndarray]], label_ids: Sequence[int],
         boxes[key] = box
         if box is not None and not box_fits(box, patch):
             too_big.append((key, [h - lo for lo, h in zip(*box)]))
-        elif box is not None:
+        elif box is not None and crop:
             crops.append((key, crop_to_window(seg, centered_window_start(box, patch), patch, fill=0)))
         del seg
     if too_big:
@@ -134,7 +135,7 @@ def roi_crops(cases: Iterable[Tuple[str, np.ndarray]], label_ids: Sequence[int],
             f"{patch} of configuration {configuration!r}, but they span more voxels in {len(too_big)} case(s), e.g. "
             f"{too_big[:3]}. Plan a mesh configuration whose patch holds the heart ROI (nnUNetv2_topo_plan_mesh -d "
             "ID, then nnUNetv2_preprocess and nnUNetv2_train with the configuration and plans it prints).")
-    if not crops:
+    if all(b is None for b in boxes.values()):
         raise RuntimeError(f"{who}: none of the {len(boxes)} preprocessed case(s) contains the mesh structures "
                            f"(labels {list(label_ids)}); check the topology block's mesh_structures")
     return crops, boxes

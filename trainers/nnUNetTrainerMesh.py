@@ -87,12 +87,12 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
         self.mesh_label_ids = sorted({int(i) for ids in structures.values() for i in ids})
         # all cases, not the fold's split (every fold of a model folder shares one plans.json), streamed: only the
         # patch-size ROI crops are kept; the boxes place the training patches (nnunet_topo/roi_loader.py)
-        crops, self.mesh_boxes = roi_crops(((k, seg[0]) for k, _, seg in preprocessed_cases(
-            self.preprocessed_dataset_folder)), self.mesh_label_ids, patch, self.__class__.__name__,
-            self.configuration_name)
         # templates of the model folder's plans.json (a run being continued), else of the given plans, else built
         stored = stored_templates(saved_configuration(self.output_folder_base, self.configuration_name),
                                   self.configuration_manager.configuration)
+        crops, self.mesh_boxes = roi_crops(((k, seg[0]) for k, _, seg in preprocessed_cases(
+            self.preprocessed_dataset_folder)), self.mesh_label_ids, patch, self.__class__.__name__,
+            self.configuration_name, crop=stored is None)
         templates = training_templates(crops, structures, patch, self.patch_spacing(), stored,
                                        self.template_subdivisions, self.template_torus_sections,
                                        log=self.print_to_log_file)
