@@ -24,7 +24,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_trainer_speed import _setup_env  # noqa: E402
+from bench_trainer_speed import _setup_env, build_trainer, stop_workers  # noqa: E402
 
 DATASET = 983
 
@@ -68,7 +68,6 @@ def main(argv=None) -> None:
 
     os.environ.setdefault("nnUNet_n_proc_DA", "1")
     import torch
-    from nnunetv2.run.run_training import get_trainer_from_args
 
     _setup_env(tempfile.mkdtemp(prefix="nnunet_topo_bench_roi_"))
     _prepare(tuple(args.canvas), tuple(args.shape), args.n)
@@ -77,21 +76,13 @@ def main(argv=None) -> None:
     runs, batches, info = {}, {}, {}
     for label, (conf, plans) in setups.items():
         for name in ("nnUNetTrainer", "nnUNetTrainerTPM"):
-            t = get_trainer_from_args(str(DATASET), conf, 0, name, plans, device=device)
-            if hasattr(t, "tpm_warmup_epochs"):
-                t.tpm_warmup_epochs = 0
-            t.initialize()
-            t.on_train_start()
-            t.on_train_epoch_start()
-            runs[(label, name)] = t
+            runs[(label, name)] = build_trainer(str(DATASET), conf, 0, name, plans, device, {"tpm_warmup_epochs": 0})
         first = runs[(label, "nnUNetTrainerTPM")]  # the ROI loader places the patches for the mesh trainer
         batches[label] = [next(first.dataloader_train) for _ in range(args.iters)]
         info[label] = (list(first.configuration_manager.patch_size), list(first.configuration_manager.spacing),
                        first.configuration_manager.batch_size)
         for t in (runs[(label, "nnUNetTrainer")], first):
-            for dl in (t.dataloader_train, t.dataloader_val):
-                if hasattr(dl, "_finish"):
-                    dl._finish()
+            stop_workers(t)
 
     def sync():
         if device.type == "cuda":

@@ -55,6 +55,27 @@ def _make_dataset(dataset_id: int, preset: str, shape) -> None:
                         "3d_fullres", "-np", "1", "-npfp", "1"], check=True, stdout=subprocess.DEVNULL)
 
 
+def build_trainer(dataset: str, configuration: str, fold: int, name: str, plans: str, device, attrs: dict):
+    """A trainer as ``nnUNetv2_train`` builds it, ``attrs`` set where it has them, up to its first epoch start."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    t = get_trainer_from_args(dataset, configuration, fold, name, plans, device=device)
+    for k, v in attrs.items():
+        if hasattr(t, k):
+            setattr(t, k, v)
+    t.initialize()
+    t.on_train_start()
+    t.on_train_epoch_start()  # as nnU-Net's run_training: train mode, lr, TPM warm-up switch
+    return t
+
+
+def stop_workers(trainer) -> None:
+    """Stop a trainer's augmentation workers so that they do not compete with the timed steps."""
+    for dl in (trainer.dataloader_train, trainer.dataloader_val):
+        if hasattr(dl, "_finish"):
+            dl._finish()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-d", "--dataset", default=None, help="dataset ID/name (default: make synthetic 981)")
@@ -84,8 +105,6 @@ def main(argv=None) -> None:
     if dataset is None:
         dataset = "981"
         _make_dataset(981, args.preset, tuple(args.shape))
-    from nnunetv2.run.run_training import get_trainer_from_args
-
     if args.whole_volume:
         from nnunet_topo.plans import write_whole_volume_plans
         try:
@@ -96,24 +115,13 @@ def main(argv=None) -> None:
 
     device = torch.device(args.device)
     names = ["nnUNetTrainer"] + list(args.trainers)
-    trainers = {}
-    for name in names:
-        t = get_trainer_from_args(str(dataset), args.configuration, args.fold, name, args.plans, device=device)
-        for k, v in json.loads(args.set).items():
-            if hasattr(t, k):
-                setattr(t, k, v)
-        t.initialize()
-        t.on_train_start()
-        t.on_train_epoch_start()  # as nnU-Net's run_training: train mode, lr, TPM warm-up switch
-        trainers[name] = t
+    trainers = {name: build_trainer(str(dataset), args.configuration, args.fold, name, args.plans, device,
+                                    json.loads(args.set)) for name in names}
     # the same batches for everybody
     first = trainers[names[0]]
     batches = [next(first.dataloader_train) for _ in range(args.iters)]
-    # stop the augmentation workers so that they do not compete with the timed steps
     for t in trainers.values():
-        for dl in (t.dataloader_train, t.dataloader_val):
-            if hasattr(dl, "_finish"):
-                dl._finish()
+        stop_workers(t)
 
     def sync():
         if device.type == "cuda":
