@@ -126,7 +126,21 @@ def evaluate_folder_entry(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--ignore_geometry", action="store_true",
                         help="evaluate voxel by voxel even where origin or direction of a prediction differ from its "
                              "reference (default: such a case is an error; with this flag a warning)")
+    parser.add_argument("--report", default=None, metavar="DIR",
+                        help="also write the visual QC report (DIR/index.html, as nnUNetv2_topo_report) from this "
+                             "evaluation; DIR must not be an input folder")
+    parser.add_argument("--report_image_folder", default=None, metavar="IMAGES",
+                        help="with --report: images (imagesTs-style CASE_0000<file_ending>) drawn under the contours")
     args = parser.parse_args(argv)
+    if args.report is not None:  # the checks that need no evaluation, before it
+        from nnunet_topo.report import check_report_inputs
+        try:
+            check_report_inputs(args.gt_folder, args.pred_folder, args.djfile, args.report,
+                                mesh_folder=args.mesh_folder, image_folder=args.report_image_folder)
+        except (TopologySpecError, EvaluationError, ValueError, FileNotFoundError) as e:
+            _fail(str(e))
+    elif args.report_image_folder is not None:
+        _fail("--report_image_folder needs --report DIR")
     try:
         summary = compute_topology_metrics_on_folder(args.gt_folder, args.pred_folder, args.djfile, args.pfile,
                                                      output_file=args.o, num_processes=args.np, chill=args.chill,
@@ -136,6 +150,15 @@ def evaluate_folder_entry(argv: Optional[Sequence[str]] = None) -> None:
         _fail(str(e))
     print(format_table(summary))
     print(f"wrote {args.o or os.path.join(args.pred_folder, 'summary_topology.json')}")
+    if args.report is not None:
+        from nnunet_topo.report import write_report_from_summary
+        try:
+            index = write_report_from_summary(summary, args.gt_folder, args.pred_folder, args.djfile, args.pfile,
+                                              args.report, mesh_folder=args.mesh_folder,
+                                              image_folder=args.report_image_folder)
+        except (TopologySpecError, EvaluationError, ValueError, FileNotFoundError) as e:
+            _fail(str(e))
+        print(f"wrote {index}")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_trainer: str, output_help: str) -> None:
@@ -203,7 +226,7 @@ def model_folder_from_args(args) -> str:
 
 
 def refine_entry(argv: Optional[Sequence[str]] = None) -> None:
-    from nnunet_topo.refine import RefinementError, format_refinement_summary, refine_folder
+    from nnunet_topo.refine import DEFAULT_LAMBDA, RefinementError, format_refinement_summary, refine_folder
     from nnunet_topo.rules import TopologySpecError
 
     parser = argparse.ArgumentParser(
@@ -215,7 +238,10 @@ def refine_entry(argv: Optional[Sequence[str]] = None) -> None:
     add_model_arguments(parser, "nnUNetTrainer", "output folder for the refined segmentations")
     parser.add_argument("--steps", type=int, default=30, help="Adam steps per case (default 30)")
     parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
-    parser.add_argument("--lam", type=float, default=1.0, help="weight of the topology loss (default 1.0)")
+    parser.add_argument("--lam", type=float, default=DEFAULT_LAMBDA,
+                        help=f"weight of the topology loss against the fidelity (squared probability difference "
+                             f"summed over classes, mean over voxels; Clough et al.) (default {DEFAULT_LAMBDA:g}, "
+                             "Clough's range 0.005-0.02)")
     parser.add_argument("--downsample", type=int, default=1, help="max-pool factor before persistence (default 1)")
     parser.add_argument("--no_2d", action="store_true", help="ignore the per-slice (betti_2d) priors")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files in -o")

@@ -31,15 +31,17 @@ import numpy as np
 
 from nnunet_topo.metrics.geometry import hausdorff_distance_95
 from nnunet_topo.metrics.topology import (
+    allowed_betti_vectors,
     betti_error,
     betti_error_2d,
     betti_numbers_3d,
     betti_numbers_per_slice,
     connected_component_error_2d,
     connected_component_error_3d,
+    meets_betti_prior,
     slice_violation_rate,
 )
-from nnunet_topo.rules import ExclusionRule, TopologySpec, reference_spec, spec_from_dataset_json
+from nnunet_topo.rules import ExclusionRule, TopologySpec, format_betti_set, reference_spec, spec_from_dataset_json
 from nnunet_topo.summary_io import EvaluationError, ignore_label_of, load_json_arg, mean_and_count, nanmean, \
     to_builtin, write_json_atomic
 from nnunet_topo.violations import violation_maps_numpy
@@ -506,8 +508,9 @@ def check_rules_on_folder(labels_folder: str, dataset_json: Union[str, os.PathLi
     For every case: per rule the number of violating voxels and the slice indices (along the rule's axis for
     2D rules, along ``betti_2d.axis`` for 3D rules) that hold violations; per 3D Betti prior, the reference Betti
     numbers where they differ from the prior; per per-slice prior (``betti_2d``), the slices whose Betti numbers
-    differ. A rule that reference labels violate cannot be learned: fix the rule, add ``may_touch``, or switch it
-    to ``"mode": "2d"``.
+    are none of the allowed vectors (a slice meets an allowed set such as ``[[1, 1], [1, 0]]`` when its Betti
+    vector is any one of them). A rule that reference labels violate cannot be learned: fix the rule, add
+    ``may_touch``, or switch it to ``"mode": "2d"``.
 
     Sparse references (nnU-Net's ``ignore`` label): an ignored voxel is unknown. A rule violation is counted only
     where both sides of a contact are annotated (:func:`nnunet_topo.rules.reference_spec`); 3D Betti numbers of a
@@ -517,7 +520,8 @@ def check_rules_on_folder(labels_folder: str, dataset_json: Union[str, os.PathLi
     Returns:
         ``{"num_cases", "rules": {name: {"cases_violating", "cases": {case: {"voxels", "slices", "slice_axis"}}}},
         "betti": {structure: {"prior", "cases_differing", "cases": {case: betti}, "cases_undefined": [case]}},
-        "betti_2d": {structure: {"prior", "axis", "cases_differing", "cases": {case: {"slices", "betti"}}}},
+        "betti_2d": {structure: {"prior", "axis", "cases_differing", "cases": {case: {"slices", "betti"}}}}
+        (``prior``: the list of allowed ``[b0, b1]`` vectors, one entry for a single-vector prior),
         "notes": [str] (rules or priors on labels that occur in no reference case: they pass untested),
         "clean": bool}``.
     """
@@ -539,7 +543,7 @@ def check_rules_on_folder(labels_folder: str, dataset_json: Union[str, os.PathLi
               "rules": {r.name: {"cases_violating": 0, "cases": {}} for r in spec.rules},
               "betti": {name: {"prior": list(p), "cases_differing": 0, "cases": {}, "cases_undefined": []}
                         for name, p in spec.betti.items()},
-              "betti_2d": {name: {"prior": list(p), "axis": axis2d, "cases_differing": 0, "cases": {}}
+              "betti_2d": {name: {"prior": [list(v) for v in p], "axis": axis2d, "cases_differing": 0, "cases": {}}
                            for name, p in spec.betti_2d.items()},
               "notes": []}
     seen = set()
@@ -584,7 +588,7 @@ def check_rules_on_folder(labels_folder: str, dataset_json: Union[str, os.PathLi
             mask = np.isin(seg, spec.betti_structures[name].label_ids)
             per_slice = betti_numbers_per_slice(mask, axis=axis2d)
             present = mask.any(axis=other)
-            bad = [int(k) for k in np.nonzero(present & annotated)[0] if tuple(per_slice[k]) != tuple(prior)]
+            bad = [int(k) for k in np.nonzero(present & annotated)[0] if not meets_betti_prior(per_slice[k], prior)]
             if bad:
                 e = report["betti_2d"][name]
                 e["cases_differing"] += 1
@@ -611,7 +615,7 @@ def check_rules_on_folder(labels_folder: str, dataset_json: Union[str, os.PathLi
 
 
 #: part of the cache key: a report written by an older version (other keys, other semantics) is recomputed
-_RULE_CHECK_VERSION = 2
+_RULE_CHECK_VERSION = 3
 
 
 def cached_rule_check(labels_folder: str, dataset_json: dict, cache_file: str) -> dict:
@@ -645,7 +649,8 @@ def reference_violations_message(report: dict) -> str:
              + ", ".join(f"{c} ({v['voxels']} voxels, slices {v['slices'][:5]})"
                          for c, v in list(e["cases"].items())[:3]) for name, e in bad.items()]
     return ("the reference labels of this dataset violate topology rules of its dataset.json, so the rules cannot be "
-            "learned:\n" + "\n".join(lines) + "\nFix the rules (add \"may_touch\", use \"mode\": \"2d\") or the "
+            "learned:\n" + "\n".join(lines) + "\nFix the rules (add \"may_touch\", use \"mode\": \"2d\"; a 2d rule "
+            "violated only in the first or last slice of its structures: \"exempt_end_slices\": 1) or the "
             "labels; nnUNetv2_topo_check_rules -d DATASET reports every case.")
 
 
@@ -664,7 +669,8 @@ def format_rule_report(report: dict) -> str:
             lines.append(f"    not checked in {len(e['cases_undefined'])} sparse case(s) (ignored voxels: the 3D Betti "
                          f"numbers of the reference are unknown), e.g. {e['cases_undefined'][:5]}")
     for name, e in report.get("betti_2d", {}).items():
-        lines.append(f"per-slice Betti prior {name} {tuple(e['prior'])} (axis {e['axis']}): differs in "
+        prior = format_betti_set(allowed_betti_vectors(e["prior"]))
+        lines.append(f"per-slice Betti prior {name} {prior} (axis {e['axis']}): differs in "
                      f"{e['cases_differing']}/{n} case(s)")
         for case, c in list(e["cases"].items())[:20]:
             shown = ", ".join(f"{k}: {tuple(b)}" for k, b in list(zip(c["slices"], c["betti"]))[:8])

@@ -2,11 +2,16 @@
 
 For one case, a *copy* of the trained network is fine-tuned to minimise
 
-    mean((softmax f(x; w) - softmax f(x; w0))^2) + lambda * (L_betti3D + L_betti2D)
+    (1/|V|) sum_{v in V} sum_c (softmax f(x; w)_{c,v} - softmax f(x; w0)_{c,v})^2 + lambda * (L_betti3D + L_betti2D)
 
 starting from the trained weights ``w0``, with the dataset's Betti priors (``betti`` for 3D, ``betti_2d`` for
 slices along ``betti_2d.axis``; :class:`nnunet_topo.losses.betti.BettiPriorLoss` in ``"prior"`` mode). The first
-term keeps the segmentation close to the network's own answer; the second repairs the topology. The trained
+term (:func:`fidelity_loss`) keeps the segmentation close to the network's own answer; the second repairs the
+topology. The fidelity is Clough et al.'s: the squared difference of the class-probability vectors, summed over
+the classes and averaged over the voxels ``V`` (not averaged over classes too, which would divide it by the
+number of classes C). ``lambda`` defaults to 0.01, inside Clough's range 0.005-0.02 for this normalisation.
+A ``betti_2d`` prior with an allowed set (``[[1, 1], [1, 0]]``) pushes each slice to the nearest allowed vector
+(the per-slice loss is the minimum over the set, see :mod:`nnunet_topo.losses.betti`). The trained
 weights are never modified; every case starts again from ``w0``.
 
 A fold ensemble (several ``-f``) is refined as a whole: its output is the mean of the folds' logits (as nnU-Net
@@ -34,17 +39,36 @@ import torch
 from torch import Tensor, nn
 
 from nnunet_topo.losses.betti import BettiPriorLoss
-from nnunet_topo.metrics.topology import betti_error, betti_numbers_3d, betti_numbers_per_slice
+from nnunet_topo.metrics.topology import (allowed_betti_vectors, betti_error, betti_numbers_3d, betti_numbers_per_slice,
+                                          betti_prior_error)
 from nnunet_topo.rules import label_priors
+
+
+#: default weight of the topology terms (Clough et al. use 0.005-0.02 with the per-voxel fidelity below)
+DEFAULT_LAMBDA = 0.01
 
 
 class RefinementError(ValueError):
     """Bad input to the refinement (folders, priors, model)."""
 
 
-def build_prior_losses(priors_3d: Mapping[int, Sequence[int]], priors_2d: Mapping[int, Sequence[int]],
+def fidelity_loss(logits: Tensor, p0: Tensor) -> Tensor:
+    """Clough et al.'s fidelity term: ``(1/|V|) sum_v sum_c (softmax(logits)_{c,v} - p0_{c,v})^2``.
+
+    Args:
+        logits: ``(B, C, *spatial)`` logits of the network being refined.
+        p0: ``(B, C, *spatial)`` class probabilities of the unrefined network (the softmax of its logits).
+
+    Returns:
+        Scalar: the squared difference summed over the class channel, averaged over voxels (and the batch).
+    """
+    return ((torch.softmax(logits, 1) - p0) ** 2).sum(1).mean()
+
+
+def build_prior_losses(priors_3d: Mapping[int, Sequence[int]], priors_2d: Mapping[int, Sequence],
                        slice_axis: Optional[int], downsample: int = 1) -> List[BettiPriorLoss]:
-    """The prior-mode Betti losses for the given class-id priors (3D and per slice)."""
+    """The prior-mode Betti losses for the given class-id priors (3D and per slice). A per-slice prior is one
+    vector ``(b0, b1)`` or an allowed set of vectors (:func:`nnunet_topo.rules.label_priors` gives sets)."""
     losses = []
     if priors_3d:
         losses.append(BettiPriorLoss(class_ids=sorted(priors_3d), priors=dict(priors_3d), target="prior",
@@ -59,14 +83,15 @@ def build_prior_losses(priors_3d: Mapping[int, Sequence[int]], priors_2d: Mappin
 
 
 def refine_logits(network: nn.Module, x: Tensor, prior_losses: Sequence[nn.Module], steps: int = 30,
-                  lr: float = 1e-4, lam: float = 1.0) -> Tuple[Tensor, Tensor, List[dict]]:
+                  lr: float = 1e-4, lam: float = DEFAULT_LAMBDA) -> Tuple[Tensor, Tensor, List[dict]]:
     """Fine-tune a copy of ``network`` on one input so its output keeps close to the original and meets the priors.
 
     Args:
         network: maps ``x`` to logits ``(1, C, *spatial)``; not modified.
         x: ``(1, C_in, *spatial)`` input.
         prior_losses: modules mapping logits to a scalar topology loss (e.g. prior-mode BettiPriorLoss).
-        steps: Adam steps. lr: Adam learning rate. lam: weight of the topology terms.
+        steps: Adam steps. lr: Adam learning rate. lam: weight of the topology terms (default 0.01; the
+            fidelity is :func:`fidelity_loss`).
 
     Returns:
         ``(logits_before, logits_after, history)``; history holds per step ``{"step", "fidelity", "topology"}``.
@@ -85,7 +110,7 @@ def refine_logits(network: nn.Module, x: Tensor, prior_losses: Sequence[nn.Modul
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
         logits = net(x).float()
-        fidelity = ((torch.softmax(logits, 1) - p0) ** 2).mean()
+        fidelity = fidelity_loss(logits, p0)
         topo = sum(loss(logits) for loss in prior_losses)
         total = fidelity + lam * topo
         total.backward()
@@ -97,13 +122,14 @@ def refine_logits(network: nn.Module, x: Tensor, prior_losses: Sequence[nn.Modul
 
 
 def refine_logits_ensemble(networks: Sequence[nn.Module], x: Tensor, prior_losses: Sequence[nn.Module],
-                           steps: int = 30, lr: float = 1e-4, lam: float = 1.0
+                           steps: int = 30, lr: float = 1e-4, lam: float = DEFAULT_LAMBDA
                            ) -> Tuple[Tensor, Tensor, List[dict]]:
     """Fine-tune copies of K networks (a fold ensemble) jointly, so that their *ensemble* output meets the priors.
 
     The ensemble output is the mean of the K networks' logits, as nnU-Net ensembles folds
     (``nnUNetPredictor.predict_logits_from_preprocessed_data``), and the loss of :func:`refine_logits` is applied to
-    it: ``mean((softmax(zbar) - softmax(zbar0))^2) + lambda * topology(zbar)`` with ``zbar = mean_k f_k(x; w_k)``,
+    it: ``fidelity(zbar, softmax(zbar0)) + lambda * topology(zbar)`` (:func:`fidelity_loss`) with
+    ``zbar = mean_k f_k(x; w_k)``,
     ``zbar0`` the unrefined ensemble. So the segmentation that is written (the ensemble's) is the one refined
     towards the priors; refining each fold alone and averaging would not guarantee that, since the mean of
     topologically correct outputs need not be correct. One Adam optimiser over all copies' weights.
@@ -144,7 +170,7 @@ def refine_logits_ensemble(networks: Sequence[nn.Module], x: Tensor, prior_losse
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
         zbar = ensemble_logits(nets).requires_grad_(True)
-        fidelity = ((torch.softmax(zbar, 1) - p0) ** 2).mean()
+        fidelity = fidelity_loss(zbar, p0)
         topo = sum(loss(zbar) for loss in prior_losses)
         total = fidelity + lam * topo
         (grad,) = torch.autograd.grad(total, zbar)
@@ -156,9 +182,13 @@ def refine_logits_ensemble(networks: Sequence[nn.Module], x: Tensor, prior_losse
     return logits0, logits1, history
 
 
-def topology_errors(seg: np.ndarray, priors_3d: Mapping[int, Sequence[int]], priors_2d: Mapping[int, Sequence[int]],
+def topology_errors(seg: np.ndarray, priors_3d: Mapping[int, Sequence[int]], priors_2d: Mapping[int, Sequence],
                     slice_axis: Optional[int]) -> Dict[str, dict]:
-    """Betti numbers and errors of a label map against priors: 3D per class, 2D mean over slices with the class."""
+    """Betti numbers and errors of a label map against priors: 3D per class, 2D mean over slices with the class.
+
+    A per-slice prior is one vector or an allowed set; a slice's error is the Betti error to the nearest allowed
+    vector (:func:`nnunet_topo.metrics.topology.betti_prior_error`), so a slice is wrong only when it matches none.
+    """
     out = {}
     for c in sorted(set(priors_3d) | set(priors_2d)):
         mask = seg == c
@@ -170,7 +200,7 @@ def topology_errors(seg: np.ndarray, priors_3d: Mapping[int, Sequence[int]], pri
         if c in priors_2d and slice_axis is not None:
             per = betti_numbers_per_slice(mask, axis=slice_axis)
             present = per[:, 0] > 0
-            errs = [betti_error(row, priors_2d[c]) for row in per[present]]
+            errs = [betti_prior_error(row, priors_2d[c]) for row in per[present]]
             e["betti_error_2d_mean"] = float(np.mean(errs)) if errs else math.nan
             e["slices_wrong_2d"] = int(sum(v > 0 for v in errs))
         out[str(c)] = e
@@ -190,7 +220,8 @@ def _pad_to_multiple(x: Tensor, multiple: Sequence[int]) -> Tuple[Tensor, Tuple[
 
 
 def refine_folder(model_folder: str, input_folder: str, output_folder: str, folds: Optional[Sequence] = None,
-                  checkpoint: str = "checkpoint_final.pth", steps: int = 30, lr: float = 1e-4, lam: float = 1.0,
+                  checkpoint: str = "checkpoint_final.pth", steps: int = 30, lr: float = 1e-4,
+                  lam: float = DEFAULT_LAMBDA,
                   downsample: int = 1, use_2d: bool = True, device: str = "cuda", overwrite: bool = False,
                   show_progress: bool = True) -> dict:
     """Refine every case of ``input_folder`` (nnU-Net raw images) and write segmentations to ``output_folder``.
@@ -253,7 +284,9 @@ def refine_folder(model_folder: str, input_folder: str, output_folder: str, fold
     preprocessor = cm.preprocessor_class(verbose=False)
     summary: dict = {"model_folder": model_folder, "folds": list(folds), "checkpoint": checkpoint, "steps": steps, "lr": lr,
                      "lambda": lam, "downsample": downsample, "priors_3d": {str(k): list(v) for k, v in priors_3d.items()},
-                     "priors_2d": {str(k): list(v) for k, v in priors_2d.items()}, "cases": {}}
+                     "priors_2d": {str(k): [list(b) for b in allowed_betti_vectors(v)]
+                                   for k, v in priors_2d.items()},
+                     "cases": {}}
     it = cases
     if show_progress:
         from tqdm import tqdm

@@ -17,7 +17,7 @@ Example (short-axis cardiac MRI, labels background/RV/MYO/LV)::
         {"type": "inclusion", "inner": "LV", "outer": "LV_epi", "mode": "2d", "axis": 0}
       ],
       "betti": {"LV": [1, 0, 0], "MYO": [1, 0, 0], "RV": [1, 0, 0]},
-      "betti_2d": {"axis": 0, "MYO": [1, 1]},
+      "betti_2d": {"axis": 0, "MYO": [[1, 1], [1, 0]]},
       "mesh_structures": {"LV_endo": ["LV"], "LV_epi": ["LV", "MYO"], "RV": ["RV"]}
     }
 
@@ -52,6 +52,7 @@ __all__ = [
     "describe",
     "in_plane_connectivity",
     "parse_rule_name",
+    "format_betti_set",
     "reference_spec",
     "ALLOWED_TOP_LEVEL_KEYS",
     "RULE_KEYS",
@@ -62,8 +63,8 @@ ALLOWED_TOP_LEVEL_KEYS: Tuple[str, ...] = ("connectivity", "structures", "rules"
                                            "mesh_structures")
 #: rule type -> (required keys, optional keys); ``type`` itself is always required
 RULE_KEYS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
-    "exclusion": (("a", "b"), ("name", "mode", "axis")),
-    "inclusion": (("inner", "outer"), ("may_touch", "name", "mode", "axis")),
+    "exclusion": (("a", "b"), ("name", "mode", "axis", "exempt_end_slices")),
+    "inclusion": (("inner", "outer"), ("may_touch", "name", "mode", "axis", "exempt_end_slices")),
 }
 _MODES = ("3d", "2d")
 _CONNECTIVITIES = (6, 26)
@@ -100,6 +101,9 @@ class ExclusionRule:
         a, b: the two structures (disjoint label sets).
         mode: ``"3d"`` (volume neighbourhood) or ``"2d"`` (in-plane neighbourhood of each slice along ``axis``).
         axis: slice axis for ``mode="2d"`` (spatial axis index 0..2 of ``(Z, Y, X)`` arrays); unused in 3d.
+        exempt_end_slices: ``mode="2d"`` only: the first and the last ``k`` slices along ``axis`` in which ``a`` or
+            ``b`` is present (in the label map being checked) are not checked; 0 = every slice is checked. Not
+            part of the default name.
     """
 
     name: str
@@ -107,6 +111,7 @@ class ExclusionRule:
     b: Structure
     mode: str = "3d"
     axis: int = 0
+    exempt_end_slices: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,9 @@ class InclusionRule:
             from ``outer``.
         mode: ``"3d"`` or ``"2d"``.
         axis: slice axis for ``mode="2d"`` (0..2); unused in 3d.
+        exempt_end_slices: ``mode="2d"`` only: the first and the last ``k`` slices along ``axis`` in which ``inner``
+            is present (in the label map being checked) are not checked; 0 = every slice is checked. Not part of
+            the default name.
     """
 
     name: str
@@ -130,6 +138,7 @@ class InclusionRule:
     may_touch: Optional[Structure] = None
     mode: str = "3d"
     axis: int = 0
+    exempt_end_slices: int = 0
 
 
 Rule = Union[ExclusionRule, InclusionRule]
@@ -261,7 +270,10 @@ class TopologySpec:
         rules: :class:`ExclusionRule` / :class:`InclusionRule` objects, in file order; names are unique.
         betti: structure name -> 3D Betti prior ``(b0, b1, b2)``.
         betti_structures: structure name -> :class:`Structure` for every ``betti`` and ``betti_2d`` key.
-        betti_2d: structure name -> per-slice Betti prior ``(b0, b1)`` along ``betti_2d_axis``.
+        betti_2d: structure name -> the *allowed set* of per-slice Betti vectors along ``betti_2d_axis``: a
+            non-empty tuple of distinct ``(b0, b1)`` tuples, in file order (dataset.json ``[1, 1]`` gives
+            ``((1, 1),)``; ``[[1, 1], [1, 0]]`` gives ``((1, 1), (1, 0))``). A slice meets the prior when its Betti
+            vector is one of them.
         betti_2d_axis: slice axis of ``betti_2d`` (0..2 of ``(Z, Y, X)``).
         mesh_structures: mesh name -> :class:`Structure` (the region whose closed surface is the mesh).
         connectivity: 3D neighbourhood of the rules, 6 or 26; 2d rules use 4 resp. 8 in plane.
@@ -273,7 +285,7 @@ class TopologySpec:
     rules: Tuple[Rule, ...]
     betti: Dict[str, Tuple[int, int, int]]
     betti_structures: Dict[str, Structure]
-    betti_2d: Dict[str, Tuple[int, int]]
+    betti_2d: Dict[str, Tuple[Tuple[int, int], ...]]
     betti_2d_axis: int
     mesh_structures: Dict[str, Structure]
     connectivity: int = 6
@@ -494,10 +506,23 @@ def _parse_rule(i: int, raw: Any, resolver: _Resolver) -> Rule:
         name = _default_rule_name(rule_type, parts, mode, axis)
     elif not isinstance(name, str) or not name.strip():
         raise TopologySpecError(f"{where}: name must be a non-empty string, got {name!r}")
+    exempt = raw.get("exempt_end_slices", 0)
+    if "exempt_end_slices" in raw:
+        if not _is_int(exempt) or exempt < 0:
+            raise TopologySpecError(
+                f"{where} rule {name!r}: exempt_end_slices must be a non-negative integer (how many slices at each "
+                f"end of the rule's structures along its axis are not checked, e.g. 1), got {exempt!r}")
+        if mode != "2d":
+            raise TopologySpecError(
+                f"{where} rule {name!r}: exempt_end_slices is only for rules with \"mode\": \"2d\" (it exempts end "
+                f"slices along the rule's \"axis\"; a 3d rule has no slices). Add \"mode\": \"2d\" and \"axis\", "
+                "or remove the key.")
+    exempt = int(exempt)
     if rule_type == "exclusion":
-        return ExclusionRule(name=name, a=parts["a"], b=parts["b"], mode=mode, axis=axis)
+        return ExclusionRule(name=name, a=parts["a"], b=parts["b"], mode=mode, axis=axis,
+                             exempt_end_slices=exempt)
     return InclusionRule(name=name, inner=parts["inner"], outer=parts["outer"], may_touch=parts["may_touch"],
-                         mode=mode, axis=axis)
+                         mode=mode, axis=axis, exempt_end_slices=exempt)
 
 
 def _parse_betti_vector(value: Any, length: int, where: str) -> Tuple[int, ...]:
@@ -509,6 +534,31 @@ def _parse_betti_vector(value: Any, length: int, where: str) -> Tuple[int, ...]:
             f"{where}: a Betti vector must be a list of {length} non-negative integers {meaning}, e.g. "
             f"{example}; got {value!r}")
     return tuple(int(v) for v in value)
+
+
+def _parse_betti_set(value: Any, length: int, where: str) -> Tuple[Tuple[int, ...], ...]:
+    """One Betti vector (a 1-element set) or a non-empty list of distinct vectors (an allowed set)."""
+    example = "[[1, 1], [1, 0]]"
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value):
+        vecs = tuple(_parse_betti_vector(v, length, f"{where}[{i}]") for i, v in enumerate(value))
+        dup = sorted({v for v in vecs if vecs.count(v) > 1})
+        if dup:
+            raise TopologySpecError(
+                f"{where}: the allowed set lists {_fmt_list([list(v) for v in dup])} more than once; give each "
+                f"Betti vector once, e.g. {example}")
+        return vecs
+    if isinstance(value, (list, tuple)) and not value:
+        raise TopologySpecError(
+            f"{where}: an empty set of allowed Betti vectors allows no slice; give one vector [b0, b1] or a "
+            f"non-empty list of vectors, e.g. {example}")
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (list, tuple)) for v in value):
+        raise TopologySpecError(
+            f"{where}: mixes numbers and lists; give one vector [b0, b1] or a list of vectors, e.g. {example}; "
+            f"got {value!r}")
+    try:
+        return (_parse_betti_vector(value, length, where),)
+    except TopologySpecError as e:
+        raise TopologySpecError(f"{e} (or a non-empty list of such vectors, an allowed set, e.g. {example})") from None
 
 
 def _as_dict(value: Any, where: str, example: str) -> Mapping:
@@ -595,14 +645,14 @@ def parse_topology(dataset_json: Mapping) -> TopologySpec:
         betti[key] = _parse_betti_vector(value, 3, where)  # type: ignore[assignment]
     raw_b2 = _as_dict(topo.get("betti_2d", {}), "topology.betti_2d", '{"axis": 0, "MYO": [1, 1]}')
     betti_2d_axis = _parse_axis(raw_b2.get("axis", 0), "topology.betti_2d")
-    betti_2d: Dict[str, Tuple[int, int]] = {}
+    betti_2d: Dict[str, Tuple[Tuple[int, int], ...]] = {}
     for key, value in raw_b2.items():
         if key == "axis":
             continue
         where = f"topology.betti_2d[{key!r}]"
         s = resolver.resolve(key, where)
         betti_structures.setdefault(key, s)
-        betti_2d[key] = _parse_betti_vector(value, 2, where)  # type: ignore[assignment]
+        betti_2d[key] = _parse_betti_set(value, 2, where)  # type: ignore[assignment]
 
     # mesh structures
     mesh_structures: Dict[str, Structure] = {}
@@ -676,6 +726,11 @@ def _struct_str(s: Structure) -> str:
     return s.name if region == s.name else f"{s.name}={region}"
 
 
+def format_betti_set(allowed: Sequence[Sequence[int]]) -> str:
+    """A per-slice prior for humans: ``(1, 1)`` for a single vector, ``(1, 1) or (1, 0)`` for an allowed set."""
+    return " or ".join(str(tuple(int(b) for b in v)) for v in allowed)
+
+
 def describe(spec: TopologySpec) -> str:
     """A short multi-line human summary of a spec (for logs).
 
@@ -697,28 +752,37 @@ def describe(spec: TopologySpec) -> str:
         else:
             default = _default_rule_name("inclusion", {"inner": r.inner, "outer": r.outer, "may_touch": r.may_touch},
                                          r.mode, r.axis)
-        lines.append(f"    - {r.name}" if r.name == default else f"    - {r.name} = {default}")
+        line = f"    - {r.name}" if r.name == default else f"    - {r.name} = {default}"
+        if r.exempt_end_slices:
+            line += f" (end slices exempt: {r.exempt_end_slices} at each end)"
+        lines.append(line)
     if spec.betti:
         lines.append("  betti: " + ", ".join(f"{k} {tuple(v)}" for k, v in spec.betti.items()))
     if spec.betti_2d:
         lines.append(f"  betti_2d (axis {spec.betti_2d_axis}): "
-                     + ", ".join(f"{k} {tuple(v)}" for k, v in spec.betti_2d.items()))
+                     + ", ".join(f"{k} {format_betti_set(v)}" for k, v in spec.betti_2d.items()))
     if spec.mesh_structures:
         lines.append("  mesh structures: " + ", ".join(
             f"{k}={'+'.join(s.label_names)}" for k, s in spec.mesh_structures.items()))
     return "\n".join(lines)
 
 
-def label_priors(spec: TopologySpec) -> Tuple[Dict[int, Tuple[int, ...]], Dict[int, Tuple[int, ...]]]:
+def label_priors(spec: TopologySpec) -> Tuple[Dict[int, Tuple[int, ...]], Dict[int, Tuple[Tuple[int, ...], ...]]]:
     """The Betti priors of single labels, keyed by label id: ``(priors_3d, priors_2d)``.
 
-    Losses act on one probability channel per label, so priors of regions (several labels) are left out here;
-    the evaluator still reports them.
+    ``priors_3d[c]`` is one vector ``(b0, b1, b2)``; ``priors_2d[c]`` the allowed set of per-slice vectors, a tuple
+    of ``(b0, b1)`` tuples (as :attr:`TopologySpec.betti_2d`; :class:`nnunet_topo.losses.betti.BettiPriorLoss`
+    takes either form). Losses act on one probability channel per label, so priors of regions (several labels)
+    are left out here; the evaluator still reports them.
     """
-    def single(priors):
-        return {int(spec.betti_structures[n].label_ids[0]): tuple(int(b) for b in v) for n, v in priors.items()
+    def single(priors, convert):
+        return {int(spec.betti_structures[n].label_ids[0]): convert(v) for n, v in priors.items()
                 if len(spec.betti_structures[n].label_ids) == 1}
-    return single(spec.betti), single(spec.betti_2d)
+
+    def vector(v):
+        return tuple(int(b) for b in v)
+    return (single(spec.betti, vector),
+            single(spec.betti_2d, lambda allowed: tuple(vector(v) for v in allowed)))
 
 
 def spec_from_dataset_json(dataset_json: Mapping) -> TopologySpec:

@@ -280,7 +280,13 @@ def _region(label: np.ndarray, names: Sequence[str], labels: Mapping[str, int]) 
 
 def _rule_violation(label: np.ndarray, rule: Mapping[str, Any], labels: Mapping[str, int],
                     connectivity: int = 6) -> np.ndarray:
-    """Violating voxels of one rule (DESIGN §4; zero padding outside the array), bool ``(Z, Y, X)``."""
+    """Violating voxels of one rule (DESIGN §4; zero padding outside the array; ``exempt_end_slices`` honoured),
+    bool ``(Z, Y, X)``."""
+    return _without_end_slices(_rule_contacts(label, rule, labels, connectivity), label, rule, labels)
+
+
+def _rule_contacts(label: np.ndarray, rule: Mapping[str, Any], labels: Mapping[str, int],
+                   connectivity: int = 6) -> np.ndarray:
     k = _kernel(connectivity, rule.get("mode", "3d"), int(rule.get("axis", 0)))
     if rule["type"] == "exclusion":
         a = _region(label, _names(rule["a"]), labels)
@@ -290,6 +296,23 @@ def _rule_violation(label: np.ndarray, rule: Mapping[str, Any], labels: Mapping[
     allowed = _region(label, _names(rule["outer"]) + _names(rule.get("may_touch", [])), labels)
     outside = ~allowed
     return (inner & ndimage.binary_dilation(outside, k)) | (ndimage.binary_dilation(inner, k) & outside)
+
+
+def _without_end_slices(v: np.ndarray, label: np.ndarray, rule: Mapping[str, Any],
+                        labels: Mapping[str, int]) -> np.ndarray:
+    """``v`` with the rule's ``exempt_end_slices`` (2d rules) cleared: the first and last k slices along its axis
+    in which its structures (inner; a and b) are present (same meaning as :mod:`nnunet_topo.violations`)."""
+    k = int(rule.get("exempt_end_slices", 0))
+    if not k or rule.get("mode", "3d") != "2d":
+        return v
+    axis = int(rule.get("axis", 0))
+    names = _names(rule["inner"]) if rule["type"] == "inclusion" else _names(rule["a"]) + _names(rule["b"])
+    present = np.flatnonzero(_region(label, names, labels).any(axis=tuple(d for d in range(3) if d != axis)))
+    idx = [slice(None)] * 3
+    idx[axis] = np.concatenate([present[:k], present[-k:]]).astype(np.intp)
+    v = v.copy()
+    v[tuple(idx)] = False
+    return v
 
 
 # ================================================================================================ topology helpers
@@ -359,8 +382,8 @@ def check_reference(label: np.ndarray, preset: str, topology: Optional[Mapping[s
 
     Checks: only known label ids; every labelled structure present; no voxel of any rule's violation map;
     3D Betti numbers equal the ``betti`` priors; on every slice along the ``betti_2d`` axis where a
-    structure is present its 2D Betti numbers equal the ``betti_2d`` prior; no foreground on the array
-    border (so nothing is cut by the field of view).
+    structure is present its 2D Betti numbers equal the ``betti_2d`` prior (one of its vectors, for an allowed
+    set); no foreground on the array border (so nothing is cut by the field of view).
 
     Args:
         label: integer ``(Z, Y, X)`` label map.
@@ -392,10 +415,13 @@ def check_reference(label: np.ndarray, preset: str, topology: Optional[Mapping[s
     b2d = dict(topo.get("betti_2d", {}))
     axis = int(b2d.pop("axis", 0))
     for name, prior in b2d.items():
+        # one vector [b0, b1] or an allowed set [[b0, b1], ...]: a slice must match one of them
+        allowed = [tuple(v) for v in prior] if prior and isinstance(prior[0], (list, tuple)) else [tuple(prior)]
         m = np.moveaxis(_region(label, _names(name), labels), axis, 0)
-        bad = [(z, b) for z, b in enumerate(_betti_2d_slices(m)) if b != (0, 0) and list(b) != list(prior)]
+        bad = [(z, b) for z, b in enumerate(_betti_2d_slices(m)) if b != (0, 0) and tuple(b) not in allowed]
         if bad:
-            problems.append(f"2D Betti numbers of {name} differ from the prior {tuple(prior)} on slices "
+            shown = " or ".join(str(v) for v in allowed)
+            problems.append(f"2D Betti numbers of {name} differ from the prior {shown} on slices "
                             f"{[z for z, _ in bad]} (axis {axis}): {[b for _, b in bad]}")
     fg = label != 0
     border = fg[[0, -1]].any() or fg[:, [0, -1]].any() or fg[:, :, [0, -1]].any()

@@ -16,6 +16,16 @@ Kernels: 3D rules use the 6-connected (faces) or 26-connected (faces, edges, cor
 ignored. Inputs with 2 spatial dimensions (a single 2D image per batch item, ``spatial_dims=2``) support only
 ``mode="2d"`` rules (``axis`` is then unused); a ``mode="3d"`` rule on them raises ``ValueError``.
 
+End slices (``rule.exempt_end_slices = k > 0``, 2d rules only): the first ``k`` and the last ``k`` slices along
+``rule.axis`` in which the rule's structures are present *in the map being checked* (the inner structure of an
+inclusion, ``A ∪ B`` of an exclusion; per batch item) are not checked: the rule's map is multiplied by a per-slice
+"checked" mask that is 0 there (:func:`_checked_slices`, applied in ``_Evaluator.rule_map``, the one path of the
+torch and numpy functions, so the rule check, the evaluator and the losses agree). A slice is present when the
+structure mask has a voxel in it; for probability maps when some soft structure mask exceeds 0.5 there (the
+"checked" mask is a constant: no gradient flows through it). The ends are those of the array handed in: on a
+training patch that cuts a structure, the patch's outermost slice holding it is an end slice. On 2D inputs (one
+image, no slice stack) a rule with ``k > 0`` raises ``ValueError``.
+
 Inputs (the caller says which, nothing is guessed from dtype or rank):
 
 * label maps, ``probabilities=False``: integer tensor ``(B, *spatial)``; the result is a hard map, float32 with
@@ -241,6 +251,42 @@ def _rule_kernel(rule: Rule, connectivity: int, spatial_dims: int) -> Tuple[Tupl
     raise ValueError(f"rule {rule.name!r}: mode must be '3d' or '2d', got {rule.mode!r}")
 
 
+def _exempt_end_slices(rule: Rule, spatial_dims: int) -> int:
+    """The rule's ``exempt_end_slices`` after checking it (ValueError for a negative/non-int value, a 3d rule, or
+    2D inputs, which have no slice stack)."""
+    k = getattr(rule, "exempt_end_slices", 0)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise ValueError(f"rule {rule.name!r}: exempt_end_slices must be an integer >= 0, got {k!r}")
+    k = int(k)
+    if k and rule.mode != "2d":
+        raise ValueError(f"rule {rule.name!r}: exempt_end_slices={k} needs mode '2d' (end slices along its axis), "
+                         f"got mode {rule.mode!r}")
+    if k and spatial_dims != 3:
+        raise ValueError(f"rule {rule.name!r} has exempt_end_slices={k}, which needs the slice stack (Z, Y, X); a "
+                         "2D input is a single slice whose position in the stack is unknown. Check the rule on "
+                         "the 3D volume.")
+    return k
+
+
+def _checked_slices(present: Tensor, k: int, dim: int) -> Tensor:
+    """Per-slice "checked" mask of a rule with ``exempt_end_slices = k``.
+
+    Args:
+        present: bool, the batch dim, the slice dim ``dim`` and size-1 in-plane dims: whether the rule's structures
+            are present in each slice.
+        k: number of exempt present slices at each end (> 0).
+        dim: the tensor dim of the slices.
+
+    Returns:
+        bool of ``present``'s shape: False for the first ``k`` and the last ``k`` present slices (per batch item),
+        True elsewhere (also for slices where the structures are absent: nothing to exempt there).
+    """
+    p = present.to(torch.int32)
+    rank_first = p.cumsum(dim)  # 1 for the first present slice, 2 for the second, ...
+    rank_last = p.flip(dim).cumsum(dim).flip(dim)
+    return ~(present & ((rank_first <= k) | (rank_last <= k)))
+
+
 # ---------------------------------------------------------------------------------------------- core
 def _ids_key(s: Structure) -> Tuple[int, ...]:
     return tuple(sorted(set(s.label_ids)))
@@ -270,7 +316,26 @@ class _Evaluator:
             self._dilated[k] = _dilate_float(x, axes, box) if self.soft else _dilate_bool(x, axes, box)
         return self._dilated[k]
 
+    def present(self, s: Structure) -> Tensor:
+        """Hard mask of a structure: the mask itself, or soft mask > 0.5 (no gradient) for probabilities."""
+        m = self.mask(s)
+        return m.detach() > 0.5 if self.soft else m
+
     def rule_map(self, rule: Rule, axes: Tuple[int, ...], box: bool) -> Tensor:
+        """The rule's map, with the exempt end slices (``rule.exempt_end_slices``, 2d rules) set to 0."""
+        m = self._rule_map(rule, axes, box)
+        k = getattr(rule, "exempt_end_slices", 0)
+        if not k or rule.mode != "2d":
+            return m
+        present = self.present(rule.inner) if isinstance(rule, InclusionRule) else \
+            self.present(rule.a) | self.present(rule.b)
+        for d in sorted(axes, reverse=True):  # in-plane dims
+            present = present.any(dim=d, keepdim=True)
+        (dim,) = [d for d in range(1, m.ndim) if d not in axes]
+        checked = _checked_slices(present, int(k), dim)
+        return m * checked.to(m.dtype) if self.soft else m & checked
+
+    def _rule_map(self, rule: Rule, axes: Tuple[int, ...], box: bool) -> Tensor:
         soft = self.soft
         if isinstance(rule, ExclusionRule):
             sa, sb = self.mask(rule.a), self.mask(rule.b)
@@ -288,7 +353,10 @@ class _Evaluator:
         else:
             allowed = s_out if may is None else s_out | self.mask(may)
             forbidden = ~allowed
-        n_forbidden = self.dilate(("not", allowed_ids), forbidden, axes, box)
+        # hard masks of the same label set are equal; soft ones are not (max(S_O, S_M) vs a clamped sum of O ∪ M)
+        not_key = ("not", _ids_key(rule.outer), None if may is None else _ids_key(may)) if soft else \
+            ("not", allowed_ids)
+        n_forbidden = self.dilate(not_key, forbidden, axes, box)
         n_in = self.dilate(("S", _ids_key(rule.inner)), s_in, axes, box)
         if soft:
             return torch.maximum(s_in * n_forbidden, n_in * forbidden)
@@ -356,6 +424,7 @@ def rule_violation_map(seg: Tensor, rule: Rule, *, probabilities: bool, connecti
     """
     _check_seg(seg, probabilities, spatial_dims, _max_id([rule]))
     axes, box = _rule_kernel(rule, connectivity, spatial_dims)
+    _exempt_end_slices(rule, spatial_dims)
     return _finish(_evaluator(seg, probabilities).rule_map(rule, axes, box), probabilities)
 
 
@@ -374,6 +443,8 @@ def violation_maps(seg: Tensor, spec: TopologySpec, *, probabilities: bool = Fal
     """
     _check_seg(seg, probabilities, spatial_dims, _max_id(spec.rules))
     kernels = [_rule_kernel(r, spec.connectivity, spatial_dims) for r in spec.rules]
+    for r in spec.rules:
+        _exempt_end_slices(r, spatial_dims)
     ev = _evaluator(seg, probabilities)
     return {r.name: _finish(ev.rule_map(r, axes, box), probabilities) for r, (axes, box) in zip(spec.rules, kernels)}
 
@@ -427,7 +498,9 @@ def violation_crops_numpy(label_map: np.ndarray, spec: TopologySpec) -> Dict[str
     """Violation maps of one case, each as a crop: rule name -> (box, bool array of the box's shape).
 
     Only the bounding box of the rule's structures (+ margins) is computed, so this is the memory-light form of
-    :func:`violation_maps_numpy` (``full[box] = crop``). Every violating voxel lies inside its box. A rule whose
+    :func:`violation_maps_numpy` (``full[box] = crop``). Every violating voxel lies inside its box. A rule with
+    ``exempt_end_slices`` gets a box holding every voxel of its structures (for an exclusion ``box(A ∪ B) + 1``
+    instead of the intersection), so its end slices are those of the whole case. A rule whose
     structures are absent gets an empty box (all slices ``slice(0, 0)``) and an empty array.
 
     Args:
@@ -441,6 +514,7 @@ def violation_crops_numpy(label_map: np.ndarray, spec: TopologySpec) -> Dict[str
     spatial_dims = lm.ndim
     shape = lm.shape
     kernels = [_rule_kernel(r, spec.connectivity, spatial_dims) for r in spec.rules]
+    exempt = [_exempt_end_slices(r, spatial_dims) for r in spec.rules]
     max_id = _max_id(spec.rules)
     label_boxes = {}
     if spec.rules and max_id > 0:
@@ -452,12 +526,16 @@ def violation_crops_numpy(label_map: np.ndarray, spec: TopologySpec) -> Dict[str
 
     empty_box: Box = tuple(slice(0, 0) for _ in shape)
     out: Dict[str, Tuple[Box, np.ndarray]] = {}
-    for rule, (axes, box_kernel) in zip(spec.rules, kernels):
+    for rule, (axes, box_kernel), k in zip(spec.rules, kernels, exempt):
         # The crop is the smallest box on which the result is exact (the image border stays zero padding):
         # exclusion: every violating voxel and the neighbour it touches lie in (box(A) + 1) ∩ (box(B) + 1);
         # inclusion: every violating voxel lies in box(I) + 1 and so do all neighbours of inner voxels.
+        # With exempt end slices the crop must also hold every voxel of the structures that decide which slices
+        # are ends (A ∪ B; I is in box(I) + 1 anyway), so that they are the same as on the whole array.
         if isinstance(rule, ExclusionRule):
             crop_box = _intersect(_grow(sbox(rule.a), 1, shape), _grow(sbox(rule.b), 1, shape))
+            if crop_box is not None and k:
+                crop_box = _grow(_union_box([sbox(rule.a), sbox(rule.b)]), 1, shape)
         else:
             crop_box = _grow(sbox(rule.inner), 1, shape)
         if crop_box is None:

@@ -538,3 +538,109 @@ def test_persistence_workers_leave_the_reserved_cores():
     cores = len(os.sched_getaffinity(0))
     assert persistence_workers(0) == cores
     assert persistence_workers(cores + 5) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# allowed sets of Betti vectors (betti_2d [[1, 1], [1, 0]]): the loss is the min over the set
+# ---------------------------------------------------------------------------------------------
+
+
+def _ring_and_c(slices=7):
+    """(1, 1, 7, 16, 16) label map: a ring (1, 1) on slices 1..3, an open "C" (1, 0) on slices 4..5."""
+    lab = _ring_stack(slices=slices, on=range(1, 6))
+    lab[0, 0, 4:6, :8, 7:9] = 0  # one cut: an arc
+    return lab
+
+
+def test_allowed_set_is_the_min_over_single_vector_losses_per_slice():
+    p = smooth_probs((2, 3, 6, 9, 9), seed=21)
+    allowed = {1: ((1, 1), (1, 0), (2, 0)), 2: ((0, 0), (1, 1))}
+    got = betti_prior_loss(p, allowed, slice_axis=0)
+    # independently: per present slice, the naive loop's loss for each allowed vector, the smallest of them
+    want, chosen = 0.0, np.full((2, 2, 6, 2), -1)
+    for b in range(2):
+        for k, (c, vecs) in enumerate(allowed.items()):
+            for s in range(6):
+                sl = p[b:b + 1, :, s]
+                if sl[0, c].max() <= 0.5:
+                    continue
+                values = [naive_loss(sl, {(0, c): list(v)}) for v in vecs]
+                want += min(values) / 2
+                chosen[b, k, s] = vecs[int(np.argmin(values))]
+    assert want > 0 and (chosen[..., 0] >= 0).sum() >= 4  # enough slices to compare
+    assert got.item() == pytest.approx(want, rel=1e-9)
+    # never above any single vector's loss, strictly below one of them here
+    singles = [betti_prior_loss(p, {1: a, 2: b}, slice_axis=0).item() for a in allowed[1] for b in allowed[2]]
+    assert got.item() <= min(singles) + 1e-12
+    # the gradient is that of the nearest vector's loss (per-slice tensor targets = the chosen vectors)
+    q1, q2 = p.clone().requires_grad_(True), p.clone().requires_grad_(True)
+    betti_prior_loss(q1, allowed, slice_axis=0).backward()
+    betti_prior_loss(q2, torch.from_numpy(chosen), class_ids=[1, 2], slice_axis=0).backward()
+    torch.testing.assert_close(q1.grad, q2.grad, rtol=1e-12, atol=1e-12)
+    assert q1.grad.abs().sum() > 0
+
+
+def test_allowed_set_in_3d_is_the_min_per_sample():
+    p = smooth_probs((2, 2, 7, 7, 7), seed=4)
+    allowed = ((1, 0, 0), (2, 1, 0), (0, 3, 1))
+    want = sum(min(naive_loss(p[b:b + 1], {(0, 1): list(v)}) for v in allowed) for b in range(2)) / 2
+    assert betti_prior_loss(p, {1: allowed}).item() == pytest.approx(want, rel=1e-9)
+    # a 1-element set is the vector
+    assert betti_prior_loss(p, {1: ((1, 0, 0),)}).item() == betti_prior_loss(p, {1: (1, 0, 0)}).item()
+
+
+def test_allowed_set_is_zero_where_a_slice_matches_any_vector_and_positive_where_none():
+    lab = _ring_and_c()
+    onehot = torch.cat([1 - lab, lab], 1).double()
+
+    def loss(prior):
+        return BettiPriorLoss([1], priors={1: prior}, target="prior", slice_axis=0, softmax=False)(onehot).item()
+    assert loss(((1, 1), (1, 0))) == 0.0
+    assert loss(((1, 0), (1, 1))) == 0.0  # order does not matter
+    assert loss((1, 1)) == 2.0  # the two "C" slices each miss a hole
+    assert loss(((1, 0),)) == 3.0  # the three rings each have one hole too many
+    # neither (2, 0) nor (0, 1) matches: every slice pays its distance to the nearest (1 each), not a sum
+    assert loss(((2, 0), (0, 1))) == 5.0
+
+
+def test_a_gradient_step_lowers_the_allowed_set_loss():
+    lab = _ring_and_c()
+    noise = torch.from_numpy(ndimage.gaussian_filter(np.random.default_rng(2).standard_normal((1, 2, 7, 16, 16)),
+                                                     [0, 0, 0, 1, 1]) * 6)
+    logits = (2.0 * torch.cat([1 - lab, lab], 1).double() + noise).requires_grad_(True)
+    module = BettiPriorLoss([1], priors={1: ((1, 1), (1, 0))}, target="prior", slice_axis=0)
+    before = module(logits)
+    before.backward()
+    assert before.item() > 0.1 and logits.grad.abs().max() > 0
+    with torch.no_grad():
+        after = module(logits - 0.05 * logits.grad / logits.grad.abs().max())
+    assert after.item() < before.item()
+
+
+def test_allowed_set_priors_of_sparse_slices():
+    dense = _ring_and_c(slices=8)  # ring on 1..3, "C" on 4..5
+    sparse = dense.clone()
+    sparse[:, :, 1::2] = IGNORE  # slices 1, 3, 5, 7 unknown: 3 (ring) and 5 (C) get the prior, 1 too, 7 skipped
+    logits = _logits(dense)
+    with_set = BettiPriorLoss([1], priors={1: ((1, 1), (1, 0))}, slice_axis=0, ignore_label=IGNORE)
+    assert with_set(logits, sparse).item() <= 1e-4
+    assert with_set.last_counts == {"units": 8, "prior": 3, "skipped": 1}
+    ring_only = BettiPriorLoss([1], priors={1: (1, 1)}, slice_axis=0, ignore_label=IGNORE)
+    assert ring_only(logits, sparse).item() == pytest.approx(1.0, abs=1e-4)  # the ignored "C" slice 5
+
+
+def test_allowed_set_attributes_and_bad_sets():
+    m = BettiPriorLoss([1, 2], priors={1: [[1, 1], [1, 0]], 2: (1, 0)}, target="prior", slice_axis=0)
+    assert m.priors == {1: ((1, 1), (1, 0)), 2: (1, 0)}
+    assert m.prior_sets == {1: ((1, 1), (1, 0)), 2: ((1, 0),)}
+    p = smooth_probs((1, 2, 5, 5, 5), seed=0)
+    with pytest.raises(ValueError, match="prior of class 1 is empty"):
+        betti_prior_loss(p, {1: ()})
+    with pytest.raises(ValueError, match="must be distinct"):
+        BettiPriorLoss([1], priors={1: ((1, 1), (1, 1))}, target="prior", slice_axis=0)
+    with pytest.raises(ValueError, match="expected 2"):
+        BettiPriorLoss([1], priors={1: ((1, 1), (1, 0, 0))}, target="prior", slice_axis=0)
+    with pytest.raises(ValueError, match="differ in length"):
+        BettiPriorLoss([1], priors={1: ((1, 0, 0), (1, 0))}, target="prior")
+    with pytest.raises(ValueError, match="non-negative ints"):
+        betti_prior_loss(p, {1: ((1, 0, 0), (1, -1, 0))})

@@ -158,3 +158,100 @@ def test_check_rules_reports_case_voxels_and_slices(folders):
     assert e["cases"]["case_0"] == {"voxels": 2, "slices": [2], "slice_axis": 0}
     clean = check_rules_on_folder(str(folders / "ref"), str(folders / "dataset.json"), show_progress=False)
     assert clean["clean"]
+
+
+def basal_stack(defect_slice):
+    """Short-axis stack (axis 0): LV inside a MYO ring on slices 1..5, RV beside it; in ``defect_slice`` the LV
+    opens to the background and touches the RV (as the basal slice of some ACDC references does)."""
+    lab = np.zeros((7, 9, 12), np.uint8)
+    lab[1:6, 1:8, 1:8] = 2
+    lab[1:6, 3:6, 3:6] = 3
+    lab[1:6, 2:7, 9:11] = 1
+    if defect_slice is not None:
+        lab[defect_slice, 4, 1:3] = 3   # LV through the ring to the background
+        lab[defect_slice, 4, 6:9] = 3   # LV through the ring to the RV
+    return lab
+
+
+def basal_dataset_json(k):
+    extra = {"exempt_end_slices": k} if k is not None else {}
+    return dict(DJ, topology={"rules": [
+        {"type": "inclusion", "inner": "LV", "outer": ["LV", "MYO"], "mode": "2d", "axis": 0, **extra},
+        {"type": "exclusion", "a": "LV", "b": "RV", "mode": "2d", "axis": 0, **extra}]})
+
+
+def test_check_rules_exempts_the_basal_slice_only_when_asked(tmp_path):
+    labels = tmp_path / "labelsTr"
+    labels.mkdir()
+    write(labels / "case_0.nii.gz", basal_stack(1))  # first LV slice
+    write(labels / "case_1.nii.gz", basal_stack(5))  # last LV slice (the stack may run apex to base)
+    names = ["inclusion(LV in LV+MYO) [2d axis 0]", "exclusion(LV,RV) [2d axis 0]"]
+    for k in (None, 0):
+        report = check_rules_on_folder(str(labels), basal_dataset_json(k), show_progress=False)
+        assert not report["clean"]
+        for name in names:
+            assert report["rules"][name]["cases_violating"] == 2
+            assert report["rules"][name]["cases"]["case_0"]["slices"] == [1]
+            assert report["rules"][name]["cases"]["case_1"]["slices"] == [5]
+    report = check_rules_on_folder(str(labels), basal_dataset_json(1), show_progress=False)
+    assert report["clean"] and all(report["rules"][n]["cases_violating"] == 0 for n in names)
+    # a defect in a middle slice is still reported with k = 1
+    write(labels / "case_2.nii.gz", basal_stack(3))
+    report = check_rules_on_folder(str(labels), basal_dataset_json(1), show_progress=False)
+    assert not report["clean"]
+    for name in names:
+        assert list(report["rules"][name]["cases"]) == ["case_2"]
+        assert report["rules"][name]["cases"]["case_2"]["slices"] == [3]
+
+
+def test_evaluate_case_counts_no_violation_in_exempt_end_slices():
+    ref = basal_stack(None)  # a clean reference
+    names = ["inclusion(LV in LV+MYO) [2d axis 0]", "exclusion(LV,RV) [2d axis 0]"]
+    for defect, k, violated in ((1, 0, True), (1, 1, False), (5, 1, False), (3, 1, True)):
+        topo = evaluate_case(ref, basal_stack(defect), (2.0, 1.0, 1.0), parse_topology(basal_dataset_json(k)),
+                             [1, 2, 3])["topology"]
+        assert [topo["violated"][n] for n in names] == [violated, violated], (defect, k)
+        assert (topo["TVS"] > 0) == violated
+        if violated:
+            assert all(topo["SVR_per_rule"][n] == pytest.approx(1 / 5) for n in names)
+
+
+def ring_and_c_stack():
+    """MYO (label 2) on slices 1..5 of 7 along axis 0: a closed ring (1, 1) on slices 1..3, an open "C" (1, 0) on
+    slices 4 and 5 (as basal ACDC slices), LV (3) inside the ring everywhere."""
+    lab = np.zeros((7, 16, 16), np.uint8)
+    yy, xx = np.mgrid[:16, :16]
+    r = np.hypot(yy - 7.5, xx - 7.5)
+    lab[1:6][:, r <= 6.2] = 2
+    lab[1:6][:, r <= 3.8] = 3
+    lab[4:6, 7:9, 12:] = 0  # cut the ring on the right: a "C" (LV and background meet there)
+    return lab
+
+
+def test_check_rules_per_slice_prior_with_an_allowed_set(tmp_path):
+    from nnunet_topo.evaluation import format_rule_report
+    from nnunet_topo.metrics.topology import betti_numbers_per_slice
+
+    lab = ring_and_c_stack()
+    assert betti_numbers_per_slice(lab == 2, axis=0).tolist() == [[0, 0]] + [[1, 1]] * 3 + [[1, 0]] * 2 + [[0, 0]]
+    labels = tmp_path / "labelsTr"
+    labels.mkdir()
+    write(labels / "case_0.nii.gz", lab)
+    write(labels / "case_1.nii.gz", np.where(np.arange(7)[:, None, None] >= 4, 0, lab).astype(np.uint8))  # rings only
+
+    def check(prior):
+        return check_rules_on_folder(str(labels), dict(DJ, topology={"betti_2d": {"axis": 0, "MYO": prior}}),
+                                     show_progress=False)
+    report = check([[1, 1], [1, 0]])
+    e = report["betti_2d"]["MYO"]
+    assert e["prior"] == [[1, 1], [1, 0]] and e["cases_differing"] == 0 and report["clean"]
+    assert "per-slice Betti prior MYO (1, 1) or (1, 0) (axis 0): differs in 0/2 case(s)" in format_rule_report(report)
+    for prior in ([1, 1], [[1, 1]]):  # one vector, also written as a 1-element set: the "C" slices differ
+        report = check(prior)
+        e = report["betti_2d"]["MYO"]
+        assert e["prior"] == [[1, 1]] and e["cases_differing"] == 1 and not report["clean"]
+        assert e["cases"] == {"case_0": {"slices": [4, 5], "betti": [[1, 0], [1, 0]]}}
+        assert "per-slice Betti prior MYO (1, 1) (axis 0): differs in 1/2 case(s)" in format_rule_report(report)
+    e = check([[1, 0], [2, 0]])["betti_2d"]["MYO"]  # the rings differ now, in both cases
+    assert e["cases_differing"] == 2 and e["cases"]["case_0"]["slices"] == [1, 2, 3]
+    assert e["cases"]["case_1"] == {"slices": [1, 2, 3], "betti": [[1, 1]] * 3}

@@ -456,3 +456,95 @@ def test_ignored_query_points_carry_no_weight():
     expected = (ref[b, nearest[..., 0], nearest[..., 1], nearest[..., 2]] != 9).float()
     assert torch.equal(w, expected) and (w == 0).any() and (w == 1).any()
     assert known_weights(ref, pts, None) is None
+
+
+# ------------------------------------------------------------------------------------------ exempt end slices
+STACK = (7, 9, 12)
+
+
+def stack_batch(defect_slice=None):
+    """A short-axis stack along axis 0: LV inside a MYO ring on slices 1..5, RV beside it. The prediction equals
+    the reference except in ``defect_slice``, where the LV opens to the background and touches the RV."""
+    ref = torch.zeros(STACK, dtype=torch.long)
+    ref[1:6, 1:8, 1:8] = 3
+    ref[1:6, 3:6, 3:6] = 1
+    ref[1:6, 2:7, 9:11] = 2
+    pred = ref.clone()
+    if defect_slice is not None:
+        pred[defect_slice, 4, 1:3] = 1  # LV through the ring to the background (inclusion)
+        pred[defect_slice, 4, 6:9] = 1  # LV through the ring to the RV (exclusion)
+    logits = F.one_hot(pred[None], 5).permute(0, 4, 1, 2, 3).float() * 4.0
+    return logits, ref[None, None]
+
+
+def stack_spec(k):
+    extra = {"exempt_end_slices": k} if k else {}
+    return make_spec([{**EXCLUSION, "mode": "2d", "axis": 0, **extra},
+                      {"type": "inclusion", "inner": "LV", "outer": ["LV", "MYO"], "mode": "2d", "axis": 0, **extra}])
+
+
+def stack_meshes(names):
+    centre = {"LV_endo": (3.0, 4.0, 4.0), "LV_epi": (3.0, 4.0, 4.0), "RV_mesh": (3.0, 4.5, 9.5)}
+    radius = {"LV_endo": 1.8, "LV_epi": 3.3, "RV_mesh": 1.6}
+    meshes, faces = [], []
+    for n in names:
+        v, f = sphere_in_normalized_frame(STACK, centre[n], radius[n], subdivisions=1)
+        meshes.append(v[None].clone().requires_grad_(True))
+        faces.append(f)
+    return meshes, faces
+
+
+def run_loss(kind, k, defect_slice):
+    logits, ref = stack_batch(defect_slice)
+    meshes, faces = stack_meshes(NAMES)
+    if kind == "tpm":  # label-map critical points only (the mesh source checks overlaps, see mesh_losses.md)
+        loss_fn = TPMLoss(stack_spec(k), NAMES, method="dipole", smoothing=0.5, num_uniform=16, num_surface=16,
+                          mesh_candidates=None)
+    else:
+        loss_fn = MIELoss(stack_spec(k), NAMES, method="dipole", smoothing=0.5, num_points=64, mesh_candidates=None)
+    out = loss_fn(meshes, faces, logits, ref, generator=torch.Generator().manual_seed(0))
+    out["total"].backward()
+    critical = loss_fn.last_counts["prediction"]
+    return {key: t.detach() for key, t in out.items()}, [v.grad.clone() for v in meshes], critical
+
+
+@pytest.mark.parametrize("kind", ["tpm", "mie"])
+def test_mesh_losses_ignore_exempt_end_slice_violations(kind):
+    clean, clean_grads, clean_crit = run_loss(kind, 1, None)
+    assert clean_crit == 0
+    # a defect in the basal (first LV) slice: counted with k = 0, ignored with k = 1 (loss and gradients equal the
+    # case without a defect)
+    base_k0, _, crit_k0 = run_loss(kind, 0, 1)
+    base_k1, grads_k1, crit_k1 = run_loss(kind, 1, 1)
+    apex_k1, apex_grads, apex_crit = run_loss(kind, 1, 5)
+    assert crit_k0 > 0 and crit_k1 == 0 and apex_crit == 0
+    for out, grads in ((base_k1, grads_k1), (apex_k1, apex_grads)):
+        for key in clean:
+            torch.testing.assert_close(out[key], clean[key], rtol=0, atol=0)
+        for g, g0 in zip(grads, clean_grads):
+            torch.testing.assert_close(g, g0, rtol=0, atol=0)
+    assert float(base_k0["total"]) != float(clean["total"])
+    # a defect in a middle slice is still a critical point with k = 1, exactly as with k = 0
+    mid_k0, mid_grads_k0, mid_crit_k0 = run_loss(kind, 0, 3)
+    mid_k1, mid_grads_k1, mid_crit_k1 = run_loss(kind, 1, 3)
+    assert mid_crit_k1 == mid_crit_k0 > 0
+    for key in mid_k0:
+        torch.testing.assert_close(mid_k1[key], mid_k0[key], rtol=0, atol=0)
+    for g, g0 in zip(mid_grads_k1, mid_grads_k0):
+        torch.testing.assert_close(g, g0, rtol=0, atol=0)
+    assert float(mid_k1["total"]) != float(clean["total"])
+    if kind == "tpm":
+        assert float(base_k1["tpm"]) == 0.0 and float(mid_k1["tpm"]) > 0
+
+
+def test_critical_points_skip_exempt_end_slices_in_both_modes():
+    logits, ref = stack_batch(1)
+    pred = logits.argmax(1)
+    for mode in ("3d", "2d"):  # TPM evaluates rules as written, MIE slice-wise: 2d rules are the same in both
+        for k, expected in ((0, True), (1, False), (2, False)):
+            out = critical_point_targets(pred, ref[:, 0], stack_spec(k), mode=mode)
+            assert any(p.shape[0] > 0 for p, _ in out[0].values()) == expected, (mode, k)
+    logits, ref = stack_batch(2)  # the second LV slice: an end slice only for k >= 2
+    for k, expected in ((1, True), (2, False)):
+        out = critical_point_targets(logits.argmax(1), ref[:, 0], stack_spec(k), mode="2d")
+        assert any(p.shape[0] > 0 for p, _ in out[0].values()) == expected, k

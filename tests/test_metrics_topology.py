@@ -451,3 +451,26 @@ def test_components_per_slice_against_scipy():
         vol = ndimage.gaussian_filter(rng.standard_normal((9, 23, 31)), 1.2) > rng.uniform(-0.2, 0.4)
         expected = [ndimage.label(s, eight)[1] for s in vol]
         np.testing.assert_array_equal(components_per_slice(vol, axis=0), expected)
+
+
+# ---------------------------------------------------------------------------------------------- allowed sets
+def test_betti_prior_helpers_with_one_vector_and_allowed_sets():
+    from nnunet_topo.metrics.topology import allowed_betti_vectors, betti_prior_error, meets_betti_prior
+
+    assert allowed_betti_vectors((1, 1)) == ((1, 1),)
+    assert allowed_betti_vectors([[1, 1], [1, 0]]) == ((1, 1), (1, 0))
+    assert allowed_betti_vectors(np.array([[1, 1], [1, 0]])) == ((1, 1), (1, 0))
+    with pytest.raises(ValueError, match="non-empty"):
+        allowed_betti_vectors([])
+    ring_or_c = ((1, 1), (1, 0))
+    # an open "C" (1, 0) meets {ring, C} but not {ring}; its error to the ring is 1
+    assert meets_betti_prior((1, 0), ring_or_c) and meets_betti_prior(np.array([1, 1]), ring_or_c)
+    assert not meets_betti_prior((1, 0), ((1, 1),)) and not meets_betti_prior((1, 0), (1, 1))
+    assert betti_prior_error((1, 0), ring_or_c) == 0
+    assert betti_prior_error((1, 0), (1, 1)) == betti_prior_error((1, 0), ((1, 1),)) == 1
+    # the minimum over the set, not the first vector's error nor a mean: (3, 0) is 2 from (1, 0), 3 from (1, 1)
+    assert betti_prior_error((3, 0), ring_or_c) == 2
+    assert betti_prior_error((3, 2), ring_or_c) == 3
+    assert betti_prior_error((0, 0), ((2, 2), (0, 1))) == 1
+    with pytest.raises(ValueError, match="same length"):
+        betti_prior_error((1, 0), ((1, 0, 0),))

@@ -214,3 +214,132 @@ def test_refine_folder_fold_ensemble(tmp_path, capsys, monkeypatch):
         refine_entry(["-i", str(inputs), "-o", str(tmp_path / "o"), "-d", "1", "-c", "3d_fullres", "-f", "0", "5",
                       "-device", "cpu"])
     assert e.value.code == 2 and "fold 5: no folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ Clough's fidelity, default lambda
+
+def test_fidelity_is_the_class_sum_averaged_over_voxels():
+    """Clough et al.: (1/|V|) sum_v sum_c (p_cv - p0_cv)^2, checked against a plain loop over voxels."""
+    import math
+
+    from nnunet_topo.refine import fidelity_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 2, 3, 4, dtype=torch.float64)
+    p0 = torch.softmax(torch.randn(1, 3, 2, 3, 4, dtype=torch.float64), 1)
+    total, n = 0.0, 0
+    for z in range(2):
+        for y in range(3):
+            for x in range(4):
+                e = [math.exp(float(logits[0, c, z, y, x])) for c in range(3)]
+                total += sum((e[c] / sum(e) - float(p0[0, c, z, y, x])) ** 2 for c in range(3))
+                n += 1
+    got = fidelity_loss(logits, p0)
+    assert got.item() == pytest.approx(total / n, rel=1e-12)
+    assert got.item() != pytest.approx(total / (n * 3), rel=1e-3)  # not also averaged over the 3 classes
+    assert fidelity_loss(logits, torch.softmax(logits, 1)).item() == 0.0
+
+
+def test_refinement_logs_the_clough_fidelity_single_and_ensemble():
+    """The fidelity of step 1 (after one Adam step) is fidelity_loss of the logits that one step produces."""
+    from nnunet_topo.refine import fidelity_loss
+
+    _, lab, blob = _ball_with_blob()
+    net = FixedLogits(logits_from_labels(lab, weak=blob))
+    losses = build_prior_losses({1: (1, 0, 0)}, {}, None)
+    x = torch.zeros(1, 1, 12, 16, 16)
+    p0 = torch.softmax(net(x).float(), 1)
+    _, one_step, h1 = refine_logits(net, x, losses, steps=1, lr=0.1)
+    _, _, h2 = refine_logits(net, x, losses, steps=2, lr=0.1)
+    assert h1[0]["fidelity"] == 0.0
+    assert h2[1]["fidelity"] == pytest.approx(fidelity_loss(one_step, p0).item(), rel=1e-6)
+    assert h2[1]["fidelity"] > 0
+    other = FixedLogits(logits_from_labels(lab))
+    p0 = torch.softmax((net(x) + other(x)).float() / 2, 1)
+    _, one_step, _ = refine_logits_ensemble([net, other], x, losses, steps=1, lr=0.1)
+    _, _, h2 = refine_logits_ensemble([net, other], x, losses, steps=2, lr=0.1)
+    assert h2[1]["fidelity"] == pytest.approx(fidelity_loss(one_step, p0).item(), rel=1e-6)
+
+
+def test_default_lambda_is_cloughs_and_the_cli_passes_it(monkeypatch):
+    import inspect
+
+    from nnunet_topo.cli import refine_entry
+    from nnunet_topo.refine import DEFAULT_LAMBDA, refine_folder
+
+    assert DEFAULT_LAMBDA == 0.01
+    for fn in (refine_logits, refine_logits_ensemble, refine_folder):
+        assert inspect.signature(fn).parameters["lam"].default == 0.01, fn.__name__
+    seen = {}
+
+    def fake_refine_folder(*args, **kwargs):
+        seen.update(kwargs)
+        return {"cases": {}}
+    monkeypatch.setattr("nnunet_topo.refine.refine_folder", fake_refine_folder)
+    monkeypatch.setattr("nnunet_topo.cli.model_folder_from_args", lambda args: "model")
+    refine_entry(["-i", "in", "-o", "out", "-d", "1", "-c", "3d_fullres", "-device", "cpu"])
+    assert seen["lam"] == 0.01
+    refine_entry(["-i", "in", "-o", "out", "-d", "1", "-c", "3d_fullres", "-device", "cpu", "--lam", "0.02"])
+    assert seen["lam"] == 0.02
+
+
+def test_default_lambda_still_closes_a_gap_in_a_ring():
+    lab = np.zeros((4, 20, 20), np.int64)
+    yy, xx = np.ogrid[:20, :20]
+    r2 = (yy - 10) ** 2 + (xx - 10) ** 2
+    lab[:, (r2 >= 16) & (r2 <= 36)] = 1
+    gap = np.zeros_like(lab, bool)
+    gap[2, 9:12, 14:17] = True
+    gap &= lab == 1
+    lab[gap] = 0
+    net = FixedLogits(logits_from_labels(lab, weak=gap))
+    losses = build_prior_losses({}, {1: (1, 1)}, slice_axis=0)
+    _, after, _ = refine_logits(net, torch.zeros(1, 1, 4, 20, 20), losses, steps=40, lr=0.1)  # lam = 0.01
+    assert betti_numbers_per_slice(after.argmax(1)[0].numpy() == 1, axis=0).tolist() == [[1, 1]] * 4
+
+
+# ------------------------------------------------------------------------------ per-slice allowed sets
+
+def _rings_with_blob_and_c():
+    """Ring on 5 slices; slice 1 also holds a weak blob (2, 1), slice 3 a weak gap, an open "C" (1, 0)."""
+    lab = np.zeros((5, 20, 20), np.int64)
+    yy, xx = np.ogrid[:20, :20]
+    r2 = (yy - 10) ** 2 + (xx - 10) ** 2
+    lab[:, (r2 >= 16) & (r2 <= 36)] = 1
+    weak = np.zeros_like(lab, bool)
+    weak[1, 1:3, 1:3] = True
+    lab[weak] = 1
+    gap = np.zeros_like(lab, bool)
+    gap[3, 9:12, 14:17] = True
+    gap &= lab == 1
+    lab[gap] = 0
+    assert betti_numbers_per_slice(lab == 1, axis=0).tolist() == [[1, 1], [2, 1], [1, 1], [1, 0], [1, 1]]
+    return lab, weak | gap
+
+
+def test_topology_errors_with_an_allowed_set():
+    lab, _ = _rings_with_blob_and_c()
+    ring_or_c = topology_errors(lab, {}, {1: ((1, 1), (1, 0))}, 0)["1"]
+    assert ring_or_c["slices_wrong_2d"] == 1  # the blob slice (2, 1): 1 from (1, 1)
+    assert ring_or_c["betti_error_2d_mean"] == pytest.approx(1 / 5)
+    for ring in ((1, 1), ((1, 1),)):
+        e = topology_errors(lab, {}, {1: ring}, 0)["1"]
+        assert e["slices_wrong_2d"] == 2 and e["betti_error_2d_mean"] == pytest.approx(2 / 5)
+
+
+def test_refinement_pushes_each_slice_to_the_nearest_allowed_vector():
+    """Priors {(1, 1), (1, 0)}: the blob slice (2, 1) becomes the ring (1, 1); the "C" slice already meets (1, 0)
+    and stays open. With the single prior (1, 1) the "C" is closed instead."""
+    lab, weak = _rings_with_blob_and_c()
+    x = torch.zeros(1, 1, *lab.shape)
+    results = {}
+    for name, prior in (("set", ((1, 1), (1, 0))), ("ring", (1, 1))):
+        net = FixedLogits(logits_from_labels(lab, weak=weak))
+        losses = build_prior_losses({}, {1: prior}, slice_axis=0)
+        _, after, hist = refine_logits(net, x, losses, steps=40, lr=0.1, lam=1.0)
+        seg1 = after.argmax(1)[0].numpy()
+        results[name] = betti_numbers_per_slice(seg1 == 1, axis=0).tolist()
+        assert topology_errors(seg1, {}, {1: prior}, 0)["1"]["slices_wrong_2d"] == 0, name
+        assert hist[-1]["topology"] < hist[0]["topology"]
+    assert results["set"] == [[1, 1], [1, 1], [1, 1], [1, 0], [1, 1]]
+    assert results["ring"] == [[1, 1]] * 5

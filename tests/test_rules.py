@@ -66,7 +66,7 @@ def test_full_block():
     assert (incl.mode, incl.axis) == ("2d", 0)
     assert spec.rule_names == ("exclusion(LV,RV)", "LV inside MYO")
     assert spec.betti == {"LV": (1, 0, 0), "MYO": (1, 0, 0), "RV": (1, 0, 0)}
-    assert spec.betti_2d == {"MYO": (1, 1)} and spec.betti_2d_axis == 0
+    assert spec.betti_2d == {"MYO": ((1, 1),)} and spec.betti_2d_axis == 0  # one vector: a 1-element set
     assert set(spec.betti_structures) == {"LV", "MYO", "RV"}
     assert spec.betti_structures["MYO"].label_ids == (2,)
     assert spec.mesh_structures["LV_epi"] == Structure("LV_epi", ("LV", "MYO"), (3, 2))
@@ -114,7 +114,7 @@ def test_connectivity_26_and_betti_on_structure():
                               "betti": {"LV_epi": [1, 0, 0]}, "betti_2d": {"axis": 2, "LV_epi": [1, 0]}}))
     assert spec.connectivity == 26 and spec.in_plane_connectivity == 8
     assert spec.betti_structures["LV_epi"].label_ids == (3, 2)
-    assert spec.betti_2d == {"LV_epi": (1, 0)} and spec.betti_2d_axis == 2
+    assert spec.betti_2d == {"LV_epi": ((1, 0),)} and spec.betti_2d_axis == 2
 
 
 @pytest.mark.parametrize("ref, expected", [
@@ -232,6 +232,24 @@ INVALID = [
     ("bad axis", with_rules({**EXCL, "mode": "2d", "axis": 3}), r"axis must be an integer 0, 1 or 2.*3"),
     ("bool axis", with_rules({**EXCL, "mode": "2d", "axis": True}), r"axis must be an integer"),
     ("bad rule name", with_rules({**EXCL, "name": ""}), r"name must be a non-empty string"),
+    ("exempt_end_slices on a 3d rule", with_rules({**INCL, "exempt_end_slices": 1}),
+     r"rules\[0\] \(inclusion\) rule 'inclusion\(LV in LV\+MYO\)': exempt_end_slices is only for rules with "
+     r"\"mode\": \"2d\""),
+    ("exempt_end_slices on an explicit 3d rule", with_rules({**EXCL, "mode": "3d", "exempt_end_slices": 0}),
+     r"rule 'exclusion\(LV,RV\)': exempt_end_slices is only for rules with \"mode\": \"2d\""),
+    ("exempt_end_slices negative", with_rules({**EXCL, "mode": "2d", "exempt_end_slices": -1}),
+     r"rule 'exclusion\(LV,RV\) \[2d axis 0\]': exempt_end_slices must be a non-negative integer.*-1"),
+    ("exempt_end_slices float", with_rules({**INCL, "mode": "2d", "exempt_end_slices": 1.0, "name": "cavity"}),
+     r"rule 'cavity': exempt_end_slices must be a non-negative integer.*1\.0"),
+    ("exempt_end_slices bool", with_rules({**INCL, "mode": "2d", "exempt_end_slices": True}),
+     r"exempt_end_slices must be a non-negative integer.*True"),
+    ("exempt_end_slices string", with_rules({**INCL, "mode": "2d", "exempt_end_slices": "1"}),
+     r"exempt_end_slices must be a non-negative integer.*'1'"),
+    ("exempt_end_slices misspelt", with_rules({**INCL, "mode": "2d", "exempt_end_slice": 1}),
+     r"unknown key 'exempt_end_slice'; allowed keys: .*'exempt_end_slices'.*Did you mean 'exempt_end_slices'"),
+    ("same rule with and without exempt_end_slices", with_rules({**EXCL, "mode": "2d"},
+                                                                {**EXCL, "mode": "2d", "exempt_end_slices": 1}),
+     r"rules\[1\]: rule name 'exclusion\(LV,RV\) \[2d axis 0\]' is used twice.*unique \"name\""),
     ("duplicate rule name", with_rules(EXCL, {**EXCL, "a": "MYO", "name": "exclusion(LV,RV)"}),
      r"rules\[1\]: rule name 'exclusion\(LV,RV\)' is used twice \(also topology.rules\[0\]\)"),
     ("duplicate default rule name", with_rules(EXCL, dict(EXCL)), r"'exclusion\(LV,RV\)' is used twice"),
@@ -242,6 +260,20 @@ INVALID = [
     ("betti_2d length", ds({"betti_2d": {"MYO": [1, 1, 0]}}),
      r"betti_2d\['MYO'\]: a Betti vector must be a list of 2"),
     ("betti_2d axis", ds({"betti_2d": {"axis": -1, "MYO": [1, 1]}}), r"betti_2d: axis must be"),
+    ("betti_2d empty set", ds({"betti_2d": {"MYO": []}}),
+     r"betti_2d\['MYO'\]: an empty set of allowed Betti vectors allows no slice"),
+    ("betti_2d set with a short vector", ds({"betti_2d": {"MYO": [[1, 1], [1]]}}),
+     r"betti_2d\['MYO'\]\[1\]: a Betti vector must be a list of 2 .*got \[1\]"),
+    ("betti_2d set with a negative entry", ds({"betti_2d": {"MYO": [[1, 1], [1, -1]]}}),
+     r"betti_2d\['MYO'\]\[1\]: a Betti vector must be a list of 2 non-negative integers"),
+    ("betti_2d set with a float entry", ds({"betti_2d": {"MYO": [[1.5, 1], [1, 0]]}}),
+     r"betti_2d\['MYO'\]\[0\]: a Betti vector"),
+    ("betti_2d set mixing numbers and vectors", ds({"betti_2d": {"MYO": [[1, 1], 1]}}),
+     r"betti_2d\['MYO'\]: mixes numbers and lists"),
+    ("betti_2d set with a duplicate", ds({"betti_2d": {"MYO": [[1, 1], [1, 0], [1, 1]]}}),
+     r"betti_2d\['MYO'\]: the allowed set lists \[1, 1\] more than once"),
+    ("betti 3d sets are not supported", ds({"betti": {"LV": [[1, 0, 0], [1, 1, 0]]}}),
+     r"betti\['LV'\]: a Betti vector must be a list of 3"),
     ("betti unknown key", ds({"betti": {"Myo": [1, 0, 0]}}),
      r"betti\['Myo'\]: unknown label 'Myo'.*Did you mean 'MYO'"),
     ("betti_2d unknown key", ds({"betti_2d": {"PA": [1, 0]}}), r"betti_2d\['PA'\]: unknown label 'PA'"),
@@ -321,3 +353,60 @@ def test_rule_names_stay_unambiguous_for_any_label_name():
     assert len(set(spec2.rule_names)) == 2
     with pytest.raises(ValueError, match="not a default rule name"):
         parse_rule_name("LV inside MYO")
+
+
+# ---------------------------------------------------------------------------------------------- exempt_end_slices
+def test_exempt_end_slices_parsing_keeps_default_names():
+    spec = parse_topology(with_rules(
+        {**INCL, "mode": "2d", "axis": 0, "exempt_end_slices": 1},
+        {**EXCL, "mode": "2d", "axis": 2, "exempt_end_slices": 3},
+        {**INCL, "mode": "2d", "axis": 1, "exempt_end_slices": 0},
+        {**EXCL, "mode": "2d", "axis": 1},
+        EXCL))
+    assert [r.exempt_end_slices for r in spec.rules] == [1, 3, 0, 0, 0]
+    assert spec.rule_names == ("inclusion(LV in LV+MYO) [2d axis 0]", "exclusion(LV,RV) [2d axis 2]",
+                               "inclusion(LV in LV+MYO) [2d axis 1]", "exclusion(LV,RV) [2d axis 1]",
+                               "exclusion(LV,RV)")
+    assert all(type(r.exempt_end_slices) is int for r in spec.rules)
+    # two rules that differ only in the key need a name
+    named = parse_topology(with_rules({**EXCL, "mode": "2d"},
+                                      {**EXCL, "mode": "2d", "exempt_end_slices": 1, "name": "septum, base free"}))
+    assert named.rule_names == ("exclusion(LV,RV) [2d axis 0]", "septum, base free")
+    assert [r.exempt_end_slices for r in named.rules] == [0, 1]
+    text = describe(spec)
+    assert "    - inclusion(LV in LV+MYO) [2d axis 0] (end slices exempt: 1 at each end)\n" in text
+    assert "    - exclusion(LV,RV) [2d axis 1]\n" in text
+
+
+def test_exempt_end_slices_survives_axis_mapping_and_reference_spec():
+    from nnunet_topo.rules import reference_spec, spec_in_patch_frame
+
+    spec = parse_topology(with_rules({**INCL, "mode": "2d", "axis": 0, "exempt_end_slices": 2},
+                                     {**EXCL, "mode": "2d", "axis": 2, "exempt_end_slices": 1}))
+    moved = spec_in_patch_frame(spec, (2, 0, 1))  # preprocessed axis k = image axis transpose_forward[k]
+    assert [(r.axis, r.exempt_end_slices) for r in moved.rules] == [(1, 2), (0, 1)]
+    assert moved.rule_names == spec.rule_names
+    sparse = reference_spec(spec, 9)
+    assert [r.exempt_end_slices for r in sparse.rules] == [2, 1]
+    assert sparse.rules[0].may_touch is not None and 9 in sparse.rules[0].may_touch.label_ids
+
+
+# ---------------------------------------------------------------------------------------------- betti_2d allowed sets
+def test_betti_2d_allowed_sets_parse_describe_and_survive_frames():
+    from nnunet_topo.rules import label_priors, reference_spec, spec_in_patch_frame
+
+    spec = parse_topology(ds({"betti": {"MYO": [1, 1, 0]},
+                              "betti_2d": {"axis": 0, "MYO": [[1, 1], [1, 0]], "LV": [1, 0],
+                                           "LV_epi": [[1, 0]], "RV": [(1, 0), (2, 0)]},
+                              "structures": {"LV_epi": ["LV", "MYO"]}}))
+    # order as written; a single vector and a 1-element list are the same 1-element set
+    assert spec.betti_2d == {"MYO": ((1, 1), (1, 0)), "LV": ((1, 0),), "LV_epi": ((1, 0),),
+                             "RV": ((1, 0), (2, 0))}
+    assert spec.betti == {"MYO": (1, 1, 0)}
+    assert "MYO (1, 1) or (1, 0), LV (1, 0), LV_epi (1, 0), RV (1, 0) or (2, 0)" in describe(spec)
+    p3, p2 = label_priors(spec)
+    assert p3 == {2: (1, 1, 0)}
+    assert p2 == {2: ((1, 1), (1, 0)), 3: ((1, 0),), 1: ((1, 0), (2, 0))}  # LV_epi is a region: left out
+    moved = spec_in_patch_frame(spec, (2, 0, 1))
+    assert moved.betti_2d == spec.betti_2d and moved.betti_2d_axis == 1
+    assert reference_spec(spec, 9).betti_2d == spec.betti_2d

@@ -527,3 +527,49 @@ def test_embedded_phantom_keeps_the_heart_in_world_space(tmp_path):
                            canvas=(48, 64, 56), spacing=(1.0, 2.0, 1.0))
     img = sitk.ReadImage(str(sorted((folder / "labelsTr").iterdir())[0]))
     assert img.GetSize() == (56, 64, 48) and img.GetSpacing() == (1.0, 2.0, 1.0)
+
+
+def test_check_reference_honours_exempt_end_slices_like_the_violation_maps():
+    from nnunet_topo.rules import parse_topology
+    from nnunet_topo.violations import violation_maps_numpy
+
+    ph = syn.make_phantom("acdc", 0, TINY["acdc"])
+    labels = ph.labels
+    lab = ph.label.copy()
+    lv_slices = np.flatnonzero((lab == labels["LV"]).any(axis=(1, 2)))
+    for z in (lv_slices[0], lv_slices[len(lv_slices) // 2]):  # an end slice and a middle one
+        lab2 = lab.copy()
+        lab2[z][lab2[z] == labels["MYO"]] = 0  # the LV opens to the background in slice z
+        for k, reported in ((0, True), (1, z != lv_slices[0])):
+            topo = syn.topology_block("acdc")
+            topo["rules"] = [dict(r, exempt_end_slices=k) if r.get("mode") == "2d" else r for r in topo["rules"]]
+            rule_problems = [p for p in syn.check_reference(lab2, "acdc", topology=topo)
+                             if p.startswith("inclusion(")]
+            counts = violation_maps_numpy(lab2, parse_topology({"labels": labels, "topology": topo}))
+            n = int(counts["inclusion(LV in LV+MYO) [2d axis 0]"].sum())
+            assert bool(rule_problems) == reported == (n > 0), (z, k, rule_problems)
+            if reported:
+                assert rule_problems == [f"inclusion(LV in LV+MYO) [2d axis 0]: {n} violating voxels"]
+
+
+def test_check_reference_accepts_an_allowed_set_of_per_slice_betti_vectors():
+    ph = syn.make_phantom("acdc", 0, TINY["acdc"])
+    labels = ph.labels
+    lab = ph.label.copy()
+    myo = labels["MYO"]
+    z = int(np.flatnonzero((lab == myo).any(axis=(1, 2)))[1])
+    # open the ring of slice z: remove its MYO in a 3-voxel band from the top edge down through the centre column
+    col = int(np.round(np.flatnonzero((lab[z] == myo).any(axis=0)).mean()))
+    band = lab[z, : lab.shape[1] // 2, col - 1:col + 2]
+    band[band == myo] = 0
+    assert syn._betti_2d(lab[z] == myo) == (1, 0)  # an open "C"
+
+    def betti2d_problems(prior):
+        topo = syn.topology_block("acdc")
+        topo["betti_2d"] = dict(topo["betti_2d"], MYO=prior)
+        return [p for p in syn.check_reference(lab, "acdc", topology=topo) if p.startswith("2D Betti numbers of MYO")]
+    assert betti2d_problems([[1, 1], [1, 0]]) == []
+    for prior, shown in (([1, 1], "(1, 1)"), ([[1, 1]], "(1, 1)"), ([[1, 1], [2, 0]], "(1, 1) or (2, 0)")):
+        problems = betti2d_problems(prior)
+        assert problems == [f"2D Betti numbers of MYO differ from the prior {shown} on slices [{z}] (axis 0): "
+                            "[(1, 0)]"], problems

@@ -370,6 +370,18 @@ def test_gradcheck(rule, connectivity):
         lambda x: rule_violation_map(x, r, probabilities=True, connectivity=connectivity), (p,), eps=1e-6, atol=1e-5)
 
 
+def test_soft_maps_of_a_spec_equal_those_of_single_rules():
+    """violation_maps shares masks and dilations between rules; on probabilities the result must not depend on the
+    other rules (regression: the dilated forbidden mask of an inclusion with may_touch C was reused for an
+    inclusion whose outer region holds C, though max(S_O, S_C) differs from the clamped sum of O ∪ C)."""
+    spec = all_rules_spec(26)
+    probs = torch.softmax(torch.randn(2, 4, 5, 6, 7, generator=torch.Generator().manual_seed(3)), 1)
+    maps = violation_maps(probs, spec, probabilities=True)
+    for rule in spec.rules:
+        torch.testing.assert_close(maps[rule.name], rule_violation_map(probs, rule, probabilities=True,
+                                                                       connectivity=26), rtol=0, atol=0)
+
+
 def test_gradients_flow_from_softmax():
     logits = torch.randn(2, 4, 5, 6, 7, requires_grad=True)
     maps = violation_maps(torch.softmax(logits, 1), all_rules_spec(6), probabilities=True)
@@ -445,3 +457,183 @@ def test_inclusion_rule_object_roundtrip():
     rule = InclusionRule("x", r.inner, r.outer, r.may_touch, "3d", 0)
     lm = torch.from_numpy(shell(3))[None]
     assert rule_violation_map(lm, rule, probabilities=False).sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------- exempt end slices
+def naive_present_slices(lm: np.ndarray, rule, axis: int) -> list:
+    """Per slice along ``axis``: is the rule's structure (inner; A ∪ B) present? ``lm`` is (Z, Y, X) labels."""
+    ids = rule.inner.label_ids if isinstance(rule, InclusionRule) else rule.a.label_ids + rule.b.label_ids
+    return [bool(np.isin(np.take(lm, i, axis=axis), ids).any()) for i in range(lm.shape[axis])]
+
+
+def naive_soft_present_slices(probs: np.ndarray, rule, axis: int) -> list:
+    """The same for a probability map (C, Z, Y, X): some structure's soft mask (clamped sum) > 0.5 in the slice."""
+    structures = [rule.inner] if isinstance(rule, InclusionRule) else [rule.a, rule.b]
+    out = []
+    for i in range(probs.shape[axis + 1]):
+        sl = np.take(probs, i, axis=axis + 1)
+        out.append(any(bool((np.minimum(sl[list(s.label_ids)].sum(0), 1.0) > 0.5).any()) for s in structures))
+    return out
+
+
+def naive_exempt(vmap: np.ndarray, present: list, k: int, axis: int) -> np.ndarray:
+    """Zero exactly the first k and the last k present slices along ``axis``."""
+    idx = [i for i, p in enumerate(present) if p]
+    ends = set(idx[:k]) | set(idx[::-1][:k])
+    out = vmap.copy()
+    for i in ends:
+        sl = [slice(None)] * vmap.ndim
+        sl[axis] = i
+        out[tuple(sl)] = 0
+    return out
+
+
+def random_gappy(rng, shape=(9, 8, 7)):
+    """Sparse random labels with gaps: one empty slice per axis and one slice per axis without label 1 (A), so the
+    present slices of a structure are not contiguous."""
+    lm = random_sparse(rng, shape)
+    for axis, n in enumerate(shape):
+        sl = [slice(None)] * 3
+        sl[axis] = int(rng.integers(2, n - 2))
+        lm[tuple(sl)] = 0
+        sl[axis] = int(rng.integers(1, n - 1))
+        sub = lm[tuple(sl)]
+        sub[sub == 1] = 0
+    return lm
+
+
+EXEMPT_RULES = [dict(r, mode="2d", axis=axis, exempt_end_slices=k, name=f"{i} axis {axis} k {k}")
+                for i, r in enumerate(NAIVE_RULES) for axis in (0, 1, 2) for k in (1, 2)]
+
+
+def plain(rule):
+    """The same rule without the exemption."""
+    import dataclasses
+    return dataclasses.replace(rule, exempt_end_slices=0)
+
+
+@pytest.mark.parametrize("connectivity", [6, 26])
+@pytest.mark.parametrize("seed", [20, 21, 22])
+def test_exempt_end_slices_against_naive_reference(connectivity, seed):
+    rng = np.random.default_rng(seed)
+    lms = np.stack([random_gappy(rng), random_gappy(rng)])  # a batch: the ends are per item
+    spec = make_spec(EXEMPT_RULES, connectivity)
+    torch_maps = violation_maps(torch.from_numpy(lms), spec)
+    exempted_somewhere = violated_elsewhere = 0
+    for b in range(2):
+        lm = lms[b]
+        numpy_maps = violation_maps_numpy(lm, spec)
+        crops = violation_crops_numpy(lm, spec)
+        for rule in spec.rules:
+            full = naive_rule_map(lm, rule, connectivity)
+            expected = naive_exempt(full, naive_present_slices(lm, rule, rule.axis), rule.exempt_end_slices, rule.axis)
+            exempted_somewhere += int(full.sum() > expected.sum())
+            violated_elsewhere += int(expected.any())
+            np.testing.assert_array_equal(torch_maps[rule.name][b].numpy().astype(bool), expected, err_msg=rule.name)
+            np.testing.assert_array_equal(numpy_maps[rule.name], expected, err_msg=rule.name)
+            box, crop = crops[rule.name]
+            pasted = np.zeros(lm.shape, bool)
+            if crop.size:
+                pasted[box] = crop
+            np.testing.assert_array_equal(pasted, expected, err_msg=rule.name)
+            single = rule_violation_map(torch.from_numpy(lm)[None], rule, probabilities=False,
+                                        connectivity=connectivity)
+            np.testing.assert_array_equal(single[0].numpy().astype(bool), expected, err_msg=rule.name)
+    assert exempted_somewhere > 5 and violated_elsewhere > 5  # the cases test both sides
+
+
+@pytest.mark.parametrize("connectivity", [6, 26])
+def test_exempt_end_slices_on_probabilities(connectivity):
+    rng = np.random.default_rng(23)
+    lms = np.stack([random_gappy(rng), random_gappy(rng)])
+    spec = make_spec(EXEMPT_RULES, connectivity)
+    # near one-hot with noise: some structure voxels fall below 0.5, some slices hold a structure only softly
+    logits = 3.0 * one_hot(torch.from_numpy(lms), 4, torch.float64) + torch.from_numpy(
+        rng.normal(scale=1.5, size=(2, 4) + lms.shape[1:]))
+    probs = torch.softmax(logits, 1).requires_grad_()
+    maps = violation_maps(probs, spec, probabilities=True)
+    p_np = probs.detach().numpy()
+    differs = 0
+    for rule in spec.rules:
+        unexempted = rule_violation_map(probs, plain(rule), probabilities=True, connectivity=connectivity)
+        expected = np.stack([naive_exempt(unexempted[b].detach().numpy(),
+                                          naive_soft_present_slices(p_np[b], rule, rule.axis),
+                                          rule.exempt_end_slices, rule.axis) for b in range(2)])
+        np.testing.assert_array_equal(maps[rule.name].detach().numpy(), expected, err_msg=rule.name)
+        differs += int(not np.array_equal(expected, unexempted.detach().numpy()))
+        # the checked mask is a constant: the gradient is the one of the unexempted map restricted to checked slices
+        keep = torch.from_numpy((expected != 0) | (unexempted.detach().numpy() == 0))
+        weights = torch.from_numpy(rng.random(lms.shape))
+        (g,) = torch.autograd.grad((maps[rule.name] * weights).sum(), probs, retain_graph=True)
+        (g_ref,) = torch.autograd.grad((unexempted * weights * keep).sum(), probs, retain_graph=True)
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+    assert differs > 10
+    # on one-hot probabilities the soft maps equal the hard ones
+    hard = violation_maps(torch.from_numpy(lms), spec)
+    soft = violation_maps(one_hot(torch.from_numpy(lms), 4), spec, probabilities=True)
+    for name in hard:
+        torch.testing.assert_close(soft[name], hard[name], rtol=0, atol=0)
+
+
+def basal_stack(axis=0, defect_slice=1):
+    """A 'short-axis stack' along ``axis``: A (cavity) inside a B ring on slices 1..5, C (other cavity) beside it;
+    in ``defect_slice`` A opens to the background (inclusion violated) and touches C (exclusion violated)."""
+    lm = np.zeros((7, 9, 12), np.int64)
+    lm[1:6, 1:8, 1:8] = 2
+    lm[1:6, 3:6, 3:6] = 1
+    lm[1:6, 2:7, 9:11] = 3
+    lm[defect_slice, 4, 1:3] = 1   # through the ring to the background at x = 0
+    lm[defect_slice, 4, 6:9] = 1   # through the ring to C at x = 9
+    return np.moveaxis(lm, 0, axis)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_exempt_end_slices_keeps_middle_violations(axis):
+    rules = [{"type": "inclusion", "inner": "A", "outer": ["A", "B"], "mode": "2d", "axis": axis},
+             {"type": "exclusion", "a": "A", "b": "C", "mode": "2d", "axis": axis}]
+    names = [f"inclusion(A in A+B) [2d axis {axis}]", f"exclusion(A,C) [2d axis {axis}]"]
+    for defect, k, reported in [(1, 0, True), (1, 1, False), (5, 1, False), (3, 1, True), (2, 1, True),
+                                (2, 2, False), (4, 2, False), (3, 2, True)]:
+        lm = basal_stack(axis, defect)
+        spec = make_spec([dict(r, exempt_end_slices=k) for r in rules]) if k else make_spec(rules)
+        for maps in (violation_maps_numpy(lm, spec),
+                     {n: m[0].numpy() for n, m in violation_maps(torch.from_numpy(lm)[None], spec).items()}):
+            for name in names:
+                assert bool(maps[name].any()) == reported, (defect, k, name)
+                if reported:
+                    other = tuple(d for d in range(3) if d != axis)
+                    assert np.nonzero(maps[name].any(axis=other))[0].tolist() == [defect]
+
+
+def test_exempt_end_slices_crop_holds_the_whole_structures():
+    """An exclusion's crop is (box(A)+1) ∩ (box(B)+1); with exempt end slices the end slices must be those of the
+    whole array, also where A lies outside that crop in plane (here: in slices 0 and 1)."""
+    lm = np.zeros((7, 12, 12), np.int64)
+    lm[0:2, 0, 0] = 1          # A far from B: outside the crop of (box(A)+1) ∩ (box(B)+1) in plane
+    lm[2:6, 8:10, 6:8] = 1     # A beside B
+    lm[2:5, 8:10, 8:10] = 2    # B touches A in slices 2, 3, 4
+    lm[6, 0, 0] = 1
+    spec = make_spec([{**EXCL_AB, "mode": "2d", "axis": 0, "exempt_end_slices": 1}])
+    name = spec.rule_names[0]
+    expected = naive_exempt(naive_rule_map(lm, spec.rules[0], 6), naive_present_slices(lm, spec.rules[0], 0), 1, 0)
+    assert expected[2].any() and expected[4].any()  # A is present in slices 0..6: slice 2 is no end slice
+    np.testing.assert_array_equal(violation_maps_numpy(lm, spec)[name], expected)
+    box, crop = violation_crops_numpy(lm, spec)[name]
+    assert box[0] == slice(0, 7) and box[1].start == 0  # the crop holds every voxel of A and B
+    np.testing.assert_array_equal(crop, expected[box])
+    np.testing.assert_array_equal(violation_maps(torch.from_numpy(lm)[None], spec)[name][0].numpy().astype(bool),
+                                  expected)
+
+
+def test_exempt_end_slices_ill_rules():
+    spec, r = one_rule({**EXCL_AB, "mode": "2d", "exempt_end_slices": 1})
+    lm3 = torch.zeros(1, 3, 3, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="has exempt_end_slices=1, which needs the slice stack"):
+        violation_maps(torch.zeros(1, 3, 3, dtype=torch.long), spec, spatial_dims=2)
+    with pytest.raises(ValueError, match="has exempt_end_slices=1, which needs the slice stack"):
+        violation_maps_numpy(np.zeros((3, 3), np.int64), spec)
+    import dataclasses
+    with pytest.raises(ValueError, match="exempt_end_slices=1 needs mode '2d'"):
+        rule_violation_map(lm3, dataclasses.replace(r, mode="3d"), probabilities=False)
+    with pytest.raises(ValueError, match="exempt_end_slices must be an integer >= 0"):
+        rule_violation_map(lm3, dataclasses.replace(r, exempt_end_slices=-1), probabilities=False)

@@ -6,7 +6,9 @@ own ``nnUNetTrainer_5epochs``); the losses, networks and hooks are those of the 
 from typing import Any, Dict
 
 import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_topo.trainers.nnUNetTrainerBetti import nnUNetTrainerBetti
 from nnunet_topo.trainers.nnUNetTrainerMIE import nnUNetTrainerMIE
 from nnunet_topo.trainers.nnUNetTrainerMesh import nnUNetTrainerMesh
 from nnunet_topo.trainers.nnUNetTrainerProjPool import nnUNetTrainerProjPool
@@ -48,3 +50,45 @@ class nnUNetTrainerTPM_cpuStudy(_ShortRunMixin, nnUNetTrainerTPM):
 
 class nnUNetTrainerMIE_cpuStudy(_ShortRunMixin, nnUNetTrainerMIE):
     short_run = dict(CPU_STUDY, mie_num_points=512)
+
+
+# ---------------------------------------------------------------------------------------------------- ACDC study
+#: the ACDC study (examples/acdc/study.sh, documentation/results.md): the same training length for every trainer
+#: (epochs x iterations at batch size 2; the study's CPU budget), nnU-Net's defaults otherwise. TPM switches on after
+#: its default warm-up (10 % of the epochs).
+ACDC_STUDY = dict(num_epochs=20, num_iterations_per_epoch=20, num_val_iterations_per_epoch=2)
+
+
+class _NoTTAMixin:
+    """Inference without mirroring (test-time augmentation), for every trainer of a CPU study alike: nnU-Net's
+    validation and ``nnUNetv2_predict`` read ``inference_allowed_mirroring_axes`` from the trainer / checkpoint.
+    Training augmentation is unchanged."""
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        out = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None
+        return out
+
+
+class nnUNetTrainer_acdcStudy(_NoTTAMixin, _ShortRunMixin, nnUNetTrainer):
+    short_run = ACDC_STUDY
+
+
+class nnUNetTrainerProjPool_acdcStudy(_NoTTAMixin, _ShortRunMixin, nnUNetTrainerProjPool):
+    short_run = ACDC_STUDY
+
+
+class nnUNetTrainerBetti_acdcStudy(_NoTTAMixin, _ShortRunMixin, nnUNetTrainerBetti):
+    short_run = ACDC_STUDY
+
+
+class nnUNetTrainerMesh_acdcStudy(_NoTTAMixin, _ShortRunMixin, nnUNetTrainerMesh):
+    short_run = ACDC_STUDY
+
+
+class nnUNetTrainerTPM_acdcStudy(_NoTTAMixin, _ShortRunMixin, nnUNetTrainerTPM):
+    short_run = ACDC_STUDY
+
+
+class nnUNetTrainerMIE_acdcStudy(_NoTTAMixin, _ShortRunMixin, nnUNetTrainerMIE):
+    short_run = ACDC_STUDY

@@ -18,6 +18,15 @@ including them would change neither the value nor the gradient.
 Reduction: ``L = (1/B) sum_b sum_c sum_k L_k`` (summed over classes, dimensions and, in the
 slice-wise mode, slices; averaged over the batch).
 
+Allowed sets: a prior may be a set of Betti vectors instead of one (e.g. the myocardium is a ring
+``(1, 1)`` in mid-ventricular slices but an open "C" ``(1, 0)`` in basal ones:
+``{c: ((1, 1), (1, 0))}``). Each target unit (sample, class[, slice]) then costs the **minimum** over
+the allowed vectors ``beta*`` of ``sum_k L_k(beta*)``: the unit is pushed towards the nearest allowed
+topology and never towards the others (a sum or mean over the set would ask for both a hole and no hole
+at once). The minimum is taken on the current diagram values; its gradient is that of the minimising
+vector's loss (ties: the first vector listed), so the loss is continuous and differentiable almost
+everywhere, like the diagram pairing itself. One vector is the 1-element set: values unchanged.
+
 Gradients reach exactly the birth and death voxels of the bars (the diagram indexes the live
 probability tensor): ``dL/dp[birth_l] = -/+ 2 (b_l - d_l)`` and ``dL/dp[death_l] = +/- 2 (b_l - d_l)``
 for bars inside/outside the first ``beta*_k``.
@@ -152,6 +161,67 @@ def _check_prior_vector(c, vec, length: int | None) -> tuple[int, ...]:
     return tuple(int(v) for v in vals)
 
 
+def _is_vector_like(v) -> bool:
+    if isinstance(v, (str, bytes)):
+        return False
+    if isinstance(v, (np.ndarray, Tensor)):
+        return v.ndim >= 1
+    return isinstance(v, Sequence)
+
+
+def _check_prior_set(c, value, length: int | None) -> tuple[tuple[int, ...], ...]:
+    """A prior as its allowed set: one vector ``(b0, b1[, b2])`` -> a 1-element set; a non-empty sequence of
+    distinct vectors of one length -> the set (order kept)."""
+    if _is_set(value):
+        vecs = tuple(_check_prior_vector(c, v, length) for v in value)
+        if len({len(v) for v in vecs}) > 1:
+            raise ValueError(f"the allowed Betti vectors of class {c} differ in length: {list(vecs)}.")
+        if len(set(vecs)) != len(vecs):
+            raise ValueError(f"the allowed Betti vectors of class {c} must be distinct, got {list(vecs)}.")
+        return vecs
+    if _is_vector_like(value) and len(value) == 0:
+        raise ValueError(
+            f"prior of class {c} is empty: give a Betti vector (b0, b1[, b2]) or a non-empty set of them, "
+            "e.g. ((1, 1), (1, 0))."
+        )
+    return (_check_prior_vector(c, value, length),)
+
+
+def _is_set(value) -> bool:
+    """Whether a prior value is an allowed set (a sequence of vectors), not one vector."""
+    return _is_vector_like(value) and len(value) > 0 and all(_is_vector_like(v) for v in value)
+
+
+class _CandidateTargets:
+    """Internal targets with an allowed set per unit: int64 ``(B, K[, S], M, length)``; a candidate row of -1 is
+    no candidate, a unit without candidates is skipped."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+
+def _pad_sets(sets: Sequence[tuple[tuple[int, ...], ...]], length: int) -> np.ndarray:
+    """``(K, M, length)`` int64 of K allowed sets, padded with -1 rows to the largest set size M."""
+    m = max((len(v) for v in sets), default=1)
+    out = np.full((len(sets), m, length), -1, dtype=np.int64)
+    for k, vecs in enumerate(sets):
+        for j, v in enumerate(vecs):
+            out[k, j] = v
+    return out
+
+
+def _set_loss_values(job_pairs, candidates: np.ndarray) -> np.ndarray:
+    """Loss value of one unit for each candidate target vector ``(M, length)``, from its persistence pairs:
+    ``L_k(beta) = beta + sum_l pers_l^2 - 2 sum_{l <= beta} pers_l^2`` (bars sorted longest first)."""
+    values = np.zeros(len(candidates), dtype=np.float64)
+    for dim, pr in enumerate(job_pairs):
+        pers2 = (np.asarray(pr.births, np.float64) - np.asarray(pr.deaths, np.float64)) ** 2
+        prefix = np.concatenate([[0.0], np.cumsum(pers2)])
+        beta = candidates[:, dim]
+        values += beta + prefix[-1] - 2.0 * prefix[np.minimum(beta, len(pers2))]
+    return values
+
+
 def max_pool_downsample(x: Tensor, factor: int, slice_axis: int | None = None) -> Tensor:
     """Max-pools the spatial axes of ``(B, C, *spatial)`` by ``factor`` (window = stride, ceil mode).
 
@@ -274,6 +344,7 @@ def betti_targets_from_labels(
 def _targets_from_mapping(
     target_betti: Mapping, class_ids, num_channels: int, length: int
 ) -> tuple[list[int], np.ndarray]:
+    """Class ids and their allowed sets ``(K, M, length)`` (padded with -1 rows)."""
     keys = list(target_betti.keys())
     ids = _check_class_ids(keys, num_channels)
     if class_ids is not None:
@@ -283,8 +354,8 @@ def _targets_from_mapping(
                 f"class_ids {wanted} do not match the classes of target_betti {ids}; leave "
                 "class_ids out when passing a mapping."
             )
-    vecs = [_check_prior_vector(c, target_betti[c], length) for c in ids]
-    return ids, np.asarray(vecs, dtype=np.int64).reshape(len(ids), length)
+    sets = [_check_prior_set(c, target_betti[c], length) for c in ids]
+    return ids, _pad_sets(sets, length)
 
 
 def _targets_from_tensor(
@@ -335,8 +406,10 @@ def betti_prior_loss(
         probabilities: ``(B, C, X, Y, Z)`` or ``(B, C, X, Y)`` class probabilities (softmax output),
             channel ``c`` = label id ``c``. Computed in float32 (float64 input stays float64).
         target_betti: either ``{class id: (b0, b1[, b2])}`` applied to every sample (and, with
-            ``slice_axis``, to every slice where the class is present, see the module docstring),
-            or an integer tensor of per-sample targets ``(B, K, maxdim + 1)`` (per slice:
+            ``slice_axis``, to every slice where the class is present, see the module docstring;
+            a value may also be a non-empty set of distinct vectors ``((1, 1), (1, 0))``, and the loss
+            of each unit is then the minimum over the set, see "Allowed sets" there), or an integer
+            tensor of per-sample targets ``(B, K, maxdim + 1)`` (per slice:
             ``(B, K, S, maxdim + 1)``) whose rows follow ``class_ids``; an all-negative row means
             "no target" and is skipped.
         class_ids: label ids of the rows of a tensor ``target_betti`` (required then); with a
@@ -382,17 +455,21 @@ def _betti_prior_loss(
         length = md + 1
         n_slices = spatial[ax] if ax is not None else None
 
-        # ---- targets: ids (K,), tb (B, K[, S], length) with all-negative rows = skip
-        if isinstance(target_betti, Tensor):
+        # ---- targets: ids (K,), tb (B, K[, S], M, length): M candidate vectors per unit (an allowed set),
+        #      all-negative rows = no candidate; a unit without candidates is skipped
+        if isinstance(target_betti, _CandidateTargets):
+            ids, tb = _check_class_ids(class_ids, C), target_betti.array
+        elif isinstance(target_betti, Tensor):
             ids, tb = _targets_from_tensor(target_betti, class_ids, B, C, length, n_slices)
+            tb = tb[..., None, :]
         elif isinstance(target_betti, Mapping):
-            ids, vecs = _targets_from_mapping(target_betti, class_ids, C, length)
+            ids, sets = _targets_from_mapping(target_betti, class_ids, C, length)  # (K, M, length)
             if ax is None:
-                tb = np.broadcast_to(vecs[None], (B, len(ids), length)).copy()
+                tb = np.broadcast_to(sets[None], (B,) + sets.shape).copy()
             else:
                 other = tuple(2 + a for a in range(3) if a != ax)
                 present = (p.detach()[:, ids].amax(dim=other) > presence_threshold).cpu().numpy()
-                tb = np.where(present[..., None], vecs[None, :, None, :], -1).astype(np.int64)
+                tb = np.where(present[..., None, None], sets[None, :, None], -1).astype(np.int64)
         else:
             raise TypeError(
                 "target_betti must be a mapping {class id: Betti numbers} or an integer tensor, got "
@@ -401,7 +478,7 @@ def _betti_prior_loss(
 
         # ---- persistence jobs on the CPU (one float64 copy of the needed channels)
         neg = -p.detach()[:, ids].cpu().numpy().astype(np.float64)  # (B, K, *spatial), widened on the CPU
-        active = tb[..., 0] >= 0  # (B, K[, S])
+        active = (tb[..., 0] >= 0).any(-1)  # (B, K[, S])
         jobs, meta = [], []
         for idx in zip(*np.nonzero(active)):
             b, k = int(idx[0]), int(idx[1])
@@ -422,7 +499,10 @@ def _betti_prior_loss(
         const = 0
         b_idx, d_idx, signs = [], [], []
         for (b, k, s), job_pairs in zip(meta, pairs):
-            beta = tb[(b, k) if s is None else (b, k, s)]
+            cands = tb[(b, k) if s is None else (b, k, s)]
+            cands = cands[cands[:, 0] >= 0]
+            # an allowed set: the unit's loss is the minimum over its vectors, so take the nearest one (first on ties)
+            beta = cands[0] if len(cands) == 1 else cands[int(np.argmin(_set_loss_values(job_pairs, cands)))]
             base = (b * C + ids[k]) * vol
             for dim, pr in enumerate(job_pairs):
                 nb = len(pr.births)
@@ -468,9 +548,11 @@ class BettiPriorLoss(nn.Module):
 
     Args:
         class_ids: label ids the loss acts on (usually not the background).
-        priors: ``{class id: (b0, b1[, b2])}`` dataset priors (``target="prior"``: required, one per
-            class id; in ``"patch"`` mode used only for the units of a sparse reference whose label
-            targets are undefined, see ``ignore_label``).
+        priors: ``{class id: (b0, b1[, b2])}`` dataset priors, a value may be an allowed set of
+            vectors ``((1, 1), (1, 0))`` (per unit, the loss is the minimum over the set; see the module
+            docstring) (``target="prior"``: required, one per class id; in ``"patch"`` mode used only
+            for the units of a sparse reference whose label targets are undefined, see
+            ``ignore_label``).
         target: ``"patch"`` (default): target Betti numbers from the reference label patch passed
             to ``forward``; ``"prior"``: from ``priors`` (only when the whole structure is in
             view: whole-volume configs, test-time refinement).
@@ -488,6 +570,8 @@ class BettiPriorLoss(nn.Module):
             module docstring); ignored voxels are never background.
 
     Attributes:
+        priors: the priors as given (a vector, or a tuple of vectors for an allowed set), or None.
+        prior_sets: every prior as its allowed set (a tuple of vectors), or None.
         last_counts: after each forward, ``{"units": target units considered (B * K, per slice
             B * K * S), "prior": units of a sparse reference that used the prior, "skipped": units
             skipped because their label targets were undefined}`` (units skipped because the class
@@ -541,7 +625,8 @@ class BettiPriorLoss(nn.Module):
         self.presence_threshold = float(presence_threshold)
         self.ignore_label = None if ignore_label is None else int(ignore_label)
         self.last_counts: dict[str, int] | None = None
-        self.priors: dict[int, tuple[int, ...]] | None = None
+        self.priors: dict[int, tuple] | None = None
+        self.prior_sets: dict[int, tuple[tuple[int, ...], ...]] | None = None
         if priors is not None:
             if not isinstance(priors, Mapping):
                 raise TypeError(f"priors must be a mapping {{class id: Betti numbers}}, got {priors!r}.")
@@ -554,8 +639,10 @@ class BettiPriorLoss(nn.Module):
                 length = 2 if maxdim is None else maxdim + 1
             else:
                 length = None if maxdim is None else maxdim + 1
-            self.priors = {int(c): _check_prior_vector(c, v, length) for c, v in priors.items()}
-            lengths = {len(v) for v in self.priors.values()}
+            self.prior_sets = {int(c): _check_prior_set(c, v, length) for c, v in priors.items()}
+            # as given: one vector stays a vector, an allowed set a tuple of vectors
+            self.priors = {c: (v[0] if not _is_set(priors[c]) else v) for c, v in self.prior_sets.items()}
+            lengths = {len(v) for vs in self.prior_sets.values() for v in vs}
             if len(lengths) > 1 or (lengths and not lengths <= {1, 2, 3}):
                 raise ValueError(
                     f"all priors must have the same number of Betti numbers (2 in 2D, 3 in 3D), got "
@@ -619,9 +706,10 @@ class BettiPriorLoss(nn.Module):
                 self.num_workers, self.executor, self.presence_threshold, check_finite=False,
             )
 
-    def _sparse_targets(self, target: Tensor, pooled: Tensor, tb: Tensor, ax: int | None, counts: dict) -> Tensor:
-        """``tb`` with the units whose reference region holds ignored voxels set to the prior (structure
-        in view) or to -1 (skip); updates ``counts``."""
+    def _sparse_targets(self, target: Tensor, pooled: Tensor, tb: Tensor, ax: int | None,
+                        counts: dict) -> _CandidateTargets:
+        """``tb`` as candidate targets, with the units whose reference region holds ignored voxels set to the
+        prior's allowed set (structure in view) or to no candidate (skip); updates ``counts``."""
         ids, f = self.class_ids, self.downsample
         ignored = (max_pool_downsample((target == self.ignore_label).float(), f, ax) > 0.5).cpu().numpy()
         known = _pooled_masks(target, ids, f, ax).cpu().numpy()  # ignored voxels are not the class
@@ -634,12 +722,15 @@ class BettiPriorLoss(nn.Module):
         undefined = np.broadcast_to(ignored.any(axis=dims), fg.any(axis=dims).shape)  # (B, K[, S])
         in_view = fg.any(axis=dims) & ~(fg & border).any(axis=dims)
         length = tb.shape[-1]
-        priors = self.priors or {}
-        has = np.array([len(priors.get(c, ())) == length for c in ids])
-        vecs = np.array([priors[c] if h else (-1,) * length for c, h in zip(ids, has)], dtype=np.int64)
-        shape = (1, len(ids)) + ((1,) if ax is not None else ()) + (length,)
-        use = undefined & in_view & has.reshape(shape[:-1])
-        out = np.where(undefined[..., None], -1, tb.numpy())
-        out = np.where(use[..., None], vecs.reshape(shape), out)
+        sets = self.prior_sets or {}
+        has = np.array([c in sets and len(sets[c][0]) == length for c in ids])
+        vecs = _pad_sets([sets[c] if h else ((-1,) * length,) for c, h in zip(ids, has)], length)  # (K, M, length)
+        m = vecs.shape[1]
+        shape = (1, len(ids)) + ((1,) if ax is not None else ()) + (m, length)
+        use = undefined & in_view & has.reshape(shape[:-2])
+        labels = np.full(tuple(tb.shape[:-1]) + (m, length), -1, dtype=np.int64)  # label targets: one candidate
+        labels[..., 0, :] = tb.numpy()
+        out = np.where(undefined[..., None, None], -1, labels)
+        out = np.where(use[..., None, None], vecs.reshape(shape), out)
         counts["prior"], counts["skipped"] = int(use.sum()), int((undefined & ~use).sum())
-        return torch.from_numpy(out.astype(np.int64))
+        return _CandidateTargets(out.astype(np.int64))

@@ -47,6 +47,9 @@ __all__ = [
     "betti_numbers_2d",
     "betti_numbers_per_slice",
     "betti_error",
+    "allowed_betti_vectors",
+    "meets_betti_prior",
+    "betti_prior_error",
     "count_components_3d",
     "components_per_slice",
     "connected_component_error_3d",
@@ -328,6 +331,35 @@ def betti_error(pred: Sequence[int], ref: Sequence[int]) -> int:
             f"pred and ref Betti vectors must have the same length, got {pred} and {ref}."
         )
     return int(sum(abs(int(p) - int(r)) for p, r in zip(pred, ref)))
+
+
+def allowed_betti_vectors(prior) -> tuple[tuple[int, ...], ...]:
+    """A prior as its allowed set: one Betti vector ``(b0, b1)`` gives ``((b0, b1),)``; a set of vectors (a sequence
+    of sequences, e.g. the ``betti_2d`` prior ``((1, 1), (1, 0))`` of :attr:`nnunet_topo.rules.TopologySpec.betti_2d`)
+    is returned as a tuple of int tuples.
+
+    Raises:
+        ValueError: an empty set.
+    """
+    items = list(prior)
+    if not items:
+        raise ValueError("a Betti prior must be a vector or a non-empty set of vectors, got an empty sequence.")
+    if all(isinstance(v, (Sequence, np.ndarray)) and not isinstance(v, (str, bytes)) for v in items):
+        return tuple(tuple(int(b) for b in v) for v in items)
+    return (tuple(int(b) for b in items),)
+
+
+def meets_betti_prior(betti: Sequence[int], prior) -> bool:
+    """Whether Betti numbers ``betti`` meet a prior: equal to the vector, or to one vector of an allowed set."""
+    b = tuple(int(v) for v in betti)
+    return b in allowed_betti_vectors(prior)
+
+
+def betti_prior_error(betti: Sequence[int], prior) -> int:
+    """Betti error against a prior: :func:`betti_error` for one vector; for an allowed set, the minimum of
+    :func:`betti_error` over its vectors (the distance to the nearest allowed topology; 0 iff
+    :func:`meets_betti_prior`)."""
+    return min(betti_error(betti, v) for v in allowed_betti_vectors(prior))
 
 
 # ----------------------------------------------------------------------------------------------
