@@ -10,11 +10,13 @@ label manager and reuses ``compute_tp_fp_fn_tn``); the metrics themselves live i
   id: nnU-Net's ``Dice, IoU, TP, FP, FN, TN, n_pred, n_ref`` plus ``HD95`` (mm), ``betti_3d_pred``,
   ``betti_3d_ref``, ``betti_error_3d``, ``betti_error_2d``, ``cce_3d``, ``cce_2d``) and ``topology`` (per case:
   ``TVS``, ``TVS_per_rule``, ``violating_voxels``, ``violated``, ``SVR_per_rule``, ``betti_error_3d`` (sum over
-  labels), ``betti_prior_error_3d``, ``topologically_correct``, ``sparse_reference``, ``worst_case``, ``warnings``);
+  labels), ``betti_prior_error_3d``, ``topologically_correct``, the per-slice prior metrics ``betti_prior_error_2d``,
+  ``slices_meeting_prior_2d``, ``topologically_correct_2d``, ``sparse_reference``, ``worst_case``, ``warnings``);
 * ``mean`` (per label, NaN-ignoring mean over cases, as nnU-Net), ``foreground_mean`` (mean over labels), and
   ``mean_num_cases`` / ``foreground_mean_num_cases`` / ``topology_mean_num_cases``: how many cases each mean used;
 * ``topology_mean``: ``TVS``, ``TVS_per_rule``, ``VR``, ``VR_per_rule``, ``SVR_per_rule``, ``betti_error_3d``,
-  ``betti_error_2d``, ``cce_3d``, ``cce_2d``, ``betti_prior_error_3d``, ``topologically_correct``, ``num_cases``.
+  ``betti_error_2d``, ``cce_3d``, ``cce_2d``, ``betti_prior_error_3d``, ``topologically_correct``,
+  ``betti_prior_error_2d``, ``slices_meeting_prior_2d``, ``topologically_correct_2d``, ``num_cases``.
 
 See documentation/metrics.md for the definitions.
 """
@@ -36,6 +38,7 @@ from nnunet_topo.metrics.topology import (
     betti_error_2d,
     betti_numbers_3d,
     betti_numbers_per_slice,
+    betti_prior_error,
     connected_component_error_2d,
     connected_component_error_3d,
     meets_betti_prior,
@@ -227,6 +230,23 @@ def evaluate_case(reference: np.ndarray, prediction: np.ndarray, spacing: Sequen
         ids = spec.betti_structures[name].label_ids
         prior_error += betti_error(betti_numbers_3d(np.isin(prediction, ids)), prior)
 
+    # per-slice Betti priors (betti_2d, allowed sets) on the prediction, on the slices where the prediction or the
+    # reference has the structure (a slice the prediction misses counts with its (0, 0); fully annotated slices only
+    # when sparse): Clough's "topologically correct" for slice-wise priors
+    prior_2d_errors, prior_2d_met = [], []
+    other_axes = tuple(a for a in range(reference.ndim) if a != axis2d)
+    for name, prior in spec.betti_2d.items():
+        ids = spec.betti_structures[name].label_ids
+        mp, mr = np.isin(prediction, ids), np.isin(reference, ids)
+        if slice_known is not None:
+            mp, mr = mp & slice_known, mr & slice_known
+        present = mp.any(axis=other_axes) | mr.any(axis=other_axes)
+        for b, used in zip(betti_numbers_per_slice(mp, axis=axis2d), present):
+            if used:
+                prior_2d_errors.append(betti_prior_error(b, prior))
+                prior_2d_met.append(prior_2d_errors[-1] == 0)
+    have_2d = bool(spec.betti_2d)
+
     # rule violations on the prediction, normalised by the reference foreground volume; for a sparse reference
     # the ignored voxels are filled with the prediction, so the ignore label does not shrink the volume
     vmaps = violation_maps_numpy(prediction, spec)
@@ -265,6 +285,11 @@ def evaluate_case(reference: np.ndarray, prediction: np.ndarray, spacing: Sequen
         "betti_error_3d": math.nan if sparse else betti_sum,
         "betti_prior_error_3d": prior_error,
         "topologically_correct": math.nan if sparse else bool(all_correct),
+        # betti_2d priors: mean per-slice prior error over the prediction's slices with the structures, share of
+        # those slices meeting the prior, and whether all do (NaN without betti_2d priors)
+        "betti_prior_error_2d": (float(np.mean(prior_2d_errors)) if prior_2d_errors else 0.0) if have_2d else math.nan,
+        "slices_meeting_prior_2d": (float(np.mean(prior_2d_met)) if prior_2d_met else math.nan) if have_2d else math.nan,
+        "topologically_correct_2d": bool(all(prior_2d_met)) if have_2d else math.nan,
         "sparse_reference": sparse,
         "worst_case": worst,
         "warnings": case_warnings,
@@ -324,8 +349,10 @@ def aggregate(cases: List[dict], spec: TopologySpec, label_ids: Sequence[int]) -
     topo = [c["topology"] for c in cases]
     tm: Dict[str, object] = {"num_cases": len(cases)}
     tn: Dict[str, object] = {}
-    for key in ("TVS", "betti_error_3d", "betti_prior_error_3d", "topologically_correct"):
-        tm[key], tn[key] = mean_and_count([float(t[key]) if isinstance(t[key], bool) else t[key] for t in topo])
+    for key in ("TVS", "betti_error_3d", "betti_prior_error_3d", "topologically_correct", "betti_prior_error_2d",
+                "slices_meeting_prior_2d", "topologically_correct_2d"):
+        tm[key], tn[key] = mean_and_count([float(t[key]) if isinstance(t.get(key), bool) else t.get(key, math.nan)
+                                           for t in topo])
     if rule_names:
         tm["VR"], tn["VR"] = mean_and_count([float(any(t["violated"].values())) for t in topo])
     else:  # no rules: nothing can be violated; undefined, not 0
@@ -475,6 +502,11 @@ def format_table(summary: dict) -> str:
     lines.append(f"cases {total}  TVS {topo('TVS', p=5)}{no_rules}  VR {topo('VR')}  mean Betti error 3D "
                  f"{topo('betti_error_3d')}  prior Betti error 3D {topo('betti_prior_error_3d')}  topologically "
                  f"correct {topo('topologically_correct')}")
+    tc2 = t.get("topologically_correct_2d")
+    if isinstance(tc2, (int, float)) and not math.isnan(tc2):
+        lines.append(f"per-slice priors (betti_2d): topologically correct {topo('topologically_correct_2d')}  slices "
+                     f"meeting the prior {topo('slices_meeting_prior_2d')}  mean prior error "
+                     f"{topo('betti_prior_error_2d')}")
     for r in t["TVS_per_rule"]:
         lines.append(f"  {r:<45} TVS {topo('TVS_per_rule', p=5, per_rule=r)}  VR {topo('VR_per_rule', per_rule=r)}"
                      f"  SVR {topo('SVR_per_rule', per_rule=r)}")

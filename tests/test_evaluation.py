@@ -255,3 +255,36 @@ def test_check_rules_per_slice_prior_with_an_allowed_set(tmp_path):
     e = check([[1, 0], [2, 0]])["betti_2d"]["MYO"]  # the rings differ now, in both cases
     assert e["cases_differing"] == 2 and e["cases"]["case_0"]["slices"] == [1, 2, 3]
     assert e["cases"]["case_1"] == {"slices": [1, 2, 3], "betti": [[1, 1]] * 3}
+
+
+def test_per_slice_prior_metrics_allowed_sets_hand_counted():
+    """betti_prior_error_2d / slices_meeting_prior_2d / topologically_correct_2d against a hand count, with an
+    allowed set: MYO ring (1, 1) or open C (1, 0) meet [[1, 1], [1, 0]]; two pieces (2, 0) miss it by 1."""
+    lab = np.zeros((4, 12, 12), np.uint8)
+    lab[:, 2:9, 2:9] = 2
+    lab[:, 4:7, 4:7] = 3                   # slices 0-3: MYO ring around the LV
+    pred = lab.copy()
+    pred[1, 2:4, 5] = 0                    # slice 1: ring cut once -> open C (1, 0)
+    pred[2, 2:4, 5] = 0
+    pred[2, 7:9, 5] = 0                    # slice 2: ring cut twice -> two pieces (2, 0)
+    pred[2, 4:7, 4:7] = 2                  # ... and no LV hole: MYO of slice 2 is a disc with two notches -> (1, 0)
+    dj = dict(DJ, topology={"betti_2d": {"axis": 0, "MYO": [[1, 1], [1, 0]], "LV": [1, 0]}})
+    spec = parse_topology(dj)
+    from nnunet_topo.metrics.topology import betti_numbers_2d
+    got = [tuple(betti_numbers_2d(pred[z] == 2)) for z in range(4)]
+    assert got == [(1, 1), (1, 0), (1, 0), (1, 1)]
+    pred[3, 2:9, 5] = 0                    # slice 3: MYO and LV split in two -> MYO (2, 0), LV (2, 0)
+    assert tuple(betti_numbers_2d(pred[3] == 2)) == (2, 0) and tuple(betti_numbers_2d(pred[3] == 3)) == (2, 0)
+    res = evaluate_case(lab, pred, (1, 1, 1), spec, [1, 2, 3])["topology"]
+    # MYO slices 0..3: errors 0, 0, 0, 1 ; LV slices 0..3: errors 0, 0, 1 (slice 2: the prediction misses the
+    # reference's LV, (0, 0) vs [1, 0]), 1
+    assert res["betti_prior_error_2d"] == pytest.approx(3 / 8)
+    assert res["slices_meeting_prior_2d"] == pytest.approx(5 / 8)
+    assert res["topologically_correct_2d"] is False
+    ok = evaluate_case(lab, lab, (1, 1, 1), spec, [1, 2, 3])["topology"]
+    assert ok["betti_prior_error_2d"] == 0 and ok["slices_meeting_prior_2d"] == 1 and ok["topologically_correct_2d"]
+    single = evaluate_case(lab, pred, (1, 1, 1), parse_topology(dict(DJ, topology={"betti_2d": {"MYO": [1, 1]}})),
+                           [1, 2, 3])["topology"]
+    assert single["slices_meeting_prior_2d"] == pytest.approx(1 / 4)  # only slice 0 is a ring
+    none = evaluate_case(lab, pred, (1, 1, 1), parse_topology(dict(DJ, topology={})), [1, 2, 3])["topology"]
+    assert math.isnan(none["topologically_correct_2d"]) and math.isnan(none["slices_meeting_prior_2d"])

@@ -119,7 +119,7 @@ def test_rule_check_of_a_sparse_but_valid_reference_finds_no_violation(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------- empty predictions
-HIGHER_IS_BETTER = {"Dice", "IoU", "topologically_correct"}
+HIGHER_IS_BETTER = {"Dice", "IoU", "topologically_correct", "topologically_correct_2d", "slices_meeting_prior_2d"}
 COUNTS = {"TP", "FP", "FN", "TN", "n_pred", "n_ref"}
 
 

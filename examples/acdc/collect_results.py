@@ -55,6 +55,9 @@ def label_block(summary: dict) -> dict:
         "betti_error_3d": topo["betti_error_3d"], "betti_error_2d": topo["betti_error_2d"],
         "betti_prior_error_3d": topo.get("betti_prior_error_3d"),
         "topologically_correct": topo["topologically_correct"],
+        "topologically_correct_2d": topo.get("topologically_correct_2d"),
+        "slices_meeting_prior_2d": topo.get("slices_meeting_prior_2d"),
+        "betti_prior_error_2d": topo.get("betti_prior_error_2d"),
         "cce_3d": topo["cce_3d"], "cce_2d": topo["cce_2d"],
         "num_cases": topo["num_cases"],
     }
@@ -108,15 +111,17 @@ def print_tables(r: dict) -> None:
     print(f"\nACDC, {r['split']}, {r['num_validation_cases']} validation volumes; assumed spacing "
           f"{r['spacing_assumed_mm']} mm, study spacing {r['study_spacing_mm']} mm\n")
     print("| trainer | iters | train s | Dice RV | Dice MYO | Dice LV | HD95 LV mm | TVS | VR | Betti err 3D | "
-          "Betti err 2D | topo. correct | CCE 3D |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "Betti err 2D | topo. correct 3D | topo. correct 2D | slices meeting prior | CCE 3D |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in rows:
         t = r["trainers"][n]
         lab = t["label"]
         print(f"| {n} | {t.get('iterations', '-')} | {t.get('seconds', '-')} | {_f(lab['Dice'].get('RV'))} | "
               f"{_f(lab['Dice'].get('MYO'))} | {_f(lab['Dice'].get('LV'))} | {_f(lab['HD95_mm'].get('LV'), 1)} | "
               f"{_f(lab['TVS'], 4)} | {_f(lab['VR'], 3)} | {_f(lab['betti_error_3d'], 2)} | "
-              f"{_f(lab['betti_error_2d'], 2)} | {_f(lab['topologically_correct'], 3)} | {_f(lab['cce_3d'], 2)} |")
+              f"{_f(lab['betti_error_2d'], 2)} | {_f(lab['topologically_correct'], 3)} | "
+              f"{_f(lab.get('topologically_correct_2d'), 3)} | {_f(lab.get('slices_meeting_prior_2d'), 3)} | "
+              f"{_f(lab['cce_3d'], 2)} |")
     mesh_rows = [n for n in rows if "mesh" in r["trainers"][n]]
     if mesh_rows:
         print("\n| trainer | mesh Dice LV_endo | LV_epi | RV | Chamfer mm LV_endo | LV_epi | RV | HD95 mm RV | "
