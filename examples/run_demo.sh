@@ -2,8 +2,8 @@
 # The main job, end to end on a fresh machine, exactly as a user runs it:
 #   synthetic dataset -> check rules -> plan+preprocess -> train (nnUNetTrainerProjPool, CPU) -> predict -> evaluate,
 #   then the mesh path: heart-ROI mesh plans -> preprocess -> train (nnUNetTrainerTPM, short CPU settings) ->
-#   predict segmentations and meshes (VTK, patient coordinates) -> evaluate with mesh metrics
-# and print the result tables. About 17-30 minutes on 2 CPU cores (plus the one-time install).
+#   predict segmentations and meshes (VTK, patient coordinates) -> evaluate with mesh metrics -> visual QC report
+# and print the result tables and the report's path. About 17-30 minutes on 2 CPU cores (plus the one-time install).
 # Works in $NNUNET_TOPO_DEMO_DIR (default ./demo_output); only a folder this script created is ever replaced.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +47,11 @@ nnUNetv2_preprocess -d $ID -plans_name nnUNetPlansMesh -c 3d_mesh -np 2
 nnUNetv2_train $ID 3d_mesh 0 -tr $MTR -p nnUNetPlansMesh -device cpu
 nnUNetv2_topo_predict_meshes -i "$nnUNet_raw/Dataset501_SynthACDC/imagesTs" -o "$WORK/meshes_tpm" "${M[@]}" \
   --format vtk
+# evaluate with mesh metrics and write the visual QC report from that evaluation (the same page as
+# nnUNetv2_topo_report; documentation/qc_report.md)
 nnUNetv2_topo_evaluate_folder "$nnUNet_raw/Dataset501_SynthACDC/labelsTs" "$WORK/meshes_tpm" \
   -djfile "$nnUNet_raw/Dataset501_SynthACDC/dataset.json" \
-  -pfile "$nnUNet_preprocessed/Dataset501_SynthACDC/nnUNetPlansMesh.json" --mesh_folder "$WORK/meshes_tpm"
+  -pfile "$nnUNet_preprocessed/Dataset501_SynthACDC/nnUNetPlansMesh.json" --mesh_folder "$WORK/meshes_tpm" \
+  --report "$WORK/qc_report" --report_image_folder "$nnUNet_raw/Dataset501_SynthACDC/imagesTs"
+set +x
+echo "QC report: $WORK/qc_report/index.html (open it in a browser; no server needed)"
