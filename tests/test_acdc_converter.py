@@ -5,15 +5,14 @@ import os
 import subprocess
 import sys
 
+import h5py  # the test extra (setup.cfg); the converter needs it
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
-h5py = pytest.importorskip("h5py")
-sitk = pytest.importorskip("SimpleITK")
-
-from nnunet_topo.evaluation import check_rules_on_folder  # noqa: E402
-from nnunet_topo.rules import parse_topology  # noqa: E402
-from nnunet_topo.synthetic import make_phantom  # noqa: E402
+from nnunet_topo.evaluation import check_rules_on_folder
+from nnunet_topo.rules import parse_topology
+from nnunet_topo.synthetic import make_phantom
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "acdc", "convert_acdc_h5.py")
