@@ -19,7 +19,7 @@ from typing import Dict, Optional
 SUFFIX = "_acdcStudy"
 NAME = "Dataset127_ACDCh5"
 PLANS_CONF = "nnUNetPlansMesh4.5mm__3d_mesh"
-ORDER = ["nnUNetTrainer", "nnUNetTrainer+refine", "nnUNetTrainerProjPool", "nnUNetTrainerBetti", "nnUNetTrainerMesh",
+ORDER = ["nnUNetTrainer", "nnUNetTrainer+refine", "nnUNetTrainer+refine_lam0.005", "nnUNetTrainerProjPool", "nnUNetTrainerBetti", "nnUNetTrainerMesh",
          "nnUNetTrainerTPM", "nnUNetTrainerMIE"]
 
 
@@ -91,7 +91,8 @@ def collect(work: str) -> dict:
         if "+refine" not in tr:
             row.update(training_budget(os.path.join(work, "results", NAME, f"{tr}__{PLANS_CONF}", "fold_0")))
         else:
-            ref = _load(os.path.join(work, "refine", "refinement_summary.json")) or {}
+            # refine rows: folder refine<suffix> (e.g. "+refine_lam0.005" -> refine_lam0.005), written by study.sh or by hand
+            ref = _load(os.path.join(work, "refine" + tr.split("+refine", 1)[1], "refinement_summary.json")) or {}
             row["refinement"] = {k: ref[k] for k in ("steps", "lr", "lambda", "downsample") if k in ref}
         row["label"] = label_block(json.load(open(path)))
         mesh = _load(os.path.join(work, "eval", f"{tr}_mesh.json"))
