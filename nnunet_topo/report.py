@@ -1194,8 +1194,8 @@ def write_report_from_summary(summary: dict, ref_folder: str, pred_folder: str,
 def report_entry(argv: Optional[Sequence[str]] = None) -> None:
     """``nnUNetv2_topo_report``."""
     import argparse
-    import sys
 
+    from nnunet_topo.cli import _fail
     from nnunet_topo.mesh_evaluation import MeshEvaluationError
     from nnunet_topo.rules import TopologySpecError
 
@@ -1230,6 +1230,5 @@ def report_entry(argv: Optional[Sequence[str]] = None) -> None:
                              slices_per_case=args.slices_per_case, num_processes=args.np,
                              ignore_geometry=args.ignore_geometry)
     except (TopologySpecError, EvaluationError, MeshEvaluationError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        _fail(str(e))
     print(f"wrote {index}")

@@ -283,11 +283,17 @@ def test_default_lambda_is_cloughs_and_the_cli_passes_it(monkeypatch):
     assert seen["lam"] == 0.02
 
 
-def test_default_lambda_still_closes_a_gap_in_a_ring():
-    lab = np.zeros((4, 20, 20), np.int64)
+def _ring_stack(num_slices: int) -> np.ndarray:
+    """Label 1 = the same ring (radii 4-6 around the centre) on every slice of a (num_slices, 20, 20) stack."""
+    lab = np.zeros((num_slices, 20, 20), np.int64)
     yy, xx = np.ogrid[:20, :20]
     r2 = (yy - 10) ** 2 + (xx - 10) ** 2
     lab[:, (r2 >= 16) & (r2 <= 36)] = 1
+    return lab
+
+
+def test_default_lambda_still_closes_a_gap_in_a_ring():
+    lab = _ring_stack(4)
     gap = np.zeros_like(lab, bool)
     gap[2, 9:12, 14:17] = True
     gap &= lab == 1
@@ -302,10 +308,7 @@ def test_default_lambda_still_closes_a_gap_in_a_ring():
 
 def _rings_with_blob_and_c():
     """Ring on 5 slices; slice 1 also holds a weak blob (2, 1), slice 3 a weak gap, an open "C" (1, 0)."""
-    lab = np.zeros((5, 20, 20), np.int64)
-    yy, xx = np.ogrid[:20, :20]
-    r2 = (yy - 10) ** 2 + (xx - 10) ** 2
-    lab[:, (r2 >= 16) & (r2 <= 36)] = 1
+    lab = _ring_stack(5)
     weak = np.zeros_like(lab, bool)
     weak[1, 1:3, 1:3] = True
     lab[weak] = 1
