@@ -132,7 +132,7 @@ def main() -> None:
             times["betti_numbers_3d (pred+ref)"] += time.perf_counter() - t
 
             t = time.perf_counter()
-            sp, sr = betti_numbers_per_slice(p, 0), betti_numbers_per_slice(r, 0)
+            _sp, _sr = betti_numbers_per_slice(p, 0), betti_numbers_per_slice(r, 0)
             times["betti_numbers_per_slice (pred+ref)"] += time.perf_counter() - t
 
             t = time.perf_counter()

@@ -2,8 +2,9 @@
 
 Per mesh structure (the dataset's ``mesh_structures``):
 
-* **mesh Dice**: the predicted mesh is voxelised on the reference grid by occupancy (exact generalised winding
-  number, :func:`nnunet_topo.occupancy.winding_number`, at every voxel centre mapped to world; inside = ``w > 0.5``)
+* **mesh Dice**: the predicted mesh is voxelised on the reference grid by occupancy (the winding number at every
+  voxel centre mapped to world, inside = ``w > 0.5``; computed exactly by signed ray crossings, :class:`_ColumnCrossings`,
+  which for a closed mesh equals the solid-angle sum of :func:`nnunet_topo.occupancy.winding_number`)
   and compared with ``isin(reference, structure label ids)``;
 * **Chamfer** and **HD95** in mm against the reference surface ``meshes.mesh_from_mask(reference structure,
   geometry)`` (:mod:`nnunet_topo.metrics.mesh`: area-uniform samples, exact point-to-triangle distances);
@@ -18,8 +19,8 @@ The violating volumes are measured on a **fine isotropic world grid** (cell cent
 spacing of the reference)``, reported as ``grid_mm``), not at the reference voxel centres: with 10 mm slices a
 penetration thinner than a slice would be missed. Only the box where a violation can lie is sampled (the
 intersection of the two meshes' bounding boxes for an exclusion, the inner mesh's box for an inclusion), in slabs
-of at most ``_GRID_POINTS`` points (bounded memory), and the second mesh is only evaluated where the first is
-inside. The reference foreground volume is ``voxels x voxel volume``.
+of at most ``_GRID_POINTS`` points (bounded memory); inside/outside at every cell centre by signed ray
+crossings (:class:`_ColumnCrossings`: O(cells + covered lines), not O(cells x faces)). The reference foreground volume is ``voxels x voxel volume``.
 
 A rule is evaluated when its structures are mesh structures with a predicted mesh (matched by their label-id
 sets); other rules are skipped and listed with the reason. ``may_touch`` joins the outer mesh only if it has a
@@ -37,13 +38,11 @@ import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
-import torch
 import trimesh
 
-from nnunet_topo.meshes import SUPPORTED_MESH_EXTENSIONS, ImageGeometry, MeshBuildError, index_to_world, \
+from nnunet_topo.meshes import SUPPORTED_MESH_EXTENSIONS, ImageGeometry, MeshBuildError, \
     mesh_from_mask, read_mesh, world_to_index
 from nnunet_topo.metrics.mesh import laplacian_smoothness_energy, mesh_volume, surface_distances_mesh
-from nnunet_topo.occupancy import winding_number
 from nnunet_topo.rules import ExclusionRule, InclusionRule, TopologySpec, spec_from_dataset_json
 from nnunet_topo.summary_io import ignore_label_of, load_json_arg, mean_and_count, nanmean, to_builtin
 
@@ -58,8 +57,6 @@ __all__ = [
     "merge_mesh_summary",
 ]
 
-# (point, face) pairs per winding-number block: ~100 bytes each in float64 forward -> ~0.4 GB
-_CHUNK = 2 ** 22
 #: grid points per slab of the mesh-TVS grid (~0.1 GB of float64 coordinates and results at most)
 _GRID_POINTS = 2 ** 21
 
@@ -68,13 +65,13 @@ class MeshEvaluationError(ValueError):
     """Bad input to the mesh evaluator (missing mesh files, unknown structures, broken meshes)."""
 
 
-def voxelize_mesh(mesh: trimesh.Trimesh, shape_zyx: Sequence[int], geometry: ImageGeometry,
-                  chunk_size: int = _CHUNK) -> np.ndarray:
+def voxelize_mesh(mesh: trimesh.Trimesh, shape_zyx: Sequence[int], geometry: ImageGeometry) -> np.ndarray:
     """Boolean ``(Z, Y, X)`` occupancy of a closed world-space mesh on an image grid.
 
-    A voxel is inside when the exact generalised winding number of the mesh at its centre (mapped to world with
-    ``geometry``) exceeds 0.5. Only voxels in the mesh's bounding box (in index space, plus one voxel) are
-    evaluated; the rest are outside. Cost: (voxels in the box) x (faces) solid angles, float64, CPU.
+    A voxel is inside when the winding number of the mesh at its centre (mapped to world with ``geometry``) exceeds
+    0.5, computed exactly by signed ray crossings along the image's x lines (:class:`_ColumnCrossings`; equal to the
+    solid-angle winding number of :func:`nnunet_topo.occupancy.winding_number` for a closed mesh). Only voxels in
+    the mesh's bounding box (in index space, plus one voxel) are evaluated, in slabs; the rest are outside.
     """
     shape = tuple(int(s) for s in shape_zyx)
     out = np.zeros(shape, dtype=bool)
@@ -87,10 +84,14 @@ def voxelize_mesh(mesh: trimesh.Trimesh, shape_zyx: Sequence[int], geometry: Ima
     hi = np.minimum(np.ceil(idx.max(0)).astype(int) + 1, np.array(shape) - 1)
     if np.any(hi < lo):
         return out  # the mesh lies outside the image
-    grids = np.meshgrid(*[np.arange(a, b + 1) for a, b in zip(lo, hi)], indexing="ij")
-    centres = np.stack([g.ravel() for g in grids], axis=1).astype(np.float64)
-    box = tuple(slice(a, b + 1) for a, b in zip(lo, hi))
-    out[box] = _inside(mesh, index_to_world(centres, geometry), chunk_size).reshape(grids[0].shape)
+    n = hi - lo + 1
+    # sign of the world -> index map's determinant (index order z, y, x): flips the crossings' signs if < 0
+    jac = world_to_index(np.eye(3), geometry) - world_to_index(np.zeros((1, 3)), geometry)
+    cc = _ColumnCrossings(idx - lo, f, n, float(np.sign(np.linalg.det(jac))))
+    step = max(1, _GRID_POINTS // int(n[1] * n[2]))
+    for i0 in range(0, int(n[0]), step):
+        i1 = min(int(n[0]), i0 + step)
+        out[lo[0] + i0:lo[0] + i1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = cc.inside(i0, i1)
     return out
 
 
@@ -99,50 +100,112 @@ def mesh_tvs_grid_step(spacing: Sequence[float]) -> float:
     return float(min(1.0, min(float(x) for x in spacing)))
 
 
-def _box_cells(lo: np.ndarray, hi: np.ndarray, h: float) -> List[np.ndarray]:
-    """Cell-centre coordinates of the grid of step ``h`` covering ``[lo, hi]`` (world x, y, z), in slabs."""
-    n = np.maximum(np.ceil((hi - lo) / h).astype(int), 0)
-    if np.any(n == 0):
-        return []
-    axes = [lo[k] + (np.arange(n[k]) + 0.5) * h for k in range(3)]
-    per_z = int(n[0] * n[1])
-    step = max(1, _GRID_POINTS // max(per_z, 1))
-    out = []
-    for z0 in range(0, int(n[2]), step):
-        gx, gy, gz = np.meshgrid(axes[0], axes[1], axes[2][z0:z0 + step], indexing="ij")
-        out.append(np.stack([gx.ravel(), gy.ravel(), gz.ravel()], axis=1))
-    return out
+#: offset (grid units) of the lines of :class:`_ColumnCrossings` from the grid points; irrational ratio
+_RAY_JITTER = (1e-6 * math.sqrt(2.0) / 2, 1e-6 * (math.sqrt(5.0) - 1) / 2)
 
 
-def _inside(mesh: trimesh.Trimesh, pts: np.ndarray, chunk_size: int = _CHUNK) -> np.ndarray:
-    """Exact winding number of a closed world mesh > 1/2 at world points ``(N, 3)`` (float64, CPU)."""
-    if len(pts) == 0:
-        return np.zeros(0, dtype=bool)
-    w = winding_number(torch.from_numpy(np.asarray(pts, dtype=np.float64)),
-                       torch.from_numpy(np.asarray(mesh.vertices, dtype=np.float64)),
-                       torch.from_numpy(np.asarray(mesh.faces, dtype=np.int64)), chunk_size=chunk_size)
-    return w.numpy() > 0.5
+class _ColumnCrossings:
+    """Signed crossings of a closed triangle mesh with the lines of a regular grid along its last axis.
+
+    The grid's points are the integer coordinates ``(i, j, k)``, ``0 <= i, j, k < shape``; ``grid_vertices`` are the
+    mesh's vertices in those coordinates (any affine map of the world, ``orientation`` = the sign of its
+    determinant). For a closed mesh the generalised winding number at a point equals the signed count of the
+    surface crossings of any ray from it (each crossing ``+1`` where the surface leaves along the ray's direction,
+    ``-1`` where it enters): here the ray along ``+k``. The crossings of every grid line are found by a 2D
+    point-in-triangle test of the line's ``(i, j)`` in each triangle's projection (only the lines in its bounding
+    box), so the occupancy of the whole grid costs O(grid points + covered lines), not O(points x faces) as the
+    solid-angle sum does. The lines are offset by ``_RAY_JITTER`` grid units (irrational ratio) so that none passes
+    exactly through an edge or a vertex of a mesh, where the 2D test would count a crossing twice or not at all.
+    Integer winding numbers (self-intersecting meshes included) match the exact solid-angle sum
+    (tests/test_mesh_evaluation.py).
+    """
+
+    def __init__(self, grid_vertices: np.ndarray, faces: np.ndarray, shape: Sequence[int], orientation: float = 1.0):
+        self.shape = tuple(int(s) for s in shape)
+        tri = np.asarray(grid_vertices, dtype=np.float64)[np.asarray(faces, dtype=np.int64)]  # (F, 3, 3)
+        a, b, c = tri[:, 0], tri[:, 1], tri[:, 2]
+        # twice the signed area of the projection on (i, j): > 0 where the outward normal points along +k
+        area2 = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+        keep = area2 != 0  # triangles parallel to the lines cross none of them (the jitter avoids their edges)
+        a, b, c, area2 = a[keep], b[keep], c[keep], area2[keep]
+        ji, jj = _RAY_JITTER
+        lo = np.ceil(np.minimum(np.minimum(a, b), c)[:, :2] - (ji, jj)).astype(np.int64)
+        hi = np.floor(np.maximum(np.maximum(a, b), c)[:, :2] - (ji, jj)).astype(np.int64)
+        lo = np.maximum(lo, 0)
+        hi = np.minimum(hi, np.array(self.shape[:2]) - 1)
+        ni, nj = np.maximum(hi[:, 0] - lo[:, 0] + 1, 0), np.maximum(hi[:, 1] - lo[:, 1] + 1, 0)
+        cnt = ni * nj
+        t = np.repeat(np.arange(len(cnt)), cnt)  # candidate (triangle, line) pairs
+        r = np.arange(len(t)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        i = lo[t, 0] + r // nj[t]
+        j = lo[t, 1] + r % nj[t]
+        pi, pj = i + ji, j + jj
+        s = np.sign(area2[t])
+        ta, tb, tc = a[t], b[t], c[t]
+
+        def edge(p, q):  # twice the signed area of (p, q, line), times the triangle's orientation sign
+            return s * ((q[:, 0] - p[:, 0]) * (pj - p[:, 1]) - (q[:, 1] - p[:, 1]) * (pi - p[:, 0]))
+
+        w0, w1, w2 = edge(tb, tc), edge(tc, ta), edge(ta, tb)
+        hit = (w0 > 0) & (w1 > 0) & (w2 > 0)
+        w0, w1, w2, t, i, j = w0[hit], w1[hit], w2[hit], t[hit], i[hit], j[hit]
+        ta, tb, tc, s = ta[hit], tb[hit], tc[hit], s[hit]
+        k_cross = (w0 * ta[:, 2] + w1 * tb[:, 2] + w2 * tc[:, 2]) / (w0 + w1 + w2)
+        # a crossing at k_cross counts for the points k < k_cross: acc[i, j, m] with m = #points below it
+        self._i, self._j = i, j
+        self._m = np.clip(np.ceil(k_cross), 0, self.shape[2]).astype(np.int64)
+        self._sign = (s * (1.0 if orientation > 0 else -1.0)).astype(np.int64)
+        order = np.argsort(i, kind="stable")
+        self._i, self._j, self._m, self._sign = self._i[order], self._j[order], self._m[order], self._sign[order]
+
+    def winding(self, i0: int, i1: int) -> np.ndarray:
+        """Integer winding numbers ``(i1 - i0, n_j, n_k)`` of the grid points with ``i0 <= i < i1``."""
+        n_j, n_k = self.shape[1], self.shape[2]
+        a, b = np.searchsorted(self._i, [i0, i1])
+        acc = np.zeros((i1 - i0, n_j, n_k + 1), dtype=np.int32)
+        np.add.at(acc, (self._i[a:b] - i0, self._j[a:b], self._m[a:b]), self._sign[a:b])
+        # w(k) = sum of the crossings above k = sum_{m > k} acc[m]
+        tail = np.cumsum(acc[..., ::-1], axis=-1)[..., ::-1]
+        return tail[..., 1:]
+
+    def inside(self, i0: int, i1: int) -> np.ndarray:
+        """``winding > 1/2`` (the exact solid-angle winding number's inside test) on slab ``[i0, i1)``."""
+        return self.winding(i0, i1) > 0
 
 
 def violating_volume_mm3(first: trimesh.Trimesh, second: Sequence[trimesh.Trimesh], exclusion: bool,
                          h: float) -> float:
     """Volume (mm³) inside ``first`` and inside ``second[0]`` (``exclusion``), or inside ``first`` and outside every
-    mesh of ``second`` (an inclusion's outer mesh and allowed openings), on the world grid of step ``h`` mm."""
+    mesh of ``second`` (an inclusion's outer mesh and allowed openings), on the world grid of step ``h`` mm.
+
+    The grid's cells cover the box where a violation can lie (``first``'s bounding box, intersected with
+    ``second[0]``'s for an exclusion); a cell counts ``h³`` when its centre is inside / outside (winding number by
+    signed ray crossings along world z, :class:`_ColumnCrossings`), evaluated in slabs of at most ``_GRID_POINTS``.
+    """
     lo, hi = np.asarray(first.bounds[0], float), np.asarray(first.bounds[1], float)
     if exclusion:
         lo, hi = np.maximum(lo, second[0].bounds[0]), np.minimum(hi, second[0].bounds[1])
         if np.any(hi <= lo):
             return 0.0
+    n = np.maximum(np.ceil((hi - lo) / h).astype(int), 0)
+    if np.any(n == 0):
+        return 0.0
+
+    def crossings(m: trimesh.Trimesh) -> _ColumnCrossings:  # cell centre lo + (i + 1/2) h -> grid point i
+        return _ColumnCrossings((np.asarray(m.vertices, np.float64) - lo) / h - 0.5, np.asarray(m.faces), n)
+
+    c_first, c_second = crossings(first), [crossings(m) for m in second]
     count = 0
-    for pts in _box_cells(lo, hi, h):
-        pts = pts[_inside(first, pts)]
+    step = max(1, _GRID_POINTS // int(n[1] * n[2]))
+    for i0 in range(0, int(n[0]), step):
+        i1 = min(int(n[0]), i0 + step)
+        inside = c_first.inside(i0, i1)
         if exclusion:
-            count += int(_inside(second[0], pts).sum())
+            inside &= c_second[0].inside(i0, i1)
         else:
-            keep = np.ones(len(pts), dtype=bool)
-            for m in second:
-                keep &= ~_inside(m, pts)
-            count += int(keep.sum())
+            for c in c_second:
+                inside &= ~c.inside(i0, i1)
+        count += int(np.count_nonzero(inside))
     return count * h ** 3
 
 
