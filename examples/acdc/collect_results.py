@@ -7,6 +7,11 @@ output), ``eval/nnUNetTrainer_acdcStudy+refine_label.json``, and each model fold
 iterations) and ``training_log_*.txt`` (the sum of nnU-Net's "Epoch time" lines = training seconds, validation and
 inference excluded). Rows are named after the real trainers (``nnUNetTrainerTPM``, not the ``_acdcStudy`` variant
 that only sets the budget); a trainer whose evaluation is missing is listed under ``missing``.
+
+With ``--out`` an existing JSON is merged, not replaced: a row that this work folder does not have (e.g. measured
+in an earlier run of the study, on another machine, whose work folder is gone) is kept and marked
+``"from_earlier_run": true``; a row this work folder has replaces the old one. ``--no-merge`` writes only this
+folder's rows.
 """
 import argparse
 import glob
@@ -103,6 +108,15 @@ def collect(work: str) -> dict:
     return result
 
 
+def merge_earlier(new: dict, old: dict) -> dict:
+    """``new`` plus the trainer rows of ``old`` that ``new`` lacks (marked ``from_earlier_run``); ``missing`` again."""
+    for name, row in old.get("trainers", {}).items():
+        if name not in new["trainers"]:
+            new["trainers"][name] = dict(row, from_earlier_run=True)
+    new["missing"] = [n for n in ORDER if n not in new["trainers"]]
+    return new
+
+
 def _f(x, nd=3) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
@@ -117,7 +131,8 @@ def print_tables(r: dict) -> None:
     for n in rows:
         t = r["trainers"][n]
         lab = t["label"]
-        print(f"| {n} | {t.get('iterations', '-')} | {t.get('seconds', '-')} | {_f(lab['Dice'].get('RV'))} | "
+        mark = " (earlier run)" if t.get("from_earlier_run") else ""
+        print(f"| {n}{mark} | {t.get('iterations', '-')} | {t.get('seconds', '-')} | {_f(lab['Dice'].get('RV'))} | "
               f"{_f(lab['Dice'].get('MYO'))} | {_f(lab['Dice'].get('LV'))} | {_f(lab['HD95_mm'].get('LV'), 1)} | "
               f"{_f(lab['TVS'], 4)} | {_f(lab['VR'], 3)} | {_f(lab['betti_error_3d'], 2)} | "
               f"{_f(lab['betti_error_2d'], 2)} | {_f(lab['topologically_correct'], 3)} | "
@@ -142,9 +157,12 @@ def print_tables(r: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", required=True, help="the study's work folder")
-    p.add_argument("--out", default=None, help="JSON to write (default: print only)")
+    p.add_argument("--out", default=None, help="JSON to write (default: print only); an existing one is merged")
+    p.add_argument("--no-merge", action="store_true", help="do not keep the rows of an existing --out JSON")
     a = p.parse_args(argv)
     r = collect(a.work)
+    if a.out and not a.no_merge and os.path.exists(a.out):
+        r = merge_earlier(r, json.load(open(a.out)))
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
