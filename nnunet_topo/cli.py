@@ -244,13 +244,18 @@ def refine_entry(argv: Optional[Sequence[str]] = None) -> None:
                              "Clough's range 0.005-0.02)")
     parser.add_argument("--downsample", type=int, default=1, help="max-pool factor before persistence (default 1)")
     parser.add_argument("--no_2d", action="store_true", help="ignore the per-slice (betti_2d) priors")
+    parser.add_argument("--no_keep_present", action="store_true",
+                        help="apply the per-slice priors to the slices where a class is present at each step (a weak "
+                             "structure may then vanish); default: to the slices where the unrefined prediction "
+                             "shows it, so it is kept")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files in -o")
     args = parser.parse_args(argv)
     try:
         model_folder = model_folder_from_args(args)
         summary = refine_folder(model_folder, args.i, args.o, folds=args.f, checkpoint=args.chk, steps=args.steps,
                                 lr=args.lr, lam=args.lam, downsample=args.downsample, use_2d=not args.no_2d,
-                                device=args.device, overwrite=args.overwrite)
+                                device=args.device, overwrite=args.overwrite,
+                                keep_present=not args.no_keep_present)
     except (RefinementError, TopologySpecError, RuntimeError) as e:
         _fail(str(e))
     print(format_refinement_summary(summary))

@@ -11,8 +11,13 @@ topology. The fidelity is Clough et al.'s: the squared difference of the class-p
 the classes and averaged over the voxels ``V`` (not averaged over classes too, which would divide it by the
 number of classes C). ``lambda`` defaults to 0.01, inside Clough's range 0.005-0.02 for this normalisation.
 A ``betti_2d`` prior with an allowed set (``[[1, 1], [1, 0]]``) pushes each slice to the nearest allowed vector
-(the per-slice loss is the minimum over the set, see :mod:`nnunet_topo.losses.betti`). The trained
-weights are never modified; every case starts again from ``w0``.
+(the per-slice loss is the minimum over the set, see :mod:`nnunet_topo.losses.betti`). The per-slice priors
+apply to the slices where the class is present now *and* (``keep_present``, default; CLI ``--no_keep_present``
+switches it off) to those where the unrefined segmentation shows it (:func:`bind_presence`): Clough set ACDC's
+per-slice priors by hand for the slices of each structure; without that binding a weak structure (an arg-max RV
+at probability 0.4) is outside every prior and can be deleted, which meets the priors vacuously -- what the
+refinement did to weak RVs on ACDC (documentation/results.md). The trained weights are never modified; every case
+starts again from ``w0``.
 
 A fold ensemble (several ``-f``) is refined as a whole: its output is the mean of the folds' logits (as nnU-Net
 ensembles folds), the loss above is applied to that mean, and all folds' copies are fine-tuned jointly
@@ -82,8 +87,20 @@ def build_prior_losses(priors_3d: Mapping[int, Sequence[int]], priors_2d: Mappin
     return losses
 
 
+def bind_presence(prior_losses: Sequence[nn.Module], logits0: Optional[Tensor]) -> None:
+    """Bind the per-slice priors of ``prior_losses`` to the slices where the unrefined output ``logits0`` shows each
+    class (:meth:`BettiPriorLoss.fix_presence`), or unbind them (``None``). Bound, a structure present in a slice of
+    the network's own answer keeps its prior there (b0 >= 1) during the refinement and cannot meet the prior by
+    vanishing; unbound (Clough's per-slice loss on the slices where the class is present at each step), a weak
+    structure can be deleted: measured on ACDC (documentation/results.md), where the refinement deleted weak RVs."""
+    for loss in prior_losses:
+        if isinstance(loss, BettiPriorLoss) and loss.target == "prior" and loss.slice_axis is not None:
+            loss.fix_presence(logits0)
+
+
 def refine_logits(network: nn.Module, x: Tensor, prior_losses: Sequence[nn.Module], steps: int = 30,
-                  lr: float = 1e-4, lam: float = DEFAULT_LAMBDA) -> Tuple[Tensor, Tensor, List[dict]]:
+                  lr: float = 1e-4, lam: float = DEFAULT_LAMBDA,
+                  keep_present: bool = True) -> Tuple[Tensor, Tensor, List[dict]]:
     """Fine-tune a copy of ``network`` on one input so its output keeps close to the original and meets the priors.
 
     Args:
@@ -92,6 +109,8 @@ def refine_logits(network: nn.Module, x: Tensor, prior_losses: Sequence[nn.Modul
         prior_losses: modules mapping logits to a scalar topology loss (e.g. prior-mode BettiPriorLoss).
         steps: Adam steps. lr: Adam learning rate. lam: weight of the topology terms (default 0.01; the
             fidelity is :func:`fidelity_loss`).
+        keep_present: bind the per-slice priors to the slices where the unrefined output shows each class
+            (:func:`bind_presence`; default), else to the slices where it is present at each step.
 
     Returns:
         ``(logits_before, logits_after, history)``; history holds per step ``{"step", "fidelity", "topology"}``.
@@ -105,6 +124,7 @@ def refine_logits(network: nn.Module, x: Tensor, prior_losses: Sequence[nn.Modul
         p0 = torch.softmax(logits0, 1)
     if not torch.isfinite(logits0).all():
         raise RefinementError("the network produced NaN/inf logits for this case")
+    bind_presence(prior_losses, logits0 if keep_present else None)
     opt = torch.optim.Adam([q for q in net.parameters() if q.requires_grad], lr=lr)
     history = []
     for step in range(steps):
@@ -122,7 +142,7 @@ def refine_logits(network: nn.Module, x: Tensor, prior_losses: Sequence[nn.Modul
 
 
 def refine_logits_ensemble(networks: Sequence[nn.Module], x: Tensor, prior_losses: Sequence[nn.Module],
-                           steps: int = 30, lr: float = 1e-4, lam: float = DEFAULT_LAMBDA
+                           steps: int = 30, lr: float = 1e-4, lam: float = DEFAULT_LAMBDA, keep_present: bool = True
                            ) -> Tuple[Tensor, Tensor, List[dict]]:
     """Fine-tune copies of K networks (a fold ensemble) jointly, so that their *ensemble* output meets the priors.
 
@@ -140,7 +160,7 @@ def refine_logits_ensemble(networks: Sequence[nn.Module], x: Tensor, prior_losse
 
     Args:
         networks: K >= 1 modules mapping ``x`` to logits ``(1, C, *spatial)``; not modified.
-        x, prior_losses, steps, lr, lam: as :func:`refine_logits`.
+        x, prior_losses, steps, lr, lam, keep_present: as :func:`refine_logits`.
 
     Returns:
         ``(ensemble logits before, ensemble logits after, history)`` as :func:`refine_logits`.
@@ -164,6 +184,7 @@ def refine_logits_ensemble(networks: Sequence[nn.Module], x: Tensor, prior_losse
     logits0 = ensemble_logits(networks)
     if not torch.isfinite(logits0).all():
         raise RefinementError("the networks produced NaN/inf logits for this case")
+    bind_presence(prior_losses, logits0 if keep_present else None)
     p0 = torch.softmax(logits0, 1)
     opt = torch.optim.Adam([q for n in nets for q in n.parameters() if q.requires_grad], lr=lr)
     history = []
@@ -223,7 +244,7 @@ def refine_folder(model_folder: str, input_folder: str, output_folder: str, fold
                   checkpoint: str = "checkpoint_final.pth", steps: int = 30, lr: float = 1e-4,
                   lam: float = DEFAULT_LAMBDA,
                   downsample: int = 1, use_2d: bool = True, device: str = "cuda", overwrite: bool = False,
-                  show_progress: bool = True) -> dict:
+                  show_progress: bool = True, keep_present: bool = True) -> dict:
     """Refine every case of ``input_folder`` (nnU-Net raw images) and write segmentations to ``output_folder``.
 
     ``folds``: one fold, several, ``"all"``, or None for every ``fold_N`` folder with ``checkpoint``
@@ -283,7 +304,7 @@ def refine_folder(model_folder: str, input_folder: str, output_folder: str, fold
         networks.append(other)
     preprocessor = cm.preprocessor_class(verbose=False)
     summary: dict = {"model_folder": model_folder, "folds": list(folds), "checkpoint": checkpoint, "steps": steps, "lr": lr,
-                     "lambda": lam, "downsample": downsample, "priors_3d": {str(k): list(v) for k, v in priors_3d.items()},
+                     "lambda": lam, "downsample": downsample, "keep_present": keep_present, "priors_3d": {str(k): list(v) for k, v in priors_3d.items()},
                      "priors_2d": {str(k): [list(b) for b in allowed_betti_vectors(v)]
                                    for k, v in priors_2d.items()},
                      "cases": {}}
@@ -301,9 +322,11 @@ def refine_folder(model_folder: str, input_folder: str, output_folder: str, fold
         x, slicer = _pad_to_multiple(torch.from_numpy(data)[None].float(), strides)
         x = x.to(dev)
         if len(networks) == 1:
-            logits0, logits1, hist = refine_logits(network, x, losses, steps=steps, lr=lr, lam=lam)
+            logits0, logits1, hist = refine_logits(network, x, losses, steps=steps, lr=lr, lam=lam,
+                                                     keep_present=keep_present)
         else:
-            logits0, logits1, hist = refine_logits_ensemble(networks, x, losses, steps=steps, lr=lr, lam=lam)
+            logits0, logits1, hist = refine_logits_ensemble(networks, x, losses, steps=steps, lr=lr, lam=lam,
+                                                              keep_present=keep_present)
         logits0 = logits0[slicer][0].cpu()
         logits1 = logits1[slicer][0].cpu()
         seg0, seg1 = logits0.argmax(0).numpy(), logits1.argmax(0).numpy()

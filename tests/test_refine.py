@@ -346,3 +346,55 @@ def test_refinement_pushes_each_slice_to_the_nearest_allowed_vector():
         assert hist[-1]["topology"] < hist[0]["topology"]
     assert results["set"] == [[1, 1], [1, 1], [1, 1], [1, 0], [1, 1]]
     assert results["ring"] == [[1, 1]] * 5
+
+
+def _weak_inner_structure():
+    """3 slices: class A a ring (p 0.8), class B inside it weak but the arg-max (p 0.4 against 0.35 / 0.25)."""
+    S, H, W = 3, 16, 16
+    p = np.zeros((3, S, H, W))
+    p[0], p[1], p[2] = 0.9, 0.05, 0.05
+    yy, xx = np.mgrid[:H, :W]
+    r = np.hypot(yy - 7.5, xx - 7.5)
+    for s in range(S):
+        p[:, s][:, (r > 3) & (r < 6)] = np.array([0.1, 0.8, 0.1])[:, None]
+        p[:, s][:, r <= 3] = np.array([0.25, 0.35, 0.4])[:, None]
+    return torch.tensor(np.log(p), dtype=torch.float32)[None]
+
+
+def test_fixed_presence_binds_the_prior_to_slices_of_the_unrefined_segmentation():
+    """A class that is the arg-max in a slice of the unrefined output but below the presence threshold: unbound,
+    the per-slice prior ignores that slice (loss 0); bound, b0 = 1 is asked there and the gradient raises the
+    class's probability."""
+    from nnunet_topo.losses.betti import BettiPriorLoss
+    z0 = _weak_inner_structure()
+    loss = BettiPriorLoss(class_ids=[2], priors={2: (1, 0)}, target="prior", slice_axis=0)
+    z = z0.clone().requires_grad_(True)
+    assert float(loss(z).detach()) == 0.0
+    loss.fix_presence(z0)
+    assert loss.fixed_presence.tolist() == [[[True, True, True]]]
+    z = z0.clone().requires_grad_(True)
+    value = loss(z)
+    assert float(value) > 0.1
+    value.backward()
+    assert float(z.grad[0, 2].min()) < 0  # descending the loss raises B's logit (at its critical voxels)
+    loss.fix_presence(None)
+    assert float(loss(z0)) == 0.0
+    with pytest.raises(ValueError, match="per-slice prior mode"):
+        BettiPriorLoss(class_ids=[2], priors={2: (1, 0, 0)}, target="prior").fix_presence(z0)
+
+
+def test_refinement_keeps_a_weak_structure_that_the_priors_would_let_vanish():
+    """A's prior (one component, no hole) is met by filling its hole, i.e. by eating the weak B inside it. Unbound
+    (per-step presence, B below the threshold) B loses most of its voxels; bound to the unrefined segmentation
+    (keep_present, the default) B's own prior keeps it on every slice."""
+    z0 = _weak_inner_structure()
+    kept = {}
+    for keep in (False, True):
+        losses = build_prior_losses({}, {1: [[1, 0]], 2: [[1, 0]]}, 0)
+        _, z1, _ = refine_logits(FixedLogits(z0), torch.zeros(1, 1, *z0.shape[2:]), losses, steps=30, lr=0.1,
+                                 lam=1.0, keep_present=keep)
+        seg = z1.argmax(1)[0]
+        kept[keep] = [int((seg[s] == 2).sum()) for s in range(seg.shape[0])]
+    before = int((z0.argmax(1)[0, 0] == 2).sum())
+    assert min(kept[True]) >= 0.8 * before, kept
+    assert max(kept[False]) < 0.5 * before, kept

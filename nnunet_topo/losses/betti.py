@@ -625,6 +625,7 @@ class BettiPriorLoss(nn.Module):
         self.presence_threshold = float(presence_threshold)
         self.ignore_label = None if ignore_label is None else int(ignore_label)
         self.last_counts: dict[str, int] | None = None
+        self.fixed_presence: np.ndarray | None = None
         self.priors: dict[int, tuple] | None = None
         self.prior_sets: dict[int, tuple[tuple[int, ...], ...]] | None = None
         if priors is not None:
@@ -695,6 +696,18 @@ class BettiPriorLoss(nn.Module):
                 counts = {"units": int(np.prod(tb.shape[:-1])), "prior": 0, "skipped": 0}
                 if self.ignore_label is not None:
                     tb = self._sparse_targets(target, pooled, tb, ax, counts)
+            elif ax is not None and self.fixed_presence is not None:
+                if self.fixed_presence.shape != (logits.shape[0], len(self.class_ids), pooled.shape[2 + ax]):
+                    raise ValueError(f"fixed_presence has shape {self.fixed_presence.shape}, expected (B, K, S) = "
+                                     f"{(logits.shape[0], len(self.class_ids), pooled.shape[2 + ax])}")
+                sets = _pad_sets([self.prior_sets[c] for c in self.class_ids],
+                                 len(self.prior_sets[self.class_ids[0]][0]))  # (K, M, length)
+                other = tuple(2 + a for a in range(3) if a != ax)
+                present = self.fixed_presence | (
+                    pooled.detach()[:, self.class_ids].amax(dim=other) > self.presence_threshold).cpu().numpy()
+                tb = _CandidateTargets(np.where(present[..., None, None], sets[None, :, None], -1).astype(np.int64))
+                n_units = int(self.fixed_presence.size)
+                counts = {"units": n_units, "prior": 0, "skipped": 0}
             else:
                 tb = {c: self.priors[c] for c in self.class_ids}
                 n_units = logits.shape[0] * len(self.class_ids) * (1 if ax is None else logits.shape[2 + ax])
@@ -702,9 +715,29 @@ class BettiPriorLoss(nn.Module):
             self.last_counts = counts
             # the input was checked for NaN/inf above; softmax and pooling keep it finite
             return _betti_prior_loss(
-                pooled, tb, self.class_ids if self.target == "patch" else None, self.maxdim, ax,
+                pooled, tb, None if isinstance(tb, Mapping) else self.class_ids, self.maxdim, ax,
                 self.num_workers, self.executor, self.presence_threshold, check_finite=False,
             )
+
+    def fix_presence(self, logits: Tensor | None) -> None:
+        """Per-slice prior mode: bind the priors to the slices where each class is the arg-max somewhere in
+        ``logits`` (e.g. the unrefined network's output: its segmentation shows the class there), for every later
+        call, besides the slices where its probability exceeds ``presence_threshold`` in the input of that call.
+        A slice bound so keeps its prior when the class weakens or was weak from the start (an arg-max class of
+        three can have probability 0.4): the b0 >= 1 target pulls it back instead of letting it vanish (which meets
+        the prior vacuously). ``None`` returns to per-call presence."""
+        if logits is None:
+            self.fixed_presence = None
+            return
+        if self.target != "prior" or self.slice_axis is None:
+            raise ValueError("fix_presence applies to per-slice prior mode (target='prior', slice_axis set)")
+        ax = _normalise_slice_axis(self.slice_axis, logits.ndim - 2)
+        with torch.no_grad():
+            seg = logits.detach().argmax(1)
+            onehot = torch.stack([(seg == c) for c in self.class_ids], 1).float()  # (B, K, *spatial)
+            pooled = max_pool_downsample(onehot, self.downsample, ax)
+            other = tuple(2 + a for a in range(3) if a != ax)
+            self.fixed_presence = (pooled.amax(dim=other) > 0.5).cpu().numpy()
 
     def _sparse_targets(self, target: Tensor, pooled: Tensor, tb: Tensor, ax: int | None,
                         counts: dict) -> _CandidateTargets:
