@@ -25,7 +25,7 @@ SUFFIX = "_acdcStudy"
 NAME = "Dataset127_ACDCh5"
 PLANS_CONF = "nnUNetPlansMesh4.5mm__3d_mesh"
 ORDER = ["nnUNetTrainer", "nnUNetTrainer+refine", "nnUNetTrainer+refine_lam0.005", "nnUNetTrainerProjPool", "nnUNetTrainerBetti", "nnUNetTrainerMesh",
-         "nnUNetTrainerTPM", "nnUNetTrainerMIE"]
+         "nnUNetTrainerTPM", "nnUNetTrainerMIE", "nnUNetTrainerTPM_warmup10"]
 
 
 def _load(path: str) -> Optional[dict]:
