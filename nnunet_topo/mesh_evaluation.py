@@ -88,9 +88,7 @@ def voxelize_mesh(mesh: trimesh.Trimesh, shape_zyx: Sequence[int], geometry: Ima
     # sign of the world -> index map's determinant (index order z, y, x): flips the crossings' signs if < 0
     jac = world_to_index(np.eye(3), geometry) - world_to_index(np.zeros((1, 3)), geometry)
     cc = _ColumnCrossings(idx - lo, f, n, float(np.sign(np.linalg.det(jac))))
-    step = max(1, _GRID_POINTS // int(n[1] * n[2]))
-    for i0 in range(0, int(n[0]), step):
-        i1 = min(int(n[0]), i0 + step)
+    for i0, i1 in _slabs(n):
         out[lo[0] + i0:lo[0] + i1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = cc.inside(i0, i1)
     return out
 
@@ -98,6 +96,13 @@ def voxelize_mesh(mesh: trimesh.Trimesh, shape_zyx: Sequence[int], geometry: Ima
 def mesh_tvs_grid_step(spacing: Sequence[float]) -> float:
     """Step (mm) of the mesh-TVS grid: 1 mm, or the finest spacing of the reference if that is finer."""
     return float(min(1.0, min(float(x) for x in spacing)))
+
+
+def _slabs(n: Sequence[int]):
+    """``(i0, i1)`` ranges of the first axis of a grid of shape ``n``, at most ``_GRID_POINTS`` points each."""
+    step = max(1, _GRID_POINTS // int(n[1] * n[2]))
+    for i0 in range(0, int(n[0]), step):
+        yield i0, min(int(n[0]), i0 + step)
 
 
 #: offset (grid units) of the lines of :class:`_ColumnCrossings` from the grid points; irrational ratio
@@ -152,11 +157,10 @@ class _ColumnCrossings:
         ta, tb, tc, s = ta[hit], tb[hit], tc[hit], s[hit]
         k_cross = (w0 * ta[:, 2] + w1 * tb[:, 2] + w2 * tc[:, 2]) / (w0 + w1 + w2)
         # a crossing at k_cross counts for the points k < k_cross: acc[i, j, m] with m = #points below it
-        self._i, self._j = i, j
-        self._m = np.clip(np.ceil(k_cross), 0, self.shape[2]).astype(np.int64)
-        self._sign = (s * (1.0 if orientation > 0 else -1.0)).astype(np.int64)
-        order = np.argsort(i, kind="stable")
-        self._i, self._j, self._m, self._sign = self._i[order], self._j[order], self._m[order], self._sign[order]
+        m = np.clip(np.ceil(k_cross), 0, self.shape[2]).astype(np.int64)
+        sign = (s * (1.0 if orientation > 0 else -1.0)).astype(np.int64)
+        order = np.argsort(i, kind="stable")  # by i, so that a slab's crossings are one contiguous range
+        self._i, self._j, self._m, self._sign = i[order], j[order], m[order], sign[order]
 
     def winding(self, i0: int, i1: int) -> np.ndarray:
         """Integer winding numbers ``(i1 - i0, n_j, n_k)`` of the grid points with ``i0 <= i < i1``."""
@@ -196,9 +200,7 @@ def violating_volume_mm3(first: trimesh.Trimesh, second: Sequence[trimesh.Trimes
 
     c_first, c_second = crossings(first), [crossings(m) for m in second]
     count = 0
-    step = max(1, _GRID_POINTS // int(n[1] * n[2]))
-    for i0 in range(0, int(n[0]), step):
-        i1 = min(int(n[0]), i0 + step)
+    for i0, i1 in _slabs(n):
         inside = c_first.inside(i0, i1)
         if exclusion:
             inside &= c_second[0].inside(i0, i1)

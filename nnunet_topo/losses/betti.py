@@ -438,7 +438,7 @@ def betti_prior_loss(
 
 def _betti_prior_loss(
     probabilities, target_betti, class_ids, maxdim, slice_axis, num_workers, executor,
-    presence_threshold, check_finite: bool,
+    presence_threshold, check_finite: bool, also_present: np.ndarray | None = None,
 ) -> Tensor:
     """``betti_prior_loss``; ``check_finite=False`` when the caller has checked its input already."""
     _check_probabilities(probabilities)
@@ -469,6 +469,8 @@ def _betti_prior_loss(
             else:
                 other = tuple(2 + a for a in range(3) if a != ax)
                 present = (p.detach()[:, ids].amax(dim=other) > presence_threshold).cpu().numpy()
+                if also_present is not None:  # slices bound by BettiPriorLoss.fix_presence
+                    present = present | also_present
                 tb = np.where(present[..., None, None], sets[None, :, None], -1).astype(np.int64)
         else:
             raise TypeError(
@@ -696,27 +698,20 @@ class BettiPriorLoss(nn.Module):
                 counts = {"units": int(np.prod(tb.shape[:-1])), "prior": 0, "skipped": 0}
                 if self.ignore_label is not None:
                     tb = self._sparse_targets(target, pooled, tb, ax, counts)
-            elif ax is not None and self.fixed_presence is not None:
-                if self.fixed_presence.shape != (logits.shape[0], len(self.class_ids), pooled.shape[2 + ax]):
-                    raise ValueError(f"fixed_presence has shape {self.fixed_presence.shape}, expected (B, K, S) = "
-                                     f"{(logits.shape[0], len(self.class_ids), pooled.shape[2 + ax])}")
-                sets = _pad_sets([self.prior_sets[c] for c in self.class_ids],
-                                 len(self.prior_sets[self.class_ids[0]][0]))  # (K, M, length)
-                other = tuple(2 + a for a in range(3) if a != ax)
-                present = self.fixed_presence | (
-                    pooled.detach()[:, self.class_ids].amax(dim=other) > self.presence_threshold).cpu().numpy()
-                tb = _CandidateTargets(np.where(present[..., None, None], sets[None, :, None], -1).astype(np.int64))
-                n_units = int(self.fixed_presence.size)
-                counts = {"units": n_units, "prior": 0, "skipped": 0}
             else:
+                expected = None if ax is None else (logits.shape[0], len(self.class_ids), pooled.shape[2 + ax])
+                if self.fixed_presence is not None and ax is not None and self.fixed_presence.shape != expected:
+                    raise ValueError(f"fixed_presence has shape {self.fixed_presence.shape}, expected (B, K, S) = "
+                                     f"{expected}")
                 tb = {c: self.priors[c] for c in self.class_ids}
                 n_units = logits.shape[0] * len(self.class_ids) * (1 if ax is None else logits.shape[2 + ax])
                 counts = {"units": n_units, "prior": 0, "skipped": 0}
             self.last_counts = counts
             # the input was checked for NaN/inf above; softmax and pooling keep it finite
             return _betti_prior_loss(
-                pooled, tb, None if isinstance(tb, Mapping) else self.class_ids, self.maxdim, ax,
+                pooled, tb, self.class_ids if self.target == "patch" else None, self.maxdim, ax,
                 self.num_workers, self.executor, self.presence_threshold, check_finite=False,
+                also_present=self.fixed_presence if self.target == "prior" and ax is not None else None,
             )
 
     def fix_presence(self, logits: Tensor | None) -> None:
