@@ -1,4 +1,11 @@
-"""``MeshAugmentedNetwork``: an nnU-Net network plus a :class:`MeshHead` (DESIGN §7 "Network wrapper").
+"""``MeshAugmentedNetwork``: an nnU-Net network plus a :class:`MeshHead` riding along as a passenger (DESIGN §7).
+
+How the mesh trainers use it: ``self.network`` stays exactly nnU-Net's planned network (same state-dict keys, so
+``-pretrained_weights``, ``nnUNetv2_predict``, nnU-Net's clip and DDP work on it unchanged); the trainer holds a
+``MeshAugmentedNetwork`` around that same network object only to own the hooks and the head, runs nnU-Net's
+``self.network(x)`` inside :meth:`MeshAugmentedNetwork.capture` and feeds the captured features to the head, which
+has its own optimiser step, clip and checkpoint entry (:data:`HEAD_STATE_KEY`). Mesh inference
+(``nnunet_topo.mesh_prediction``) rebuilds the composition from the plain network and that checkpoint entry.
 
 * ``forward(x)`` is the wrapped network's forward, unchanged: segmentation logits (a list, highest
   resolution first, under deep supervision). nnU-Net's sliding-window predictor, mirroring and
@@ -17,7 +24,8 @@
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+import contextlib
+from typing import Any, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -25,7 +33,7 @@ from torch import nn
 from .head import MeshHead
 from .templates import Template
 
-__all__ = ["HEAD_KEY", "TEMPLATES_KEY", "MeshAugmentedNetwork", "MeshCachingNetwork", "decoder_stage_channels",
+__all__ = ["HEAD_KEY", "TEMPLATES_KEY", "HEAD_FORMAT_VERSION", "HEAD_STATE_KEY", "MeshAugmentedNetwork", "decoder_stage_channels",
            "head_settings", "mesh_network_from_configuration", "store_in_configuration", "stored_templates", "templates_from_configuration", "unwrap_network"]
 
 #: key (in a plans configuration, ``plans["configurations"][<configuration>]``) holding the templates as
@@ -33,6 +41,14 @@ __all__ = ["HEAD_KEY", "TEMPLATES_KEY", "MeshAugmentedNetwork", "MeshCachingNetw
 TEMPLATES_KEY = "nnunet_topo_mesh_templates"
 #: key holding the head settings ``{"decoder_stages": ..., "structure_channels": ..., "head_kwargs": {...}}``
 HEAD_KEY = "nnunet_topo_mesh_head"
+#: key of a mesh trainer's checkpoint (beside nnU-Net's ``network_weights``, which hold nnU-Net's network only) with
+#: ``{"format": HEAD_FORMAT_VERSION, "head_settings": ..., "state_dict": ..., "optimizer_state": ...,
+#: "grad_scaler_state": ...}``
+HEAD_STATE_KEY = "nnunet_topo_mesh_head"
+#: 2: the head is a passenger beside nnU-Net's network (own checkpoint entry), placed from the hard arg-max mask.
+#: 1 (nnunet-topo before 2026-12): network + head in one wrapper (``network.``/``mesh_head.`` keys in
+#: ``network_weights``), placed from soft-segmentation moments; such models are refused, never given other meshes.
+HEAD_FORMAT_VERSION = 2
 
 
 def decoder_stage_channels(network: nn.Module) -> tuple[list[int], int]:
@@ -86,6 +102,7 @@ class MeshAugmentedNetwork(nn.Module):
         self._captured: dict[str, Any] | None = None
         # Hooks only record while forward_with_meshes runs (self._captured is not None).
         network.encoder.register_forward_hook(self._encoder_hook)
+        network.register_forward_hook(self._output_hook)
         for i in sorted(set(self.decoder_stage_indices)):
             network.decoder.stages[i].register_forward_hook(self._make_stage_hook(i))
 
@@ -103,6 +120,10 @@ class MeshAugmentedNetwork(nn.Module):
             skips = output if isinstance(output, (list, tuple)) else [output]
             self._captured["bottleneck"] = skips[-1]
 
+    def _output_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if self._captured is not None:
+            self._captured["output"] = output
+
     def _make_stage_hook(self, i: int):
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
             if self._captured is not None:
@@ -114,60 +135,39 @@ class MeshAugmentedNetwork(nn.Module):
         """Exactly the wrapped network's output (segmentation logits; a list under deep supervision)."""
         return self.network(x)
 
-    def forward_with_meshes(self, x: torch.Tensor) -> tuple[Any, list[torch.Tensor]]:
-        """``(segmentation output as forward(x), [meshes (B, V_s, 3) in the normalised patch frame]))``."""
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[dict]:
+        """Within the block, every forward of the wrapped network (called directly, or through DDP) records the
+        bottleneck and the chosen decoder stages' outputs into the yielded dict (read it with
+        :meth:`head_inputs`). The mesh trainers run nnU-Net's own ``self.network(x)`` inside it: the head rides
+        along as a passenger and ``self.network`` stays exactly nnU-Net's network."""
         self._captured = {}
         try:
-            seg = self.network(x)
-            captured = self._captured
+            yield self._captured
         finally:
             self._captured = None
+
+    def head_inputs(self, captured: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``(decoder feature maps in the head's order, bottleneck)`` from a :meth:`capture` dict."""
         missing = [i for i in self.decoder_stage_indices if i not in captured]
         if "bottleneck" not in captured or missing:
             raise RuntimeError(
                 "MeshAugmentedNetwork: the forward hooks did not capture the bottleneck/decoder stages "
                 f"{missing}; the wrapped network must call .encoder and every .decoder.stages[i]."
             )
-        feats = [captured[i] for i in self.decoder_stage_indices]
+        return [captured[i] for i in self.decoder_stage_indices], captured["bottleneck"]
+
+    def forward_with_meshes(self, x: torch.Tensor) -> tuple[Any, list[torch.Tensor]]:
+        """``(segmentation output as forward(x), [meshes (B, V_s, 3) in the normalised patch frame]))``."""
+        with self.capture() as captured:
+            seg = self.network(x)
+        feats, bottleneck = self.head_inputs(captured)
         seg_full = seg[0] if isinstance(seg, (list, tuple)) else seg  # highest resolution first (deep supervision)
-        meshes = self.mesh_head(feats, captured["bottleneck"], seg_full)
+        meshes = self.mesh_head(feats, bottleneck, seg_full)
         return seg, meshes
 
     def templates(self) -> list[Template]:
         return self.mesh_head.templates()
-
-
-class MeshCachingNetwork(MeshAugmentedNetwork):
-    """:class:`MeshAugmentedNetwork` whose training-mode ``forward`` also runs the head and caches the meshes.
-
-    This is how the mesh trainers get meshes into their loss without copying nnU-Net's ``train_step``:
-    ``forward(x)`` returns exactly the wrapped network's output in every mode. In training mode with
-    ``cache_meshes`` True it calls :meth:`forward_with_meshes` and keeps the meshes (list of ``(B, V_s, 3)``,
-    normalised patch frame) in ``last_meshes``; in eval mode the head does not run and ``last_meshes`` is None,
-    unless ``meshes_in_eval`` is set (the trainer's validation epochs). The state dict is that of
-    :class:`MeshAugmentedNetwork` (no new parameters or buffers).
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.cache_meshes: bool = True
-        #: also run the head in eval mode (the trainer sets it during its validation epochs only, never for the
-        #: predictor), so that the validation loss has mesh terms
-        self.meshes_in_eval: bool = False
-        self.last_meshes: Optional[List[torch.Tensor]] = None
-
-    def forward(self, x: torch.Tensor):
-        if (self.training or self.meshes_in_eval) and self.cache_meshes:
-            seg, meshes = self.forward_with_meshes(x)
-            self.last_meshes = meshes
-            return seg
-        self.last_meshes = None
-        return self.network(x)
-
-    def pop_meshes(self) -> Optional[List[torch.Tensor]]:
-        """The cached meshes of the last training forward (then forgotten), or None."""
-        meshes, self.last_meshes = self.last_meshes, None
-        return meshes
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:
@@ -193,13 +193,13 @@ def templates_from_configuration(configuration: dict) -> list[Template]:
     return [Template.from_dict(d) for d in raw]
 
 
-def mesh_network_from_configuration(network: nn.Module, configuration: dict) -> MeshCachingNetwork:
-    """Wrap a built nnU-Net network in a :class:`MeshCachingNetwork` with the templates and head settings that a
+def mesh_network_from_configuration(network: nn.Module, configuration: dict) -> MeshAugmentedNetwork:
+    """Wrap a built nnU-Net network in a :class:`MeshAugmentedNetwork` with the templates and head settings that a
     plans configuration dict stores (:data:`TEMPLATES_KEY`, :data:`HEAD_KEY`), so inference rebuilds the head of
     training exactly."""
     templates = templates_from_configuration(configuration)
     head = configuration.get(HEAD_KEY) or {}
-    return MeshCachingNetwork(network, templates, decoder_stages=head.get("decoder_stages"),
+    return MeshAugmentedNetwork(network, templates, decoder_stages=head.get("decoder_stages"),
                               structure_channels=head.get("structure_channels"), **(head.get("head_kwargs") or {}))
 
 

@@ -13,19 +13,30 @@ Per mesh structure (the dataset's ``mesh_structures``):
 **Mesh TVS** (TPM, C. Zhang et al., arXiv:2503.07874, Eq. 13)::
 
     TVS = ( sum_{exclusion (A, B)} vol(in(A) & in(B)) + sum_{inclusion (I in O | M)} vol(in(I) & ~(in(O) | in(M))) )
-          / reference foreground volume
+          / sum_{mesh structures X} reference volume of region(X)
+
+The denominator is Eq. 13's ``Σ_i |V_i|``, the sum of the reference volumes of the mesh structures (for the usual
+cardiac meshes LV_endo, LV_epi = LV+MYO and RV: the reference foreground plus the LV cavity once more, about 1.35x
+the foreground on ACDC); ``TVS_per_rule`` uses the same denominator, so the rules' values add up to ``TVS``. The
+value over the reference foreground volume, which this module called TVS before, is kept as ``TVS_over_foreground``
+(documentation/metrics.md says how the two relate). The rules are the mesh-level rules in force
+(:func:`nnunet_topo.rules.mesh_rules_in_force`): the dataset's ``mesh_rules`` (``mesh_exclusion``: the two meshes
+must not overlap, contact allowed; ``mesh_inclusion``: one mesh inside another) and the voxel rules whose
+structures are mesh structures, read on the meshes.
 
 The violating volumes are measured on a **fine isotropic world grid** (cell centres, step ``h = min(1 mm, finest
 spacing of the reference)``, reported as ``grid_mm``), not at the reference voxel centres: with 10 mm slices a
 penetration thinner than a slice would be missed. Only the box where a violation can lie is sampled (the
 intersection of the two meshes' bounding boxes for an exclusion, the inner mesh's box for an inclusion), in slabs
 of at most ``_GRID_POINTS`` points (bounded memory); inside/outside at every cell centre by signed ray
-crossings (:class:`_ColumnCrossings`: O(cells + covered lines), not O(cells x faces)). The reference foreground volume is ``voxels x voxel volume``.
+crossings (:class:`_ColumnCrossings`: O(cells + covered lines), not O(cells x faces)). Reference volumes are
+``voxels x voxel volume``.
 
-A rule is evaluated when its structures are mesh structures with a predicted mesh (matched by their label-id
-sets); other rules are skipped and listed with the reason. ``may_touch`` joins the outer mesh only if it has a
-mesh itself (otherwise the rule is evaluated without it and this is noted). 2d-mode rules are evaluated in 3D
-here: an overlap of two closed surfaces is a volume whatever the slice axis.
+A rule is evaluated when its meshes were predicted; other rules are skipped and listed with the reason (a voxel
+rule whose structures are no mesh structures, or whose check on the meshes a mesh rule already states, too).
+A voxel inclusion's ``may_touch`` joins the outer mesh only if it has a mesh itself (otherwise the rule is evaluated
+without it and this is noted). 2d-mode rules are evaluated in 3D here: an overlap of two closed surfaces is a volume
+whatever the slice axis.
 
 Everything is in world coordinates (mm, ITK/LPS); the reference's geometry comes from nnU-Net's reader
 (:meth:`ImageGeometry.from_nnunet_properties`). nnU-Net glue only in :func:`evaluate_mesh_folder`.
@@ -43,7 +54,8 @@ import trimesh
 from nnunet_topo.meshes import SUPPORTED_MESH_EXTENSIONS, ImageGeometry, MeshBuildError, \
     mesh_from_mask, read_mesh, world_to_index
 from nnunet_topo.metrics.mesh import laplacian_smoothness_energy, mesh_volume, surface_distances_mesh
-from nnunet_topo.rules import ExclusionRule, InclusionRule, TopologySpec, spec_from_dataset_json
+from nnunet_topo.rules import (InclusionRule, MeshExclusionRule, TopologySpec, mesh_rule_meshes, mesh_rules_in_force,
+                                spec_from_dataset_json)
 from nnunet_topo.summary_io import ignore_label_of, load_json_arg, mean_and_count, nanmean, to_builtin
 
 __all__ = [
@@ -211,10 +223,6 @@ def violating_volume_mm3(first: trimesh.Trimesh, second: Sequence[trimesh.Trimes
     return count * h ** 3
 
 
-def _mesh_name_for(structure, available: Mapping[frozenset, str]) -> Optional[str]:
-    return available.get(frozenset(int(i) for i in structure.label_ids))
-
-
 def evaluate_mesh_case(ref_label_map: np.ndarray, geometry: ImageGeometry,
                        predicted_meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec,
                        num_samples: int = 20000, seed: int = 0, ignore_label: Optional[int] = None) -> dict:
@@ -222,8 +230,10 @@ def evaluate_mesh_case(ref_label_map: np.ndarray, geometry: ImageGeometry,
 
     A sparse reference (voxels with nnU-Net's ``ignore_label``, unknown): mesh Dice is taken over the annotated
     voxels (as nnU-Net's Dice); Chamfer and HD95 against the reference surface are undefined (NaN, with a note):
-    the surface of a partly annotated structure is not known; the mesh-TVS volume is the annotated reference
-    foreground plus the ignored voxels inside a predicted mesh (the ignore label does not shrink it).
+    the surface of a partly annotated structure is not known; the reference volume of a mesh structure (mesh-TVS
+    denominator) is its annotated reference volume plus the ignored voxels inside its predicted mesh, the foreground
+    of ``TVS_over_foreground`` the annotated foreground plus the ignored voxels inside any predicted mesh (the ignore
+    label shrinks neither).
 
     Args:
         ref_label_map: ``(Z, Y, X)`` integer reference label map.
@@ -235,9 +245,11 @@ def evaluate_mesh_case(ref_label_map: np.ndarray, geometry: ImageGeometry,
 
     Returns:
         ``{"mesh_metrics": {structure: {"Dice", "Chamfer_mm", "HD95_mm", "laplacian_energy_mm2", "volume_mm3",
-        "volume_ref_mm3", "n_inside", "n_ref"}}, "mesh_topology": {"TVS", "TVS_per_rule", "violating_volume_mm3",
-        "reference_foreground_mm3", "grid_mm" (step of the mesh-TVS grid), "evaluated_rules", "skipped_rules", "notes", "missing_structures"}}``
-        (plain Python numbers; NaN where undefined).
+        "volume_ref_mm3", "n_inside", "n_ref"}}, "mesh_topology": {"TVS" (Eq. 13: over the sum of the mesh
+        structures' reference volumes), "TVS_per_rule", "violating_volume_mm3", "reference_volume_sum_mm3",
+        "reference_volumes_mm3" (per mesh structure), "TVS_over_foreground", "TVS_over_foreground_per_rule",
+        "reference_foreground_mm3", "grid_mm" (step of the mesh-TVS grid), "evaluated_rules", "skipped_rules",
+        "notes", "missing_structures"}}`` (plain Python numbers; NaN where undefined).
 
     Raises:
         MeshEvaluationError: a mesh name that is not a mesh structure of the spec, or a non-3D reference.
@@ -285,39 +297,52 @@ def evaluate_mesh_case(ref_label_map: np.ndarray, geometry: ImageGeometry,
         metrics[name] = m
     missing = [n for n in spec.mesh_structures if n not in predicted_meshes]
 
-    available = {frozenset(int(i) for i in spec.mesh_structures[n].label_ids): n for n in predicted_meshes}
+    # Eq. 13's denominator: the sum of the reference volumes of the mesh structures (sparse: plus the ignored
+    # voxels inside the structure's predicted mesh, as for the foreground below)
+    ref_volumes: Dict[str, float] = {}
+    for name, structure in spec.mesh_structures.items():
+        n = int(np.count_nonzero(np.isin(ref, list(structure.label_ids)) & ~ignored))
+        if sparse and name in occ:
+            n += int(np.count_nonzero(ignored & occ[name]))
+        ref_volumes[name] = n * vv
+    ref_sum_mm3 = float(sum(ref_volumes.values()))
     ref_fg = int(np.count_nonzero((ref != 0) & ~ignored))
     if sparse and occ:
         ref_fg += int(np.count_nonzero(ignored & np.logical_or.reduce(list(occ.values()))))
     ref_fg_mm3 = ref_fg * vv
     h = mesh_tvs_grid_step(geometry.spacing_xyz)
     violating: Dict[str, float] = {}
-    skipped: Dict[str, str] = {}
-    for rule in spec.rules:
-        if isinstance(rule, ExclusionRule):
-            a, b = _mesh_name_for(rule.a, available), _mesh_name_for(rule.b, available)
-            if a is None or b is None:
-                lack = [s.name for s, n in ((rule.a, a), (rule.b, b)) if n is None]
-                skipped[rule.name] = f"no predicted mesh for {lack}"
-                continue
-            violating[rule.name] = violating_volume_mm3(predicted_meshes[a], [predicted_meshes[b]], True, h)
-        elif isinstance(rule, InclusionRule):
-            inner, outer = _mesh_name_for(rule.inner, available), _mesh_name_for(rule.outer, available)
-            if inner is None or outer is None:
-                lack = [s.name for s, n in ((rule.inner, inner), (rule.outer, outer)) if n is None]
-                skipped[rule.name] = f"no predicted mesh for {lack}"
-                continue
-            allowed = [predicted_meshes[outer]]
-            if rule.may_touch is not None:
-                mt = _mesh_name_for(rule.may_touch, available)
-                if mt is None:
-                    notes[rule.name] = f"may_touch {rule.may_touch.name!r} has no mesh; evaluated without it"
-                else:
-                    allowed.append(predicted_meshes[mt])
-            violating[rule.name] = violating_volume_mm3(predicted_meshes[inner], allowed, False, h)
-    tvs_per_rule = {r: (v / ref_fg_mm3 if ref_fg_mm3 > 0 else math.nan) for r, v in violating.items()}
-    tvs = (sum(violating.values()) / ref_fg_mm3) if (violating and ref_fg_mm3 > 0) else math.nan
+    in_force, not_on_meshes = mesh_rules_in_force(spec)
+    skipped: Dict[str, str] = dict(not_on_meshes)
+    voxel_rules = {r.name: r for r in spec.rules}
+    for rule in in_force:
+        needed = mesh_rule_meshes(rule)
+        lack = [m for m in needed if m not in predicted_meshes]
+        if lack:
+            skipped[rule.name] = f"no predicted mesh for {lack}"
+            continue
+        if isinstance(rule, MeshExclusionRule):
+            violating[rule.name] = violating_volume_mm3(predicted_meshes[rule.a], [predicted_meshes[rule.b]], True, h)
+            continue
+        allowed = [predicted_meshes[rule.outer]] + [predicted_meshes[m] for m in rule.may_touch
+                                                    if m in predicted_meshes]
+        src = voxel_rules.get(rule.name)
+        if isinstance(src, InclusionRule) and src.may_touch is not None:
+            if not rule.may_touch:
+                notes[rule.name] = f"may_touch {src.may_touch.name!r} has no mesh; evaluated without it"
+            elif rule.may_touch[0] not in predicted_meshes:
+                notes[rule.name] = f"may_touch mesh {rule.may_touch[0]!r} was not predicted; evaluated without it"
+        violating[rule.name] = violating_volume_mm3(predicted_meshes[rule.inner], allowed, False, h)
+
+    def ratio(v: float, d: float) -> float:
+        return v / d if d > 0 else math.nan
+
+    tvs_per_rule = {r: ratio(v, ref_sum_mm3) for r, v in violating.items()}
+    tvs = ratio(sum(violating.values()), ref_sum_mm3) if violating else math.nan
     topology = {"TVS": tvs, "TVS_per_rule": tvs_per_rule, "violating_volume_mm3": violating,
+                "reference_volume_sum_mm3": ref_sum_mm3, "reference_volumes_mm3": ref_volumes,
+                "TVS_over_foreground": ratio(sum(violating.values()), ref_fg_mm3) if violating else math.nan,
+                "TVS_over_foreground_per_rule": {r: ratio(v, ref_fg_mm3) for r, v in violating.items()},
                 "reference_foreground_mm3": ref_fg_mm3, "grid_mm": h, "evaluated_rules": list(violating),
                 "skipped_rules": skipped, "notes": notes, "missing_structures": missing}
     return {"mesh_metrics": metrics, "mesh_topology": topology}
@@ -385,7 +410,8 @@ def evaluate_mesh_folder(ref_folder: str, mesh_folder: str, dataset_json: Union[
 
         {"metric_per_case": [{"case", "reference_file", "mesh_files", "mesh_metrics", "mesh_topology"}],
          "mesh_mean": {structure: {metric: NaN-ignoring mean}}, "mesh_foreground_mean": {metric: mean over
-         structures}, "mesh_topology_mean": {"TVS", "TVS_per_rule", "num_cases", "grid_mm" (the grid steps used)}, "mesh_structures": [...]}
+         structures}, "mesh_topology_mean": {"TVS", "TVS_per_rule", "TVS_over_foreground", "num_cases", "grid_mm" (the
+         grid steps used)}, "mesh_structures": [...]}
 
     :func:`merge_mesh_summary` adds these to a ``summary_topology.json`` dict.
 
@@ -485,7 +511,9 @@ def aggregate_mesh_cases(cases: List[dict], spec: TopologySpec) -> dict:
     tvs, tvs_n = mean_and_count([c["mesh_topology"]["TVS"] for c in cases])
     topo = {"num_cases": len(cases), "TVS": tvs, "TVS_num_cases": tvs_n,
             "grid_mm": sorted({c["mesh_topology"].get("grid_mm") for c in cases} - {None}),
-            "TVS_per_rule": {r: nanmean(c["mesh_topology"]["TVS_per_rule"].get(r) for c in cases) for r in rules}}
+            "TVS_per_rule": {r: nanmean(c["mesh_topology"]["TVS_per_rule"].get(r) for c in cases) for r in rules},
+            # the other normalisation (over the reference foreground; documentation/metrics.md "Mesh TVS")
+            "TVS_over_foreground": nanmean(c["mesh_topology"].get("TVS_over_foreground", math.nan) for c in cases)}
     return {"mesh_mean": mean, "mesh_mean_num_cases": mean_n, "mesh_foreground_mean": fg,
             "mesh_topology_mean": topo}
 

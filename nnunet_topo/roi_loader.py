@@ -29,7 +29,7 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 from nnunet_topo.roi import Box, check_box_fits, structure_box
 
-__all__ = ["MeshROIDataLoader", "roi_data_loaders"]
+__all__ = ["MeshROIDataLoader", "MeshROISampling", "roi_data_loaders"]
 
 
 class _RecordingDataset:
@@ -99,3 +99,63 @@ def roi_data_loaders(mesh_boxes: Dict[str, Optional[Box]], mesh_label_ids: Seque
         yield
     finally:
         trainer_module.nnUNetDataLoader = original
+
+
+class MeshROISampling:
+    """Trainer mixin (before the nnU-Net trainer in the bases): the mesh trainers' data sampling and augmentation.
+
+    * training and validation patches contain every case's mesh-structure box (the heart ROI), placed by
+      :class:`MeshROIDataLoader`;
+    * rotation limited to ``mesh_max_rotation_degrees`` (±15°) and, by default, no mirroring in training or at
+      inference (a template is a shape prior in the image frame; documentation/mesh_trainers.md).
+
+    Needs ``self.topology_spec`` (``nnUNetTrainerTopoBase``). The mesh trainers set ``self.mesh_boxes`` while they
+    build their templates (one pass over the cases); otherwise the boxes are computed once, streamed, the first time
+    the loaders are built. ``nnUNetTrainerMeshROI`` (plain nnU-Net loss) uses it, so a backbone trained with it sees
+    the patches its mesh fine-tunes will see."""
+
+    mesh_max_rotation_degrees: float = 15.0
+    mesh_mirroring: bool = False
+    mesh_boxes: Optional[Dict[str, Optional[Box]]] = None
+
+    def mesh_structure_label_ids(self) -> list:
+        """Labels of the union of the topology spec's mesh structures (an error naming the fix when there are none)."""
+        from nnunet_topo.rules import TopologySpecError
+
+        structures = self.topology_spec.mesh_structures
+        if not structures:
+            raise TopologySpecError(
+                f"{self.__class__.__name__} samples patches on the mesh structures, but the dataset's topology spec "
+                "has no 'mesh_structures'. Add them to the 'topology' block of dataset.json, e.g. \"mesh_structures\": "
+                "{\"LV_epi\": [\"LV\", \"MYO\"], \"RV\": [\"RV\"]} (documentation/topology_spec.md), and copy "
+                "dataset.json into the preprocessed folder.")
+        return sorted({int(i) for s in structures.values() for i in s.label_ids})
+
+    def get_dataloaders(self):
+        """nnU-Net's loaders, with training and validation patches placed on the mesh structures (the heart ROI)."""
+        if self.mesh_boxes is None:
+            from nnunet_topo.mesh_head.label_templates import roi_crops
+            from nnunet_topo.plans import preprocessed_cases
+
+            _, self.mesh_boxes = roi_crops(((k, seg[0]) for k, _, seg in preprocessed_cases(
+                self.preprocessed_dataset_folder)), self.mesh_structure_label_ids(),
+                self.configuration_manager.patch_size, self.__class__.__name__, self.configuration_name, crop=False)
+        with roi_data_loaders(self.mesh_boxes, self.mesh_structure_label_ids()):
+            return super().get_dataloaders()
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        """nnU-Net's settings with the rotation limited to ``mesh_max_rotation_degrees`` and (by default) no
+        mirroring; the initial (pre-rotation) patch size is recomputed by nnU-Net's ``get_patch_size``."""
+        from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+
+        _, dummy_2d, _, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        r = float(self.mesh_max_rotation_degrees) / 180.0 * np.pi
+        patch_size = self.configuration_manager.patch_size
+        initial_patch_size = get_patch_size(patch_size, (-r, r), (-r, r), (-r, r), (0.85, 1.25))
+        if dummy_2d:
+            initial_patch_size[0] = patch_size[0]
+        mirror_axes = mirror_axes if self.mesh_mirroring else None
+        self.inference_allowed_mirroring_axes = mirror_axes
+        self.print_to_log_file(f"mesh-ROI sampling: patches on the mesh structures, rotation "
+                               f"±{self.mesh_max_rotation_degrees}°, mirror axes {mirror_axes}")
+        return (-r, r), dummy_2d, initial_patch_size, mirror_axes

@@ -4,7 +4,9 @@ Structures are named by nnU-Net *label names*; a structure may be a single label
 label names, e.g. the LV epicardium encloses ``["LV", "MYO"]``) or a name defined in the block's own
 ``structures`` table. Rules say which structures must not touch (``exclusion``) and which must lie inside
 another (``inclusion``); ``betti``/``betti_2d`` give topological priors; ``mesh_structures`` names the closed
-surfaces a mesh head predicts. The meaning of the rules on voxels is in :mod:`nnunet_topo.violations`
+surfaces a mesh head predicts, and ``mesh_rules`` says which of those surfaces must not overlap
+(``mesh_exclusion``, contact allowed) and which lies inside another (``mesh_inclusion``). Voxel rules are about label
+maps ("must not touch"); mesh rules are about the volumes the closed surfaces enclose (DESIGN §4). The meaning of the rules on voxels is in :mod:`nnunet_topo.violations`
 (DESIGN §4); the user documentation of every key is ``documentation/topology_spec.md``.
 
 Example (short-axis cardiac MRI, labels background/RV/MYO/LV)::
@@ -18,7 +20,11 @@ Example (short-axis cardiac MRI, labels background/RV/MYO/LV)::
       ],
       "betti": {"LV": [1, 0, 0], "MYO": [1, 0, 0], "RV": [1, 0, 0]},
       "betti_2d": {"axis": 0, "MYO": [[1, 1], [1, 0]]},
-      "mesh_structures": {"LV_endo": ["LV"], "LV_epi": ["LV", "MYO"], "RV": ["RV"]}
+      "mesh_structures": {"LV_endo": ["LV"], "LV_epi": ["LV", "MYO"], "RV": ["RV"]},
+      "mesh_rules": [
+        {"type": "mesh_exclusion", "meshes": ["RV", "LV_epi"]},
+        {"type": "mesh_inclusion", "inner": "LV_endo", "outer": "LV_epi"}
+      ]
     }
 
 Every problem raises :class:`TopologySpecError` (a ``ValueError``) whose message names the offending key,
@@ -45,6 +51,12 @@ __all__ = [
     "ExclusionRule",
     "InclusionRule",
     "Rule",
+    "MeshExclusionRule",
+    "MeshInclusionRule",
+    "MeshRule",
+    "mesh_for_structure",
+    "mesh_rule_meshes",
+    "mesh_rules_in_force",
     "TopologySpec",
     "parse_topology",
     "load_topology",
@@ -56,15 +68,21 @@ __all__ = [
     "reference_spec",
     "ALLOWED_TOP_LEVEL_KEYS",
     "RULE_KEYS",
+    "MESH_RULE_KEYS",
 ]
 
 #: keys allowed in the ``topology`` block
 ALLOWED_TOP_LEVEL_KEYS: Tuple[str, ...] = ("connectivity", "structures", "rules", "betti", "betti_2d",
-                                           "mesh_structures")
+                                           "mesh_structures", "mesh_rules")
 #: rule type -> (required keys, optional keys); ``type`` itself is always required
 RULE_KEYS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
     "exclusion": (("a", "b"), ("name", "mode", "axis", "exempt_end_slices")),
     "inclusion": (("inner", "outer"), ("may_touch", "name", "mode", "axis", "exempt_end_slices")),
+}
+#: mesh rule type -> (required keys, optional keys); ``type`` itself is always required
+MESH_RULE_KEYS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
+    "mesh_exclusion": (("meshes",), ("name",)),
+    "mesh_inclusion": (("inner", "outer"), ("name",)),
 }
 _MODES = ("3d", "2d")
 _CONNECTIVITIES = (6, 26)
@@ -142,6 +160,49 @@ class InclusionRule:
 
 
 Rule = Union[ExclusionRule, InclusionRule]
+
+
+@dataclass(frozen=True)
+class MeshExclusionRule:
+    """The volumes enclosed by the meshes ``a`` and ``b`` must not overlap; contact is allowed.
+
+    No point may lie inside both closed surfaces (exact winding number > 1/2 for both). This is the anatomical
+    constraint between adjacent chambers (the RV cavity touches the myocardium but never enters the LV epicardial
+    surface: that would be septal penetration), which no voxel rule can state: on a label map two labels never
+    overlap, so a voxel ``exclusion`` means "must not touch" (DESIGN §4).
+
+    Attributes:
+        name: unique name (default ``mesh_exclusion(A,B)``; a rule derived from a voxel rule keeps the voxel
+            rule's name, :func:`mesh_rules_in_force`).
+        a, b: mesh structure names (keys of ``mesh_structures``) whose regions share no label.
+    """
+
+    name: str
+    a: str
+    b: str
+
+
+@dataclass(frozen=True)
+class MeshInclusionRule:
+    """The volume enclosed by the mesh ``inner`` lies inside that of ``outer``; contact is allowed.
+
+    No point may lie inside ``inner`` and outside ``outer`` (and outside every mesh of ``may_touch``).
+
+    Attributes:
+        name: unique name (default ``mesh_inclusion(I in O)``; a rule derived from a voxel rule keeps its name).
+        inner, outer: mesh structure names; the labels of ``inner`` are a subset of those of ``outer``.
+        may_touch: meshes the inner one may also enter: only on rules derived from a voxel inclusion whose
+            ``may_touch`` structure is a mesh structure (the openings of the voxel rule); ``()`` for the rules
+            of ``mesh_rules``.
+    """
+
+    name: str
+    inner: str
+    outer: str
+    may_touch: Tuple[str, ...] = ()
+
+
+MeshRule = Union[MeshExclusionRule, MeshInclusionRule]
 StructureRef = Union[str, Sequence[str], Structure]
 
 
@@ -279,6 +340,9 @@ class TopologySpec:
         connectivity: 3D neighbourhood of the rules, 6 or 26; 2d rules use 4 resp. 8 in plane.
         is_default: True when dataset.json had no ``topology`` block (see :func:`default_topology`).
         structures: the named structures of the block's ``structures`` table.
+        mesh_rules: the :class:`MeshExclusionRule` / :class:`MeshInclusionRule` objects of ``mesh_rules``, in file
+            order (names unique among all rules). The mesh-level checks actually in force add those implied by
+            the voxel rules: :func:`mesh_rules_in_force`.
     """
 
     labels: Dict[str, int]
@@ -291,6 +355,7 @@ class TopologySpec:
     connectivity: int = 6
     is_default: bool = False
     structures: Dict[str, Structure] = field(default_factory=dict)
+    mesh_rules: Tuple[MeshRule, ...] = ()
 
     def structure(self, ref: StructureRef) -> Structure:
         """Resolve a structure reference.
@@ -525,6 +590,98 @@ def _parse_rule(i: int, raw: Any, resolver: _Resolver) -> Rule:
                          mode=mode, axis=axis, exempt_end_slices=exempt)
 
 
+def _mesh_name(value: Any, where: str, mesh_structures: Mapping[str, Structure], structures: Mapping[str, Structure],
+               foreground: Mapping[str, int]) -> str:
+    """A mesh structure name of a mesh rule, or a :class:`TopologySpecError` naming the unknown one."""
+    example = '{"type": "mesh_exclusion", "meshes": ["RV", "LV_epi"]}'
+    if not mesh_structures:
+        raise TopologySpecError(
+            f"{where}: mesh rules name mesh structures, but topology.mesh_structures is empty; define the meshes "
+            f"first, e.g. \"mesh_structures\": {{\"LV_epi\": [\"LV\", \"MYO\"], \"RV\": [\"RV\"]}}")
+    if not isinstance(value, str):
+        raise TopologySpecError(f"{where}: expected a mesh structure name (a key of topology.mesh_structures: "
+                                f"{_fmt_list(mesh_structures)}), got {value!r}; e.g. {example}")
+    if value in mesh_structures:
+        return value
+    hint = _suggest(value, mesh_structures)
+    region = structures.get(value) or (Structure(value, (value,), (foreground[value],)) if value in foreground else None)
+    if region is not None:
+        same = [m for m, s in mesh_structures.items() if set(s.label_ids) == set(region.label_ids)]
+        what = f"{value!r} is a {'structure' if value in structures else 'label'}, not a mesh structure"
+        hint = (f" ({what}; its mesh is {same[0]!r}.)" if same else
+                f" ({what}, and no mesh structure has its labels {'+'.join(region.label_names)}.)") + hint
+    raise TopologySpecError(f"{where}: unknown mesh structure {value!r}; mesh rules name keys of "
+                            f"topology.mesh_structures: {_fmt_list(mesh_structures)}.{hint}")
+
+
+def _parse_mesh_rule(i: int, raw: Any, mesh_structures: Mapping[str, Structure], structures: Mapping[str, Structure],
+                     foreground: Mapping[str, int]) -> MeshRule:
+    where = f"topology.mesh_rules[{i}]"
+    if not isinstance(raw, Mapping):
+        raise TopologySpecError(f"{where}: each mesh rule must be a dict such as {{\"type\": \"mesh_exclusion\", "
+                                f"\"meshes\": [\"RV\", \"LV_epi\"]}}, got {raw!r}")
+    if "type" not in raw:
+        raise TopologySpecError(f"{where}: missing required key 'type' (one of {_fmt_list(MESH_RULE_KEYS)})")
+    rule_type = raw["type"]
+    if rule_type not in MESH_RULE_KEYS:
+        hint = (f" ({rule_type!r} is a voxel rule: put it in topology.rules, or use 'mesh_{rule_type}' here.)"
+                if rule_type in RULE_KEYS else "")
+        raise TopologySpecError(f"{where}: unknown mesh rule type {rule_type!r}; choose one of "
+                                f"{_fmt_list(MESH_RULE_KEYS)}.{hint}{_suggest(rule_type, MESH_RULE_KEYS)}")
+    where = f"{where} ({rule_type})"
+    required, optional = MESH_RULE_KEYS[rule_type]
+    allowed = ("type",) + required + optional
+    for key in raw:
+        if key not in allowed:
+            raise TopologySpecError(f"{where}: unknown key {key!r}; allowed keys: {_fmt_list(allowed)}."
+                                    f"{_suggest(key, allowed)}")
+    for key in required:
+        if key not in raw:
+            raise TopologySpecError(f"{where}: missing required key {key!r} (required: {_fmt_list(required)})")
+
+    def ids(m: str) -> set:
+        return set(mesh_structures[m].label_ids)
+
+    if rule_type == "mesh_exclusion":
+        pair = raw["meshes"]
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise TopologySpecError(f"{where}.meshes: give exactly two mesh structure names, e.g. "
+                                    f"[\"RV\", \"LV_epi\"]; got {pair!r}")
+        a, b = (_mesh_name(m, f"{where}.meshes[{j}]", mesh_structures, structures, foreground)
+                for j, m in enumerate(pair))
+        if a == b:
+            raise TopologySpecError(f"{where}: names the same mesh twice ({a!r}); a mesh exclusion needs two "
+                                    "different mesh structures.")
+        shared = sorted(ids(a) & ids(b))
+        if shared:
+            names = [n for n, k in zip(mesh_structures[a].label_names, mesh_structures[a].label_ids) if k in shared]
+            raise TopologySpecError(
+                f"{where}: the regions of {a!r} ({'+'.join(mesh_structures[a].label_names)}) and {b!r} "
+                f"({'+'.join(mesh_structures[b].label_names)}) share label(s) {_fmt_list(names)}, so their reference "
+                f"volumes overlap and every reference would break the rule. Use meshes of disjoint regions (e.g. RV "
+                f"and LV_epi), or \"mesh_inclusion\" when one region contains the other.")
+        name = raw.get("name", f"mesh_exclusion({_quote(a)},{_quote(b)})")
+        rule: MeshRule = MeshExclusionRule(name=name, a=a, b=b)
+    else:
+        inner = _mesh_name(raw["inner"], f"{where}.inner", mesh_structures, structures, foreground)
+        outer = _mesh_name(raw["outer"], f"{where}.outer", mesh_structures, structures, foreground)
+        if inner == outer:
+            raise TopologySpecError(f"{where}: names the same mesh twice (inner=outer={inner!r}); the outer mesh "
+                                    "encloses the inner one, e.g. \"inner\": \"LV_endo\", \"outer\": \"LV_epi\".")
+        missing = [n for n, k in zip(mesh_structures[inner].label_names, mesh_structures[inner].label_ids)
+                   if k not in ids(outer)]
+        if missing:
+            raise TopologySpecError(
+                f"{where}: the region of outer={outer!r} ({'+'.join(mesh_structures[outer].label_names)}) must contain "
+                f"every label of inner={inner!r} ({'+'.join(mesh_structures[inner].label_names)}), otherwise the "
+                f"reference itself breaks the rule; missing {_fmt_list(missing)}.")
+        name = raw.get("name", f"mesh_inclusion({_quote(inner)} in {_quote(outer)})")
+        rule = MeshInclusionRule(name=name, inner=inner, outer=outer)
+    if not isinstance(rule.name, str) or not rule.name.strip():
+        raise TopologySpecError(f"{where}: name must be a non-empty string, got {rule.name!r}")
+    return rule
+
+
 def _parse_betti_vector(value: Any, length: int, where: str) -> Tuple[int, ...]:
     example = "[1, 0, 0]" if length == 3 else "[1, 0]"
     meaning = "(b0, b1, b2): components, tunnels/handles, cavities" if length == 3 else "(b0, b1): components, holes"
@@ -671,9 +828,30 @@ def parse_topology(dataset_json: Mapping) -> TopologySpec:
                 f"but the mesh is {'+'.join(s.label_names)}; rename the mesh to avoid the confusion.")
         mesh_structures[mname] = s
 
+    # mesh rules (between mesh structures)
+    raw_mesh_rules = topo.get("mesh_rules", [])
+    if not isinstance(raw_mesh_rules, (list, tuple)):
+        raise TopologySpecError(f"topology.mesh_rules must be a list of mesh rule dicts such as "
+                                f"{{\"type\": \"mesh_exclusion\", \"meshes\": [\"RV\", \"LV_epi\"]}}, got "
+                                f"{type(raw_mesh_rules).__name__}")
+    mesh_rules: List[MeshRule] = []
+    for i, raw in enumerate(raw_mesh_rules):
+        mrule = _parse_mesh_rule(i, raw, mesh_structures, structures, foreground)
+        if mrule.name in first_index:
+            raise TopologySpecError(
+                f"topology.mesh_rules[{i}]: rule name {mrule.name!r} is already used by topology.rules"
+                f"[{first_index[mrule.name]}]; give the mesh rule another \"name\".")
+        clash = [j for j, r in enumerate(mesh_rules) if r.name == mrule.name]
+        if clash:
+            raise TopologySpecError(
+                f"topology.mesh_rules[{i}]: rule name {mrule.name!r} is used twice (also topology.mesh_rules"
+                f"[{clash[0]}]); remove the duplicate or give one a unique \"name\".")
+        mesh_rules.append(mrule)
+
     return TopologySpec(labels=foreground, rules=tuple(rules), betti=betti, betti_structures=betti_structures,
                         betti_2d=betti_2d, betti_2d_axis=betti_2d_axis, mesh_structures=mesh_structures,
-                        connectivity=connectivity, is_default=False, structures=structures)
+                        connectivity=connectivity, is_default=False, structures=structures,
+                        mesh_rules=tuple(mesh_rules))
 
 
 def load_topology(dataset_json: Union[str, os.PathLike, Mapping]) -> TopologySpec:
@@ -764,7 +942,91 @@ def describe(spec: TopologySpec) -> str:
     if spec.mesh_structures:
         lines.append("  mesh structures: " + ", ".join(
             f"{k}={'+'.join(s.label_names)}" for k, s in spec.mesh_structures.items()))
+        in_force, _ = mesh_rules_in_force(spec)
+        lines.append(f"  mesh rules ({len(in_force)}, {len(spec.mesh_rules)} from mesh_rules):"
+                     + ("" if in_force else " none"))
+        for r in in_force:
+            what = (f"{r.a} and {r.b} must not overlap" if isinstance(r, MeshExclusionRule) else
+                    f"{r.inner} inside {r.outer}" + (f" or {'/'.join(r.may_touch)}" if r.may_touch else ""))
+            src = "" if r in spec.mesh_rules else " (from the voxel rule)"
+            lines.append(f"    - {r.name}: {what}{src}")
     return "\n".join(lines)
+
+
+def mesh_for_structure(spec: TopologySpec, structure: Structure) -> Optional[str]:
+    """The mesh of ``spec.mesh_structures`` whose label-id set equals ``structure``'s, or ``None``.
+
+    If several meshes have the same label set (not useful, but allowed by the spec), the first one in
+    ``mesh_structures`` order is returned.
+    """
+    ids = set(structure.label_ids)
+    for name, s in spec.mesh_structures.items():
+        if set(s.label_ids) == ids:
+            return name
+    return None
+
+
+def mesh_rule_meshes(rule: MeshRule) -> Tuple[str, ...]:
+    """The meshes a mesh rule constrains (TPM Eq. 7: every critical point of the rule is a query point of each):
+    ``(a, b)`` of an exclusion, ``(inner, outer)`` of an inclusion (allowed openings ``may_touch`` are not)."""
+    if isinstance(rule, MeshExclusionRule):
+        return (rule.a, rule.b)
+    if isinstance(rule, MeshInclusionRule):
+        return (rule.inner, rule.outer)
+    raise TypeError(f"rule must be a MeshExclusionRule or MeshInclusionRule, got {type(rule).__name__}")
+
+
+def _same_check(r1: MeshRule, r2: MeshRule) -> bool:
+    """``r1`` states at least what ``r2`` states: the same pair (exclusion) or the same inner and outer meshes
+    (inclusion; ``r1`` without openings is then the stricter one)."""
+    if isinstance(r1, MeshExclusionRule) and isinstance(r2, MeshExclusionRule):
+        return {r1.a, r1.b} == {r2.a, r2.b}
+    if isinstance(r1, MeshInclusionRule) and isinstance(r2, MeshInclusionRule):
+        return (r1.inner, r1.outer) == (r2.inner, r2.outer) and set(r1.may_touch) <= set(r2.may_touch)
+    return False
+
+
+def mesh_rules_in_force(spec: TopologySpec) -> Tuple[Tuple[MeshRule, ...], Dict[str, str]]:
+    """The mesh-level rules that the mesh losses (TPM/MIE critical points from the meshes) and the mesh evaluation
+    (mesh TVS) check.
+
+    * Every rule of ``spec.mesh_rules``.
+    * Every voxel rule whose structures are both mesh structures (matched by label-id set), read on the meshes
+      under the voxel rule's own name: ``exclusion(A, B)`` -> the meshes of A and B must not overlap (not touching
+      implies not overlapping); ``inclusion(I in O | may_touch M)`` -> the mesh of I inside that of O, or of M where
+      M is a mesh structure. ``mode``, ``axis`` and ``exempt_end_slices`` do not apply to meshes (an overlap of two
+      closed surfaces is a volume). This keeps specs written before ``mesh_rules`` existed working as they did.
+    * A derived rule that states no more than an earlier rule in force (the same pair, the same inner and outer
+      meshes) is left out, so one overlap is counted once.
+
+    Returns:
+        ``(rules in force (mesh_rules first, then the derived ones in file order), {voxel rule name: why it is not
+        read on the meshes}}``.
+    """
+    rules: List[MeshRule] = list(spec.mesh_rules)
+    not_on_meshes: Dict[str, str] = {}
+    for r in spec.rules:
+        if isinstance(r, ExclusionRule):
+            parts = {"a": r.a, "b": r.b}
+        else:
+            parts = {"inner": r.inner, "outer": r.outer}
+        meshes = {k: mesh_for_structure(spec, s) for k, s in parts.items()}
+        lack = [parts[k].name for k, m in meshes.items() if m is None]
+        if lack:
+            not_on_meshes[r.name] = f"structure(s) {lack} have no mesh structure"
+            continue
+        if isinstance(r, ExclusionRule):
+            derived: MeshRule = MeshExclusionRule(name=r.name, a=meshes["a"], b=meshes["b"])
+        else:
+            mt = mesh_for_structure(spec, r.may_touch) if r.may_touch is not None else None
+            derived = MeshInclusionRule(name=r.name, inner=meshes["inner"], outer=meshes["outer"],
+                                        may_touch=(mt,) if mt is not None else ())
+        covering = next((x for x in rules if _same_check(x, derived)), None)
+        if covering is not None:
+            not_on_meshes[r.name] = f"on the meshes, the same check as {covering.name!r}"
+            continue
+        rules.append(derived)
+    return tuple(rules), not_on_meshes
 
 
 def label_priors(spec: TopologySpec) -> Tuple[Dict[int, Tuple[int, ...]], Dict[int, Tuple[Tuple[int, ...], ...]]]:

@@ -84,10 +84,21 @@ def test_tvs_known_overlaps(geometry):
     assert topo["grid_mm"] == 0.5
     assert topo["violating_volume_mm3"][ex] == pytest.approx(24 * vv, rel=rel)
     assert topo["violating_volume_mm3"][inc] == pytest.approx(64 * vv, rel=rel)
+    # TVS (TPM Eq. 13): over the sum of the mesh structures' reference volumes, A + B + I + outer (= I + O), so I
+    # counts twice; the value over the reference foreground is TVS_over_foreground
     fg = np.count_nonzero(ref) * vv
+    volumes = {m: np.count_nonzero(np.isin(ref, ids)) * vv for m, ids in
+               (("A", [1]), ("B", [2]), ("I", [3]), ("outer", [3, 4]))}
+    total = sum(volumes.values())
+    assert total == pytest.approx(fg + volumes["I"])
+    assert topo["reference_volumes_mm3"] == pytest.approx(volumes) and topo["reference_volume_sum_mm3"] == total
+    assert topo["TVS"] == pytest.approx((24 + 64) * vv / total, rel=rel)
+    assert topo["TVS_per_rule"][ex] == pytest.approx(24 * vv / total, rel=rel)
+    assert sum(topo["TVS_per_rule"].values()) == pytest.approx(topo["TVS"])
     assert topo["reference_foreground_mm3"] == pytest.approx(fg)
-    assert topo["TVS"] == pytest.approx((24 + 64) * vv / fg, rel=rel)
-    assert topo["TVS_per_rule"][ex] == pytest.approx(24 * vv / fg, rel=rel)
+    assert topo["TVS_over_foreground"] == pytest.approx((24 + 64) * vv / fg, rel=rel)
+    assert topo["TVS_over_foreground_per_rule"][ex] == pytest.approx(24 * vv / fg, rel=rel)
+    assert topo["TVS_over_foreground"] == pytest.approx(topo["TVS"] * total / fg)
     assert topo["skipped_rules"] == {} and topo["missing_structures"] == []
     # box volume = voxel count * voxel volume (3 x 7 x 7 voxels); Dice against the reference box 4 x 6 x 8
     a = res["mesh_metrics"]["A"]

@@ -105,8 +105,8 @@ def test_two_train_steps_log_finite_terms_and_checkpoint_loads_like_predict(pre,
 
     from nnunet_topo.mesh_head.network import TEMPLATES_KEY
 
-    tr = _trainer(name, tpm_warmup_epochs=0, num_epochs=1, **FEW_POINTS)
-    assert tuple(tr.topology_term_names()) == terms
+    tr = _trainer(name, topology_start_epoch=0, num_epochs=1, **FEW_POINTS)
+    assert tuple(tr.mesh_term_names()) == terms
     tr.initialize()
     tr.on_train_start()
     assert not tr._do_i_compile()
@@ -116,7 +116,7 @@ def test_two_train_steps_log_finite_terms_and_checkpoint_loads_like_predict(pre,
 
     tr.on_epoch_start()
     tr.on_train_epoch_start()
-    before = [p.detach().clone() for p in tr.network.mesh_head.parameters()]
+    before = [p.detach().clone() for p in tr.mesh_head.parameters()]
     outs = [tr.train_step(next(tr.dataloader_train)) for _ in range(2)]
     for o in outs:
         assert np.isfinite(o["loss"])
@@ -124,7 +124,7 @@ def test_two_train_steps_log_finite_terms_and_checkpoint_loads_like_predict(pre,
             assert math.isfinite(o[f"train_{t}"]), (t, o)
         assert o[f"train_{terms[0]}"] > 0  # an occupancy BCE
     # the head is trained by the mesh terms
-    assert any(not torch.equal(b, p) for b, p in zip(before, tr.network.mesh_head.parameters()))
+    assert any(not torch.equal(b, p) for b, p in zip(before, tr.mesh_head.parameters()))
     tr.on_train_epoch_end(outs)
     tr.on_validation_epoch_start()
     val = [tr.validation_step(next(tr.dataloader_val))]
@@ -137,56 +137,68 @@ def test_two_train_steps_log_finite_terms_and_checkpoint_loads_like_predict(pre,
     for t in terms:
         assert len(log[f"train_{t}"]) == 1 and math.isfinite(log[f"train_{t}"][0])
         assert len(log[f"val_{t}"]) == 1 and math.isfinite(log[f"val_{t}"][0])
-    assert not tr.network.meshes_in_eval  # switched off again: nnU-Net's predictor never runs the head
+    for n in ("LV_endo", "LV_epi", "RV"):  # mesh volume / reference volume, logged every epoch
+        assert len(log[f"train_volratio_{n}"]) == 1 and log[f"train_volratio_{n}"][0] > 0
     # the mesh trainers limit rotation and do not mirror (templates are priors in the image frame)
     rot, _, _, mirror = tr.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
     assert mirror is None and tr.inference_allowed_mirroring_axes is None
     assert rot == pytest.approx((-np.pi / 12, np.pi / 12))
 
-    # forward is exactly the bare network's output; the head runs (and caches) only in training mode
-    net = tr.network
-    x = torch.randn(1, 1, *tr.configuration_manager.patch_size)
-    with torch.no_grad():
-        net.train()
-        seg = net(x)
-        assert net.last_meshes is not None and len(net.last_meshes) == 3
-        assert net.last_meshes[0].shape == (1, 642, 3)
-        bare = net.network(x)
-        assert isinstance(seg, list) and all(torch.equal(a, b) for a, b in zip(seg, bare))
-        net.eval()
-        seg = net(x)
-        assert net.last_meshes is None
-        assert all(torch.equal(a, b) for a, b in zip(seg, net.network(x)))
-        ref = seg[0]
+    # self.network is exactly nnU-Net's planned network (the head is a passenger): same class and keys as the
+    # network plain nnUNetTrainer builds; the head runs only on features captured from its forward
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    # checkpoint -> nnUNetPredictor (what nnUNetv2_predict does): lookup by name, DS off, strict load
+    plain = nnUNetTrainer.build_network_architecture(tr.plans_manager, tr.configuration_manager, 1,
+                                                     tr.label_manager.num_segmentation_heads, True)
+    assert type(tr.network) is type(plain) and tr.network.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(1, 1, *tr.configuration_manager.patch_size)
+    tr.network.eval()
+    with torch.no_grad():
+        ref = tr.network(x)[0]
+        with tr.mesh_model.capture() as cap:
+            tr.network(x)
+        feats, bottleneck = tr.mesh_model.head_inputs(cap)
+        meshes = tr.mesh_head(feats, bottleneck, ref)
+    assert len(meshes) == 3 and meshes[0].shape == (1, 642, 3)
+
+    # checkpoint -> nnUNetPredictor (what nnUNetv2_predict does): lookup by name, DS off, strict load; the head is
+    # stored beside nnU-Net's network_weights
+    from nnunet_topo.mesh_head.network import HEAD_STATE_KEY
+
     tr.save_checkpoint(os.path.join(tr.output_folder, "checkpoint_final.pth"))
+    ckpt = torch.load(os.path.join(tr.output_folder, "checkpoint_final.pth"), weights_only=False)
+    assert ckpt[HEAD_STATE_KEY]["format"] == 2 and ckpt["network_weights"].keys() == plain.state_dict().keys()
     predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False)
     predictor.initialize_from_trained_model_folder(tr.output_folder_base, use_folds=(0,),
                                                    checkpoint_name="checkpoint_final.pth")
     pnet = predictor.network
-    assert type(pnet).__name__ == "MeshCachingNetwork" and not pnet.decoder.deep_supervision
+    assert type(pnet) is type(plain) and not pnet.decoder.deep_supervision
     pnet.load_state_dict(predictor.list_of_parameters[0], strict=True)
     pnet.eval()
     with torch.no_grad():
         out = pnet(x)
     assert isinstance(out, torch.Tensor) and torch.allclose(out, ref, atol=1e-5)
-    assert pnet.templates() == tr.network.templates()
 
 
-def test_tpm_warmup_switches_lambda_on(pre, env):
-    tr = _trainer("nnUNetTrainerTPM_lambda1", tpm_warmup_epochs=1, **FEW_POINTS)
+def test_tpm_schedule_switches_l_tpm_on(pre, env):
+    """L_TPM is off (weight 0, logged NaN) in the first phase, on from topology_start_epoch, or from the epoch after
+    the meshes fit; default bound: half of num_epochs; the _finetune variant starts with it on."""
+    tr = _trainer("nnUNetTrainerTPM_lambda1", topology_start_epoch=1, **FEW_POINTS)
     tr.initialize()
     tr.on_train_epoch_start()
-    assert tr.loss.weights["tpm"] == 0.0 and not tr.tpm_active()
-    assert math.isnan(tr._pop_term_values("train")["train_tpm"])  # not computed during the warm-up: NaN, not 0
+    assert tr.mesh_term_weights()["tpm"] == 0.0 and not tr.topology_active()
     tr.current_epoch = 1
     tr.on_train_epoch_start()
-    assert tr.loss.weights["tpm"] == 1.0 and tr.tpm_active()
-    # default warm-up: 10 % of num_epochs
-    tr.tpm_warmup_epochs = None
+    assert tr.mesh_term_weights()["tpm"] == 1.0 and tr.topology_active()
+    tr.topology_start_epoch = None
     tr.num_epochs = 50
-    assert tr.warmup_epochs() == 5
+    assert tr.topology_start() == 25
+    tr.current_epoch = 3  # the meshes fit after epoch 2 -> on from epoch 3
+    log = tr.logger.local_logger.my_fantastic_logging
+    for n in tr.mesh_names:
+        log[f"train_volratio_{n}"] = [0.5, 0.7, 1.02]
+    assert tr.topology_active() and tr._ready_epoch == 3
+    assert _trainer("nnUNetTrainerTPM_finetune").topology_start() == 0
 
 
 def test_templates_are_reused_not_recomputed(pre, env):
@@ -213,14 +225,17 @@ def test_templates_are_reused_not_recomputed(pre, env):
         os.remove(path)
 
 
-def test_build_network_architecture_without_templates_is_a_clear_error(pre, env):
+def test_mesh_network_without_templates_is_a_clear_error(pre, env):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_topo.trainers.nnUNetTrainerMesh import nnUNetTrainerMesh
+    from nnunet_topo.mesh_head.network import mesh_network_from_configuration
 
-    cm = PlansManager(_load(pre, PLANS_BIG + ".json")).get_configuration("3d_fullres")
+    pm = PlansManager(_load(pre, PLANS_BIG + ".json"))
+    cm = pm.get_configuration("3d_fullres")
+    net = nnUNetTrainer.build_network_architecture(pm, cm, 1, 4, False)
     with pytest.raises(RuntimeError, match="nnunet_topo_mesh_templates"):
-        nnUNetTrainerMesh.build_network_architecture(PlansManager(_load(pre, PLANS_BIG + ".json")), cm, 1, 4, False)
+        mesh_network_from_configuration(net, cm.configuration)
 
 
 def test_patch_smaller_than_a_case_is_fine_but_not_smaller_than_its_structures(pre, env):
@@ -265,7 +280,7 @@ def test_mesh_losses_are_in_mm_with_the_patch_frame_spec_and_log_point_sources(p
     plans["transpose_forward"], plans["transpose_backward"] = [1, 0, 2], [1, 0, 2]
     with open(os.path.join(pre, PLANS_BIG + "T.json"), "w") as f:
         json.dump(plans, f)
-    tr = _trainer("nnUNetTrainerTPM", plans=PLANS_BIG + "T", tpm_warmup_epochs=0, **FEW_POINTS)
+    tr = _trainer("nnUNetTrainerTPM", plans=PLANS_BIG + "T", topology_start_epoch=0, **FEW_POINTS)
     two_d = [r for r in tr.topology_spec.rules if r.mode == "2d"]
     assert two_d, "the synthetic ACDC spec has slice-wise rules"
     assert tr.patch_topology_spec == spec_in_patch_frame(tr.topology_spec, [1, 0, 2])
@@ -276,7 +291,7 @@ def test_mesh_losses_are_in_mm_with_the_patch_frame_spec_and_log_point_sources(p
     assert tr.patch_spacing() == [float(s) for s in tr.configuration_manager.spacing]
     assert 1.0 <= tr.mesh_smoothing() and tr.mesh_smoothing() >= 0.5 * tr._mean_edge_mm
 
-    tr = _trainer("nnUNetTrainerTPM", tpm_warmup_epochs=0, num_epochs=1, **FEW_POINTS)
+    tr = _trainer("nnUNetTrainerTPM", topology_start_epoch=0, num_epochs=1, **FEW_POINTS)
     tr.initialize()
     tr.on_train_start()
     tr.on_epoch_start()

@@ -13,6 +13,10 @@ graph-connected zero in between); persistence runs in ``betti_num_workers`` thre
 nnU-Net's data-augmentation workers and the main process. Measured costs: documentation/benchmarks.md ("Betti loss
 cost per step"). Variants are subclasses.
 
+Schedule (Clough et al.: the network "is first trained in a supervised manner", then the topological loss): nnU-Net's
+loss alone for the first half of ``num_epochs`` (as Fu's 150 + 150; Clough gives no length), then with L_betti.
+``nnUNetTrainerBetti_finetune`` starts with the term on (for ``-pretrained_weights`` of a trained nnU-Net).
+
 Sparse references (nnU-Net's ``ignore`` label): a unit whose reference holds ignored voxels gets the dataset's 3D
 prior where the structure is in view, else no target (documentation/betti_loss.md); the units per step that used
 the prior and that were skipped are logged as ``betti_prior_used`` and ``betti_skipped`` (NaN on steps where the
@@ -49,6 +53,9 @@ class nnUNetTrainerBetti(nnUNetTrainerTopoBase):
 
         from nnunet_topo.persistence import persistence_workers
         return persistence_workers(reserved=get_allowed_n_proc_DA() + 1)
+
+    def default_topology_start_epoch(self) -> int:
+        return self.num_epochs // 2
 
     def topology_term_names(self):
         return ("betti",)
@@ -199,3 +206,9 @@ class nnUNetTrainerBettiSemi(nnUNetTrainerBetti):
         if (self._unlabelled_calls - 1) % self.unlabelled_every == 0:
             out["train_unlabelled_betti"] = self._unlabelled_step()
         return out
+
+
+class nnUNetTrainerBetti_finetune(nnUNetTrainerBetti):
+    """The topology phase from the first epoch: for ``-pretrained_weights`` of a trained nnU-Net (its first phase)."""
+
+    topology_start_epoch = 0

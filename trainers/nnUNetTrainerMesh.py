@@ -1,9 +1,14 @@
 """nnUNetTrainerMesh: nnU-Net + a GCN mesh head supervised by occupancy (the λ_TP = 0 baseline of TPM Table 1).
 
 ``L = L_seg + occ_weight L_occ + laplacian_weight L_lap + edge_weight L_edge`` (TPM, arXiv:2503.07874, Eq. 5,
-10-11), every mesh term in mm; ``L_seg`` is nnU-Net's own loss, untouched. nnU-Net wiring only: templates come
-from ``mesh_head/label_templates.py``, the network from ``mesh_head/network.py``, the terms from
-``nnunet_topo/losses/``; the decisions are explained in documentation/mesh_trainers.md.
+10-11), every mesh term in mm; ``L_seg`` is nnU-Net's own loss, untouched.
+
+The head is a passenger (DESIGN §6-7, documentation/mesh_trainers.md): ``self.network`` is exactly nnU-Net's planned
+network (so ``-pretrained_weights``, ``nnUNetv2_predict``, nnU-Net's clip and DDP work on it unchanged); the head
+reads the decoder features that nnU-Net's forward computes anyway (hooks), has its own optimiser, clip, GradScaler
+and lr, and is saved beside the network weights in the checkpoint (``HEAD_STATE_KEY``). The mesh terms reach the
+backbone only through a gradient bounded by ``mesh_backbone_grad_share`` x L_seg's own gradient norm at each step
+(``nnunet_topo/mesh_step.py``); the shape regularisers never reach it. ``train_step`` is changed here, once.
 """
 from __future__ import annotations
 
@@ -14,25 +19,28 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from torch import Tensor, nn
-from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.utilities.helpers import dummy_context
+
+from nnunet_topo.losses.combined import full_resolution
 from nnunet_topo.losses.mesh_targets import normalized_to_mm
-from nnunet_topo.losses.mesh_terms import (MeshLossComputer, MeshTerm, default_smoothing_mm, mesh_regularisers,
+from nnunet_topo.losses.mesh_terms import (default_smoothing_mm, mesh_regularisers, mesh_volume_ratios,
                                            template_edge_lengths)
 from nnunet_topo.losses.tpm import TPMLoss
-from nnunet_topo.lr_schedule import GroupPolyLRScheduler
 from nnunet_topo.mesh_head.label_templates import roi_crops, training_templates
-from nnunet_topo.mesh_head.network import (TEMPLATES_KEY, head_settings, mesh_network_from_configuration,
-                                           store_in_configuration, stored_templates, unwrap_network)
+from nnunet_topo.mesh_head.network import (HEAD_FORMAT_VERSION, HEAD_STATE_KEY, TEMPLATES_KEY, head_settings,
+                                           mesh_network_from_configuration, store_in_configuration, stored_templates,
+                                           unwrap_network)
+from nnunet_topo.mesh_step import add_bounded_feature_gradient, allreduce_mean_, head_backward
 from nnunet_topo.mesh_head.templates import Template
 from nnunet_topo.plans import preprocessed_cases, saved_configuration
-from nnunet_topo.roi_loader import roi_data_loaders
+from nnunet_topo.roi_loader import MeshROISampling
 from nnunet_topo.rules import TopologySpecError
 from nnunet_topo.trainers.nnUNetTrainerTopoBase import nnUNetTrainerTopoBase
 
 
-class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
+class nnUNetTrainerMesh(MeshROISampling, nnUNetTrainerTopoBase):
     """nnU-Net + mesh head; ``L_seg + L_occ + laplacian_weight L_lap + edge_weight L_edge`` (λ_TP = 0)."""
 
     #: icosphere subdivision of genus-0 templates (3: 642 vertices) and (major, minor) sections of tori
@@ -57,11 +65,17 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
     edge_weight: float = 0.1
     #: λ_TP of TPM Table 1: 0 here (no L_TPM term); nnUNetTrainerTPM sets it
     lambda_tp: float = 0.0
-    #: lr of the mesh head relative to nnU-Net's (at 1.0 the head diverged in the CPU study, results.md)
-    head_lr_factor: float = 0.01
-    #: rotation limit and mirroring: a template is a shape prior in the image frame (mesh_trainers.md)
-    mesh_max_rotation_degrees: float = 15.0
-    mesh_mirroring: bool = False
+    #: the mesh terms' gradient into nnU-Net's network, at most this share of L_seg's own gradient norm at every step
+    #: (0: the network trains exactly as plain nnU-Net; mesh_step.py). Chosen on ACDC: documentation/results.md
+    mesh_backbone_grad_share: float = 0.1
+    #: the head's own optimiser: Adam at ``head_lr`` with nnU-Net's poly decay over ``num_epochs``, clipped to
+    #: ``head_grad_clip`` on its own (the segmentation's clip budget is nnU-Net's alone)
+    head_lr: float = 1e-3
+    head_grad_clip: float = 12.0
+    #: L_TPM / the MIE critical points: on from ``topology_start_epoch`` (nnUNetTrainerTopoBase) or, earlier, from
+    #: the epoch after the meshes fit: every structure's mean mesh volume / reference volume within this band
+    mesh_ready_volume_band: Tuple[float, float] = (0.85, 1.15)
+    _ready_epoch: Optional[int] = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -74,7 +88,7 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
                 "documentation/topology_spec.md), and run nnUNetv2_plan_and_preprocess again (or copy dataset.json "
                 "into the preprocessed folder).")
         self.mesh_names: Tuple[str, ...] = tuple(self.topology_spec.mesh_structures)
-        self._mesh_computer: Optional[MeshLossComputer] = None
+        self.mesh_model = None  # MeshAugmentedNetwork around self.network's own modules; built in initialize
         self._setup_templates()
 
     # ------------------------------------------------------------------ templates (stored in the plans)
@@ -99,15 +113,12 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
         channels = [self.topology_spec.mesh_structures[n].label_ids for n in self.mesh_names]  # = label ids
         head = head_settings(self.head_kwargs, self.head_decoder_stages,
                              channels if self.segmentation_guided_placement else None)
+        head["format"] = HEAD_FORMAT_VERSION
         for conf in (self.plans_manager.plans["configurations"][self.configuration_name],
                      self.configuration_manager.configuration):
             store_in_configuration(conf, templates, head)
+        self.mesh_head_settings = head
         self.mesh_templates: List[Template] = templates
-
-    def get_dataloaders(self):
-        """nnU-Net's loaders, with training and validation patches placed on the mesh structures (the heart ROI)."""
-        with roi_data_loaders(self.mesh_boxes, self.mesh_label_ids):
-            return super().get_dataloaders()
 
     def print_plans(self):
         # nnU-Net prints the whole configuration dict; the template vertex/face lists would flood the log.
@@ -120,47 +131,194 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
                                    f"{self.configuration_name}\n", conf, "\n", add_timestamp=False)
             self.print_to_log_file("These are the global plan.json settings:\n", plans, "\n", add_timestamp=False)
 
-    # ------------------------------------------------------------------ augmentation, network, optimiser
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        """nnU-Net's settings with the rotation limited to ``mesh_max_rotation_degrees`` and (by default) no
-        mirroring; the initial (pre-rotation) patch size is recomputed by nnU-Net's ``get_patch_size``."""
-        _, dummy_2d, _, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        r = float(self.mesh_max_rotation_degrees) / 180.0 * np.pi
-        patch_size = self.configuration_manager.patch_size
-        initial_patch_size = get_patch_size(patch_size, (-r, r), (-r, r), (-r, r), (0.85, 1.25))
-        if dummy_2d:
-            initial_patch_size[0] = patch_size[0]
-        mirror_axes = mirror_axes if self.mesh_mirroring else None
-        self.inference_allowed_mirroring_axes = mirror_axes
-        self.print_to_log_file(f"mesh trainer augmentation: rotation ±{self.mesh_max_rotation_degrees}°, mirror axes "
-                               f"{mirror_axes} (the templates are shape priors in the image frame)")
-        return (-r, r), dummy_2d, initial_patch_size, mirror_axes
-
-    def configure_optimizers(self):
-        """nnU-Net's SGD and poly schedule, with the mesh head in its own group at ``head_lr_factor`` x the lr."""
-        head_ids = {id(p) for p in unwrap_network(self.network).mesh_head.parameters()}
-        params = list(self.network.parameters())
-        groups = [{"params": [p for p in params if id(p) not in head_ids], "lr_factor": 1.0},
-                  {"params": [p for p in params if id(p) in head_ids], "lr_factor": float(self.head_lr_factor)}]
-        optimizer = torch.optim.SGD(groups, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
-                                    nesterov=True)
-        return optimizer, GroupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
-
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
-                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        """nnU-Net's planned network wrapped in a ``MeshCachingNetwork`` with the templates of the plans."""
-        network = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-                                                           num_output_channels, enable_deep_supervision)
-        return mesh_network_from_configuration(network, configuration_manager.configuration)
+    # ------------------------------------------------------------------ network (nnU-Net's), head (a passenger)
+    def initialize(self):
+        """nnU-Net's ``initialize`` (network, nnU-Net's optimiser, loss), then the head beside the network: hooks on
+        the network's encoder and decoder stages, the head's optimiser, poly schedule and GradScaler."""
+        if self.was_initialized:
+            return super().initialize()
+        super().initialize()
+        net = unwrap_network(self.network)
+        self.mesh_model = mesh_network_from_configuration(net, self.configuration_manager.configuration)
+        self.mesh_model.mesh_head.to(self.device)
+        self.mesh_head = self.mesh_model.mesh_head
+        self.head_optimizer = torch.optim.Adam(self.mesh_head.parameters(), lr=self.head_lr)
+        self.head_lr_scheduler = PolyLRScheduler(self.head_optimizer, self.head_lr, self.num_epochs)
+        self.head_grad_scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None
 
     def _do_i_compile(self) -> bool:
-        # sparse matmuls, forward hooks and a mesh cache in forward: not for torch.compile (no sparse in Dynamo)
+        # the head's forward hooks sit on the network's own modules and are registered after nnU-Net's initialize;
+        # hooks registered after torch.compile are ignored, so the network is not compiled (mesh_trainers.md)
         if os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t"):
-            self.print_to_log_file("INFO: torch.compile disabled for the mesh trainers (sparse GCN head).")
+            self.print_to_log_file("INFO: torch.compile disabled for the mesh trainers (the head's hooks).")
         return False
 
-    # ------------------------------------------------------------------ loss assembly
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self.mesh_head.train()
+        self.head_lr_scheduler.step(self.current_epoch)
+
+    def on_validation_epoch_start(self):
+        super().on_validation_epoch_start()
+        self.mesh_head.eval()
+
+    # ------------------------------------------------------------------ checkpoint: the head beside the network
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint (``network_weights`` = nnU-Net's network only), plus the head under
+        ``HEAD_STATE_KEY``: format, settings (templates live in plans.json), weights, optimiser, GradScaler."""
+        super().save_checkpoint(filename)
+        if self.local_rank != 0 or self.disable_checkpointing or not os.path.isfile(filename):
+            return
+        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+        checkpoint[HEAD_STATE_KEY] = {
+            "format": HEAD_FORMAT_VERSION, "head_settings": self.mesh_head_settings,
+            "state_dict": self.mesh_head.state_dict(), "optimizer_state": self.head_optimizer.state_dict(),
+            "grad_scaler_state": self.head_grad_scaler.state_dict() if self.head_grad_scaler is not None else None,
+            "ready_epoch": self._ready_epoch}
+        torch.save(checkpoint, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
+            torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+        entry = self._head_entry(checkpoint, str(filename_or_checkpoint)[:200], required=True)
+        self.mesh_head.load_state_dict(entry["state_dict"])
+        self.head_optimizer.load_state_dict(entry["optimizer_state"])
+        if self.head_grad_scaler is not None and entry.get("grad_scaler_state") is not None:
+            self.head_grad_scaler.load_state_dict(entry["grad_scaler_state"])
+        self._ready_epoch = entry.get("ready_epoch")
+
+    def _head_entry(self, checkpoint: dict, where: str, required: bool) -> Optional[dict]:
+        """The checkpoint's head entry if it fits this trainer's head; None (``required`` False) when the checkpoint
+        has none; a clear error for a head of an older format or other templates."""
+        entry = checkpoint.get(HEAD_STATE_KEY)
+        old = any(k.startswith("mesh_head.") for k in checkpoint.get("network_weights", {}))
+        if entry is None:
+            if old:
+                raise RuntimeError(
+                    f"{where}: a mesh model of an older nnunet-topo (head format 1: network and head in one wrapper, "
+                    "placement from soft-segmentation moments). Its meshes cannot be reproduced by this version; "
+                    "retrain it (or use its network weights: they are under 'network.' in network_weights).")
+            if required:
+                raise RuntimeError(f"{where} has no mesh head ({HEAD_STATE_KEY}); it is not a checkpoint of a mesh "
+                                   "trainer of this version. Start from it with -pretrained_weights instead.")
+            return None
+        if entry.get("format") != HEAD_FORMAT_VERSION:
+            raise RuntimeError(f"{where}: mesh head format {entry.get('format')}, this version reads "
+                               f"{HEAD_FORMAT_VERSION}; retrain the mesh model.")
+        mine = {k: v for k, v in self.mesh_head_settings.items()}
+        theirs = entry.get("head_settings", {})
+        if theirs != mine:
+            raise RuntimeError(f"{where}: its mesh head settings {theirs} differ from this trainer's {mine}; start "
+                               "from a mesh model of the same trainer settings, or from its network only "
+                               "(a plain nnU-Net checkpoint).")
+        return entry
+
+    def after_pretrained_weights(self, fname: str) -> None:
+        """``-pretrained_weights``: nnU-Net loaded the network (nnUNetTrainerTopoBase restores the seg layers);
+        the head is taken from the checkpoint when it is a mesh model with the same head, else it starts fresh."""
+        super().after_pretrained_weights(fname)
+        checkpoint = torch.load(fname, map_location=self.device, weights_only=False)
+        entry = self._head_entry(checkpoint, fname, required=False)
+        templates_same = entry is not None and all(
+            torch.equal(entry["state_dict"][k].cpu(), v.cpu()) for k, v in self.mesh_head.state_dict().items()
+            if k.startswith("template_"))
+        if entry is not None and templates_same:
+            self.mesh_head.load_state_dict(entry["state_dict"])
+            self.print_to_log_file(f"mesh head loaded from {fname} (its {len(entry['state_dict'])} keys); the head's "
+                                   "optimiser starts fresh", also_print_to_console=True)
+        else:
+            why = "it has no mesh head" if entry is None else "its templates differ from this plans.json's"
+            self.print_to_log_file(f"mesh head starts fresh: {fname} is used for nnU-Net's network only ({why})",
+                                   also_print_to_console=True)
+
+    # ------------------------------------------------------------------ one step
+    def _head_forward(self, captured: dict, logits: Tensor, detach: bool, grad_to_backbone: bool):
+        feats, bottleneck = self.mesh_model.head_inputs(captured)
+        inputs = [f.detach().requires_grad_(grad_to_backbone) if detach else f for f in feats + [bottleneck]]
+        meshes = self.mesh_head(inputs[:-1], inputs[-1], logits.detach())
+        faces = [self.mesh_head.template_faces(s) for s in range(len(meshes))]
+        return feats + [bottleneck], inputs, meshes, faces
+
+    def _mesh_losses(self, meshes, faces, logits: Tensor, target: Tensor):
+        """``(weighted data terms, weighted regularisers, {name: value})`` in float32 with autocast off."""
+        with torch.autocast(logits.device.type, enabled=False):
+            values = self.compute_mesh_terms([m.float() for m in meshes], faces, logits.detach().float(), target)
+        weights = self.mesh_term_weights()
+        zero = meshes[0].sum() * 0.0
+        data = sum((weights[k] * v for k, v in values.items() if k not in self.regulariser_names and weights[k]), zero)
+        reg = sum((weights[k] * v for k, v in values.items() if k in self.regulariser_names and weights[k]), zero)
+        return data, reg, values
+
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's step for the network (same loss, backward, clip 12, GradScaler, optimiser), the head's own
+        step beside it, and the mesh terms' bounded gradient into the network (module docstring, mesh_step.py)."""
+        data, target = batch["data"].to(self.device, non_blocking=True), batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else \
+            target.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.head_optimizer.zero_grad(set_to_none=True)
+        amp = torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+        share = float(self.mesh_backbone_grad_share)
+        with amp:
+            with self.mesh_model.capture() as captured:
+                output = self.network(data)
+            l_seg = self.loss(output, target)
+            logits, tgt = full_resolution(output), full_resolution(target)
+            feats, inputs, meshes, faces = self._head_forward(captured, logits, detach=True,
+                                                              grad_to_backbone=share > 0)
+        data_loss, reg_loss, values = self._mesh_losses(meshes, faces, logits, tgt)
+        hs = self.head_grad_scaler
+        scale = hs.scale(torch.ones((), device=self.device)) if hs is not None else None
+        head_params = list(self.mesh_head.parameters())
+        feature_grads = head_backward(data_loss, reg_loss, head_params, inputs, scale)
+        # the network: nnU-Net's backward of L_seg, then the bounded mesh share, then nnU-Net's clip and step
+        net_params = list(self.network.parameters())
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(l_seg).backward(retain_graph=share > 0)
+            self.grad_scaler.unscale_(self.optimizer)
+        else:
+            l_seg.backward(retain_graph=share > 0)
+        add_bounded_feature_gradient(net_params, feats, feature_grads, share, ddp=self.is_ddp)
+        torch.nn.utils.clip_grad_norm_(net_params, 12)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+        # the head: its own GradScaler, clip and optimiser
+        if self.is_ddp:
+            allreduce_mean_([p.grad for p in head_params])
+        if hs is not None:
+            hs.unscale_(self.head_optimizer)
+        torch.nn.utils.clip_grad_norm_(head_params, self.head_grad_clip)
+        if hs is not None:
+            hs.step(self.head_optimizer)
+            hs.update()
+        else:
+            self.head_optimizer.step()
+        out = {"loss": (l_seg.detach() + data_loss.detach() + reg_loss.detach()).cpu().numpy()}
+        out.update(self._pop_term_values("train"))
+        out.update(self._mesh_log_values("train", values, meshes, faces, tgt))
+        return out
+
+    def validation_step(self, batch: dict) -> dict:
+        """nnU-Net's validation step (pseudo Dice, L_seg), plus the mesh terms on the same batch (no gradient)."""
+        with self.mesh_model.capture() as captured:
+            out = super().validation_step(batch)
+        target = full_resolution(batch["target"]).to(self.device)
+        with torch.no_grad():
+            feats, bottleneck = self.mesh_model.head_inputs(captured)
+            seg = full_resolution(captured["output"]).float()
+            meshes = self.mesh_head(feats, bottleneck, seg)
+            faces = [self.mesh_head.template_faces(s) for s in range(len(meshes))]
+            _, _, values = self._mesh_losses(meshes, faces, seg, target)
+        out.update(self._mesh_log_values("val", values, meshes, faces, target))
+        return out
+
+    # ------------------------------------------------------------------ loss terms
+    regulariser_names: Tuple[str, ...] = ("laplacian", "edge")
+
     def patch_spacing(self) -> List[float]:
         """Voxel size (mm) of the preprocessed patches, in their array order: the physical frame of every mesh term."""
         return [float(x) for x in self.configuration_manager.spacing]
@@ -171,11 +329,15 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
             return float(self.occupancy_smoothing_mm)
         return default_smoothing_mm(self.patch_spacing(), self._mean_edge_mm)
 
-    def topology_term_names(self):
+    def mesh_term_names(self) -> Tuple[str, ...]:
         return ("occ", "laplacian", "edge")
 
-    def _term_weights(self) -> Dict[str, float]:
+    def mesh_term_weights(self) -> Dict[str, float]:
         return {"occ": self.occ_weight, "laplacian": self.laplacian_weight, "edge": self.edge_weight}
+
+    def extra_logged_term_names(self):
+        return super().extra_logged_term_names() + self.mesh_term_names() + tuple(
+            f"volratio_{n}" for n in self.topology_spec.mesh_structures)
 
     def _occupancy_loss(self, spec, lambda_tp: float) -> TPMLoss:
         return TPMLoss(spec, self.mesh_names, lambda_tp=lambda_tp, method=self.occupancy_method,
@@ -191,7 +353,9 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
         self._occ_loss = self._occupancy_loss(dataclasses.replace(self.patch_topology_spec, rules=()), 0.0)
         self.print_to_log_file(f"mesh losses (mm, spacing {self.patch_spacing()}): occupancy {self.occupancy_method}, "
                                f"smoothing {self.mesh_smoothing():.3f} mm, mean template edge {self._mean_edge_mm:.2f} "
-                               f"mm, weights {self._term_weights()}")
+                               f"mm, weights {self.mesh_term_weights()}; head: Adam lr {self.head_lr}, clip "
+                               f"{self.head_grad_clip}; mesh gradient into the network <= "
+                               f"{self.mesh_backbone_grad_share} x L_seg's")
 
     def regularisers(self, meshes: List[Tensor], faces: List[Tensor], logits: Tensor) -> Dict[str, Tensor]:
         shape = tuple(logits.shape[2:])
@@ -204,27 +368,32 @@ class nnUNetTrainerMesh(nnUNetTrainerTopoBase):
         return {"occ": self._occ_loss(meshes, faces, logits, target)["occ"], **self.regularisers(meshes, faces, logits)}
 
     def build_topology_terms(self):
-        self._make_loss_modules()
-        self._mesh_computer = MeshLossComputer(lambda: self.network, self.compute_mesh_terms)
-        weights = self._term_weights()
-        return {name: (MeshTerm(self._mesh_computer, name), weights[name]) for name in self.topology_term_names()}
+        self._make_loss_modules()  # the mesh terms are computed by train_step, not by nnU-Net's loss
+        return {}
 
-    # ------------------------------------------------------------------ validation terms and logging
-    def _set_meshes_in_eval(self, on: bool) -> None:
-        net = unwrap_network(self.network)
-        if hasattr(net, "meshes_in_eval"):
-            net.meshes_in_eval = on
+    # ------------------------------------------------------------------ logging, the two phases
+    def _mesh_log_values(self, split: str, values: Dict[str, Tensor], meshes, faces, target: Tensor) -> dict:
+        out = {f"{split}_{k}": float(v.detach()) for k, v in values.items() if k in self.mesh_term_names()}
+        with torch.no_grad():
+            ratios = mesh_volume_ratios([m.detach().float() for m in meshes], faces, target,
+                                        [self.topology_spec.mesh_structures[n].label_ids for n in self.mesh_names],
+                                        self.patch_spacing())
+        out.update({f"{split}_volratio_{n}": float(r) for n, r in zip(self.mesh_names, ratios)})
+        for k in self.mesh_term_names():
+            out.setdefault(f"{split}_{k}", float("nan"))
+        return out
 
-    def on_validation_epoch_start(self):
-        super().on_validation_epoch_start()
-        self._set_meshes_in_eval(True)  # val_<term>: the mesh terms on the validation batches (no gradient)
+    def meshes_fit(self) -> bool:
+        """The readiness criterion of the second phase: last epoch's mean mesh volume / reference volume of every
+        structure within ``mesh_ready_volume_band`` (training batches)."""
+        lo, hi = self.mesh_ready_volume_band
+        vals = [self.logger.get_value(f"train_volratio_{n}", step=-1) for n in self.mesh_names]
+        return all(np.isfinite(v) and lo <= v <= hi for v in vals)
 
-    def on_validation_epoch_end(self, val_outputs: List[dict]):
-        self._set_meshes_in_eval(False)  # never in nnU-Net's predictor (perform_actual_validation, predict)
-        super().on_validation_epoch_end(val_outputs)
-
-    def _pop_term_values(self, split: str) -> Dict[str, float]:
-        values = super()._pop_term_values(split)
-        if self._mesh_computer is not None:
-            self._mesh_computer.clear()
-        return values
+    def topology_phase_ready(self) -> bool:
+        """Second phase from ``topology_start_epoch`` at the latest, or from the epoch after the meshes first fit."""
+        if self._ready_epoch is None and self.current_epoch > 0 and self.meshes_fit():
+            self._ready_epoch = self.current_epoch
+            self.print_to_log_file(f"the meshes fit (volume ratios within {self.mesh_ready_volume_band}) after epoch "
+                                   f"{self.current_epoch - 1}")
+        return self._ready_epoch is not None and self.current_epoch >= self._ready_epoch

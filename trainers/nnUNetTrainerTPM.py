@@ -1,14 +1,20 @@
-"""nnUNetTrainerTPM: the Topology-Preserving Mesh loss (C. Zhang et al., arXiv:2503.07874, Eq. 6-11).
+"""nnUNetTrainerTPM: the Topology-Preserving Mesh loss (C. Zhang et al., arXiv:2503.07874, Eq. 6-12).
 
-``L = L_seg + L_occ + λ_TP L_TPM + regularisers``: the occupancy BCE of :class:`nnUNetTrainerMesh` plus the same
-BCE on the *critical points* of the topology rules with rule-aware targets (``nnunet_topo/losses/tpm.py``).
-L_TPM is switched on after a warm-up of ``L_seg + L_occ`` (``tpm_warmup_epochs``, paper §3.1; during the warm-up
-its weight is 0 and ``train_tpm``/``val_tpm`` are logged as NaN). λ_TP = 0.5 (the paper's best on CT);
-``nnUNetTrainerTPM_lambda1`` uses 1.0 (best on MRI).
+``L = L_seg + L_occ + λ_TP L_TPM + regularisers``: the occupancy BCE of :class:`nnUNetTrainerMesh` plus L_TPM, one
+BCE over the standard query points and the *critical points* of the topology rules (voxel rules and mesh rules) with
+rule-aware targets (``nnunet_topo/losses/tpm.py``). λ_TP = 0.5 (the paper's best on CT); ``nnUNetTrainerTPM_lambda1``
+uses 1.0 (best on MRI).
+
+Schedule (the paper: "we first optimize the model using Dice + L_occ before introducing L_TP"): L_TPM is off (not
+computed, logged NaN) until the meshes fit — every structure's mean mesh volume / reference volume on the training
+batches of an epoch within ``mesh_ready_volume_band`` — or, at the latest, until ``topology_start_epoch`` (default:
+half of ``num_epochs``; a 1000-epoch run: at most 500 + 500). ``nnUNetTrainerTPM_finetune`` has it on from the first
+epoch: for a start from a trained mesh model (``-pretrained_weights`` of an ``nnUNetTrainerMesh`` checkpoint, head
+included: the paper's protocol).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from torch import Tensor
 
@@ -16,30 +22,29 @@ from nnunet_topo.trainers.nnUNetTrainerMesh import nnUNetTrainerMesh
 
 
 class nnUNetTrainerTPM(nnUNetTrainerMesh):
-    """``L_seg + L_occ + λ_TP L_TPM`` + regularisers, λ_TP = 0.5 (TPM, best on CT), TPM after the warm-up."""
+    """``L_seg + L_occ + λ_TP L_TPM`` + regularisers, λ_TP = 0.5 (TPM, best on CT), L_TPM once the meshes fit."""
 
     lambda_tp: float = 0.5
-    #: epochs of L_seg + L_occ before L_TPM is switched on (None: 10 % of num_epochs)
-    tpm_warmup_epochs: Optional[int] = None
 
-    def warmup_epochs(self) -> int:
-        return int(round(0.1 * self.num_epochs)) if self.tpm_warmup_epochs is None else int(self.tpm_warmup_epochs)
+    def default_topology_start_epoch(self) -> int:
+        return self.num_epochs // 2
 
-    def tpm_active(self) -> bool:
-        return self.current_epoch >= self.warmup_epochs()
+    def phase_term_names(self):
+        return ("tpm",)
 
-    def topology_term_names(self):
+    def mesh_term_names(self):
         return ("occ", "tpm", "laplacian", "edge")
 
-    def _term_weights(self) -> Dict[str, float]:
-        return {**super()._term_weights(), "tpm": self.lambda_tp}
+    def mesh_term_weights(self) -> Dict[str, float]:
+        return {**super().mesh_term_weights(), "tpm": self.lambda_tp if self.topology_active() else 0.0}
 
     def _make_loss_modules(self) -> None:
         super()._make_loss_modules()
         self._tpm_loss = self._occupancy_loss(self.patch_topology_spec, self.lambda_tp)
-        self.print_to_log_file(f"L_TPM: λ_TP {self.lambda_tp}, warm-up {self.warmup_epochs()} epochs, critical points "
-                               f"from the label map and the meshes ({self.mesh_candidates} random candidates per "
-                               f"rule), at most {self.max_critical_points} per mesh")
+        self.print_to_log_file(f"L_TPM: λ_TP {self.lambda_tp}, on from epoch {self.topology_start()} at the latest "
+                               f"(earlier once the meshes fit), critical points from the label map and the meshes "
+                               f"({self.mesh_candidates} random candidates per rule), at most "
+                               f"{self.max_critical_points} per mesh")
 
     def extra_logged_term_names(self):
         # critical voxels per step from each source (label map, meshes), before the cap
@@ -47,35 +52,36 @@ class nnUNetTrainerTPM(nnUNetTrainerMesh):
 
     def compute_mesh_terms(self, meshes: List[Tensor], faces: List[Tensor], logits: Tensor,
                            target: Tensor) -> Dict[str, Tensor]:
-        """``occ``, ``tpm`` (a graph-connected zero during the warm-up), ``laplacian``, ``edge``."""
-        if not self.tpm_active():
-            out = super().compute_mesh_terms(meshes, faces, logits, target)
-            out["tpm"] = sum(v.sum() for v in meshes) * 0.0  # its weight is 0 during the warm-up anyway
-            return out
+        """``occ``, ``tpm`` (only once the topology phase is on), ``laplacian``, ``edge``."""
+        if not self.topology_active():
+            self._point_counts = {}
+            return super().compute_mesh_terms(meshes, faces, logits, target)
         r = self._tpm_loss(meshes, faces, logits, target)
-        # this step's critical points per source, popped with the step's term values
         self._point_counts = {"crit_pred": self._tpm_loss.last_counts["prediction"],
                               "crit_mesh": self._tpm_loss.last_counts["meshes"]}
         return {"occ": r["occ"], "tpm": r["tpm"], **self.regularisers(meshes, faces, logits)}
 
-    def on_train_epoch_start(self):
-        super().on_train_epoch_start()
-        if hasattr(self.loss, "weights"):
-            self.loss.weights["tpm"] = self.lambda_tp if self.tpm_active() else 0.0
-            if self.current_epoch == self.warmup_epochs():
-                self.print_to_log_file(f"L_TPM switched on (λ_TP = {self.lambda_tp}) at epoch {self.current_epoch}")
-
-    def _pop_term_values(self, split: str) -> Dict[str, float]:
-        values = super()._pop_term_values(split)
-        if not self.tpm_active():
-            values[f"{split}_tpm"] = float("nan")  # not computed during the warm-up
-        counts = self.__dict__.pop("_point_counts", {})  # none: TPM did not run in this step (warm-up)
+    def _mesh_log_values(self, split, values, meshes, faces, target) -> dict:
+        out = super()._mesh_log_values(split, values, meshes, faces, target)
+        counts = self.__dict__.pop("_point_counts", {})
         for name in ("crit_pred", "crit_mesh"):
-            values[f"{split}_{name}"] = float(counts.get(name, float("nan")))
-        return values
+            out[f"{split}_{name}"] = float(counts.get(name, float("nan")))
+        return out
 
 
 class nnUNetTrainerTPM_lambda1(nnUNetTrainerTPM):
     """λ_TP = 1.0 (TPM's best on MRI)."""
 
     lambda_tp: float = 1.0
+
+
+class nnUNetTrainerTPM_finetune(nnUNetTrainerTPM):
+    """L_TPM from the first epoch: start from a trained ``nnUNetTrainerMesh`` model (``-pretrained_weights``)."""
+
+    topology_start_epoch = 0
+
+
+class nnUNetTrainerTPM_lambda1_finetune(nnUNetTrainerTPM_lambda1):
+    """λ_TP = 1.0, L_TPM from the first epoch (start from a trained ``nnUNetTrainerMesh`` model)."""
+
+    topology_start_epoch = 0

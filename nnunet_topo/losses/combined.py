@@ -45,7 +45,7 @@ class TopologyLossWrapper(nn.Module):
     Args:
         seg_loss: nnU-Net's loss as built by ``nnUNetTrainer._build_loss`` (deep supervision or not).
         terms: name -> (module, weight). Each module maps ``(logits (B, C, *spatial), target (B, 1, *spatial))``
-            to a scalar. A weight of 0 skips the term entirely (it is neither computed nor logged as non-zero).
+            to a scalar. A weight of 0 skips the term entirely (not computed; its logged value is NaN).
     """
 
     def __init__(self, seg_loss: nn.Module, terms: Mapping[str, Tuple[nn.Module, float]]) -> None:
@@ -64,8 +64,8 @@ class TopologyLossWrapper(nn.Module):
         values = {"seg": loss.detach()}
         for name, module in self.terms.items():
             w = self.weights[name]
-            if w == 0:
-                values[name] = torch.zeros((), device=loss.device)
+            if w == 0:  # switched off (e.g. the first phase of the two-phase schedule): not computed, logged as NaN
+                values[name] = torch.full((), float("nan"), device=loss.device)
                 continue
             term = module(out0, tgt0)
             values[name] = term.detach()

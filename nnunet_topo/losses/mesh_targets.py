@@ -31,6 +31,13 @@ rule names (``exclusion(A, B)``: A's and B's; ``inclusion(I in O)``: I's and O's
 ``RV RV MYO MYO LV LV``), the contact voxels have reference MYO and become negatives for both the LV and the RV
 mesh. Voxels whose reference is a rule's allowed opening (``may_touch``) or the ignore label are never critical.
 A voxel selected for the same mesh by several rules or both sources appears once.
+
+Source (b) checks the mesh-level rules in force (:func:`nnunet_topo.rules.mesh_rules_in_force`): the spec's
+``mesh_rules`` (``mesh_exclusion``: inside both meshes; ``mesh_inclusion``: inside the inner mesh and outside the
+outer one) and the voxel rules whose structures are mesh structures, read on the meshes. A critical point of a mesh
+rule is a query point of both its meshes, with the same targets ``[reference label ∈ region(mesh)]``: an RV mesh that
+enters the LV epicardial mesh over the septum (reference MYO) gives points that are negatives for the RV mesh and
+positives for ``LV_epi``.
 """
 from __future__ import annotations
 
@@ -42,7 +49,8 @@ import torch
 from torch import Tensor
 
 from nnunet_topo.meshes import index_to_normalized, normalized_to_index
-from nnunet_topo.rules import ExclusionRule, InclusionRule, Rule, Structure, TopologySpec
+from nnunet_topo.rules import (ExclusionRule, InclusionRule, MeshExclusionRule, Rule, TopologySpec, mesh_for_structure,
+                                mesh_rule_meshes, mesh_rules_in_force)
 from nnunet_topo.violations import dilate, rule_violation_map
 
 __all__ = [
@@ -146,20 +154,6 @@ def _check_label_map(x: Tensor, name: str) -> None:
         raise ValueError(f"{name} must have shape (B, Z, Y, X), got {tuple(x.shape)}{hint}")
 
 
-def mesh_for_structure(spec: TopologySpec, structure: Structure) -> Optional[str]:
-    """The mesh of ``spec.mesh_structures`` whose label-id set equals ``structure``'s, or ``None``.
-
-    Rules whose structures have no mesh contribute no critical points to that structure. If several meshes
-    have the same label set (not useful, but allowed by the spec), the first one in ``mesh_structures`` order
-    is returned.
-    """
-    ids = set(structure.label_ids)
-    for name, s in spec.mesh_structures.items():
-        if set(s.label_ids) == ids:
-            return name
-    return None
-
-
 def rule_meshes(rule: Rule, spec: TopologySpec) -> List[str]:
     """The meshes a rule names (TPM Eq. 7): ``exclusion(A, B)`` -> A's and B's, ``inclusion(I in O)`` -> I's and
     O's (those that have a mesh in ``spec.mesh_structures``; an allowed opening ``may_touch`` is no mesh of the
@@ -215,9 +209,11 @@ def critical_point_masks(
     ``mode="3d"`` every rule is evaluated as written (3d rules in the volume, 2d rules slice-wise); with
     ``mode="2d"`` (MIE) every rule is evaluated slice by slice: a copy of each 3d rule in 2d mode along ``axis``
     (``None``: the rule's own ``axis``). Source ``"meshes"``: the voxels of ``mesh_violations[rule name]``
-    (:func:`mesh_violation_masks`: where the predicted *meshes* break the rule). A critical voxel of a rule is a
-    point of **every** mesh the rule names (:func:`rule_meshes`), whatever its reference label; voxels whose
-    reference is the rule's ``may_touch`` opening or ``ignore_label`` are never critical.
+    (:func:`mesh_violation_masks`: where the predicted *meshes* break the rule), for the voxel rules read on the
+    meshes and for the spec's ``mesh_rules`` (:func:`nnunet_topo.rules.mesh_rules_in_force`). A critical voxel of a
+    rule is a point of **every** mesh the rule names (:func:`rule_meshes`, :func:`nnunet_topo.rules.mesh_rule_meshes`),
+    whatever its reference label; voxels whose reference is the rule's ``may_touch`` opening or ``ignore_label`` are
+    never critical.
 
     Returns:
         ``{"prediction": {mesh: (B, Z, Y, X) bool}, "meshes": {mesh: ...}}`` with a key for every mesh of
@@ -252,6 +248,18 @@ def critical_point_masks(
             vmap = vmap & ~skip
             for m in meshes:
                 out[src][m] |= vmap
+    if mesh_violations is not None:
+        for mrule in spec.mesh_rules:  # rules between meshes: the mesh source only
+            vmap = mesh_violations.get(mrule.name)
+            if vmap is None:
+                continue
+            vmap = vmap.to(pred_labels.device).bool()
+            if not bool(vmap.any()):
+                continue
+            if ignore_label is not None:
+                vmap = vmap & (ref_labels != int(ignore_label))
+            for m in mesh_rule_meshes(mrule):
+                out["meshes"][m] |= vmap
     return out
 
 
@@ -317,9 +325,11 @@ def mesh_violation_masks(
     num_random: int = 1024,
     generator: Optional[torch.Generator] = None,
 ) -> Dict[str, Tensor]:
-    """Voxel centres where the predicted meshes break a rule (source (b) of TPM's critical points).
+    """Voxel centres where the predicted meshes break a mesh-level rule (source (b) of TPM's critical points).
 
-    ``exclusion(A, B)``: inside A's mesh and inside B's; ``inclusion(I in O)``: inside I's mesh and outside O's.
+    The rules are those in force on the meshes (:func:`nnunet_topo.rules.mesh_rules_in_force`: the spec's
+    ``mesh_rules`` and the voxel rules whose structures are mesh structures). Exclusion: inside both meshes;
+    inclusion: inside the inner mesh and outside the outer one (and outside the meshes of its openings, if any).
     Inside = exact winding number > 1/2 (sharp; no gradient is needed for the selection). Testing every voxel of
     a patch against every mesh is too much work per step, so the candidates are, per rule and batch item, the voxel
     centres nearest to the vertices of both meshes (where surfaces cross, penetrations start) plus ``num_random``
@@ -329,12 +339,13 @@ def mesh_violation_masks(
     Args:
         meshes_mm: ``(B, V_s, 3)`` vertices in the patch's physical frame (:func:`normalized_to_mm`).
         faces: ``(F_s, 3)`` per mesh; mesh_names: their names (keys of ``spec.mesh_structures``).
-        spec: rules (those whose two structures both have meshes here are evaluated).
+        spec: the spec (rules whose meshes are all among ``mesh_names`` are evaluated).
         shape: patch shape ``(Z, Y, X)``; spacing: ``(z, y, x)`` mm of the patch (None: 1 mm).
         num_random: random candidates per rule and batch item.
 
     Returns:
-        ``{rule name: (B, Z, Y, X) bool}`` for the evaluated rules.
+        ``{rule name: (B, Z, Y, X) bool}`` for the evaluated rules (a voxel rule read on the meshes under its own
+        name, a mesh rule under its name).
     """
     from nnunet_topo.occupancy import winding_number
 
@@ -345,24 +356,22 @@ def mesh_violation_masks(
         return out
     device = next(iter(by_name.values()))[0].device
     hi = torch.tensor([s - 1 for s in shape], device=device)
-    for rule in spec.rules:
-        if isinstance(rule, ExclusionRule):
-            first, second, inside_second = mesh_for_structure(spec, rule.a), mesh_for_structure(spec, rule.b), True
-        elif isinstance(rule, InclusionRule):
-            first, second = mesh_for_structure(spec, rule.inner), mesh_for_structure(spec, rule.outer)
-            inside_second = False
-        else:
+    rules, _ = mesh_rules_in_force(spec)
+    for rule in rules:
+        exclusion = isinstance(rule, MeshExclusionRule)
+        first, second = mesh_rule_meshes(rule)
+        if first not in by_name or second not in by_name:
             continue
-        if first not in by_name or second not in by_name or first == second:
-            continue
-        (v1, f1), (v2, f2) = by_name[first], by_name[second]
+        # an inclusion's point must lie outside the outer mesh and outside its openings that have a predicted mesh
+        others = [second] + ([] if exclusion else [m for m in rule.may_touch if m in by_name])
+        (v1, f1), (v2, _) = by_name[first], by_name[second]
         batch = v1.shape[0]
         mask = torch.zeros((batch,) + shape, dtype=torch.bool, device=device)
         with torch.no_grad():
             for b in range(batch):
                 i1, i2 = mm_to_voxel(v1[b].detach(), spacing), mm_to_voxel(v2[b].detach(), spacing)
-                lo = torch.maximum(i1.min(0).values, i2.min(0).values) if inside_second else i1.min(0).values
-                up = torch.minimum(i1.max(0).values, i2.max(0).values) if inside_second else i1.max(0).values
+                lo = torch.maximum(i1.min(0).values, i2.min(0).values) if exclusion else i1.min(0).values
+                up = torch.minimum(i1.max(0).values, i2.max(0).values) if exclusion else i1.max(0).values
                 lo = lo.floor().clamp(min=0).long().clamp(max=hi)
                 up = torch.minimum(up.ceil().long(), hi).clamp(min=0)
                 if bool((up < lo).any()):
@@ -374,12 +383,16 @@ def mesh_violation_masks(
                 c = torch.unique(torch.cat(cand), dim=0)
                 pts = voxel_to_mm(c, spacing).to(v1.dtype)
                 in1 = winding_number(pts, v1[b].detach(), f1.to(device), method="exact") > 0.5
-                c, pts = c[in1], pts[in1]  # the second mesh only where the first is inside
-                if c.shape[0] == 0:
-                    continue
-                w2 = winding_number(pts, v2[b].detach(), f2.to(device), method="exact")
-                c = c[(w2 > 0.5) if inside_second else (w2 < 0.5)]
-                mask[b, c[:, 0], c[:, 1], c[:, 2]] = True
+                c, pts = c[in1], pts[in1]  # the other meshes only where the first is inside
+                for m in others:
+                    if c.shape[0] == 0:
+                        break
+                    vm, fm = by_name[m]
+                    inside = winding_number(pts, vm[b].detach(), fm.to(device), method="exact") > 0.5
+                    keep = inside if exclusion else ~inside
+                    c, pts = c[keep], pts[keep]
+                if c.shape[0]:
+                    mask[b, c[:, 0], c[:, 1], c[:, 2]] = True
         out[rule.name] = mask
     return out
 

@@ -1,74 +1,20 @@
-"""Hand the mesh terms of one training step to nnU-Net's loss, one named term at a time.
-
-``TopologyLossWrapper`` (:mod:`nnunet_topo.losses.combined`) calls each topology term as
-``term(full-resolution logits, target)``. The mesh terms also need the meshes that the network's head predicted in
-the same forward pass; :class:`~nnunet_topo.mesh_head.network.MeshCachingNetwork` caches them, and
-:class:`MeshLossComputer` pops them, evaluates *all* mesh terms once per step and hands them out by name through
-:class:`MeshTerm` views. Plain torch (no nnU-Net import).
+"""Pieces of the mesh trainers' objective that are not a loss of their own: the shape regularisers, the template
+edge lengths they refer to, the default dipole smoothing, and the mesh volume / reference volume the trainers log
+(and use as their readiness criterion). Plain torch (no nnU-Net import).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from nnunet_topo.losses.mesh_targets import normalized_to_mm
+from nnunet_topo.losses.mesh_targets import normalized_to_mm, region_mask
 from nnunet_topo.mesh_head.graph import edge_length_loss, edge_lengths, laplacian_smoothing_loss, mesh_edges
-from nnunet_topo.mesh_head.network import unwrap_network
 from nnunet_topo.mesh_head.templates import Template
 
-__all__ = ["MeshLossComputer", "MeshTerm", "default_smoothing_mm", "mesh_regularisers", "template_edge_lengths"]
-
-
-class MeshLossComputer:
-    """Computes every mesh term of one training step once and hands them out by name.
-
-    Not an ``nn.Module`` on purpose: it holds a callable returning the trainer's network, which must not become a
-    submodule of the loss. ``compute(meshes, faces, logits, target)`` returns ``{term name: scalar}``; the values are
-    cached for the logits tensor they were computed for, so the several terms of one loss call share one evaluation.
-    The terms are computed in float32 with autocast off.
-    """
-
-    def __init__(self, get_network: Callable[[], nn.Module],
-                 compute: Callable[[List[Tensor], List[Tensor], Tensor, Tensor], Dict[str, Tensor]]) -> None:
-        self.get_network = get_network
-        self.compute = compute
-        self._for: Optional[Tensor] = None
-        self._values: Dict[str, Tensor] = {}
-
-    def value(self, name: str, logits: Tensor, target: Tensor) -> Optional[Tensor]:
-        net = unwrap_network(self.get_network())
-        meshes = net.pop_meshes() if hasattr(net, "pop_meshes") else None
-        if meshes is not None:
-            faces = [net.mesh_head.template_faces(s) for s in range(len(meshes))]
-            with torch.autocast(logits.device.type, enabled=False):
-                self._values = self.compute(meshes, faces, logits.float(), target)
-            self._for = logits
-        elif self._for is not logits:
-            return None  # eval mode: the head did not run
-        return self._values[name]
-
-    def clear(self) -> None:
-        self._for, self._values = None, {}
-
-
-class MeshTerm(nn.Module):
-    """One named mesh term as ``TopologyLossWrapper`` expects it: ``(logits, target) -> scalar``.
-
-    Without cached meshes (the head did not run) it returns a zero connected to ``logits``.
-    """
-
-    def __init__(self, computer: MeshLossComputer, name: str) -> None:
-        super().__init__()
-        self.computer, self.name = computer, name
-
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        v = self.computer.value(self.name, logits, target)
-        return logits.sum() * 0.0 if v is None else v
-
-    def extra_repr(self) -> str:
-        return f"name={self.name!r}"
+__all__ = ["default_smoothing_mm", "enclosed_volumes", "mesh_regularisers", "mesh_volume_ratios",
+           "template_edge_lengths"]
 
 
 def template_edge_lengths(templates: Sequence[Template], patch_shape: Optional[Sequence[int]] = None,
@@ -102,3 +48,33 @@ def mesh_regularisers(meshes_mm: Sequence[Tensor], faces: Sequence[Tensor],
     return {"laplacian": torch.stack([laplacian_smoothing_loss(v, f) for v, f in zip(meshes_mm, faces)]).mean() * scale,
             "edge": torch.stack([edge_length_loss(v, f, ref.to(v.device))
                                  for v, f, ref in zip(meshes_mm, faces, reference_edge_lengths)]).mean() * scale}
+
+
+def enclosed_volumes(vertices: Tensor, faces: Tensor) -> Tensor:
+    """Signed enclosed volume ``(B,)`` of closed, outward-oriented triangle meshes ``(B, V, 3)`` (divergence theorem:
+    ``Σ_f v0 · (v1 × v2) / 6``), in the vertices' unit cubed."""
+    f = faces.long()
+    a, b, c = vertices[:, f[:, 0]], vertices[:, f[:, 1]], vertices[:, f[:, 2]]
+    return (a * torch.cross(b, c, dim=-1)).sum(dim=(-1, -2)) / 6.0
+
+
+def mesh_volume_ratios(meshes: Sequence[Tensor], faces: Sequence[Tensor], target: Tensor,
+                       regions: Sequence[Sequence[int]], spacing: Sequence[float]) -> List[Tensor]:
+    """Per mesh structure, the mean over the batch items whose reference has the structure of
+    ``mesh volume / reference volume`` (NaN when no item has it): meshes ``(B, V, 3)`` in the normalised patch
+    frame, ``target`` ``(B, 1, Z, Y, X)`` labels, ``regions`` the label ids of each structure, ``spacing`` (z, y, x)
+    mm. The number the mesh trainers log each epoch (``volratio_<structure>``) and use to tell when the meshes fit."""
+    shape = tuple(target.shape[2:])
+    voxel = float(torch.tensor([float(s) for s in spacing]).prod())
+    out = []
+    for v, f, ids in zip(meshes, faces, regions):
+        ref = region_mask(target[:, 0], ids).flatten(1).sum(1).float() * voxel
+        # normalised (x, y, z) -> mm by a positive per-axis scale, which keeps the orientation (normalized_to_mm
+        # also reverses the axis order to (z, y, x), which would flip the sign)
+        half = torch.tensor([(n - 1) / 2.0 * float(sp) for n, sp in zip(shape[::-1], list(spacing)[::-1])],
+                            device=v.device, dtype=v.dtype)
+        vol = enclosed_volumes(v * half, f)
+        ok = ref > 0
+        ratio = torch.where(ok, vol / ref.clamp_min(1e-12), torch.zeros_like(vol))
+        out.append(ratio.sum() / ok.sum())  # 0/0 = NaN when no item has the structure
+    return out

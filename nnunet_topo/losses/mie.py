@@ -7,10 +7,14 @@ rule-aware targets of TPM Eq. 6-9 (C. Zhang et al., arXiv:2503.07874). Per mesh 
 query points are drawn as a mix: ``round(rho * num_points)`` critical points (``rho = 0.2``) and the rest random
 points (uniform in the patch and near the reference surface, targets ``[label ∈ region]``); if fewer critical
 points exist, all of them are used and random points fill up to ``num_points``. The loss is the BCE of the mesh
-occupancy (TPM Eq. 5) on those points, mean over points and meshes, plus a uniform-Laplacian smoothness term of
+occupancy (TPM Eq. 5) on those points, **one** mean over the ``B * num_points`` points of a mesh (critical and random
+together: a critical point weighs exactly what a random point weighs, as in TPM Eq. 10-11, and the ρ share is the
+only knob; tests/test_tpm_weighting.py checks it against a per-point loop), then the mean over meshes, plus a
+uniform-Laplacian smoothness term of
 the meshes (:func:`nnunet_topo.metrics.mesh.laplacian_smoothness_energy`, mean squared uniform Laplacian, in
 mm² divided by ``length_scale²``) weighted by ``lambda_lap``. The critical points
-come from both sources of TPM (the label map, detected slice-wise, and the meshes; :mod:`.mesh_targets`).
+come from both sources of TPM (the label map, detected slice-wise, and the meshes, checked against the mesh-level
+rules in force: the spec's ``mesh_rules`` and the voxel rules read on the meshes; :mod:`.mesh_targets`).
 
 Frame: the meshes arrive in the normalised patch frame and every length is measured in the patch's physical frame
 (mm, ``spacing``), as in :class:`~nnunet_topo.losses.tpm.TPMLoss`.

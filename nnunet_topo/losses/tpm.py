@@ -6,17 +6,26 @@ Cardiac Mesh Reconstruction* (TPM, arXiv:2503.07874); DESIGN §6.
 * ``L_occ`` (Eq. 10-11): per mesh structure X, query points uniform in the patch and near the reference
   surface of X (:func:`~nnunet_topo.losses.mesh_targets.sample_query_points`), BCE of the mesh occupancy
   (Eq. 5, :func:`nnunet_topo.occupancy.occupancy_bce`) against ``[label(p) ∈ region(X)]``; mean over meshes.
-* ``L_TPM`` (Eq. 6-9): the same BCE on the *critical points* with rule-aware targets
+* ``L_TPM`` (Eq. 6-12): **one** BCE with 1/N over the whole query set of a mesh: the standard points of
+  ``L_occ`` (the same points, the same per-point values) **plus** the *critical points* with rule-aware targets
   (:func:`~nnunet_topo.losses.mesh_targets.critical_point_masks`): the violation voxels of the current prediction
   ``argmax(seg_logits)`` (no gradient through the argmax) **and** the voxel centres where the predicted meshes
-  break a rule (``mesh_candidates``; without them, meshes that penetrate each other over a correct segmentation are
-  never penalised). Each critical point of a rule is a point of every mesh the rule names, target
-  ``[reference ∈ region(mesh)]``; per mesh the mean over its critical points of the whole batch, then the mean over
-  the meshes that have any. A graph-connected zero when there are none.
+  break a mesh-level rule (``mesh_candidates``; the spec's ``mesh_rules`` and the voxel rules read on the meshes,
+  :func:`nnunet_topo.rules.mesh_rules_in_force`; without them, meshes that penetrate each other over a correct
+  segmentation are never penalised). Each critical point of a rule is a point of every mesh the rule names, target
+  ``[reference ∈ region(mesh)]``. Per mesh and batch item ``(Σ_S bce + Σ_C bce) / (|S| + |C|)``, then the mean over
+  batch items and meshes (the same means as ``L_occ``). A critical point therefore weighs exactly what a standard
+  point weighs; with no critical point ``tpm`` equals ``occ``, and ``tpm - occ`` fades as the violations vanish.
+  (Before, ``tpm`` was the mean over the critical points alone, which gave each of them up to ``2048 / |C|`` times
+  a standard point's weight and collapsed the shared segmentation on ACDC; DESIGN §6 "Weighting".)
 
-The total of the paper is ``L_seg + L_occ + λ_TP · L_TPM`` (λ_TP = 0.5); this module returns ``occ``, ``tpm`` and
-``total = occ + lambda_tp * tpm``; ``L_seg`` and the warm-up (``L_seg + L_occ`` only, paper §3.1) belong to the
-caller.
+The total of the paper (Eq. 12) is ``L = L_seg + L_occ + λ_TP · L_TPM`` (λ_TP = 0.5); this module returns ``occ``
+(``L_occ``), ``tpm`` (``L_TPM`` as defined above) and ``total = occ + lambda_tp * tpm``, so that the caller adds
+``L_seg`` and gets Eq. 12 exactly. The standard points thus enter the total with weight ``1 + λ_TP`` per point
+over ``|S|`` resp. ``|S| + |C|``: as in the paper, ``L_TPM`` is a second occupancy term that includes the critical
+points, not a term on the critical points alone. The warm-up (``L_seg + L_occ`` only, paper §3.1) belongs to the
+caller. With ``num_uniform = num_surface = 0`` the query set is the critical points alone (then ``tpm`` is their
+mean, per mesh and batch item that has any).
 
 Frames: the mesh head predicts in the normalised patch frame of ``grid_sample(align_corners=True)``; the loss maps
 vertices and query points to the patch's **physical frame** (mm, ``spacing``; DESIGN §6 "Frames") before any
@@ -208,7 +217,7 @@ class TPMLoss(nn.Module):
         num_uniform: uniform query points per mesh and batch item for ``L_occ``.
         num_surface: near-surface query points per mesh and batch item for ``L_occ``.
         max_critical_points: at most this many critical points per mesh and batch item (random subset;
-            ``None`` = all) to bound the cost.
+            ``None`` = all) to bound the cost; the subset enters the 1/N of ``L_TPM`` with its own size.
         eps: occupancy clamp margin.
         smoothing: smoothed-dipole sigma in **mm** (``method="dipole"`` only).
         spacing: ``(z, y, x)`` voxel size of the patches in mm (the configuration's spacing); None: 1 mm.
@@ -220,7 +229,9 @@ class TPMLoss(nn.Module):
     Shapes (forward):
         meshes: list of ``(B, V_s, 3)``, normalised patch frame; faces: list of ``(F_s, 3)``;
         seg_logits: ``(B, C, Z, Y, X)`` (channel c = label id c); ref_labels: ``(B, 1, Z, Y, X)``.
-        Returns ``{"occ", "tpm", "total"}`` scalars, ``total = occ + lambda_tp * tpm``. The numbers of critical
+        Returns ``{"occ", "tpm", "total"}`` scalars: ``occ`` the BCE over the standard points, ``tpm`` the BCE
+        over the standard points and the critical points together (1/N over both; equal to ``occ`` without
+        critical points), ``total = occ + lambda_tp * tpm`` (TPM Eq. 12 without ``L_seg``). The numbers of critical
         points of the last call per source ((voxel, mesh) pairs over the batch, before the cap) are kept in
         ``last_counts``.
     """
@@ -252,27 +263,42 @@ class TPMLoss(nn.Module):
         shape = tuple(ref.shape[1:])
         meshes_mm = [normalized_to_mm(v, shape, self.spacing) for v in meshes]
         zero = sum(v.sum() for v in meshes) * 0.0
+        batch = ref.shape[0]
+        n_std = self.num_uniform + self.num_surface
+        has_rules = bool(self.spec.rules or self.spec.mesh_rules)
+        critical = self.critical_points(meshes_mm, faces, seg_logits, ref, generator) if has_rules else None
         occ_terms, tpm_terms = [], []
+        any_critical = False
         for name, v, f in zip(self.mesh_names, meshes_mm, faces):
-            if self.num_uniform + self.num_surface > 0:
+            # standard points S+/S- (Eq. 10-11): per-point BCE (B, n_std), weight 0 on ignored voxels
+            std_sum = std_count = None
+            if n_std > 0:
                 ids = self.spec.mesh_structures[name].label_ids
                 pts, tgt = sample_query_points(ref, ids, self.num_uniform, self.num_surface, generator)
                 w = known_weights(ref, pts, self.ignore_label)
                 pm = voxel_to_mm(pts, self.spacing).to(v.dtype)
-                occ_terms.append(occupancy_loss(v, f, pm, tgt, self.method, self.eps, self.smoothing, weights=w))
-        if self.spec.rules:
-            critical = self.critical_points(meshes_mm, faces, seg_logits, ref, generator)
-            for name, v, f in zip(self.mesh_names, meshes_mm, faces):
-                pts_b, tgt_b = [], []
-                for b in range(len(critical)):
+                per_point = occupancy_bce(pm, v, f, tgt, method=self.method, eps=self.eps, weights=w,
+                                          reduction="none", smoothing=self.smoothing)
+                occ_terms.append(per_point.mean())
+                std_sum, std_count = per_point.sum(dim=1), n_std
+            # L_TPM (Eq. 10-12): one BCE over the standard points and the critical points of this mesh and batch
+            # item, 1/N over all of them
+            for b in range(batch):
+                crit_sum, n_crit = zero, 0
+                if critical is not None:
                     p, t = _subsample(*critical[b][name], self.max_critical_points, generator)
-                    pts_b.append(p)
-                    tgt_b.append(t)
-                s, n = critical_bce(v, f, pts_b, tgt_b, self.spacing, self.method, self.eps, self.smoothing)
+                    crit_sum, n_crit = critical_bce(v[b:b + 1], f, [p], [t], self.spacing, self.method, self.eps,
+                                                    self.smoothing)
+                any_critical = any_critical or n_crit > 0
+                n = n_crit + (std_count or 0)
                 if n > 0:
-                    tpm_terms.append(s / n)
+                    total = crit_sum + (std_sum[b] if std_sum is not None else 0.0)
+                    tpm_terms.append(total / n)
         occ = torch.stack(occ_terms).mean() if occ_terms else zero
-        tpm = torch.stack(tpm_terms).mean() + zero if tpm_terms else zero
+        if not any_critical:
+            tpm = occ  # the same mean over the same points (written so, it is equal to the last bit)
+        else:
+            tpm = torch.stack(tpm_terms).mean() + zero
         return {"occ": occ, "tpm": tpm, "total": occ + self.lambda_tp * tpm}
 
     def critical_points(self, meshes_mm: Sequence[Tensor], faces: Sequence[Tensor], seg_logits: Tensor,

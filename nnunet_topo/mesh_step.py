@@ -1,0 +1,123 @@
+"""The gradient arithmetic of one mesh-trainer step: the segmentation keeps its budget (DESIGN §6).
+
+A mesh trainer's step has two optimisers: nnU-Net's (``self.network``, clipped to norm 12 as nnU-Net does) and the
+mesh head's (own clip, own GradScaler, own lr). The head reads *detached* copies of the decoder features, so its loss
+never enters nnU-Net's backward by itself; what the mesh terms may give the backbone is added explicitly:
+
+1. :func:`head_backward` — one backward of the head's loss: the weighted *data* terms (occupancy, L_TPM, L_MIE) give
+   the head parameters their gradient **and** the gradient at the detached features; the *shape regularisers*
+   (Laplacian, edge) give the head parameters theirs but never reach the features, so they never reach the backbone.
+2. nnU-Net's ``L_seg`` backward fills ``.grad`` of the network exactly as in plain nnU-Net.
+3. :func:`add_bounded_feature_gradient` — the feature gradient is pulled back through the network
+   (``torch.autograd.grad``; no ``.grad`` is touched), scaled so that its norm is at most
+   ``share * ||∇L_seg||`` of *this* step (both over all of the network's parameters), and added to ``.grad``.
+
+So with ``share = 0`` the network's update is exactly plain nnU-Net's, and at any share the backbone's gradient
+differs from plain nnU-Net's by at most ``share`` times L_seg's own gradient norm, at every step. Plain torch, no
+nnU-Net import; one device sync per step at most (none in the arithmetic itself).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["add_bounded_feature_gradient", "allreduce_mean_", "grad_norm", "head_backward"]
+
+
+def grad_norm(grads: Sequence[Optional[Tensor]]) -> Tensor:
+    """L2 norm over a list of gradients (None entries skipped), as a float32 0-dim tensor (no host sync)."""
+    sq = [g.detach().float().pow(2).sum() for g in grads if g is not None]
+    if not sq:
+        return torch.zeros(())
+    return torch.stack(sq).sum().sqrt()
+
+
+def allreduce_mean_(tensors: Sequence[Optional[Tensor]]) -> None:
+    """Average tensors over the DDP processes in place (no-op without an initialised process group): gradients
+    computed with ``torch.autograd.grad`` bypass DDP's own reducer."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    for t in tensors:
+        if t is not None:
+            dist.all_reduce(t)
+            t.div_(world)
+
+
+def head_backward(data_loss: Tensor, regulariser_loss: Tensor, head_params: Sequence[Tensor],
+                  features: Sequence[Tensor], loss_scale: Optional[Tensor] = None) -> List[Optional[Tensor]]:
+    """Accumulate the head's gradient into ``p.grad`` and return the data terms' gradient at ``features``.
+
+    Args:
+        data_loss: weighted sum of the data terms (they may reach the backbone).
+        regulariser_loss: weighted sum of the shape regularisers (head only).
+        head_params: the head's parameters (``.grad`` accumulated, scaled by ``loss_scale`` as a GradScaler does).
+        features: the detached features the head read (``requires_grad`` set where the backbone may get a gradient;
+            empty: none is computed).
+        loss_scale: the head GradScaler's current scale as a tensor (``scaler.scale(torch.ones(()))``), or None.
+
+    Returns the **unscaled** gradient at each feature (None where there is none); non-finite entries are zeroed
+    (the head's GradScaler skips such a step; the backbone then gets nothing from it).
+    """
+    params = [p for p in head_params if p.requires_grad]
+    feats = [f for f in features if f.requires_grad]
+    s = loss_scale if loss_scale is not None else None
+    d = data_loss * s if s is not None else data_loss
+    r = regulariser_loss * s if s is not None else regulariser_loss
+    inputs = params + feats
+    g_data = torch.autograd.grad(d, inputs, retain_graph=r.requires_grad, allow_unused=True) if d.requires_grad \
+        else [None] * len(inputs)
+    g_reg = torch.autograd.grad(r, params, allow_unused=True) if r.requires_grad else [None] * len(params)
+    for p, a, b in zip(params, g_data[:len(params)], g_reg):
+        g = a if b is None else (b if a is None else a + b)
+        if g is None:
+            continue
+        p.grad = g if p.grad is None else p.grad + g
+    out: List[Optional[Tensor]] = []
+    it = iter(g_data[len(params):])
+    for f in features:
+        if not f.requires_grad:
+            out.append(None)
+            continue
+        g = next(it)
+        if g is not None:
+            g = g.float() / s if s is not None else g.float()
+            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        out.append(g)
+    return out
+
+
+def add_bounded_feature_gradient(params: Sequence[Tensor], features: Sequence[Tensor],
+                                 feature_grads: Sequence[Optional[Tensor]], share: float, ddp: bool = False
+                                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Pull ``feature_grads`` back through the graph of ``features`` (the network's own outputs, graph retained)
+    to ``params`` and add it to their ``.grad``, scaled to a norm of at most ``share * ||params.grad||``.
+
+    Call after L_seg's backward (and the GradScaler's ``unscale_``), before nnU-Net's clip. Returns ``(norm of
+    L_seg's gradient, norm of the mesh gradient before scaling, the factor applied)`` as tensors (no host sync).
+    With ``share <= 0`` or no feature gradient nothing is computed or added.
+    """
+    params = [p for p in params if p.requires_grad]
+    seg_norm = grad_norm([p.grad for p in params])
+    pairs = [(f, g) for f, g in zip(features, feature_grads) if g is not None and f.requires_grad]
+    zero = torch.zeros((), device=seg_norm.device)
+    if share <= 0 or not pairs:
+        return seg_norm, zero, zero
+    outs, grads = zip(*pairs)
+    mesh = list(torch.autograd.grad(outs, params, grad_outputs=[g.to(f.dtype) for f, g in pairs],
+                                    allow_unused=True, retain_graph=False))
+    if ddp:
+        allreduce_mean_(mesh)
+    mesh_norm = grad_norm(mesh).to(seg_norm.device)
+    factor = torch.clamp(float(share) * seg_norm / mesh_norm.clamp_min(1e-30), max=1.0)
+    factor = torch.where(torch.isfinite(factor), factor, zero)
+    for p, g in zip(params, mesh):
+        if g is None:
+            continue
+        g = g * factor.to(g.dtype)
+        p.grad = g if p.grad is None else p.grad + g.to(p.grad.dtype)
+    return seg_norm, mesh_norm, factor

@@ -1,0 +1,195 @@
+"""L_TPM weighted as the paper weighs it (TPM Eq. 10-12, issue 21 item 3), checked against naive per-point loops.
+
+L_TPM is one BCE with 1/N over the whole query set of a mesh: the standard points of L_occ plus the critical
+points. So with no critical point it *is* L_occ, a critical point weighs what a standard point weighs, and the term
+fades to L_occ as the violations vanish. MIE keeps its ρ share of critical points inside one mean in the same way.
+
+Geometry: LV and RV balls separated by a MYO wall (the septum) in an anisotropic patch (2 x 1 x 1 mm), as in
+tests/test_tpm_penetration.py.
+"""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import trimesh
+
+from nnunet_topo.losses.mesh_targets import (critical_point_targets, normalized_to_mm, sample_query_points, voxel_to_mm,
+                                             voxel_to_normalized)
+from nnunet_topo.losses.mie import MIELoss, mix_points
+from nnunet_topo.losses.tpm import TPMLoss
+from nnunet_topo.occupancy import DEFAULT_EPS, winding_number
+from nnunet_topo.rules import parse_topology
+
+LABELS = {"background": 0, "LV": 1, "RV": 2, "MYO": 3}
+SPEC = parse_topology({"labels": LABELS, "topology": {"rules": [{"type": "exclusion", "a": "LV", "b": "RV"}],
+                                                      "mesh_structures": {"LV": ["LV"], "RV": ["RV"]}}})
+SHAPE = (16, 24, 32)
+SPACING = (2.0, 1.0, 1.0)
+NAMES = ["LV", "RV"]
+SMOOTHING = 1.0
+
+
+def reference():
+    """LV ball at x = 10 mm, RV ball at x = 22 mm (radius 5 mm), each in a 2 mm MYO wall: the septum."""
+    z, y, x = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in SHAPE], indexing="ij")
+    zm, ym, xm = z * SPACING[0], y * SPACING[1], x * SPACING[2]
+    d_lv = ((zm - 15) ** 2 + (ym - 12) ** 2 + (xm - 10) ** 2).sqrt()
+    d_rv = ((zm - 15) ** 2 + (ym - 12) ** 2 + (xm - 22) ** 2).sqrt()
+    ref = torch.zeros(SHAPE, dtype=torch.long)
+    ref[(d_lv <= 7) | (d_rv <= 7)] = 3
+    ref[d_lv <= 5] = 1
+    ref[d_rv <= 5] = 2
+    return ref[None]
+
+
+def missing_septum(ref):
+    """The prediction: the reference with the MYO between the balls (x 15..17 mm) labelled LV / RV."""
+    pred = ref.clone()
+    wall = pred[0, :, :, 15:18] == 3
+    pred[0, :, :, 15:17][wall[..., :2]] = 1
+    pred[0, :, :, 17:18][wall[..., 2:]] = 2
+    return pred
+
+
+def logits_of(labels):
+    return F.one_hot(labels, 4).permute(0, 4, 1, 2, 3).float() * 5.0
+
+
+def sphere(center_mm_xyz, radius_mm, subdivisions=2):
+    ico = trimesh.creation.icosphere(subdivisions=subdivisions, radius=radius_mm)
+    v_mm = torch.tensor(ico.vertices + np.asarray(center_mm_xyz), dtype=torch.float32)
+    return voxel_to_normalized(v_mm.flip(-1) / torch.tensor(SPACING), SHAPE), torch.tensor(ico.faces)
+
+
+def meshes_at(lv_x, rv_x, radius=6.5):
+    (vl, fl), (vr, fr) = sphere((lv_x, 12.0, 15.0), radius), sphere((rv_x, 12.0, 15.0), radius)
+    return [vl[None].clone().requires_grad_(True), vr[None].clone().requires_grad_(True)], [fl, fr]
+
+
+def naive_bce(v_mm, f, p_mm, t):
+    """BCE of the clamped smoothed-dipole occupancy at ONE point (the naive per-point reference)."""
+    w = winding_number(p_mm[None], v_mm, f, method="dipole", smoothing=SMOOTHING)[0]
+    o = w.clamp(DEFAULT_EPS, 1 - DEFAULT_EPS)
+    return -(t * torch.log(o) + (1 - t) * torch.log1p(-o))
+
+
+def grads(value, meshes):
+    return torch.autograd.grad(value, meshes, retain_graph=True)
+
+
+# ------------------------------------------------------------------------------------------ L_TPM
+def test_tpm_without_critical_points_is_the_occupancy_bce_over_the_standard_points():
+    """A correct segmentation and meshes that do not overlap: 0 critical points (both sources), and L_TPM equals
+    the occupancy BCE over the standard points, computed point by point."""
+    ref = reference()
+    meshes, faces = meshes_at(10.0, 22.0, radius=5.5)
+    for mesh_candidates in (None, 256):
+        loss = TPMLoss(SPEC, NAMES, method="dipole", smoothing=SMOOTHING, spacing=SPACING, num_uniform=24,
+                       num_surface=24, mesh_candidates=mesh_candidates)
+        out = loss(meshes, faces, logits_of(ref), ref[:, None], generator=torch.Generator().manual_seed(3))
+        assert sum(loss.last_counts.values()) == 0
+        assert float(out["tpm"]) == float(out["occ"])
+        assert torch.allclose(out["total"], out["occ"] * 1.5)
+    # the naive loop over the same standard points (drawn in the same order: no critical-point draw without the
+    # mesh source)
+    loss = TPMLoss(SPEC, NAMES, method="dipole", smoothing=SMOOTHING, spacing=SPACING, num_uniform=24,
+                   num_surface=24, mesh_candidates=None)
+    out = loss(meshes, faces, logits_of(ref), ref[:, None], generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    per_mesh = []
+    for name, v, f in zip(NAMES, meshes, faces):
+        pts, tgt = sample_query_points(ref, SPEC.mesh_structures[name].label_ids, 24, 24, gen)
+        v_mm = normalized_to_mm(v[0], SHAPE, SPACING)
+        p_mm = voxel_to_mm(pts[0], SPACING)
+        per_mesh.append(torch.stack([naive_bce(v_mm, f, p, t) for p, t in zip(p_mm, tgt[0])]).mean())
+    naive = torch.stack(per_mesh).mean()
+    assert float(out["tpm"]) == pytest.approx(float(naive), rel=1e-5)
+    for g, g_naive in zip(grads(out["tpm"], meshes), grads(naive, meshes)):
+        torch.testing.assert_close(g, g_naive, rtol=1e-4, atol=1e-7)
+
+
+def test_each_critical_point_weighs_a_standard_point():
+    """Missing septum (label-map critical points, no random subset): L_TPM and its vertex gradients equal a naive
+    loop in which every query point of a mesh, standard or critical, has the weight 1 / (|S| + |C|). The old
+    weighting (a mean over the critical points alone) gives another gradient."""
+    ref = reference()
+    pred = missing_septum(ref)
+    meshes, faces = meshes_at(10.0, 22.0)
+    n_u, n_s = 16, 16
+    loss = TPMLoss(SPEC, NAMES, method="dipole", smoothing=SMOOTHING, spacing=SPACING, num_uniform=n_u,
+                   num_surface=n_s, max_critical_points=None, mesh_candidates=None)
+    out = loss(meshes, faces, logits_of(pred), ref[:, None], generator=torch.Generator().manual_seed(1))
+    critical = critical_point_targets(pred, ref, SPEC)[0]
+    assert all(critical[n][0].shape[0] > 10 for n in NAMES)
+    gen = torch.Generator().manual_seed(1)
+    tpm_terms, occ_terms, old_terms = [], [], []
+    for name, v, f in zip(NAMES, meshes, faces):
+        pts, tgt = sample_query_points(ref, SPEC.mesh_structures[name].label_ids, n_u, n_s, gen)
+        v_mm = normalized_to_mm(v[0], SHAPE, SPACING)
+        std = [naive_bce(v_mm, f, p, t) for p, t in zip(voxel_to_mm(pts[0], SPACING), tgt[0])]
+        idx, t_crit = critical[name]
+        crit = [naive_bce(v_mm, f, p, t) for p, t in zip(voxel_to_mm(idx, SPACING), t_crit)]
+        n = len(std) + len(crit)
+        weights = [1.0 / n] * n  # every query point of the mesh, standard or critical, the same weight
+        tpm_terms.append(sum(w * b for w, b in zip(weights, std + crit)))
+        occ_terms.append(sum(std) / len(std))
+        old_terms.append(sum(crit) / len(crit))
+    naive_tpm, naive_occ = torch.stack(tpm_terms).mean(), torch.stack(occ_terms).mean()
+    assert float(out["tpm"]) == pytest.approx(float(naive_tpm), rel=1e-5)
+    assert float(out["occ"]) == pytest.approx(float(naive_occ), rel=1e-5)
+    assert float(out["tpm"]) > float(out["occ"])
+    got = grads(out["tpm"], meshes)
+    for g, g_naive in zip(got, grads(naive_tpm, meshes)):
+        torch.testing.assert_close(g, g_naive, rtol=1e-4, atol=1e-7)
+    old = grads(torch.stack(old_terms).mean(), meshes)
+    assert not all(torch.allclose(g, g_old, rtol=1e-2, atol=1e-5) for g, g_old in zip(got, old))
+
+
+def test_tpm_fades_as_the_overlap_vanishes():
+    """Two meshes pushed into each other over a correct segmentation (mesh-source critical points) are moved
+    apart in steps: the number of critical points and L_TPM - L_occ shrink to 0, and L_TPM with them."""
+    ref = reference()
+    rows = []
+    for shift in (0.0, 1.0, 2.0, 3.0, 4.0):  # overlap depth 6.5 * 2 - (6 + 2 * shift) mm: 7, 5, 3, 1, -1
+        meshes, faces = meshes_at(13.0 - shift, 19.0 + shift)
+        loss = TPMLoss(SPEC, NAMES, method="dipole", smoothing=SMOOTHING, spacing=SPACING, num_uniform=64,
+                       num_surface=64, max_critical_points=None, mesh_candidates=512)
+        out = loss(meshes, faces, logits_of(ref), ref[:, None], generator=torch.Generator().manual_seed(0))
+        rows.append((loss.last_counts["meshes"], float(out["tpm"]), float(out["occ"])))
+    counts = [r[0] for r in rows]
+    excess = [tpm - occ for _, tpm, occ in rows]
+    tpm = [r[1] for r in rows]
+    assert counts[0] > 50 and counts[-1] == 0 and all(a > b for a, b in zip(counts, counts[1:-1]))
+    assert all(a > b for a, b in zip(excess, excess[1:])) and excess[-1] == 0.0, rows
+    assert all(a > b for a, b in zip(tpm, tpm[1:])), rows
+
+
+# ------------------------------------------------------------------------------------------ MIE
+def test_mie_critical_points_share_one_mean_with_the_random_points():
+    """MIE: its round(ρ N) critical points and the random points of a mesh are one mean (1 / (B N) each),
+    checked against a naive per-point loop over the same points."""
+    ref = reference()
+    pred = missing_septum(ref)
+    meshes, faces = meshes_at(10.0, 22.0)
+    n_points, rho = 40, 0.25
+    loss = MIELoss(SPEC, NAMES, method="dipole", smoothing=SMOOTHING, spacing=SPACING, rho=rho, num_points=n_points,
+                   lambda_lap=0.0, mesh_candidates=None, axis=0)
+    out = loss(meshes, faces, logits_of(pred), ref[:, None], generator=torch.Generator().manual_seed(2))
+    assert loss.last_num_critical == 2 * round(rho * n_points)
+    # the same points, drawn as MIELoss draws them
+    critical = critical_point_targets(pred, ref, SPEC, mode="2d", axis=0)[0]
+    gen = torch.Generator().manual_seed(2)
+    n_surface = round(0.5 * n_points)
+    terms = []
+    for name, v, f in zip(NAMES, meshes, faces):
+        rp, rt = sample_query_points(ref, SPEC.mesh_structures[name].label_ids, n_points - n_surface, n_surface, gen)
+        perm = torch.randperm(n_points, generator=gen)
+        p, t, k = mix_points(*critical[name], rp[0, perm], rt[0, perm], n_points, rho, gen)
+        assert k == round(rho * n_points) < critical[name][0].shape[0]
+        v_mm = normalized_to_mm(v[0], SHAPE, SPACING)
+        per_point = [naive_bce(v_mm, f, q, tt) for q, tt in zip(voxel_to_mm(p, SPACING), t)]
+        terms.append(sum(b / n_points for b in per_point))  # critical (first k) and random: the same weight
+    naive = torch.stack(terms).mean()
+    assert float(out["mie"]) == pytest.approx(float(naive), rel=1e-5)
+    for g, g_naive in zip(grads(out["mie"], meshes), grads(naive, meshes)):
+        torch.testing.assert_close(g, g_naive, rtol=1e-4, atol=1e-7)
