@@ -20,8 +20,8 @@ For each mesh structure ``s`` with template vertices ``T_s (V_s, 3)`` (normalise
    pose (``B = T``). No gradient (the mesh losses cannot move the segmentation through it).
    Frame: the normalised patch frame is the mm frame scaled per axis (anisotropic patches included); a volume
    ratio and per-axis std ratios are the same in both frames, so the placement is that of the mm frame.
-   Why hard and not soft (version 1, < this change: moments of the softmax map): moments weight stray
-   probability by its squared distance; 4.5e-5 of it inflated placements x1.3-2.7, 2.5e-3 up to x8 (ACDC crops,
+   Why hard and not soft (version 1, in nnunet-topo 0.1.0 before issue 21, matched the softmax map's moments):
+   moments weight stray probability by its squared distance; 4.5e-5 of it inflated placements x1.3-2.7, 2.5e-3 up to x8 (ACDC crops,
    issue 21). Why at all: a head that starts from a fixed template must otherwise learn position and size from
    globally pooled features, which it did not do in our short runs (documentation/results.md).
 1. **Global alignment** (in the spirit of the MIE paper's alignment step): an MLP on the globally
@@ -42,9 +42,10 @@ For each mesh structure ``s`` with template vertices ``T_s (V_s, 3)`` (normalise
    start at 0. Each structure has its own alignment outputs and its own GCN blocks (structures
    have different graphs and shapes).
 
-Templates are persistent buffers (``template_vertices_<s>``, ``template_faces_<s>``) and names and
-genera are the module's extra state, so a state dict carries the complete head; the graph
-operators are derived from the faces (non-persistent) and rebuilt on load.
+Templates are persistent buffers (``template_vertices_<s>``, ``template_faces_<s>``) and names, genera and the
+placement version are the module's extra state, so a state dict carries the complete head; the graph
+operators are derived from the faces (non-persistent) and rebuilt on load. A head that places refuses a state of
+another placement version (a state without one is version 1), since it would give other meshes.
 """
 from __future__ import annotations
 
@@ -143,9 +144,10 @@ def largest_component(mask: torch.Tensor) -> torch.Tensor:
     * other devices (CUDA): :func:`_largest_component_propagation`, torch ops on the device: label propagation
       (3x3x3 max-pooling of voxel indices within the mask) with pointer jumping, convergence checked every 4
       iterations, each check one host sync (``torch.equal``; it waits for the queued work only the first time).
-      Cardiac-like masks (nested ellipsoids, a crescent, 3x3x3 false-positive blobs) converge within 12
-      iterations, i.e. 3 syncs; nothing else leaves the device. The alternative, one device->host copy of the
-      masks and cc3d, also has one sync but then costs cc3d's CPU time (below) per step.
+      Cardiac-like masks converge in 6-15 iterations (a ball of 350k voxels 6, a crescent RV 14, a ring 15,
+      nested ellipsoids with 3x3x3 false-positive blobs <= 12), i.e. 2-5 syncs; nothing else leaves the device.
+      The alternative, one device->host copy of the masks and cc3d, has one sync but then costs cc3d's CPU time
+      (below) in every step.
 
     Measured on the 2-core CPU of the development machine (shared with a training run, 1 torch thread, torch
     2.14; logits ``(B, 4, Z, Y, X)`` of such hearts, 3 mesh structures, i.e. 6 masks; median of 5):
@@ -158,8 +160,8 @@ def largest_component(mask: torch.Tensor) -> torch.Tensor:
     ======================  =======  ==================  ==========================  ===========================
 
     So the CPU uses cc3d (the propagation's 27-voxel max-pool is 50-80x slower there). On a GPU the propagation's
-    12 passes over ``6 Z Y X`` floats should take about a millisecond, against cc3d's 4-61 ms of host time after
-    the copy; not measured on a GPU (no device in the session that wrote this).
+    6-16 passes over ``6 Z Y X`` floats should take a few milliseconds at most, against cc3d's 4-61 ms of host
+    time after the copy; not measured on a GPU (no device was lent to the session that wrote this).
     """
     if mask.ndim != 4:
         raise ValueError(f"mask must be (N, Z, Y, X), got {tuple(mask.shape)}.")
@@ -470,7 +472,7 @@ class MeshHead(nn.Module):
         ``g r`` about the template's centroid; a structure absent from the arg-max, or whose largest component has
         fewer than ``min_alignment_voxels`` voxels, gets the template's own centroid and scale 1. All on the
         logits' device; the only host syncs are those of :func:`largest_component` (none on a CPU; on CUDA one per
-        4 label-propagation iterations, typically 2-4).
+        4 label-propagation iterations, typically 2-5).
         """
         if self.structure_channels is None:
             raise RuntimeError("this head has no structure_channels: no segmentation-guided placement.")

@@ -410,6 +410,52 @@ SPREAD_DEFINITION = ("per vertex v: sqrt(mean over the K folds of |x_k(v) - mean
                      "to the ensemble vertex")
 
 
+def mesh_model_from_checkpoints(predictor, model_folder: str, folds: Sequence[Any], checkpoint: str
+                                ) -> Tuple[nn.Module, List[dict]]:
+    """``(network + head, [per-fold state dict of it])`` for a model folder of a mesh trainer.
+
+    ``predictor`` (initialised from the model folder) holds nnU-Net's network and each fold's ``network_weights``;
+    the head of each fold is read from its checkpoint's ``HEAD_STATE_KEY`` entry (the head rides beside nnU-Net's
+    network, ``mesh_head/network.py``) and composed with the network as a :class:`MeshAugmentedNetwork` whose state
+    dict is ``network.<nnU-Net keys>`` + ``mesh_head.<head keys>``.
+
+    Raises:
+        MeshPredictionError: a checkpoint without a mesh head, a head of an older format (models of nnunet-topo
+            before the passenger head are refused, never given other meshes), or head settings other than the
+            model folder's plans.json.
+    """
+    from nnunet_topo.mesh_head.network import HEAD_FORMAT_VERSION, HEAD_KEY, HEAD_STATE_KEY, \
+        mesh_network_from_configuration
+
+    conf = predictor.configuration_manager.configuration
+    params = []
+    for fold, net_weights in zip(folds, predictor.list_of_parameters):
+        fold_dir = f"fold_{fold}"
+        path = os.path.join(model_folder, fold_dir, checkpoint)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        entry = ckpt.get(HEAD_STATE_KEY)
+        if entry is None:
+            if any(k.startswith("mesh_head.") for k in ckpt.get("network_weights", {})):
+                raise MeshPredictionError(
+                    f"{path}: a mesh model of an older nnunet-topo (head format 1: network and head in one wrapper, "
+                    "placement from soft-segmentation moments); this version cannot reproduce its meshes. Retrain "
+                    "it with this version.")
+            raise MeshPredictionError(f"fold {fold}: {NO_MESH_HEAD} (its checkpoint has no mesh head)")
+        if entry.get("format") != HEAD_FORMAT_VERSION:
+            raise MeshPredictionError(f"{path}: mesh head format {entry.get('format')}; this version reads "
+                                      f"{HEAD_FORMAT_VERSION}. Retrain the model with this version.")
+        if entry.get("head_settings") != conf.get(HEAD_KEY):
+            raise MeshPredictionError(f"{path}: its mesh head settings differ from the model folder's plans.json "
+                                      f"({entry.get('head_settings')} vs {conf.get(HEAD_KEY)})")
+        params.append({**{f"network.{k}": v for k, v in net_weights.items()},
+                       **{f"mesh_head.{k}": v for k, v in entry["state_dict"].items()}})
+    try:
+        network = mesh_network_from_configuration(predictor.network, conf)
+    except RuntimeError as e:
+        raise MeshPredictionError(f"{NO_MESH_HEAD} ({e})") from e
+    return network, params
+
+
 def _mesh_head_prefix(state_dict: Mapping[str, Any]) -> Optional[str]:
     keys = [k for k in state_dict if k.endswith("mesh_head._extra_state")]
     return keys[0][: -len("_extra_state")] if len(keys) == 1 else None
@@ -604,9 +650,9 @@ def predict_meshes_folder(model_folder: str, input_folder: str, output_folder: s
                                 perform_everything_on_device=True, device=dev, verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(model_folder, tuple(folds), checkpoint_name=checkpoint)
-    network = predictor.network
+    network, fold_parameters = mesh_model_from_checkpoints(predictor, model_folder, folds, checkpoint)
     net = check_mesh_network(network)
-    check_fold_templates(predictor.list_of_parameters, folds)  # before any fold's weights are loaded
+    check_fold_templates(fold_parameters, folds)  # before any fold's weights are loaded
     plans_manager, cm, dj = predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
     if predictor.label_manager.has_regions:
         raise MeshPredictionError("this model is region-based (dataset.json 'regions_class_order'); the mesh trainers "
@@ -667,7 +713,7 @@ def predict_meshes_folder(model_folder: str, input_folder: str, output_folder: s
             continue
         # every fold's network + head on the same ROI (that of the ensemble segmentation)
         per_model = []
-        for params in predictor.list_of_parameters:
+        for params in fold_parameters:
             net.load_state_dict(params)
             per_model.append(predict_meshes_in_roi(network, data, roi, props, plans_manager, cm, device=dev,
                                                    case=name))

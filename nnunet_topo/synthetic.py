@@ -135,6 +135,13 @@ _TOPOLOGY: Dict[str, Dict[str, Any]] = {
         "betti": {"LV": [1, 0, 0], "MYO": [1, 1, 0], "RV": [1, 0, 0]},
         "betti_2d": {"axis": 0, "LV": [1, 0], "MYO": [1, 1]},
         "mesh_structures": {"LV_endo": ["LV"], "LV_epi": ["LV", "MYO"], "RV": ["RV"]},
+        # the RV touches the MYO (no voxel rule between them can hold) but its mesh must not enter the LV
+        # epicardial mesh; the LV cavity's mesh lies inside it (both hold on every reference by construction:
+        # disjoint label sets, resp. LV a subset of LV+MYO)
+        "mesh_rules": [
+            {"type": "mesh_exclusion", "meshes": ["RV", "LV_epi"]},
+            {"type": "mesh_inclusion", "inner": "LV_endo", "outer": "LV_epi"},
+        ],
     },
     "wholeheart": {
         "connectivity": 6,
@@ -150,6 +157,10 @@ _TOPOLOGY: Dict[str, Dict[str, Any]] = {
                   "AO": [1, 0, 0]},
         "mesh_structures": {"LV_endo": ["LV"], "LV_epi": ["LV", "MYO"], "RV": ["RV"], "LA": ["LA"],
                             "RA": ["RA"], "AO": ["AO"]},
+        "mesh_rules": [
+            {"type": "mesh_exclusion", "meshes": ["RV", "LV_epi"]},
+            {"type": "mesh_inclusion", "inner": "LV_endo", "outer": "LV_epi"},
+        ],
     },
 }
 

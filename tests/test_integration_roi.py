@@ -37,7 +37,7 @@ SHORT_TRAINER = textwrap.dedent('''
             self.num_epochs = 2
             self.num_iterations_per_epoch = 4
             self.num_val_iterations_per_epoch = 1
-            self.tpm_warmup_epochs = 1
+            self.topology_start_epoch = 1
             self.occ_num_uniform = self.occ_num_surface = self.max_critical_points = 128
 ''')
 

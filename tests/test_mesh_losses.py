@@ -539,8 +539,8 @@ def test_mesh_losses_ignore_exempt_end_slice_violations(kind):
     for g, g0 in zip(mid_grads_k1, mid_grads_k0):
         torch.testing.assert_close(g, g0, rtol=0, atol=0)
     assert float(mid_k1["total"]) != float(clean["total"])
-    if kind == "tpm":  # no critical point: L_TPM is L_occ; with the mid-slice defect it is not
-        assert float(base_k1["tpm"]) == float(base_k1["occ"]) and float(mid_k1["tpm"]) > float(mid_k1["occ"])
+    if kind == "tpm":  # no critical point: L_TPM is L_occ; the mid-slice defect's critical points change it
+        assert float(base_k1["tpm"]) == float(base_k1["occ"]) and float(mid_k1["tpm"]) != float(mid_k1["occ"])
 
 
 def test_critical_points_skip_exempt_end_slices_in_both_modes():

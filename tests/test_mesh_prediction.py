@@ -443,24 +443,30 @@ def _constant_label_model(folder, plans, dj, label):
     segmentation layer: zero weights, bias one-hot) and whose untrained head outputs its sphere templates."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_topo.mesh_head.network import head_settings, store_in_configuration
+    from nnunet_topo.mesh_head.network import (HEAD_FORMAT_VERSION, HEAD_KEY, HEAD_STATE_KEY, head_settings,
+                                               mesh_network_from_configuration, store_in_configuration)
     from nnunet_topo.mesh_head.templates import sphere_template
     from nnunet_topo.trainers.nnUNetTrainerMesh import nnUNetTrainerMesh
 
     plans = json.loads(json.dumps(plans))
     store_in_configuration(plans["configurations"]["3d_fullres"],
-                           [sphere_template(2, radius=0.3, name=n) for n in STRUCTURES], head_settings({}))
+                           [sphere_template(2, radius=0.3, name=n) for n in STRUCTURES],
+                           dict(head_settings({}), format=HEAD_FORMAT_VERSION))
     pm = PlansManager(plans)
-    net = nnUNetTrainerMesh.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 4, False)
+    conf = pm.get_configuration("3d_fullres")
+    net = mesh_network_from_configuration(nnUNetTrainerMesh.build_network_architecture(pm, conf, 1, 4, False),
+                                          conf.configuration)
     with torch.no_grad():
-        last = net.network.decoder.seg_layers[-1]
+        last = net.network.decoder.seg_layers[-1]  # MeshAugmentedNetwork.network: nnU-Net's network
         last.weight.zero_()
         last.bias.copy_(torch.eye(4)[label] * 10)
     (folder / "fold_0").mkdir(parents=True)
     (folder / "plans.json").write_text(json.dumps(plans))
     (folder / "dataset.json").write_text(json.dumps(dj))
-    torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainerMesh",
-                "init_args": {"configuration": "3d_fullres"}, "inference_allowed_mirroring_axes": None},
+    torch.save({"network_weights": net.network.state_dict(), "trainer_name": "nnUNetTrainerMesh",
+                "init_args": {"configuration": "3d_fullres"}, "inference_allowed_mirroring_axes": None,
+                HEAD_STATE_KEY: {"format": HEAD_FORMAT_VERSION, "head_settings": conf.configuration[HEAD_KEY],
+                                 "state_dict": net.mesh_head.state_dict()}},
                folder / "fold_0" / "checkpoint_final.pth")
     return str(folder)
 
@@ -613,17 +619,20 @@ def _add_fold(folder, fold, seed=None, scale_template=None):
     """Copy fold_0's checkpoint of a hand-made model to fold_<fold>, with the head's weights perturbed (``seed``:
     every mesh head parameter + 0.05 N(0, 1); the segmentation layers stay, so the segmentation and ROI do not change)
     or the first template's vertices scaled (``scale_template``: a checkpoint with other templates)."""
+    from nnunet_topo.mesh_head.network import HEAD_STATE_KEY
+
     ckpt = torch.load(folder / "fold_0" / "checkpoint_final.pth", weights_only=False)
-    sd = {k: v.clone() if torch.is_tensor(v) else v for k, v in ckpt["network_weights"].items()}
+    sd = {k: v.clone() if torch.is_tensor(v) else v for k, v in ckpt[HEAD_STATE_KEY]["state_dict"].items()}
     if seed is not None:
         g = torch.Generator().manual_seed(seed)
         for k, v in sd.items():
-            if k.startswith("mesh_head.") and "template" not in k and torch.is_tensor(v) and v.is_floating_point():
+            if "template" not in k and torch.is_tensor(v) and v.is_floating_point():
                 sd[k] = v + 0.05 * torch.randn(v.shape, generator=g)
     if scale_template is not None:
-        sd["mesh_head.template_vertices_0"] = sd["mesh_head.template_vertices_0"] * scale_template
+        sd["template_vertices_0"] = sd["template_vertices_0"] * scale_template
     (folder / f"fold_{fold}").mkdir()
-    torch.save({**ckpt, "network_weights": sd}, folder / f"fold_{fold}" / "checkpoint_final.pth")
+    torch.save({**ckpt, HEAD_STATE_KEY: {**ckpt[HEAD_STATE_KEY], "state_dict": sd}},
+               folder / f"fold_{fold}" / "checkpoint_final.pth")
 
 
 def _ensemble_setup(tmp_path):

@@ -302,3 +302,57 @@ def test_mesh_losses_are_in_mm_with_the_patch_frame_spec_and_log_point_sources(p
     tr.on_train_epoch_end(outs)
     log = tr.logger.local_logger.my_fantastic_logging
     assert len(log["train_crit_pred"]) == 1 and len(log["train_crit_mesh"]) == 1
+
+
+# ------------------------------------------------------------------ the segmentation keeps its budget (issue 21)
+def _same_start(name, **attrs):
+    """A plain nnUNetTrainer and a mesh trainer on the same plans, the mesh trainer's network set to the plain one's
+    initial weights, and two real training batches of the mesh trainer's loader."""
+    import copy
+
+    plain = _trainer("nnUNetTrainer")
+    plain.initialize()
+    tr = _trainer(name, topology_start_epoch=0, num_epochs=1, **FEW_POINTS, **attrs)
+    tr.initialize()
+    tr.network.load_state_dict(plain.network.state_dict())
+    tr.on_train_start()
+    tr.on_epoch_start()
+    tr.on_train_epoch_start()
+    batches = [next(tr.dataloader_train) for _ in range(3)]
+    return plain, tr, [copy.deepcopy(b) for b in batches], batches
+
+
+def _params(net):
+    return [p.detach().clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("name", ["nnUNetTrainerMesh", "nnUNetTrainerTPM"])
+def test_with_share_zero_the_network_trains_exactly_as_plain_nnunet(pre, env, name):
+    plain, tr, b_plain, b_mesh = _same_start(name, mesh_backbone_grad_share=0.0)
+    head0 = _params(tr.mesh_head)
+    for a, b in zip(b_plain, b_mesh):
+        plain.train_step(a)
+        tr.train_step(b)
+    for p, q in zip(plain.network.parameters(), tr.network.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(head0, tr.mesh_head.parameters()))  # the head did learn
+
+
+def test_with_a_share_the_mesh_terms_move_the_network_and_the_head_uses_its_own_gradscaler(pre, env):
+    plain, tr, b_plain, b_mesh = _same_start("nnUNetTrainerMesh", mesh_backbone_grad_share=0.5)
+    tr.head_grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    for a, b in zip(b_plain[:2], b_mesh[:2]):  # step 1: the head's last layers start at 0, so no feature gradient
+        plain.train_step(a)
+        tr.train_step(b)
+    diff = max((p - q).abs().max().item() for p, q in zip(plain.network.parameters(), tr.network.parameters()))
+    assert diff > 1e-7  # the mesh terms do reach the backbone at share > 0 ...
+    assert tr.head_grad_scaler._growth_tracker.item() == 2  # ... and the head stepped through its GradScaler
+    # a non-finite head gradient: the GradScaler skips the head's step and halves its scale; the network still steps
+    head0, net0 = _params(tr.mesh_head), _params(tr.network)
+    hook = next(tr.mesh_head.parameters()).register_hook(lambda g: g * float("inf"))
+    tr.train_step(b_mesh[2])
+    hook.remove()
+    assert all(torch.equal(a, b) for a, b in zip(head0, tr.mesh_head.parameters()))
+    assert tr.head_grad_scaler.get_scale() == 2.0 ** 7
+    assert any(not torch.equal(a, b) for a, b in zip(net0, tr.network.parameters()))
+    assert all(torch.isfinite(p).all() for p in tr.network.parameters())

@@ -125,7 +125,9 @@ def test_tpm_adds_to_the_occupancy_loss():
     left_occ = _optimise(occ_only, 20, "total")
     left_tpm = _optimise(with_tpm, 20, "total")
     assert left_tpm < left_occ < before, (before, left_occ, left_tpm)
-    assert left_tpm < 0.6 * left_occ  # measured: 395 -> 81 mm^3 (L_occ) vs 395 -> 35 mm^3 (L_occ + L_TPM)
+    # measured: 395 -> 81 mm^3 (L_occ) vs 395 -> 44 mm^3 (L_occ + L_TPM weighted as TPM Eq. 10-12: one BCE over
+    # the 256 standard points and the <= 128 critical points; 35 mm^3 with the former mean over critical points)
+    assert left_tpm < 0.6 * left_occ
 
 
 @pytest.mark.parametrize("smoothing", [1.0, 2.0])

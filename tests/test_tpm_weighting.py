@@ -88,7 +88,7 @@ def test_tpm_without_critical_points_is_the_occupancy_bce_over_the_standard_poin
                        num_surface=24, mesh_candidates=mesh_candidates)
         out = loss(meshes, faces, logits_of(ref), ref[:, None], generator=torch.Generator().manual_seed(3))
         assert sum(loss.last_counts.values()) == 0
-        assert float(out["tpm"]) == float(out["occ"])
+        assert float(out["tpm"].detach()) == float(out["occ"].detach())
         assert torch.allclose(out["total"], out["occ"] * 1.5)
     # the naive loop over the same standard points (drawn in the same order: no critical-point draw without the
     # mesh source)
@@ -103,7 +103,7 @@ def test_tpm_without_critical_points_is_the_occupancy_bce_over_the_standard_poin
         p_mm = voxel_to_mm(pts[0], SPACING)
         per_mesh.append(torch.stack([naive_bce(v_mm, f, p, t) for p, t in zip(p_mm, tgt[0])]).mean())
     naive = torch.stack(per_mesh).mean()
-    assert float(out["tpm"]) == pytest.approx(float(naive), rel=1e-5)
+    assert float(out["tpm"].detach()) == pytest.approx(float(naive), rel=1e-5)
     for g, g_naive in zip(grads(out["tpm"], meshes), grads(naive, meshes)):
         torch.testing.assert_close(g, g_naive, rtol=1e-4, atol=1e-7)
 
@@ -135,9 +135,9 @@ def test_each_critical_point_weighs_a_standard_point():
         occ_terms.append(sum(std) / len(std))
         old_terms.append(sum(crit) / len(crit))
     naive_tpm, naive_occ = torch.stack(tpm_terms).mean(), torch.stack(occ_terms).mean()
-    assert float(out["tpm"]) == pytest.approx(float(naive_tpm), rel=1e-5)
-    assert float(out["occ"]) == pytest.approx(float(naive_occ), rel=1e-5)
-    assert float(out["tpm"]) > float(out["occ"])
+    assert float(out["tpm"].detach()) == pytest.approx(float(naive_tpm), rel=1e-5)
+    assert float(out["occ"].detach()) == pytest.approx(float(naive_occ), rel=1e-5)
+    assert float(out["tpm"].detach()) > float(out["occ"].detach())
     got = grads(out["tpm"], meshes)
     for g, g_naive in zip(got, grads(naive_tpm, meshes)):
         torch.testing.assert_close(g, g_naive, rtol=1e-4, atol=1e-7)
@@ -155,7 +155,7 @@ def test_tpm_fades_as_the_overlap_vanishes():
         loss = TPMLoss(SPEC, NAMES, method="dipole", smoothing=SMOOTHING, spacing=SPACING, num_uniform=64,
                        num_surface=64, max_critical_points=None, mesh_candidates=512)
         out = loss(meshes, faces, logits_of(ref), ref[:, None], generator=torch.Generator().manual_seed(0))
-        rows.append((loss.last_counts["meshes"], float(out["tpm"]), float(out["occ"])))
+        rows.append((loss.last_counts["meshes"], float(out["tpm"].detach()), float(out["occ"].detach())))
     counts = [r[0] for r in rows]
     excess = [tpm - occ for _, tpm, occ in rows]
     tpm = [r[1] for r in rows]
@@ -190,6 +190,6 @@ def test_mie_critical_points_share_one_mean_with_the_random_points():
         per_point = [naive_bce(v_mm, f, q, tt) for q, tt in zip(voxel_to_mm(p, SPACING), t)]
         terms.append(sum(b / n_points for b in per_point))  # critical (first k) and random: the same weight
     naive = torch.stack(terms).mean()
-    assert float(out["mie"]) == pytest.approx(float(naive), rel=1e-5)
+    assert float(out["mie"].detach()) == pytest.approx(float(naive), rel=1e-5)
     for g, g_naive in zip(grads(out["mie"], meshes), grads(naive, meshes)):
         torch.testing.assert_close(g, g_naive, rtol=1e-4, atol=1e-7)

@@ -17,7 +17,12 @@ Output: ``RAW/DatasetNNN_NAME/{imagesTr,labelsTr}`` (NIfTI, written with SimpleI
   ``[1, 1]``, or at the base an open C ``[1, 0]`` or two pieces ``[2, 0]``; RV ``[1, 0]`` or two pieces ``[2, 0]``.
 * 3D prior only for the epicardial region ``LV_epi = LV+MYO`` ``[1, 0, 0]``: with 10 mm slices the references' 3D
   Betti numbers of MYO and RV are staircase artefacts (MYO has 0-40 tunnels), so no 3D prior is stated for them.
-* mesh structures ``LV_endo`` (LV), ``LV_epi`` (LV+MYO), ``RV``.
+* mesh structures ``LV_endo`` (LV), ``LV_epi`` (LV+MYO), ``RV``, and two mesh rules: ``mesh_exclusion(RV,LV_epi)``
+  (the RV touches the myocardium, so no voxel rule between RV and MYO can hold, but the RV mesh must never enter
+  the LV epicardial mesh: that is septal penetration) and ``mesh_inclusion(LV_endo in LV_epi)``. Both hold on the
+  label maps by construction (RV and LV+MYO share no label; LV is part of LV+MYO) and on the reference meshes
+  (``mesh_from_mask`` of each region, all 200 references): the inclusion with 0 mm³ everywhere, the exclusion with
+  0 mm³ in 175 cases and a marching-cubes artefact of 2-8 mm³ in 25 (documentation/topology_spec.md).
 
 The h5 files carry no spacing. The converter writes ``--spacing`` (default 10 x 1.5 x 1.5 mm, (Z, Y, X): ACDC's
 typical values; the published ranges are 5-10 mm between slices and 1.37-1.68 mm in-plane) into every image and
@@ -63,6 +68,10 @@ def acdc_topology() -> dict:
         "betti_2d": {"axis": 0, "LV": [1, 0], "LV_epi": [1, 0], "MYO": [[1, 1], [1, 0], [2, 0]],
                      "RV": [[1, 0], [2, 0]]},
         "mesh_structures": {"LV_endo": ["LV"], "LV_epi": ["LV", "MYO"], "RV": ["RV"]},
+        "mesh_rules": [
+            {"type": "mesh_exclusion", "meshes": ["RV", "LV_epi"]},
+            {"type": "mesh_inclusion", "inner": "LV_endo", "outer": "LV_epi"},
+        ],
     }
 
 
