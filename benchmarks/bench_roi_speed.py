@@ -3,7 +3,7 @@
 An ACDC-like synthetic dataset whose images are much larger than the heart (``--canvas``, like real cine MRI, where
 most of the image is not heart) is planned twice: ``nnUNetv2_topo_plan_whole_volume`` (patch = the largest case,
 the old way to train the mesh trainers) and ``nnUNetv2_topo_plan_mesh`` (patch = the heart ROI). ``nnUNetTrainer``
-and ``nnUNetTrainerTPM`` (``tpm_warmup_epochs=0``: L_TPM itself is timed) are built on each exactly as
+and ``nnUNetTrainerTPM`` (``topology_start_epoch=0``: L_TPM itself is timed) are built on each exactly as
 ``nnUNetv2_train`` builds them, and ``train_step`` is timed on pre-fetched batches of each configuration's own
 loader in interleaved rounds (the order alternates). Printed: ms/iteration (median over rounds) and the ratios
 ROI / whole volume per trainer and TPM / nnUNetTrainer per configuration (medians of same-round ratios, with
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     runs, batches, info = {}, {}, {}
     for label, (conf, plans) in setups.items():
         for name in ("nnUNetTrainer", "nnUNetTrainerTPM"):
-            runs[(label, name)] = build_trainer(str(DATASET), conf, 0, name, plans, device, {"tpm_warmup_epochs": 0})
+            runs[(label, name)] = build_trainer(str(DATASET), conf, 0, name, plans, device, {"topology_start_epoch": 0})
         first = runs[(label, "nnUNetTrainerTPM")]  # the ROI loader places the patches for the mesh trainer
         batches[label] = [next(first.dataloader_train) for _ in range(args.iters)]
         info[label] = (list(first.configuration_manager.patch_size), list(first.configuration_manager.spacing),

@@ -6,6 +6,9 @@ SAME pre-fetched batches for every trainer (data loading excluded: it is identic
 timed in interleaved rounds (A, B, then B, A, ...) so drift of the machine hits all of them alike. The ratio is the
 median over rounds of ``ms/iteration of trainer / ms/iteration of nnUNetTrainer`` in the same round, printed with
 its range over rounds (on a busy 2-core CPU the range is wide: read it before reading the median).
+The topology terms are timed from the first step (``--set`` defaults to ``{"topology_start_epoch": 0}``): the first
+phase of a trainer's schedule is plain nnU-Net (documentation/trainers.md "Schedule"), so ``--set '{}'`` would time
+ProjPool and Betti without their terms and TPM without L_TPM.
 
 Usage (creates and preprocesses a synthetic dataset if ``-d`` is not given)::
 
@@ -65,7 +68,7 @@ def build_trainer(dataset: str, configuration: str, fold: int, name: str, plans:
             setattr(t, k, v)
     t.initialize()
     t.on_train_start()
-    t.on_train_epoch_start()  # as nnU-Net's run_training: train mode, lr, TPM warm-up switch
+    t.on_train_epoch_start()  # as nnU-Net's run_training: train mode, lr, the schedule's phase
     return t
 
 
@@ -92,9 +95,11 @@ def main(argv=None) -> None:
     parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (same for every trainer)")
     parser.add_argument("--whole_volume", action="store_true",
                         help="write nnUNetPlansWholeVolume with nnUNetv2_topo_plan_whole_volume and use it")
-    parser.add_argument("--set", default="{}",
-                        help="JSON object of class attributes set on every trainer that has them, before initialize, "
-                             "e.g. '{\"tpm_warmup_epochs\": 0}' to time L_TPM itself rather than its warm-up")
+    parser.add_argument("--set", default='{"topology_start_epoch": 0}',
+                        help="JSON object of class attributes set on every trainer that has them, before initialize "
+                             "(default: '{\"topology_start_epoch\": 0}', the topology terms, L_TPM included, from "
+                             "the first step rather than the first phase of the schedule, which is plain nnU-Net's "
+                             "loss); it replaces the default, so repeat topology_start_epoch when adding keys")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("nnUNet_n_proc_DA", "1")

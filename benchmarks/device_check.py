@@ -35,7 +35,8 @@ is recorded and the later steps still run; steps whose input failed are marked `
   (without ``--mesh_folder``: the mesh metrics run on the CPU only, ~35 s per case on 2 cores even for these tiny
   volumes (mesh TVS on a 1 mm grid), and the CPU tests cover them).
 * ``trainer_speed``: ``benchmarks/bench_trainer_speed.py --device cuda --whole_volume`` (every trainer on the
-  whole-volume plans, nnUNetTrainer included; ``tpm_warmup_epochs=0`` so that L_TPM itself is timed); its printed
+  whole-volume plans, nnUNetTrainer included; ``topology_start_epoch=0`` so that the topology terms themselves,
+  L_TPM included, are timed rather than the first phase of the schedule, which is plain nnU-Net); its printed
   table is parsed (the script has no machine-readable output).
 
 ``--dry-run``: the same steps on the CPU (``-device cpu``) at tiny sizes (dataset 8 x 32 x 32, 1 iteration,
@@ -97,7 +98,7 @@ MODES: Dict[str, Dict[str, Any]] = {
         speed_trainers=["nnUNetTrainerProjPool", "nnUNetTrainerBetti", "nnUNetTrainerMesh", "nnUNetTrainerTPM",
                         "nnUNetTrainerMIE"],
         speed_iters=10, speed_rounds=3, speed_warmup=3,
-        trainer_overrides={"tpm_warmup_epochs": 0},
+        trainer_overrides={"topology_start_epoch": 0},
         timeouts=dict(machine=60, prepare=150, occupancy=90, betti_cost=90, smoke=180, predict=90,
                       predict_meshes=90, evaluate=60, trainer_speed=240),
     ),
@@ -110,7 +111,7 @@ MODES: Dict[str, Dict[str, Any]] = {
         speed_trainers=["nnUNetTrainerProjPool", "nnUNetTrainerMesh"],
         speed_iters=1, speed_rounds=1, speed_warmup=1,
         # fewer occupancy / critical / MIE points keep a CPU iteration of the mesh trainers short
-        trainer_overrides={"tpm_warmup_epochs": 0, "occ_num_uniform": 128, "occ_num_surface": 128,
+        trainer_overrides={"topology_start_epoch": 0, "occ_num_uniform": 128, "occ_num_surface": 128,
                            "max_critical_points": 128, "mie_num_points": 256},
         timeouts=dict(machine=120, prepare=400, occupancy=200, betti_cost=200, smoke=400, predict=200,
                       predict_meshes=200, evaluate=200, trainer_speed=400),
@@ -814,8 +815,9 @@ def render_markdown(res: dict) -> str:
     lines += ["", "### Per-iteration time, ratio to nnUNetTrainer (`bench_trainer_speed.py --whole_volume`, "
                   "same batches, interleaved rounds)", ""]
     if rec.get("rows"):
-        lines += [f"{_cell(rec.get('setup'))}; L_TPM on from the first step (`tpm_warmup_epochs=0`); torch.compile "
-                  "as nnU-Net decides (on for CUDA, off for the mesh trainers).", "",
+        lines += [f"{_cell(rec.get('setup'))}; topology terms (L_TPM included) on from the first step "
+                  "(`topology_start_epoch=0`); torch.compile as nnU-Net decides (on for CUDA, off for the mesh "
+                  "trainers).", "",
                   "| trainer | ms/iter (median) | ratio (median of rounds) | min..max |", "|---|---|---|---|"]
         for r in rec["rows"]:
             lines.append(f"| {r['trainer']} | {r['ms_per_iter']:.1f} | {r['ratio']:.3f} | "

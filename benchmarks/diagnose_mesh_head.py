@@ -1,7 +1,7 @@
 """Does the mesh head learn? Per-step diagnostic of a mesh trainer on a preprocessed dataset (a script, not a test).
 
 Builds the trainer as ``nnUNetv2_train`` does (``get_trainer_from_args``, ``initialize``, ``on_train_start``), runs
-``--steps`` of nnU-Net's own ``train_step`` on real augmented batches and prints per step: the time, nnU-Net's loss,
+``--steps`` of the trainer's own ``train_step`` on real augmented batches and prints per step: the time, nnU-Net's loss,
 every mesh term, and the **mesh Dice** of each predicted mesh against the (augmented) target region of that batch
 (exact winding number > 1/2 at the voxel centres vs ``isin(target, structure labels)``, mean over the batch).
 The lr schedule advances per epoch as in nnU-Net. Class attributes can be overridden (JSON), e.g. nnU-Net's own
@@ -75,13 +75,13 @@ def main(argv=None) -> None:
     tr.initialize()
     tr.on_train_start()
     seen = {}
-    compute = tr._mesh_computer.compute
+    compute = tr.compute_mesh_terms  # every mesh term of a step, called once by the trainer's train_step
 
     def spy(meshes, faces, logits, target):
         seen.update(meshes=[m.detach() for m in meshes], faces=faces, target=target.detach())
         return compute(meshes, faces, logits, target)
 
-    tr._mesh_computer.compute = spy
+    tr.compute_mesh_terms = spy
     print(f"{args.tr} on {args.d}/{args.c}/{args.p}, overrides {overrides}; structures {list(tr.mesh_names)}")
     tr.on_train_epoch_start()
     for i in range(args.steps):
@@ -93,7 +93,7 @@ def main(argv=None) -> None:
         print(f"step {i:4d} {dt:6.2f}s loss {out['loss']:.3f} {terms} mesh Dice {dice}", flush=True)
         if (i + 1) % tr.num_iterations_per_epoch == 0:
             tr.current_epoch += 1
-            tr.on_train_epoch_start()  # poly lr per epoch, TPM warm-up switch
+            tr.on_train_epoch_start()  # poly lr per epoch, the schedule's phase
     os._exit(0)  # do not wait for nnU-Net's augmentation workers
 
 

@@ -417,8 +417,8 @@ class MeshHead(nn.Module):
             raise ValueError(
                 f"this mesh head was trained with {what}; this nnunet-topo places templates with placement version "
                 f"{self.PLACEMENT_VERSION} (hard arg-max mask, largest component), which would give it different "
-                "meshes. Retrain the mesh trainer (or fine-tune it from this checkpoint's network weights with "
-                "-pretrained_weights), or predict with the nnunet-topo version it was trained with."
+                "meshes. Retrain the mesh trainer with this version, or predict with the nnunet-topo version it was "
+                "trained with."
             )
         if list(state.get("names", [])) != self.names or list(state.get("genera", [])) != self.genera:
             raise ValueError(

@@ -16,7 +16,7 @@ Per mesh structure (the dataset's ``mesh_structures``):
           / sum_{mesh structures X} reference volume of region(X)
 
 The denominator is Eq. 13's ``Σ_i |V_i|``, the sum of the reference volumes of the mesh structures (for the usual
-cardiac meshes LV_endo, LV_epi = LV+MYO and RV: the reference foreground plus the LV cavity once more, about 1.35x
+cardiac meshes LV_endo, LV_epi = LV+MYO and RV: the reference foreground plus the LV cavity once more, about 1.32x
 the foreground on ACDC); ``TVS_per_rule`` uses the same denominator, so the rules' values add up to ``TVS``. The
 value over the reference foreground volume, which this module called TVS before, is kept as ``TVS_over_foreground``
 (documentation/metrics.md says how the two relate). The rules are the mesh-level rules in force

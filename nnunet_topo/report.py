@@ -40,7 +40,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from nnunet_topo.rules import ExclusionRule, InclusionRule, TopologySpec, spec_from_dataset_json
+from nnunet_topo.rules import (MeshExclusionRule, TopologySpec, mesh_rule_meshes, mesh_rules_in_force,
+                                spec_from_dataset_json)
 from nnunet_topo.summary_io import EvaluationError, ignore_label_of, load_json_arg, nanmean, to_builtin
 
 __all__ = [
@@ -708,17 +709,12 @@ def penetrating_vertices(meshes: Mapping[str, Any], spec: TopologySpec, tol_mm: 
     (:func:`nnunet_topo.occupancy.winding_number`, the occupancy of the mesh TVS) above 1/2, and a vertex counts
     only when it is more than ``tol_mm`` from the other surface (:func:`nnunet_topo.metrics.mesh.
     point_to_surface_distance`), so surfaces that coincide (an inner and an outer mesh sharing a cap) are not
-    flagged. Rules are matched to meshes by label-id set, as the mesh evaluation does.
+    flagged. The rules are the mesh-level rules in force (:func:`nnunet_topo.rules.mesh_rules_in_force`: the
+    dataset's ``mesh_rules`` and the voxel rules whose structures are mesh structures), as in the mesh evaluation.
 
     Returns ``({rule: {mesh name: bool (V,)}}, {rule: why it was skipped})``.
     """
     from nnunet_topo.metrics.mesh import point_to_surface_distance
-
-    available = {frozenset(int(i) for i in spec.mesh_structures[n].label_ids): n for n in meshes
-                 if n in spec.mesh_structures}
-
-    def name_of(structure):
-        return None if structure is None else available.get(frozenset(int(i) for i in structure.label_ids))
 
     def deep(flags: np.ndarray, pts: np.ndarray, other) -> np.ndarray:
         if tol_mm > 0 and flags.any():
@@ -728,37 +724,29 @@ def penetrating_vertices(meshes: Mapping[str, Any], spec: TopologySpec, tol_mm: 
             flags[idx[d <= tol_mm]] = False
         return flags
 
+    rules, not_on_meshes = mesh_rules_in_force(spec)
     out: Dict[str, Dict[str, np.ndarray]] = {}
-    skipped: Dict[str, str] = {}
-    for rule in spec.rules:
-        if isinstance(rule, ExclusionRule):
-            a, b = name_of(rule.a), name_of(rule.b)
-            if a is None or b is None:
-                skipped[rule.name] = "no mesh for " + ", ".join(s.name for s, n in ((rule.a, a), (rule.b, b))
-                                                                if n is None)
-                continue
+    skipped: Dict[str, str] = {r: why for r, why in not_on_meshes.items() if "no mesh structure" in why}
+    for rule in rules:
+        lack = [m for m in mesh_rule_meshes(rule) if m not in meshes]
+        if lack:
+            skipped[rule.name] = "no mesh for " + ", ".join(lack)
+            continue
+        if isinstance(rule, MeshExclusionRule):
             res = {}
-            for x, y in ((a, b), (b, a)):
+            for x, y in ((rule.a, rule.b), (rule.b, rule.a)):
                 pts = np.asarray(meshes[x].vertices, np.float64)
                 res[x] = deep(_winding(pts, meshes[y]) > 0.5, pts, meshes[y])
             out[rule.name] = res
-        elif isinstance(rule, InclusionRule):
-            inner, outer = name_of(rule.inner), name_of(rule.outer)
-            if inner is None or outer is None:
-                skipped[rule.name] = "no mesh for " + ", ".join(
-                    s.name for s, n in ((rule.inner, inner), (rule.outer, outer)) if n is None)
-                continue
-            allowed = [meshes[outer]]
-            mt = name_of(rule.may_touch)
-            if mt is not None:
-                allowed.append(meshes[mt])
-            pts = np.asarray(meshes[inner].vertices, np.float64)
+        else:
+            allowed = [meshes[rule.outer]] + [meshes[m] for m in rule.may_touch if m in meshes]
+            pts = np.asarray(meshes[rule.inner].vertices, np.float64)
             flags = np.ones(len(pts), bool)
             for m in allowed:
                 flags &= _winding(pts, m) <= 0.5
             for m in allowed:
                 flags = deep(flags, pts, m)
-            out[rule.name] = {inner: flags}
+            out[rule.name] = {rule.inner: flags}
     return out, skipped
 
 

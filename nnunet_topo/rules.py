@@ -5,9 +5,10 @@ label names, e.g. the LV epicardium encloses ``["LV", "MYO"]``) or a name define
 ``structures`` table. Rules say which structures must not touch (``exclusion``) and which must lie inside
 another (``inclusion``); ``betti``/``betti_2d`` give topological priors; ``mesh_structures`` names the closed
 surfaces a mesh head predicts, and ``mesh_rules`` says which of those surfaces must not overlap
-(``mesh_exclusion``, contact allowed) and which lies inside another (``mesh_inclusion``). Voxel rules are about label
-maps ("must not touch"); mesh rules are about the volumes the closed surfaces enclose (DESIGN §4). The meaning of the rules on voxels is in :mod:`nnunet_topo.violations`
-(DESIGN §4); the user documentation of every key is ``documentation/topology_spec.md``.
+(``mesh_exclusion``, contact allowed) and which lies inside another (``mesh_inclusion``). Voxel rules are about
+label maps ("must not touch"), mesh rules about the volumes the closed surfaces enclose (DESIGN §4). The meaning of
+the rules on voxels is in :mod:`nnunet_topo.violations` (DESIGN §4); the user documentation of every key is
+``documentation/topology_spec.md``.
 
 Example (short-axis cardiac MRI, labels background/RV/MYO/LV)::
 
@@ -604,7 +605,8 @@ def _mesh_name(value: Any, where: str, mesh_structures: Mapping[str, Structure],
     if value in mesh_structures:
         return value
     hint = _suggest(value, mesh_structures)
-    region = structures.get(value) or (Structure(value, (value,), (foreground[value],)) if value in foreground else None)
+    region = structures.get(value) or (Structure(value, (value,), (foreground[value],)) if value in foreground
+                                       else None)
     if region is not None:
         same = [m for m, s in mesh_structures.items() if set(s.label_ids) == set(region.label_ids)]
         what = f"{value!r} is a {'structure' if value in structures else 'label'}, not a mesh structure"

@@ -7,7 +7,6 @@ segmentation. With ``mesh_exclusion(RV, LV_epi)`` it gives mesh critical points 
 voxel rules alone (the spec before mesh rules existed) it gives neither: the voxel rules reach the meshes only as
 LV_endo vs RV and LV_endo inside LV_epi, which this RV mesh does not break.
 """
-import copy
 import math
 
 import numpy as np
@@ -65,7 +64,8 @@ def test_parse_mesh_rules():
     ([{"type": "mesh_inclusion", "inner": "LV_epi", "outer": "LV_endo"}],
      r"outer='LV_endo' \(LV\) must contain every label of inner='LV_epi'.*missing 'MYO'"),
     ([{"type": "mesh_inclusion", "inner": "RV", "outer": "RV"}], "names the same mesh twice"),
-    ([{"type": "exclusion", "meshes": ["RV", "LV_epi"]}], r"unknown mesh rule type 'exclusion'.*put it in topology\.rules"),
+    ([{"type": "exclusion", "meshes": ["RV", "LV_epi"]}],
+     r"unknown mesh rule type 'exclusion'.*put it in topology\.rules"),
     ([{"type": "mesh_exclusion", "mesh": ["RV", "LV_epi"]}], r"unknown key 'mesh'.*Did you mean 'meshes'"),
     ([{"type": "mesh_inclusion", "inner": "LV_endo"}], "missing required key 'outer'"),
     ([{"meshes": ["RV", "LV_epi"]}], "missing required key 'type'"),

@@ -356,3 +356,44 @@ def test_with_a_share_the_mesh_terms_move_the_network_and_the_head_uses_its_own_
     assert tr.head_grad_scaler.get_scale() == 2.0 ** 7
     assert any(not torch.equal(a, b) for a, b in zip(net0, tr.network.parameters()))
     assert all(torch.isfinite(p).all() for p in tr.network.parameters())
+
+
+def test_head_only_variant_leaves_the_network_untouched(pre, env):
+    _, tr, _, batches = _same_start("nnUNetTrainerMesh_headOnly")
+    net0, head0 = _params(tr.network), _params(tr.mesh_head)
+    for b in batches[:2]:
+        out = tr.train_step(b)
+        assert np.isfinite(out["loss"])
+    assert all(torch.equal(a, b) for a, b in zip(net0, tr.network.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(head0, tr.mesh_head.parameters()))
+
+
+def test_first_phase_of_the_schedule_is_plain_nnunet(pre, env):
+    """ProjPool before its switch epoch: its steps equal plain nnUNetTrainer's from the same weights and batches
+    (the term is not computed, logged NaN); after the switch they differ."""
+    import copy
+
+    plain = _trainer("nnUNetTrainer", num_epochs=4)
+    plain.initialize()
+    tr = _trainer("nnUNetTrainerProjPool", num_epochs=4)
+    assert tr.topology_start() == 2
+    tr.initialize()
+    tr.network.load_state_dict(plain.network.state_dict())
+    tr.on_train_start()
+    tr.on_epoch_start()
+    tr.on_train_epoch_start()
+    batches = [next(tr.dataloader_train) for _ in range(3)]
+    for b in batches[:2]:
+        plain.train_step(copy.deepcopy(b))
+        out = tr.train_step(copy.deepcopy(b))
+        assert math.isnan(out["train_projpool"])
+    for p, q in zip(plain.network.parameters(), tr.network.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-6)
+    tr.current_epoch = 2
+    tr.on_train_epoch_start()
+    plain.lr_scheduler.step(2)  # the same lr: only the term differs
+    plain.train_step(copy.deepcopy(batches[2]))
+    out = tr.train_step(copy.deepcopy(batches[2]))
+    assert math.isfinite(out["train_projpool"])
+    assert any(not torch.allclose(p, q, rtol=0, atol=1e-6) for p, q in zip(plain.network.parameters(),
+                                                                           tr.network.parameters()))

@@ -103,7 +103,7 @@ def test_tpm_without_critical_points_is_the_occupancy_bce_over_the_standard_poin
         p_mm = voxel_to_mm(pts[0], SPACING)
         per_mesh.append(torch.stack([naive_bce(v_mm, f, p, t) for p, t in zip(p_mm, tgt[0])]).mean())
     naive = torch.stack(per_mesh).mean()
-    assert float(out["tpm"].detach()) == pytest.approx(float(naive), rel=1e-5)
+    assert float(out["tpm"].detach()) == pytest.approx(float(naive.detach()), rel=1e-5)
     for g, g_naive in zip(grads(out["tpm"], meshes), grads(naive, meshes)):
         torch.testing.assert_close(g, g_naive, rtol=1e-4, atol=1e-7)
 
@@ -135,8 +135,8 @@ def test_each_critical_point_weighs_a_standard_point():
         occ_terms.append(sum(std) / len(std))
         old_terms.append(sum(crit) / len(crit))
     naive_tpm, naive_occ = torch.stack(tpm_terms).mean(), torch.stack(occ_terms).mean()
-    assert float(out["tpm"].detach()) == pytest.approx(float(naive_tpm), rel=1e-5)
-    assert float(out["occ"].detach()) == pytest.approx(float(naive_occ), rel=1e-5)
+    assert float(out["tpm"].detach()) == pytest.approx(float(naive_tpm.detach()), rel=1e-5)
+    assert float(out["occ"].detach()) == pytest.approx(float(naive_occ.detach()), rel=1e-5)
     assert float(out["tpm"].detach()) > float(out["occ"].detach())
     got = grads(out["tpm"], meshes)
     for g, g_naive in zip(got, grads(naive_tpm, meshes)):
@@ -190,6 +190,6 @@ def test_mie_critical_points_share_one_mean_with_the_random_points():
         per_point = [naive_bce(v_mm, f, q, tt) for q, tt in zip(voxel_to_mm(p, SPACING), t)]
         terms.append(sum(b / n_points for b in per_point))  # critical (first k) and random: the same weight
     naive = torch.stack(terms).mean()
-    assert float(out["mie"].detach()) == pytest.approx(float(naive), rel=1e-5)
+    assert float(out["mie"].detach()) == pytest.approx(float(naive.detach()), rel=1e-5)
     for g, g_naive in zip(grads(out["mie"], meshes), grads(naive, meshes)):
         torch.testing.assert_close(g, g_naive, rtol=1e-4, atol=1e-7)

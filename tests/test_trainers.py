@@ -90,18 +90,6 @@ def test_semi_supervised_requires_whole_volume_in_patch():
         check_whole_volume_in_patch([("a", (10, 60, 64)), ("c", (14, 64, 64))], [12, 64, 64])
 
 
-def test_group_poly_scheduler_scales_each_group():
-    from nnunet_topo.lr_schedule import GroupPolyLRScheduler
-
-    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([{"params": [a], "lr_factor": 1.0}, {"params": [b], "lr_factor": 0.01}], lr=0.01)
-    sched = GroupPolyLRScheduler(opt, 0.01, 10)
-    sched.step(5)
-    expected = 0.01 * (1 - 5 / 10) ** 0.9
-    assert opt.param_groups[0]["lr"] == pytest.approx(expected)
-    assert opt.param_groups[1]["lr"] == pytest.approx(expected * 0.01)
-
-
 def test_center_pad_to_places_like_nnunet_and_keeps_channels():
     import numpy as np
 

@@ -66,8 +66,12 @@ class nnUNetTrainerMesh(MeshROISampling, nnUNetTrainerTopoBase):
     #: λ_TP of TPM Table 1: 0 here (no L_TPM term); nnUNetTrainerTPM sets it
     lambda_tp: float = 0.0
     #: the mesh terms' gradient into nnU-Net's network, at most this share of L_seg's own gradient norm at every step
-    #: (0: the network trains exactly as plain nnU-Net; mesh_step.py). Chosen on ACDC: documentation/results.md
+    #: (0: the network trains exactly as plain nnU-Net; mesh_step.py). 0.1 is a first choice, not yet measured on
+    #: ACDC (the fine-tune study, issue 22, is where it gets measured; documentation/mesh_trainers.md)
     mesh_backbone_grad_share: float = 0.1
+    #: train the head only, on top of a trained network that stays exactly as it is (``nnUNetTrainerMesh_headOnly``
+    #: with ``-pretrained_weights``): the network runs without gradient and is never stepped
+    freeze_network: bool = False
     #: the head's own optimiser: Adam at ``head_lr`` with nnU-Net's poly decay over ``num_epochs``, clipped to
     #: ``head_grad_clip`` on its own (the segmentation's clip budget is nnU-Net's alone)
     head_lr: float = 1e-3
@@ -178,10 +182,12 @@ class nnUNetTrainerMesh(MeshROISampling, nnUNetTrainerTopoBase):
         torch.save(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
         checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
             torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
-        entry = self._head_entry(checkpoint, str(filename_or_checkpoint)[:200], required=True)
+        where = str(filename_or_checkpoint)[:200]
+        refuse_older_mesh_model(checkpoint, where)  # before nnU-Net's strict load, with a message that says why
+        super().load_checkpoint(filename_or_checkpoint)
+        entry = self._head_entry(checkpoint, where, required=True)
         self.mesh_head.load_state_dict(entry["state_dict"])
         self.head_optimizer.load_state_dict(entry["optimizer_state"])
         if self.head_grad_scaler is not None and entry.get("grad_scaler_state") is not None:
@@ -192,13 +198,8 @@ class nnUNetTrainerMesh(MeshROISampling, nnUNetTrainerTopoBase):
         """The checkpoint's head entry if it fits this trainer's head; None (``required`` False) when the checkpoint
         has none; a clear error for a head of an older format or other templates."""
         entry = checkpoint.get(HEAD_STATE_KEY)
-        old = any(k.startswith("mesh_head.") for k in checkpoint.get("network_weights", {}))
+        refuse_older_mesh_model(checkpoint, where)
         if entry is None:
-            if old:
-                raise RuntimeError(
-                    f"{where}: a mesh model of an older nnunet-topo (head format 1: network and head in one wrapper, "
-                    "placement from soft-segmentation moments). Its meshes cannot be reproduced by this version; "
-                    "retrain it (or use its network weights: they are under 'network.' in network_weights).")
             if required:
                 raise RuntimeError(f"{where} has no mesh head ({HEAD_STATE_KEY}); it is not a checkpoint of a mesh "
                                    "trainer of this version. Start from it with -pretrained_weights instead.")
@@ -208,11 +209,17 @@ class nnUNetTrainerMesh(MeshROISampling, nnUNetTrainerTopoBase):
                                f"{HEAD_FORMAT_VERSION}; retrain the mesh model.")
         mine = {k: v for k, v in self.mesh_head_settings.items()}
         theirs = entry.get("head_settings", {})
+        if theirs != mine and not required:
+            self.print_to_log_file(f"{where}: its mesh head settings {theirs} differ from this trainer's {mine}")
+            return None
         if theirs != mine:
             raise RuntimeError(f"{where}: its mesh head settings {theirs} differ from this trainer's {mine}; start "
                                "from a mesh model of the same trainer settings, or from its network only "
                                "(a plain nnU-Net checkpoint).")
         return entry
+
+    def before_pretrained_weights(self, fname: str) -> None:
+        refuse_older_mesh_model(torch.load(fname, map_location="cpu", weights_only=False), fname)
 
     def after_pretrained_weights(self, fname: str) -> None:
         """``-pretrained_weights``: nnU-Net loaded the network (nnUNetTrainerTopoBase restores the seg layers);
@@ -228,7 +235,8 @@ class nnUNetTrainerMesh(MeshROISampling, nnUNetTrainerTopoBase):
             self.print_to_log_file(f"mesh head loaded from {fname} (its {len(entry['state_dict'])} keys); the head's "
                                    "optimiser starts fresh", also_print_to_console=True)
         else:
-            why = "it has no mesh head" if entry is None else "its templates differ from this plans.json's"
+            why = "it has no mesh head of these settings" if entry is None else \
+                "its templates differ from this plans.json's"
             self.print_to_log_file(f"mesh head starts fresh: {fname} is used for nnU-Net's network only ({why})",
                                    also_print_to_console=True)
 
@@ -259,11 +267,11 @@ class nnUNetTrainerMesh(MeshROISampling, nnUNetTrainerTopoBase):
         self.optimizer.zero_grad(set_to_none=True)
         self.head_optimizer.zero_grad(set_to_none=True)
         amp = torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
-        share = float(self.mesh_backbone_grad_share)
+        share = 0.0 if self.freeze_network else float(self.mesh_backbone_grad_share)
         with amp:
-            with self.mesh_model.capture() as captured:
+            with self.mesh_model.capture() as captured, torch.set_grad_enabled(not self.freeze_network):
                 output = self.network(data)
-            l_seg = self.loss(output, target)
+                l_seg = self.loss(output, target)
             logits, tgt = full_resolution(output), full_resolution(target)
             feats, inputs, meshes, faces = self._head_forward(captured, logits, detach=True,
                                                               grad_to_backbone=share > 0)
@@ -274,18 +282,21 @@ class nnUNetTrainerMesh(MeshROISampling, nnUNetTrainerTopoBase):
         feature_grads = head_backward(data_loss, reg_loss, head_params, inputs, scale)
         # the network: nnU-Net's backward of L_seg, then the bounded mesh share, then nnU-Net's clip and step
         net_params = list(self.network.parameters())
-        if self.grad_scaler is not None:
+        if self.freeze_network:
+            pass
+        elif self.grad_scaler is not None:
             self.grad_scaler.scale(l_seg).backward(retain_graph=share > 0)
             self.grad_scaler.unscale_(self.optimizer)
         else:
             l_seg.backward(retain_graph=share > 0)
-        add_bounded_feature_gradient(net_params, feats, feature_grads, share, ddp=self.is_ddp)
-        torch.nn.utils.clip_grad_norm_(net_params, 12)
-        if self.grad_scaler is not None:
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            self.optimizer.step()
+        if not self.freeze_network:
+            add_bounded_feature_gradient(net_params, feats, feature_grads, share, ddp=self.is_ddp)
+            torch.nn.utils.clip_grad_norm_(net_params, 12)
+            if self.grad_scaler is not None:
+                self.grad_scaler.step(self.optimizer)
+                self.grad_scaler.update()
+            else:
+                self.optimizer.step()
         # the head: its own GradScaler, clip and optimiser
         if self.is_ddp:
             allreduce_mean_([p.grad for p in head_params])
@@ -297,7 +308,9 @@ class nnUNetTrainerMesh(MeshROISampling, nnUNetTrainerTopoBase):
             hs.update()
         else:
             self.head_optimizer.step()
-        out = {"loss": (l_seg.detach() + data_loss.detach() + reg_loss.detach()).cpu().numpy()}
+        # nnU-Net's "loss" (progress.png) stays L_seg, comparable with plain nnU-Net and with its val_loss; the mesh
+        # terms are logged on their own
+        out = {"loss": l_seg.detach().cpu().numpy()}
         out.update(self._pop_term_values("train"))
         out.update(self._mesh_log_values("train", values, meshes, faces, tgt))
         return out
@@ -354,8 +367,8 @@ class nnUNetTrainerMesh(MeshROISampling, nnUNetTrainerTopoBase):
         self.print_to_log_file(f"mesh losses (mm, spacing {self.patch_spacing()}): occupancy {self.occupancy_method}, "
                                f"smoothing {self.mesh_smoothing():.3f} mm, mean template edge {self._mean_edge_mm:.2f} "
                                f"mm, weights {self.mesh_term_weights()}; head: Adam lr {self.head_lr}, clip "
-                               f"{self.head_grad_clip}; mesh gradient into the network <= "
-                               f"{self.mesh_backbone_grad_share} x L_seg's")
+                               f"{self.head_grad_clip}; " + ("network frozen" if self.freeze_network else
+                               f"mesh gradient into the network <= {self.mesh_backbone_grad_share} x L_seg's"))
 
     def regularisers(self, meshes: List[Tensor], faces: List[Tensor], logits: Tensor) -> Dict[str, Tensor]:
         shape = tuple(logits.shape[2:])
@@ -397,3 +410,23 @@ class nnUNetTrainerMesh(MeshROISampling, nnUNetTrainerTopoBase):
             self.print_to_log_file(f"the meshes fit (volume ratios within {self.mesh_ready_volume_band}) after epoch "
                                    f"{self.current_epoch - 1}")
         return self._ready_epoch is not None and self.current_epoch >= self._ready_epoch
+
+
+def refuse_older_mesh_model(checkpoint: dict, where: str) -> None:
+    """A clear error for a checkpoint of a mesh model of an earlier nnunet-topo (head format 1: network and head in
+    one wrapper, ``network.``/``mesh_head.`` keys in ``network_weights``, placement from soft moments)."""
+    if HEAD_STATE_KEY not in checkpoint and any(k.startswith("mesh_head.")
+                                                for k in checkpoint.get("network_weights", {})):
+        raise RuntimeError(
+            f"{where}: a mesh model of an earlier nnunet-topo (head format 1: nnU-Net's network and the mesh head in "
+            "one wrapper, placement from soft-segmentation moments). This version cannot reproduce its meshes and "
+            "nnU-Net cannot load its network keys ('network.' prefix). Retrain it with this version.")
+
+
+class nnUNetTrainerMesh_headOnly(nnUNetTrainerMesh):
+    """A mesh head on top of a trained nnU-Net that stays exactly as it is: start it with ``-pretrained_weights`` of
+    a plain model trained on the same plans and configuration; the network is frozen (no gradient, no step, also no
+    bounded mesh share), only the head learns. nnU-Net's validation then reproduces the pretrained model's
+    segmentation (its segmentation layers are loaded too, ``keep_pretrained_seg_layers``)."""
+
+    freeze_network = True

@@ -140,6 +140,9 @@ class nnUNetTrainerTopoBase(nnUNetTrainer):
 
         unwrap_network(self.network)._nnunet_topo_trainer = weakref.ref(self)
 
+    def before_pretrained_weights(self, fname: str) -> None:
+        """Called before nnU-Net's ``load_pretrained_weights`` (a subclass refuses what nnU-Net would misreport)."""
+
     def after_pretrained_weights(self, fname: str) -> None:
         """Called after nnU-Net's ``load_pretrained_weights`` (``nnUNetv2_train ... -pretrained_weights``)."""
         from nnunet_topo.mesh_head.network import unwrap_network
@@ -311,11 +314,13 @@ def _install_pretrained_weights_hook() -> None:
         return
 
     def load_pretrained_weights(network, fname, verbose=False):
-        original(network, fname, verbose=verbose)
         from nnunet_topo.mesh_head.network import unwrap_network
 
         ref = getattr(unwrap_network(network), "_nnunet_topo_trainer", None)
         trainer = ref() if ref is not None else None
+        if trainer is not None:
+            trainer.before_pretrained_weights(fname)
+        original(network, fname, verbose=verbose)
         if trainer is not None:
             trainer.after_pretrained_weights(fname)
 

@@ -8,12 +8,14 @@ from typing import Any, Dict
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_topo.trainers.nnUNetTrainerBetti import nnUNetTrainerBetti
-from nnunet_topo.trainers.nnUNetTrainerMIE import nnUNetTrainerMIE
+from nnunet_topo.roi_loader import MeshROISampling
+from nnunet_topo.trainers.nnUNetTrainerBetti import nnUNetTrainerBetti, nnUNetTrainerBetti_finetune
+from nnunet_topo.trainers.nnUNetTrainerMIE import nnUNetTrainerMIE, nnUNetTrainerMIE_finetune
 from nnunet_topo.trainers.nnUNetTrainerMesh import nnUNetTrainerMesh
 from nnunet_topo.trainers.nnUNetTrainerMeshROI import nnUNetTrainerMeshROI
-from nnunet_topo.trainers.nnUNetTrainerProjPool import nnUNetTrainerProjPool
-from nnunet_topo.trainers.nnUNetTrainerTPM import nnUNetTrainerTPM
+from nnunet_topo.trainers.nnUNetTrainerProjPool import nnUNetTrainerProjPool, nnUNetTrainerProjPool_finetune
+from nnunet_topo.trainers.nnUNetTrainerTPM import (nnUNetTrainerTPM, nnUNetTrainerTPM_finetune,
+                                                   nnUNetTrainerTPM_lambda1_finetune)
 
 
 class _ShortRunMixin:
@@ -113,3 +115,66 @@ ACDC_BACKBONE = dict(num_epochs=40, num_iterations_per_epoch=100, num_val_iterat
 
 class nnUNetTrainerMeshROI_acdcBackbone(_ShortRunMixin, nnUNetTrainerMeshROI):
     short_run = ACDC_BACKBONE
+
+
+#: stage 2: every arm fine-tuned from the backbone (-pretrained_weights) for the same 1000 iterations (10 epochs x
+#: 100, nnU-Net's poly schedule from the initial lr), with the mesh trainers' heart-ROI sampling and augmentation;
+#: the topology terms on from the first epoch (the backbone was the first phase). FT2: TPM from the Mesh fine-tune's
+#: checkpoint for 500 more iterations, against Mesh continued for the same 500 (the TPM paper's protocol).
+ACDC_FT = dict(num_epochs=10, num_iterations_per_epoch=100, num_val_iterations_per_epoch=10)
+ACDC_FT2 = dict(num_epochs=5, num_iterations_per_epoch=100, num_val_iterations_per_epoch=10)
+
+
+class _SeedMixin:
+    """``seed``: torch's and numpy's generators of the main process seeded before the trainer is built (the head's
+    initialisation, the query points); nnU-Net's augmentation workers draw their own, so two seeds are two runs."""
+
+    seed: int = 1
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        import numpy as np
+
+        torch.manual_seed(self.seed)
+        np.random.seed(self.seed)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+
+class nnUNetTrainerMeshROI_acdcFT(_SeedMixin, _ShortRunMixin, nnUNetTrainerMeshROI):
+    short_run = ACDC_FT
+
+
+class nnUNetTrainerMeshROI_acdcFT_seed2(nnUNetTrainerMeshROI_acdcFT):
+    seed = 2
+
+
+class nnUNetTrainerProjPool_acdcFT(_SeedMixin, MeshROISampling, _ShortRunMixin, nnUNetTrainerProjPool_finetune):
+    short_run = ACDC_FT
+
+
+class nnUNetTrainerBetti_acdcFT(_SeedMixin, MeshROISampling, _ShortRunMixin, nnUNetTrainerBetti_finetune):
+    short_run = ACDC_FT
+
+
+class nnUNetTrainerMesh_acdcFT(_SeedMixin, _ShortRunMixin, nnUNetTrainerMesh):
+    short_run = ACDC_FT
+
+
+class nnUNetTrainerMIE_acdcFT(_SeedMixin, _ShortRunMixin, nnUNetTrainerMIE_finetune):
+    short_run = ACDC_FT
+
+
+class nnUNetTrainerMesh_acdcFT2(_SeedMixin, _ShortRunMixin, nnUNetTrainerMesh):
+    short_run = ACDC_FT2
+
+
+class nnUNetTrainerTPM_acdcFT2(_SeedMixin, _ShortRunMixin, nnUNetTrainerTPM_finetune):
+    short_run = ACDC_FT2
+
+
+class nnUNetTrainerTPM_acdcFT2_seed2(nnUNetTrainerTPM_acdcFT2):
+    seed = 2
+
+
+class nnUNetTrainerTPM_lambda1_acdcFT2(_SeedMixin, _ShortRunMixin, nnUNetTrainerTPM_lambda1_finetune):
+    short_run = ACDC_FT2

@@ -10,6 +10,10 @@
 #   data      convert the h5 volumes, check the rules, plan (nnU-Net's planner + nnUNetv2_topo_plan_mesh), preprocess
 #   backbone  stage 1: nnUNetTrainerMeshROI_acdcBackbone (nnU-Net's loss, the mesh trainers' heart-ROI sampling and
 #             augmentation), 4000 iterations; its checkpoint path is written to $WORK/backbone_checkpoint.txt
+#   finetune  stage 2: every arm from the backbone with -pretrained_weights, 1000 iterations each (the *_acdcFT
+#             variants of trainers/nnUNetTrainer_shortRuns.py): the plain-loss control (two seeds), ProjPool, Betti,
+#             Mesh, MIE; then TPM (λ 0.5, two seeds; λ 1) from the Mesh fine-tune's checkpoint for 500 more iterations
+#             against Mesh continued for the same 500 (*_acdcFT2). Two trainings at once (STUDY_PARALLEL, default 2).
 # Data: $NNUNET_TOPO_ACDC_H5 (default ../shared/data/acdc). Work dir: $NNUNET_TOPO_STUDY_DIR (default
 # ./acdc_study_output); only a folder this script created is ever written into. STUDY_DEVICE: cpu (default) or cuda.
 # The seconds of every stage go to $WORK/logs/stage_seconds.tsv (stage, seconds, host, date).
@@ -21,7 +25,7 @@ export PATH="$REPO/.venv/bin:$PATH"
 H5="${NNUNET_TOPO_ACDC_H5:-$REPO/../shared/data/acdc}"
 WORK="${NNUNET_TOPO_STUDY_DIR:-$REPO/acdc_study_output}"
 DEVICE="${STUDY_DEVICE:-cpu}"
-STAGES="${STUDY_STAGES:-data backbone}"
+STAGES="${STUDY_STAGES:-data backbone finetune}"
 if [ -e "$WORK" ] && [ ! -f "$WORK/.nnunet_topo_study" ]; then
   echo "error: $WORK exists and was not created by this study; set NNUNET_TOPO_STUDY_DIR" >&2; exit 2
 fi
@@ -65,6 +69,19 @@ PY
   fi
   [ -f "$WORK/logs/preprocess.ok" ] || { nnUNetv2_preprocess -d $ID -plans_name $PLANS -c $CONF -np 2 \
     && touch "$WORK/logs/preprocess.ok"; }
+  # the topology block of this version (mesh rules: RV vs LV_epi, LV_endo inside LV_epi) in the raw and preprocessed
+  # dataset.json (a dataset converted by an earlier version lacks the mesh rules; the labels are unchanged)
+  python - "$DS/dataset.json" "$PP/dataset.json" <<'PY'
+import json, sys
+sys.path.insert(0, "examples/acdc")
+from convert_acdc_h5 import acdc_topology
+for path in sys.argv[1:]:
+    dj = json.load(open(path))
+    if dj.get("topology") != acdc_topology():
+        dj["topology"] = acdc_topology()
+        json.dump(dj, open(path, "w"), indent=2)
+        print(f"{path}: topology block updated (mesh rules)")
+PY
   # the 40 validation volumes of fold 0 (nnU-Net's split) as image / label folders (links)
   python - "$PP/splits_final.json" "$DS" "$WORK" <<'PY'
 import json, os, sys
@@ -82,6 +99,28 @@ stage_backbone() {
   local ckpt; ckpt="$(model_dir $BACKBONE_TR)/checkpoint_final.pth"
   [ -f "$ckpt" ] || { echo "error: the backbone has no $ckpt; see $WORK/logs/train_$BACKBONE_TR.log" >&2; exit 1; }
   echo "$ckpt" > "$WORK/backbone_checkpoint.txt"
+}
+
+FT_FIRST=(nnUNetTrainerMeshROI_acdcFT nnUNetTrainerMesh_acdcFT nnUNetTrainerMIE_acdcFT nnUNetTrainerProjPool_acdcFT
+  nnUNetTrainerBetti_acdcFT nnUNetTrainerMeshROI_acdcFT_seed2)
+FT_FROM_MESH=(nnUNetTrainerTPM_acdcFT2 nnUNetTrainerMesh_acdcFT2 nnUNetTrainerTPM_lambda1_acdcFT2
+  nnUNetTrainerTPM_acdcFT2_seed2)
+parallel_train() {  # parallel_train CHECKPOINT TRAINER...: STUDY_PARALLEL trainings at a time, each -pretrained_weights
+  local ckpt="$1"; shift; local n="${STUDY_PARALLEL:-2}" tr
+  for tr in "$@"; do
+    while [ "$(jobs -rp | wc -l)" -ge "$n" ]; do wait -n; done
+    timed "train_$tr" train "$tr" -pretrained_weights "$ckpt" &
+  done
+  wait
+}
+
+stage_finetune() {
+  local backbone; backbone="$(cat "$WORK/backbone_checkpoint.txt")"
+  parallel_train "$backbone" "${FT_FIRST[@]}"
+  parallel_train "$(model_dir nnUNetTrainerMesh_acdcFT)/checkpoint_final.pth" "${FT_FROM_MESH[@]}"
+  for tr in "${FT_FIRST[@]}" "${FT_FROM_MESH[@]}"; do
+    [ -f "$(model_dir "$tr")/validation/summary.json" ] || { echo "error: $tr did not finish" >&2; exit 1; }
+  done
 }
 
 for STAGE in $STAGES; do
