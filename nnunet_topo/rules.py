@@ -497,6 +497,18 @@ def _parse_axis(value: Any, where: str) -> int:
     return int(value)
 
 
+def _check_keys(raw: Mapping, where: str, required: tuple, optional: tuple) -> None:
+    """Unknown keys and missing required keys of one rule entry (voxel or mesh rule) are clear errors."""
+    allowed = ("type",) + required + optional
+    for key in raw:
+        if key not in allowed:
+            raise TopologySpecError(f"{where}: unknown key {key!r}; allowed keys: {_fmt_list(allowed)}."
+                                    f"{_suggest(key, allowed)}")
+    for key in required:
+        if key not in raw:
+            raise TopologySpecError(f"{where}: missing required key {key!r} (required: {_fmt_list(required)})")
+
+
 def _parse_rule(i: int, raw: Any, resolver: _Resolver) -> Rule:
     where = f"topology.rules[{i}]"
     if not isinstance(raw, Mapping):
@@ -509,15 +521,7 @@ def _parse_rule(i: int, raw: Any, resolver: _Resolver) -> Rule:
         raise TopologySpecError(f"{where}: unknown rule type {rule_type!r}; choose one of "
                                 f"{_fmt_list(RULE_KEYS)}.{_suggest(rule_type, RULE_KEYS)}")
     where = f"{where} ({rule_type})"
-    required, optional = RULE_KEYS[rule_type]
-    allowed = ("type",) + required + optional
-    for key in raw:
-        if key not in allowed:
-            raise TopologySpecError(f"{where}: unknown key {key!r}; allowed keys: {_fmt_list(allowed)}."
-                                    f"{_suggest(key, allowed)}")
-    for key in required:
-        if key not in raw:
-            raise TopologySpecError(f"{where}: missing required key {key!r} (required: {_fmt_list(required)})")
+    _check_keys(raw, where, *RULE_KEYS[rule_type])
 
     mode = raw.get("mode", "3d")
     if mode not in _MODES:
@@ -631,15 +635,7 @@ def _parse_mesh_rule(i: int, raw: Any, mesh_structures: Mapping[str, Structure],
         raise TopologySpecError(f"{where}: unknown mesh rule type {rule_type!r}; choose one of "
                                 f"{_fmt_list(MESH_RULE_KEYS)}.{hint}{_suggest(rule_type, MESH_RULE_KEYS)}")
     where = f"{where} ({rule_type})"
-    required, optional = MESH_RULE_KEYS[rule_type]
-    allowed = ("type",) + required + optional
-    for key in raw:
-        if key not in allowed:
-            raise TopologySpecError(f"{where}: unknown key {key!r}; allowed keys: {_fmt_list(allowed)}."
-                                    f"{_suggest(key, allowed)}")
-    for key in required:
-        if key not in raw:
-            raise TopologySpecError(f"{where}: missing required key {key!r} (required: {_fmt_list(required)})")
+    _check_keys(raw, where, *MESH_RULE_KEYS[rule_type])
 
     def ids(m: str) -> set:
         return set(mesh_structures[m].label_ids)

@@ -1,10 +1,10 @@
-"""examples/acdc/collect_results.py: a re-run that lacks some rows keeps the earlier run's rows, marked."""
+"""examples/acdc/collect_results_400it.py (the 400-iteration study, history): a re-run that lacks some rows keeps the earlier run's rows, marked."""
 import importlib.util
 import json
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "examples", "acdc", "collect_results.py")
+SCRIPT = os.path.join(ROOT, "examples", "acdc", "collect_results_400it.py")
 _spec = importlib.util.spec_from_file_location("collect_results", SCRIPT)
 col = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(col)

@@ -305,14 +305,14 @@ def test_mesh_losses_are_in_mm_with_the_patch_frame_spec_and_log_point_sources(p
 
 
 # ------------------------------------------------------------------ the segmentation keeps its budget (issue 21)
-def _same_start(name, **attrs):
+def _same_start(name, plain_attrs=None, **attrs):
     """A plain nnUNetTrainer and a mesh trainer on the same plans, the mesh trainer's network set to the plain one's
     initial weights, and two real training batches of the mesh trainer's loader."""
     import copy
 
-    plain = _trainer("nnUNetTrainer")
+    plain = _trainer("nnUNetTrainer", **(plain_attrs or {}))
     plain.initialize()
-    tr = _trainer(name, topology_start_epoch=0, num_epochs=1, **FEW_POINTS, **attrs)
+    tr = _trainer(name, **{**dict(topology_start_epoch=0, num_epochs=1, **FEW_POINTS), **attrs})
     tr.initialize()
     tr.network.load_state_dict(plain.network.state_dict())
     tr.on_train_start()
@@ -373,16 +373,9 @@ def test_first_phase_of_the_schedule_is_plain_nnunet(pre, env):
     (the term is not computed, logged NaN); after the switch they differ."""
     import copy
 
-    plain = _trainer("nnUNetTrainer", num_epochs=4)
-    plain.initialize()
-    tr = _trainer("nnUNetTrainerProjPool", num_epochs=4)
+    plain, tr, _, batches = _same_start("nnUNetTrainerProjPool", plain_attrs=dict(num_epochs=4), num_epochs=4,
+                                        topology_start_epoch=None)
     assert tr.topology_start() == 2
-    tr.initialize()
-    tr.network.load_state_dict(plain.network.state_dict())
-    tr.on_train_start()
-    tr.on_epoch_start()
-    tr.on_train_epoch_start()
-    batches = [next(tr.dataloader_train) for _ in range(3)]
     for b in batches[:2]:
         plain.train_step(copy.deepcopy(b))
         out = tr.train_step(copy.deepcopy(b))

@@ -14,9 +14,22 @@
 #             variants of trainers/nnUNetTrainer_shortRuns.py): the plain-loss control (two seeds), ProjPool, Betti,
 #             Mesh, MIE; then TPM (λ 0.5, two seeds; λ 1) from the Mesh fine-tune's checkpoint for 500 more iterations
 #             against Mesh continued for the same 500 (*_acdcFT2). Two trainings at once (STUDY_PARALLEL, default 2).
+#   evaluate  nnUNetv2_topo_evaluate_folder on nnU-Net's fold-0 validation outputs of the backbone and every arm
+#             (eval/<ROW>_label.json); the mesh arms' meshes of the validation images (nnUNetv2_topo_predict_meshes
+#             --format vtp -> meshes_<ROW>/) and their mesh evaluation (eval/<ROW>_mesh.json); nnUNetv2_topo_refine
+#             of the control (keep_present, STUDY_REFINE_STEPS steps, default 10 -> refine_<CONTROL>/, row
+#             <CONTROL>+refine); marching cubes of the control's validation segmentations (python -m
+#             nnunet_topo.segmentation_meshes -> meshes_<CONTROL>+marching_cubes/) and their mesh evaluation
+#   external  the control (nnUNetv2_predict), its refinement, Mesh, TPM and MIE (nnUNetv2_topo_predict_meshes --format
+#             vtp) on the unlabelled LGE volumes ($STUDY_EXTERNAL_IMAGES, default ../shared/data/external_lge/imagesTs)
+#             -> external_lge_predictions/<ROW>/; label-free measures (python -m nnunet_topo.label_free ->
+#             eval/external_<ROW>_label_free.json); documentation/results/external_lge_predictions.tar.gz (< 15 MB)
+#   collect   examples/acdc/collect_results.py: documentation/results/acdc_fold0.json and the tables
+#             (logs/tables.md); runs every time it is named (no done marker)
 # Data: $NNUNET_TOPO_ACDC_H5 (default ../shared/data/acdc). Work dir: $NNUNET_TOPO_STUDY_DIR (default
 # ./acdc_study_output); only a folder this script created is ever written into. STUDY_DEVICE: cpu (default) or cuda.
-# The seconds of every stage go to $WORK/logs/stage_seconds.tsv (stage, seconds, host, date).
+# STUDY_RESULTS_DIR: where the JSON and the external archive go (default documentation/results).
+# The seconds of every stage and step go to $WORK/logs/stage_seconds.tsv (step, seconds, host/cores/device, date).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO="$PWD"
@@ -25,7 +38,8 @@ export PATH="$REPO/.venv/bin:$PATH"
 H5="${NNUNET_TOPO_ACDC_H5:-$REPO/../shared/data/acdc}"
 WORK="${NNUNET_TOPO_STUDY_DIR:-$REPO/acdc_study_output}"
 DEVICE="${STUDY_DEVICE:-cpu}"
-STAGES="${STUDY_STAGES:-data backbone finetune}"
+STAGES="${STUDY_STAGES:-data backbone finetune evaluate external collect}"
+RESULTS_DIR="${STUDY_RESULTS_DIR:-$REPO/documentation/results}"
 if [ -e "$WORK" ] && [ ! -f "$WORK/.nnunet_topo_study" ]; then
   echo "error: $WORK exists and was not created by this study; set NNUNET_TOPO_STUDY_DIR" >&2; exit 2
 fi
@@ -123,9 +137,122 @@ stage_finetune() {
   done
 }
 
+CONTROL=nnUNetTrainerMeshROI_acdcFT
+EVAL_ARGS=(-djfile "$DS/dataset.json" -pfile "$PP/$PLANS.json" -np 2)
+is_mesh_arm() {  # the arms with a mesh head (nnUNetTrainerMeshROI, the control, has none)
+  case "$1" in nnUNetTrainerMesh_*|nnUNetTrainerTPM*|nnUNetTrainerMIE*) return 0 ;; esac; return 1
+}
+predict_meshes() {  # predict_meshes TRAINER IMAGES OUT: exit code 1 (some cases without mesh, in meshes.json) is fine
+  nnUNetv2_topo_predict_meshes -i "$2" -o "$3" -d $ID -c $CONF -tr "$1" -p $PLANS -f 0 -device "$DEVICE" \
+    --format vtp --overwrite || [ $? -eq 1 ]
+}
+marching_cubes() {  # marching_cubes SEGMENTATIONS OUT: as predict_meshes, exit code 1 is fine
+  python -m nnunet_topo.segmentation_meshes -i "$1" -o "$2" -djfile "$DS/dataset.json" --format vtp --overwrite \
+    || [ $? -eq 1 ]
+}
+refine() {  # refine IMAGES OUT: nnUNetv2_topo_refine of the control (keep_present, the default)
+  nnUNetv2_topo_refine -i "$1" -o "$2" -d $ID -c $CONF -tr $CONTROL -p $PLANS -f 0 -device "$DEVICE" \
+    --steps "${STUDY_REFINE_STEPS:-10}" --overwrite
+}
+evaluate() {  # evaluate ROW KIND PREDICTIONS [--mesh_folder MESHES]: eval/ROW_KIND.json unless it exists
+  local row="$1" kind="$2" pred="$3"; shift 3
+  [ -f "$WORK/eval/${row}_$kind.json" ] && return 0
+  # --chill for meshes: a case without mesh is left out of the mesh means (the collector counts it)
+  timed "eval_${row}_$kind" nnUNetv2_topo_evaluate_folder "$WORK/val_labels" "$pred" "${EVAL_ARGS[@]}" \
+    -o "$WORK/eval/${row}_$kind.json" "$@" > "$WORK/logs/eval_${row}_$kind.log" 2>&1
+}
+
+stage_evaluate() {
+  local tr missing=() mc="$WORK/meshes_${CONTROL}+marching_cubes"
+  for tr in $BACKBONE_TR "${FT_FIRST[@]}" "${FT_FROM_MESH[@]}"; do
+    if [ ! -f "$(model_dir "$tr")/validation/summary.json" ]; then missing+=("$tr"); continue; fi
+    evaluate "$tr" label "$(model_dir "$tr")/validation"
+    if is_mesh_arm "$tr"; then
+      [ -f "$WORK/meshes_$tr/meshes.json" ] || timed "meshes_$tr" predict_meshes "$tr" "$WORK/val_images" \
+        "$WORK/meshes_$tr" > "$WORK/logs/meshes_$tr.log" 2>&1
+      evaluate "$tr" mesh "$WORK/meshes_$tr" --mesh_folder "$WORK/meshes_$tr" --chill
+    fi
+  done
+  if [ -f "$(model_dir $CONTROL)/validation/summary.json" ]; then
+    [ -f "$WORK/refine_$CONTROL/refinement_summary.json" ] || timed "refine_$CONTROL" refine "$WORK/val_images" \
+      "$WORK/refine_$CONTROL" > "$WORK/logs/refine_$CONTROL.log" 2>&1
+    evaluate "$CONTROL+refine" label "$WORK/refine_$CONTROL"
+    [ -f "$mc/meshes.json" ] || timed "marching_cubes_$CONTROL" marching_cubes "$(model_dir $CONTROL)/validation" \
+      "$mc" > "$WORK/logs/marching_cubes_$CONTROL.log" 2>&1
+    evaluate "$CONTROL+marching_cubes" mesh "$(model_dir $CONTROL)/validation" --mesh_folder "$mc" --chill
+  fi
+  if [ ${#missing[@]} -gt 0 ]; then echo "error: not trained yet: ${missing[*]} (stage finetune)" >&2; exit 1; fi
+}
+
+EXT_IMAGES="${STUDY_EXTERNAL_IMAGES:-$REPO/../shared/data/external_lge/imagesTs}"
+EXT="$WORK/external_lge_predictions"
+EXT_MESH_ARMS=(nnUNetTrainerMesh_acdcFT nnUNetTrainerTPM_acdcFT2 nnUNetTrainerMIE_acdcFT)
+EXT_TAR="$RESULTS_DIR/external_lge_predictions.tar.gz"
+EXT_TAR_MAX_BYTES=$((15 * 1024 * 1024))
+label_free() {  # label_free ROW [--mesh_folder MESHES]: eval/external_ROW_label_free.json unless it exists
+  local row="$1"; shift
+  [ -f "$WORK/eval/external_${row}_label_free.json" ] && return 0
+  timed "external_label_free_$row" python -m nnunet_topo.label_free "$EXT/$row" -djfile "$DS/dataset.json" "$@" \
+    -o "$WORK/eval/external_${row}_label_free.json" > "$WORK/logs/external_label_free_$row.log" 2>&1
+}
+
+pack_external() {  # pack_external FILE: external_lge_predictions/ as a reproducible .tar.gz (sorted, fixed times)
+  tar --sort=name --mtime=2026-01-01 --owner=0 --group=0 --numeric-owner -C "$WORK" -cf - external_lge_predictions \
+    | gzip -n -9 > "$1"
+}
+
+stage_external() {
+  # ../shared/data/external_lge/README: MS-CMRSeg 2019 LGE (research use; cite Zhuang, TPAMI 2019), 20 volumes, no
+  # labels on purpose; real oblique geometry 0.73-0.76 x 0.73-0.76 x 5 mm (nnU-Net resamples to the plans' 10 x 4.5 x
+  # 4.5 mm and writes back on the image grid; meshes are in world mm), LGE contrast instead of cine bSSFP
+  [ -d "$EXT_IMAGES" ] || { echo "error: no external images at $EXT_IMAGES (STUDY_EXTERNAL_IMAGES)" >&2; exit 1; }
+  mkdir -p "$EXT"
+  local tr
+  if [ ! -f "$WORK/logs/external_$CONTROL.ok" ]; then
+    timed "external_predict_$CONTROL" nnUNetv2_predict -i "$EXT_IMAGES" -o "$EXT/$CONTROL" -d $ID -c $CONF \
+      -tr $CONTROL -p $PLANS -f 0 -device "$DEVICE" -npp 1 -nps 1 --disable_progress_bar \
+      > "$WORK/logs/external_predict_$CONTROL.log" 2>&1
+    touch "$WORK/logs/external_$CONTROL.ok"
+  fi
+  [ -f "$EXT/$CONTROL+refine/refinement_summary.json" ] || timed "external_refine_$CONTROL" refine "$EXT_IMAGES" \
+    "$EXT/$CONTROL+refine" > "$WORK/logs/external_refine_$CONTROL.log" 2>&1
+  for tr in "${EXT_MESH_ARMS[@]}"; do
+    [ -f "$EXT/$tr/meshes.json" ] || timed "external_meshes_$tr" predict_meshes "$tr" "$EXT_IMAGES" "$EXT/$tr" \
+      > "$WORK/logs/external_meshes_$tr.log" 2>&1
+  done
+  label_free "$CONTROL"
+  label_free "$CONTROL+refine"
+  for tr in "${EXT_MESH_ARMS[@]}"; do label_free "$tr" --mesh_folder "$EXT/$tr"; done
+  # the archive: every model's segmentations (+ meshes, meshes.json), the label-free measures, what it is
+  mkdir -p "$EXT/label_free"
+  cp "$WORK"/eval/external_*_label_free.json "$EXT/label_free/"
+  cat > "$EXT/README.txt" <<TXT
+Predictions of the ACDC fine-tune study's models (nnunet-topo, examples/acdc/study.sh, issue 22) on the 20 LGE MRI
+volumes of MS-CMRSeg 2019 (research use; cite X. Zhuang, IEEE TPAMI 41(12), 2019). No labels were used; their
+accuracy is measured outside the project. Folders (one per model, named after its nnU-Net trainer class):
+  $CONTROL/            the control (nnU-Net's loss, heart-ROI sampling), nnUNetv2_predict
+  $CONTROL+refine/     the control refined by nnUNetv2_topo_refine (keep_present, ${STUDY_REFINE_STEPS:-10} steps)
+  ${EXT_MESH_ARMS[*]}: segmentation CASE.nii.gz + meshes CASE_<structure>.vtp (world mm, ITK/LPS) + meshes.json
+  (a case a model could not mesh is listed there with its reason)
+  label_free/          python -m nnunet_topo.label_free per model: rule violations, Betti priors, cases meshed
+TXT
+  mkdir -p "$RESULTS_DIR"
+  timed external_pack pack_external "$EXT_TAR.tmp"
+  local size; size=$(stat -c %s "$EXT_TAR.tmp")
+  if [ "$size" -ge $EXT_TAR_MAX_BYTES ]; then
+    echo "error: $EXT_TAR.tmp is $size bytes (>= 15 MB); not committed" >&2; exit 1
+  fi
+  mv "$EXT_TAR.tmp" "$EXT_TAR"; echo "wrote $EXT_TAR ($size bytes)"
+}
+
+stage_collect() {
+  python examples/acdc/collect_results.py --work "$WORK" --out "$RESULTS_DIR/acdc_fold0.json" \
+    | tee "$WORK/logs/tables.md"
+}
+
 for STAGE in $STAGES; do
   if [ -f "$WORK/logs/stage_$STAGE.done" ]; then echo "stage $STAGE: done"; continue; fi
   echo "stage $STAGE: $(date -Is)"
   timed "$STAGE" "stage_$STAGE"
-  touch "$WORK/logs/stage_$STAGE.done"
+  [ "$STAGE" = collect ] || touch "$WORK/logs/stage_$STAGE.done"
 done

@@ -4,9 +4,9 @@
 # the *_acdcStudy variants (trainers/nnUNetTrainer_shortRuns.py: 20 epochs x 20 iterations, batch size 2, no
 # mirroring at inference) on the heart-ROI mesh configuration at a study spacing of 10 x 4.5 x 4.5 mm. Then
 # nnUNetv2_topo_refine on the baseline, the evaluator on the validation cases (labels; meshes for the mesh trainers),
-# documentation/results/acdc_fold0.json and the tables.
+# documentation/results/acdc_fold0_400it.json and the tables (history: the fine-tune study, study.sh, replaced it).
 #
-#   bash examples/acdc/study.sh            # about 2 h on 2 CPU cores; resumable: run it again after an interruption
+#   bash examples/acdc/study_400it.sh      # about 2 h on 2 CPU cores; resumable: run it again after an interruption
 #
 # Data: $NNUNET_TOPO_ACDC_H5 (default ../shared/data/acdc: the WSL4MIS h5 volumes, see its README for the terms).
 # Work dir: $NNUNET_TOPO_STUDY_DIR (default ./acdc_study_output). A step whose output exists is skipped;
@@ -88,4 +88,4 @@ for TR in "${TRAINERS[@]}"; do
 done
 set +x
 # 4. the JSON and the tables
-python examples/acdc/collect_results.py --work "$WORK" --out documentation/results/acdc_fold0.json
+python examples/acdc/collect_results_400it.py --work "$WORK" --out documentation/results/acdc_fold0_400it.json

@@ -1,0 +1,529 @@
+"""The ACDC fine-tune study's code (issue 22) on tiny data: examples/acdc/study.sh parses and has its stages, the
+collector (examples/acdc/collect_results.py) writes the new keys from a hand-made work folder, its paired bootstrap
+agrees with a naive loop, the 400-iteration JSON is moved aside; marching cubes of segmentations
+(nnunet_topo.segmentation_meshes) in predict_meshes' layout, read by the mesh evaluator; label-free measures
+(nnunet_topo.label_free)."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDY = os.path.join(ROOT, "examples", "acdc", "study.sh")
+
+
+def _module(name, *path):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, *path))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+col = _module("collect_results_ft", "examples", "acdc", "collect_results.py")
+acdc_topology = _module("convert_acdc_h5_t", "examples", "acdc", "convert_acdc_h5.py").acdc_topology
+
+
+# ------------------------------------------------------------------------------------------------ study.sh
+def test_study_script_parses_and_defines_every_default_stage():
+    subprocess.run(["bash", "-n", STUDY], check=True)
+    text = open(STUDY).read()
+    default = text.split('STAGES="${STUDY_STAGES:-', 1)[1].split("}", 1)[0].split()
+    assert default == ["data", "backbone", "finetune", "evaluate", "external", "collect"]
+    for stage in default:
+        assert f"stage_{stage}() {{" in text, stage
+
+
+# ------------------------------------------------------------------------------------------------ bootstrap
+def naive_bootstrap(a, b, n_resamples, seed, relative=False):
+    """Loop version: the same index matrix, statistics and percentiles by hand."""
+    pairs = [(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)]
+    n = len(pairs)
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    stats = []
+    for row in idx:
+        sa = sum(pairs[i][0] for i in row) / n
+        sb = sum(pairs[i][1] for i in row) / n
+        stats.append(sa / sb - 1 if relative else sa - sb)
+    stats.sort()
+
+    def pct(q):  # linear interpolation between order statistics (numpy's default)
+        pos = q / 100 * (len(stats) - 1)
+        lo = int(math.floor(pos))
+        hi = min(lo + 1, len(stats) - 1)
+        return stats[lo] + (stats[hi] - stats[lo]) * (pos - lo)
+    mean_a = sum(x for x, _ in pairs) / n
+    mean_b = sum(y for _, y in pairs) / n
+    est = mean_a / mean_b - 1 if relative else mean_a - mean_b
+    return est, pct(2.5), pct(97.5)
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_bootstrap_matches_a_naive_loop(relative):
+    a = [0.91, 0.85, 0.77, 0.95, 0.60, 0.88, float("nan")]
+    b = [0.90, 0.80, 0.79, 0.93, 0.70, 0.86, 0.50]
+    got = col.paired_bootstrap(a, b, relative=relative, n_resamples=500, seed=3)
+    est, lo, hi = naive_bootstrap(a, b, 500, 3, relative)
+    assert got["n"] == 6  # the NaN pair is left out
+    assert got["estimate"] == pytest.approx(est, abs=1e-12)
+    assert got["ci95"] == pytest.approx([lo, hi], abs=1e-12)
+    assert got["ci95"][0] <= got["estimate"] <= got["ci95"][1]
+
+
+def test_bootstrap_known_answers():
+    x = [0.3, 0.7, 0.5, 0.9]
+    same = col.paired_bootstrap(x, x)
+    assert same["estimate"] == 0 and same["ci95"] == [0.0, 0.0]
+    shifted = col.paired_bootstrap([v + 0.02 for v in x], x)  # a constant paired difference has no spread
+    assert shifted["estimate"] == pytest.approx(0.02) and shifted["ci95"] == pytest.approx([0.02, 0.02])
+    half = col.paired_bootstrap([v / 2 for v in x], x, relative=True)  # -50 % in every resample
+    assert half["estimate"] == pytest.approx(-0.5) and half["ci95"] == pytest.approx([-0.5, -0.5])
+    assert col.paired_bootstrap([float("nan")], [1.0]) == {"estimate": None, "ci95": None, "n": 0}
+    with pytest.raises(ValueError):
+        col.paired_bootstrap([1.0, 2.0], [1.0])
+    # fixed seed: the same interval twice
+    a, b = [0.1, 0.4, 0.35, 0.8, 0.2], [0.2, 0.1, 0.3, 0.5, 0.25]
+    assert col.paired_bootstrap(a, b) == col.paired_bootstrap(a, b)
+
+
+# ------------------------------------------------------------------------------------------------ collector
+CASES = ["patient001_frame01", "patient001_frame12", "patient002_frame01", "patient002_frame12"]
+NAMES = {"1": "RV", "2": "MYO", "3": "LV"}
+STRUCTS = ["LV_endo", "LV_epi", "RV"]
+
+
+def label_summary(dice_shift=0.0, betti=2.0, cce=1.0, tc2d=(False, False, True, False)):
+    """An evaluator summary (the keys the collector reads) of 4 cases; Dice RV/MYO/LV of case i = base + shift."""
+    cases = []
+    for i, c in enumerate(CASES):
+        base = {"1": 0.70 + 0.02 * i, "2": 0.75 + 0.01 * i, "3": 0.90 - 0.01 * i}
+        cases.append({"reference_file": f"/gt/{c}.nii.gz", "prediction_file": f"/pred/{c}.nii.gz",
+                      "metrics": {k: {"Dice": v + dice_shift, "HD95": 5.0, "betti_error_2d": 0.5 * i,
+                                      "cce_3d": cce} for k, v in base.items()},
+                      "topology": {"TVS": 0.01 * i, "betti_error_3d": betti + i, "topologically_correct_2d": tc2d[i],
+                                   "slices_meeting_prior_2d": 0.9}})
+    mean = {k: {"Dice": float(np.mean([e["metrics"][k]["Dice"] for e in cases])), "HD95": 5.0} for k in NAMES}
+    topo = {"TVS": 0.015, "VR": 0.5, "betti_error_3d": betti + 1.5, "betti_error_2d": 0.75, "cce_3d": cce,
+            "cce_2d": 0.5, "topologically_correct": 0.0, "topologically_correct_2d": float(np.mean(tc2d)),
+            "slices_meeting_prior_2d": 0.9, "num_cases": len(cases)}
+    return {"metric_per_case": cases, "mean": mean, "label_names": NAMES, "topology_mean": topo,
+            "foreground_mean": {"Dice": float(np.mean([m["Dice"] for m in mean.values()]))}}
+
+
+def mesh_summary(tvs, dice=0.8, chamfer=3.0, ratios=(1.0, 1.1, 1.3), skip=()):
+    """A merged label + mesh summary: ``ratios[j]`` = mesh / reference volume of structure j in every case."""
+    s = label_summary()
+    for e in s["metric_per_case"]:
+        case = os.path.basename(e["reference_file"])[:-7]
+        if case in skip:
+            continue
+        e["mesh_metrics"] = {st: {"Dice": dice, "Chamfer_mm": chamfer, "HD95_mm": 2 * chamfer,
+                                  "laplacian_energy_mm2": 1.0, "volume_mm3": 1000.0 * ratios[j],
+                                  "volume_ref_mm3": 1000.0} for j, st in enumerate(STRUCTS)}
+        e["mesh_topology"] = {"TVS": tvs}
+    s["mesh_mean"] = {st: {"Dice": dice, "Chamfer_mm": chamfer, "HD95_mm": 2 * chamfer, "laplacian_energy_mm2": 1.0,
+                           "volume_mm3": 1000.0 * ratios[j], "volume_ref_mm3": 1000.0} for j, st in enumerate(STRUCTS)}
+    s["mesh_mean_num_cases"] = {st: {"Dice": len(CASES) - len(skip)} for st in STRUCTS}
+    s["mesh_topology_mean"] = {"TVS": tvs, "TVS_per_rule": {}, "TVS_over_foreground": tvs * 1.3, "grid_mm": [1.0]}
+    s["mesh_structures"] = STRUCTS
+    return s
+
+
+def train_folder(work, tr, epochs, iters, seed=None, epoch_s=10.0, pseudo=None):
+    fold = work / "results" / col.NAME / f"{tr}__{col.PLANS_CONF}" / "fold_0"
+    fold.mkdir(parents=True)
+    dbg = {"num_epochs": str(epochs), "num_iterations_per_epoch": str(iters), "batch_size": "2"}
+    if seed is not None:
+        dbg["seed"] = str(seed)
+    (fold / "debug.json").write_text(json.dumps(dbg))
+    lines = []
+    for e in range(epochs):
+        lines.append(f"2026-12-06 17:00:00.0: Epoch {e}")
+        if pseudo:
+            lines.append("2026-12-06 17:00:01.0: Pseudo dice [" +
+                         ", ".join(f"np.float32({v})" for v in pseudo[e]) + "]")
+        lines.append(f"2026-12-06 17:00:02.0: Epoch time: {epoch_s} s")
+    (fold / "training_log_2026_12_6_16_15_18.txt").write_text("\n".join(lines) + "\n")
+
+
+def fake_work(tmp_path, with_betti=True):
+    work = tmp_path / "work"
+    (work / "eval").mkdir(parents=True)
+    (work / "logs").mkdir()
+    (work / "preprocessed" / col.NAME).mkdir(parents=True)
+    (work / "preprocessed" / col.NAME / "splits_final.json").write_text(json.dumps([{"train": [], "val": CASES}]))
+    (work / "raw" / col.NAME).mkdir(parents=True)
+    (work / "raw" / col.NAME / "dataset.json").write_text(json.dumps({"spacing_assumed_mm": [10, 1.5, 1.5]}))
+    ev = work / "eval"
+    # backbone: 2 epochs x 100; pseudo Dice meets the goals (RV, MYO >= 0.70, LV >= 0.85) from epoch 1 on
+    train_folder(work, col.BACKBONE, 2, 100, pseudo=[[0.6, 0.7, 0.9], [0.72, 0.71, 0.86]])
+    (ev / f"{col.BACKBONE}_label.json").write_text(json.dumps(label_summary()))
+    train_folder(work, col.CONTROL, 10, 100, seed=1)
+    (ev / f"{col.CONTROL}_label.json").write_text(json.dumps(label_summary()))
+    if with_betti:
+        train_folder(work, "nnUNetTrainerBetti_acdcFT", 10, 100, seed=1)
+        (ev / "nnUNetTrainerBetti_acdcFT_label.json").write_text(json.dumps(label_summary(-0.005, betti=1.0)))
+    train_folder(work, col.MESH_FT, 10, 100, seed=1)
+    (ev / f"{col.MESH_FT}_label.json").write_text(json.dumps(label_summary(-0.03)))
+    (ev / f"{col.MESH_FT}_mesh.json").write_text(json.dumps(mesh_summary(0.10, skip={CASES[3]})))
+    (work / f"meshes_{col.MESH_FT}").mkdir()
+    (work / f"meshes_{col.MESH_FT}" / "meshes.json").write_text(json.dumps({"cases_without_mesh": [CASES[3]]}))
+    train_folder(work, "nnUNetTrainerTPM_acdcFT2", 5, 100)  # no seed in debug.json: from the name (1)
+    (ev / "nnUNetTrainerTPM_acdcFT2_label.json").write_text(json.dumps(label_summary(-0.004)))
+    (ev / "nnUNetTrainerTPM_acdcFT2_mesh.json").write_text(json.dumps(mesh_summary(0.005, dice=0.79)))
+    train_folder(work, col.MESH_CONTINUED, 5, 100, seed=1)
+    (ev / f"{col.MESH_CONTINUED}_label.json").write_text(json.dumps(label_summary()))
+    (ev / f"{col.MESH_CONTINUED}_mesh.json").write_text(json.dumps(mesh_summary(0.10)))
+    (ev / f"{col.REFINE}_label.json").write_text(json.dumps(label_summary(0.0, tc2d=(True, True, True, False))))
+    (work / f"refine_{col.CONTROL}").mkdir()
+    (work / f"refine_{col.CONTROL}" / "refinement_summary.json").write_text(
+        json.dumps({"steps": 10, "lr": 1e-4, "lambda": 0.01, "keep_present": True, "cases": {}}))
+    (ev / f"{col.MARCHING_CUBES}_mesh.json").write_text(json.dumps(mesh_summary(0.0, chamfer=4.0)))
+    (ev / f"external_{col.CONTROL}_label_free.json").write_text(json.dumps({"summary": {
+        "num_cases": 20, "share_cases_violating": {"r": 0.1}, "share_slices_meeting_prior_2d": {"all": 0.8},
+        "share_cases_meeting_prior_3d": {"LV_epi": 0.5}, "share_cases_lacking": {"RV": 0.05}}}))
+    (work / "logs" / "stage_seconds.tsv").write_text("data\t68\tvm/2cpu/cpu\t2026-12-06T16:15:10+00:00\n")
+    return work
+
+
+def strict_json(path):
+    def no_nan(x):
+        raise AssertionError(f"non-JSON constant {x} in {path}")
+    return json.loads(open(path).read(), parse_constant=no_nan)
+
+
+def test_collector_writes_the_fine_tune_json(tmp_path, capsys):
+    work = fake_work(tmp_path)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    out = docs / "acdc_fold0.json"
+    old = {"split": "...", "trainers": {"nnUNetTrainer": {"label": {"Dice": {"RV": 0.17}}}}}  # the 400-it study
+    out.write_text(json.dumps(old))
+    assert col.main(["--work", str(work), "--out", str(out)]) == 0
+    # the 400-iteration rows moved aside, not merged
+    assert json.loads((docs / "acdc_fold0_400it.json").read_text()) == old
+    r = strict_json(out)
+    assert r["protocol"] == "fine-tune" and "nnUNetTrainer" not in r["trainers"]
+    assert r["num_validation_cases"] == 4
+    b = r["backbone"]
+    assert b["iterations"] == 200 and b["seconds"] == 20.0
+    assert b["label"]["Dice"]["LV"] == pytest.approx(np.mean([0.90, 0.89, 0.88, 0.87]))
+    assert b["dice_goals_met"] == {"LV": True, "MYO": True, "RV": True}
+    assert b["first_epoch_pseudo_dice_meets_goals"] == 1
+    t = r["trainers"]
+    assert t[col.CONTROL]["finetune_iterations"] == 1000 and t[col.CONTROL]["seed"] == 1
+    assert t[col.CONTROL]["started_from"] == col.BACKBONE and t[col.CONTROL]["iterations_after_backbone"] == 1000
+    tpm = t["nnUNetTrainerTPM_acdcFT2"]
+    assert tpm["finetune_iterations"] == 500 and tpm["seed"] == 1 and tpm["started_from"] == col.MESH_FT
+    assert tpm["iterations_after_backbone"] == 1500 and tpm["trainer"] == "nnUNetTrainerTPM_finetune"
+    for key in ("Dice", "HD95_mm", "TVS", "VR", "SVR_per_rule", "betti_error_3d", "betti_error_2d",
+                "topologically_correct", "topologically_correct_2d", "cce_3d"):
+        assert key in t[col.CONTROL]["label"], key
+    m = t[col.MESH_FT]["mesh"]
+    for key in ("Dice", "Chamfer_mm", "HD95_mm", "laplacian_energy_mm2", "TVS", "TVS_over_foreground"):
+        assert key in m, key
+    assert m["volume_ratio"] == pytest.approx({"LV_endo": 1.0, "LV_epi": 1.1, "RV": 1.3})
+    # 3 of 4 cases meshed, the unmeshed one counts outside the range; RV ratio 1.3 is outside everywhere
+    assert m["volume_ratio_share_in_0.85_1.15"] == pytest.approx({"LV_endo": 0.75, "LV_epi": 0.75, "RV": 0.0})
+    assert m["cases_without_mesh"] == [CASES[3]]
+    assert t[col.REFINE]["refinement"]["keep_present"] is True and "label" in t[col.REFINE]
+    assert "mesh" in t[col.MARCHING_CUBES] and "label" not in t[col.MARCHING_CUBES]
+    assert "nnUNetTrainerMIE_acdcFT" in r["missing"] and col.CONTROL not in r["missing"]
+    # differences: Mesh's Dice 3 points under the control in every case: exactly -0.03, interval [-0.03, -0.03]
+    d = r["differences"]
+    assert d["vs_control"][col.MESH_FT]["Dice_RV"]["estimate"] == pytest.approx(-0.03)
+    assert d["vs_control"][col.MESH_FT]["Dice_RV"]["ci95"] == pytest.approx([-0.03, -0.03])
+    assert d["vs_control"][col.MESH_CONTINUED]["Dice_LV"]["ci95"] == [0.0, 0.0]  # identical evaluations
+    betti = d["vs_control"]["nnUNetTrainerBetti_acdcFT"]["betti_error_3d"]
+    assert betti["estimate"] == pytest.approx(-1.0) and betti["n"] == 4
+    tpm_d = d["tpm_vs_mesh_continued"]["nnUNetTrainerTPM_acdcFT2"]
+    assert tpm_d["mesh_TVS_relative"]["estimate"] == pytest.approx(-0.95)
+    assert tpm_d["mesh_Dice_RV"]["estimate"] == pytest.approx(-0.01)
+    head = d["head_vs_marching_cubes"][col.MESH_FT]
+    assert head["mesh_TVS"]["n"] == 3 and head["mesh_TVS"]["estimate"] == pytest.approx(0.10)  # paired on meshed
+    assert head["Chamfer_mean"]["estimate"] == pytest.approx(-1.0)
+    assert r["bootstrap"]["resamples"] == 2000
+    # goals
+    status = {(g["goal"].split(" ")[0], g["arm"]): g["status"] for g in r["goals"]}
+    assert status[("label", col.MESH_FT)] == "not met"
+    assert status[("label", "nnUNetTrainerBetti_acdcFT")] == "met"  # -0.5 point in every case
+    assert status[("label", "nnUNetTrainerMIE_acdcFT")] == "not measured"
+    assert status[("TPM:", "nnUNetTrainerTPM_acdcFT2")] == "met"  # -95 %, -1 point
+    assert status[("refinement:", col.REFINE)] in ("met", "estimate only")
+    assert status[("betti_error_3d", "nnUNetTrainerBetti_acdcFT")] == "met"
+    assert status[("learned", col.MESH_FT)] == "not met"  # more mesh TVS than marching cubes
+    assert status[("mesh", col.MESH_FT)] == "not met"
+    assert r["external_lge"][col.CONTROL]["num_cases"] == 20
+    assert r["stage_seconds"] == [{"step": "data", "seconds": 68, "machine": "vm/2cpu/cpu",
+                                   "date": "2026-12-06T16:15:10+00:00"}]
+    pc = r["per_case"][col.MESH_FT]
+    assert pc["label"]["case"] == CASES and len(pc["mesh"]["case"]) == 3
+    printed = capsys.readouterr().out
+    for heading in ("| backbone |", "| row | ft iters", "Δ Dice RV", "TPM Table 2", "marching cubes", "| goal |",
+                    "External LGE"):
+        assert heading in printed, heading
+
+
+def test_collector_merges_an_earlier_fine_tune_run_and_moves_only_once(tmp_path):
+    out = tmp_path / "acdc_fold0.json"
+    assert col.main(["--work", str(fake_work(tmp_path / "a")), "--out", str(out)]) == 0
+    assert not (tmp_path / "acdc_fold0_400it.json").exists()  # nothing of the 400-iteration study to move
+    first = strict_json(out)
+    # a later run whose work folder lacks the Betti arm: the row and its per-case values are kept, marked
+    assert col.main(["--work", str(fake_work(tmp_path / "b", with_betti=False)), "--out", str(out)]) == 0
+    r = strict_json(out)
+    assert r["trainers"]["nnUNetTrainerBetti_acdcFT"]["from_earlier_run"] is True
+    assert r["per_case"]["nnUNetTrainerBetti_acdcFT"] == first["per_case"]["nnUNetTrainerBetti_acdcFT"]
+    assert r["differences"]["vs_control"]["nnUNetTrainerBetti_acdcFT"] == \
+        first["differences"]["vs_control"]["nnUNetTrainerBetti_acdcFT"]
+    assert "from_earlier_run" not in r["trainers"][col.CONTROL]
+    assert not (tmp_path / "acdc_fold0_400it.json").exists()
+    assert col.main(["--work", str(fake_work(tmp_path / "c", with_betti=False)), "--out", str(out),
+                     "--no-merge"]) == 0
+    assert "nnUNetTrainerBetti_acdcFT" not in strict_json(out)["trainers"]
+
+
+def test_move_keeps_an_existing_400it_file(tmp_path):
+    out, hist = tmp_path / "acdc_fold0.json", tmp_path / "acdc_fold0_400it.json"
+    out.write_text(json.dumps({"trainers": {}}))
+    hist.write_text(json.dumps({"history": True}))
+    assert col.move_earlier_protocol(str(out)) is None
+    assert json.loads(hist.read_text()) == {"history": True}
+
+
+# ------------------------------------------------------------------------------------------------ marching cubes
+DJ = {"labels": {"background": 0, "RV": 1, "MYO": 2, "LV": 3}, "file_ending": ".nii.gz",
+      "channel_names": {"0": "cineMRI"}, "numTraining": 2, "topology": acdc_topology()}
+SPACING_ZYX = (4.0, 1.5, 1.5)
+
+
+def heart(shape=(8, 24, 28)):
+    """Short-axis stack: in slices 1..6 an LV disk in a MYO ring, an RV block beside it (a background gap): every
+    rule and prior of the ACDC topology block holds."""
+    lab = np.zeros(shape, np.uint8)
+    zz, yy, xx = np.mgrid[:shape[0], :shape[1], :shape[2]]
+    r2 = (yy - 12) ** 2 + (xx - 10) ** 2
+    inside = (zz >= 1) & (zz <= 6)
+    lab[inside & (r2 <= 36)] = 2
+    lab[inside & (r2 <= 9)] = 3
+    lab[1:7, 8:16, 19:25] = 1
+    return lab
+
+
+def write(path, arr):
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(tuple(reversed(SPACING_ZYX)))
+    img.SetOrigin((10.0, -5.0, 3.0))
+    # an oblique direction, as the external LGE volumes have
+    c, s = math.cos(0.4), math.sin(0.4)
+    img.SetDirection((c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(img, str(path))
+
+
+@pytest.fixture()
+def seg_folder(tmp_path):
+    folder = tmp_path / "seg"
+    folder.mkdir()
+    write(folder / "case0.nii.gz", heart())
+    no_rv = heart()
+    no_rv[no_rv == 1] = 0
+    write(folder / "case1.nii.gz", no_rv)
+    (tmp_path / "dataset.json").write_text(json.dumps(DJ))
+    return folder
+
+
+def test_marching_cubes_folder_in_predict_meshes_layout(seg_folder, tmp_path):
+    from nnunet_topo.mesh_evaluation import evaluate_mesh_folder
+    from nnunet_topo.segmentation_meshes import SegmentationMeshError, main, mesh_segmentation_folder
+
+    out = tmp_path / "mc"
+    summary = mesh_segmentation_folder(str(seg_folder), str(out), str(tmp_path / "dataset.json"), show_progress=False)
+    listing = json.loads((out / "meshes.json").read_text())
+    assert listing == summary
+    assert listing["structures"] == ["LV_endo", "LV_epi", "RV"] and listing["format"] == ".vtp"
+    assert listing["cases"]["case0"]["files"] == {s: f"case0_{s}.vtp" for s in ("LV_endo", "LV_epi", "RV")}
+    assert all((out / f).is_file() for f in listing["cases"]["case0"]["files"].values())
+    # a case with an empty mesh structure is recorded, not dropped
+    assert listing["cases_without_mesh"] == ["case1"]
+    assert listing["cases"]["case1"]["files"] == {} and "RV" in listing["cases"]["case1"]["error"]
+    assert not list(out.glob("case1_*"))
+    # the mesh evaluator reads the folder; against its own label map, marching cubes at level 0.5 is exact on the
+    # voxel centres (mesh Dice 1), encloses about the voxels' volume, and its meshes do not overlap
+    ev = evaluate_mesh_folder(str(seg_folder), str(out), DJ, chill=True, show_progress=False, num_samples=2000)
+    (case,) = ev["metric_per_case"]
+    assert case["case"] == "case0"
+    for s, m in case["mesh_metrics"].items():
+        assert m["Dice"] == pytest.approx(1.0), s
+        assert 0.9 < m["volume_mm3"] / m["volume_ref_mm3"] < 1.0, s  # corners cut: a little less
+        assert m["Chamfer_mm"] < 0.5, s
+    assert case["mesh_topology"]["TVS"] < 0.01
+    # the command: exit code 1 when a case got no mesh; 2 when outputs exist (no --overwrite)
+    assert main(["-i", str(seg_folder), "-o", str(tmp_path / "mc2"), "-djfile", str(tmp_path / "dataset.json")]) == 1
+    assert main(["-i", str(seg_folder), "-o", str(tmp_path / "mc2"), "-djfile", str(tmp_path / "dataset.json")]) == 2
+    assert main(["-i", str(seg_folder), "-o", str(tmp_path / "mc2"), "-djfile", str(tmp_path / "dataset.json"),
+                 "--overwrite"]) == 1
+    with pytest.raises(SegmentationMeshError, match="differ"):
+        mesh_segmentation_folder(str(seg_folder), str(seg_folder), DJ)
+    with pytest.raises(SegmentationMeshError, match="no label maps"):
+        mesh_segmentation_folder(str(tmp_path / "mc"), str(tmp_path / "mc3"), DJ)
+
+
+# ------------------------------------------------------------------------------------------------ label-free
+def test_label_free_case_counts_violations_and_priors():
+    from nnunet_topo.label_free import label_free_case
+    from nnunet_topo.rules import spec_from_dataset_json
+
+    spec = spec_from_dataset_json(DJ)
+    good = label_free_case(heart(), spec)
+    assert not any(good["violated"].values()) and good["lacking_labels"] == []
+    assert good["meets_prior_3d"] == {"LV_epi": True} and good["meets_priors_2d"]
+    assert good["slices_2d"] == good["slices_meeting_prior_2d"] == {"LV": 6, "LV_epi": 6, "MYO": 6, "RV": 6}
+    bad = heart()
+    bad[3, 12, 14:17] = 0  # cut the MYO ring on slice 3 (not an end slice): the LV touches background there
+    r = label_free_case(bad, spec)
+    incl = [n for n in r["violated"] if n.startswith("inclusion")]
+    assert len(incl) == 1 and r["violated"][incl[0]] and r["violating_voxels"][incl[0]] > 0
+    assert r["SVR_per_rule"][incl[0]] == pytest.approx(1 / 6)  # 1 of the 6 foreground slices
+    assert r["meets_priors_2d"]  # an open MYO ring (C) and a notched LV+MYO disk are allowed shapes
+    holed = heart()
+    holed[4, 12, 10] = 0  # a hole in the LV (and LV+MYO) on slice 4: (1, 1) is not allowed; a cavity in 3D
+    r = label_free_case(holed, spec)
+    assert r["slices_meeting_prior_2d"] == {"LV": 5, "LV_epi": 5, "MYO": 6, "RV": 6} and not r["meets_priors_2d"]
+    assert r["betti_3d"]["LV_epi"] == [1, 0, 1] and r["meets_prior_3d"] == {"LV_epi": False}
+    no_rv = heart()
+    no_rv[no_rv == 1] = 0
+    assert label_free_case(no_rv, spec)["lacking_labels"] == ["RV"]
+
+
+def test_label_free_folder_with_meshes(seg_folder, tmp_path):
+    from nnunet_topo.label_free import label_free_folder, main
+    from nnunet_topo.segmentation_meshes import mesh_segmentation_folder
+
+    mesh_segmentation_folder(str(seg_folder), str(tmp_path / "mc"), DJ, show_progress=False)
+    out = tmp_path / "lf.json"
+    r = label_free_folder(str(seg_folder), DJ, mesh_folder=str(tmp_path / "mc"), output_file=str(out),
+                          show_progress=False)
+    assert json.loads(out.read_text())["summary"] == r["summary"]
+    s = r["summary"]
+    assert s["num_cases"] == 2 and s["num_cases_meshed"] == 1 and s["share_meshed"] == 0.5
+    assert s["cases_without_mesh"] == ["case1"] and s["share_cases_lacking"]["RV"] == 0.5
+    assert s["share_slices_meeting_prior_2d"]["all"] == 1.0
+    case0 = r["metric_per_case"][0]
+    assert case0["meshed"] and set(case0["mesh"]["mesh_volume_mm3"]) == {"LV_endo", "LV_epi", "RV"}
+    assert case0["mesh"]["mesh_TVS_over_mesh_volumes"] < 0.01  # marching cubes of disjoint labels barely overlap
+    assert "RV" in r["metric_per_case"][1]["mesh_error"]
+    assert main([str(seg_folder), "-djfile", str(tmp_path / "dataset.json"), "-o", str(tmp_path / "x.json")]) == 0
+    assert main([str(tmp_path / "nowhere"), "-djfile", str(tmp_path / "dataset.json")]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ study.sh, run
+STUBS = r'''
+stub_log() { echo "$*" >> "$STUB_LOG"; }
+_arg() { local flag=$1; shift; while [ $# -gt 0 ]; do [ "$1" = "$flag" ] && { echo "$2"; return; }; shift; done; }
+nnUNetv2_topo_evaluate_folder() {
+  stub_log "evaluate $*"; local o; o=$(_arg -o "$@")
+  case " $* " in *" --mesh_folder "*) cp "$FAKE/mesh_summary.json" "$o" ;; *) cp "$FAKE/label_summary.json" "$o" ;; esac
+}
+nnUNetv2_topo_predict_meshes() {  # exit code 1: a case without mesh, as the real command
+  stub_log "predict_meshes $*"; local o; o=$(_arg -o "$@"); mkdir -p "$o"; cp -r "$FAKE/meshes/." "$o/"; return 1
+}
+nnUNetv2_topo_refine() {
+  stub_log "refine $*"; local o; o=$(_arg -o "$@"); mkdir -p "$o"; cp "$FAKE"/seg/*.nii.gz "$o/"
+  echo '{"steps": 10, "lr": 0.0001, "lambda": 0.01, "keep_present": true, "cases": {}}' > "$o/refinement_summary.json"
+}
+nnUNetv2_predict() { stub_log "predict $*"; local o; o=$(_arg -o "$@"); mkdir -p "$o"; cp "$FAKE"/seg/*.nii.gz "$o/"; }
+export -f stub_log _arg nnUNetv2_topo_evaluate_folder nnUNetv2_topo_predict_meshes nnUNetv2_topo_refine nnUNetv2_predict
+'''
+
+
+@pytest.mark.slow
+def test_study_stages_evaluate_external_collect_with_stubbed_nnunet(seg_folder, tmp_path):
+    """study.sh's stages after finetune, with nnU-Net's and our model commands replaced by shell functions that copy
+    tiny outputs (a real evaluator summary, marching-cubes meshes with one unmeshed case and exit code 1); the
+    marching-cubes step, the label-free measures, the archive and the collector run for real."""
+    from nnunet_topo.evaluation import compute_topology_metrics_on_folder
+    from nnunet_topo.segmentation_meshes import mesh_segmentation_folder
+
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    os.rename(seg_folder, fake / "seg")
+    mesh_segmentation_folder(str(fake / "seg"), str(fake / "meshes"), DJ, show_progress=False)
+    for f in (fake / "seg").glob("*.nii.gz"):  # predict_meshes writes the segmentations beside the meshes
+        (fake / "meshes" / f.name).write_bytes(f.read_bytes())
+    kw = dict(show_progress=False, chill=True)
+    s = compute_topology_metrics_on_folder(str(fake / "seg"), str(fake / "seg"), DJ, {}, **kw,
+                                           output_file=str(fake / "label_summary.json"))
+    assert s["metric_per_case"]
+    compute_topology_metrics_on_folder(str(fake / "seg"), str(fake / "seg"), DJ, {}, **kw,
+                                       mesh_folder=str(fake / "meshes"), output_file=str(fake / "mesh_summary.json"))
+    # a work folder after stage finetune: every model's fold-0 validation outputs
+    work = tmp_path / "work"
+    (work / "logs").mkdir(parents=True)
+    (work / ".nnunet_topo_study").touch()
+    for stage in ("data", "backbone", "finetune"):
+        (work / "logs" / f"stage_{stage}.done").touch()
+    raw = work / "raw" / col.NAME
+    raw.mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps(DJ))
+    text = open(STUDY).read()
+    arms = [col.BACKBONE] + [w for line in text.splitlines() if line.startswith(("FT_FIRST=(", "FT_FROM_MESH=(", "  nnU"))
+                             for w in line.replace("FT_FIRST=(", "").replace("FT_FROM_MESH=(", "").strip(" )").split()
+                             if w.startswith("nnUNetTrainer")]
+    assert set(col.ARMS) <= set(arms)
+    for tr in arms:
+        val = work / "results" / col.NAME / f"{tr}__{col.PLANS_CONF}" / "fold_0" / "validation"
+        val.mkdir(parents=True)
+        (val / "summary.json").write_text("{}")
+        for f in (fake / "seg").glob("*.nii.gz"):
+            (val / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "lge").mkdir()
+    (tmp_path / "stubs.sh").write_text(STUBS)
+    results = tmp_path / "results"
+    env = dict(os.environ, NNUNET_TOPO_STUDY_DIR=str(work), STUDY_SKIP_SETUP="1", STUDY_RESULTS_DIR=str(results),
+               STUDY_STAGES="evaluate external collect", STUDY_EXTERNAL_IMAGES=str(tmp_path / "lge"), FAKE=str(fake),
+               STUB_LOG=str(tmp_path / "stub.log"))
+    cmd = f"source {tmp_path / 'stubs.sh'} && bash {STUDY}"
+    p = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    calls = (tmp_path / "stub.log").read_text().splitlines()
+    mesh_arms = [a for a in arms if a.startswith(("nnUNetTrainerMesh_", "nnUNetTrainerTPM", "nnUNetTrainerMIE"))]
+    assert len([c for c in calls if c.startswith("predict_meshes")]) == len(mesh_arms) + 3  # + 3 external
+    assert len([c for c in calls if c.startswith("evaluate")]) == len(arms) + len(mesh_arms) + 2  # + refine, MC
+    assert all("--chill" in c for c in calls if c.startswith("evaluate") and "--mesh_folder" in c)
+    assert len([c for c in calls if c.startswith("refine")]) == 2 and len([c for c in calls if c.startswith("predict ")]) == 1
+    mc = json.loads((work / f"meshes_{col.MARCHING_CUBES}" / "meshes.json").read_text())
+    assert mc["cases_without_mesh"] == ["case1"]
+    for row in (col.CONTROL, col.REFINE, "nnUNetTrainerMesh_acdcFT", "nnUNetTrainerTPM_acdcFT2",
+                "nnUNetTrainerMIE_acdcFT"):
+        lf = json.loads((work / "eval" / f"external_{row}_label_free.json").read_text())
+        assert lf["summary"]["num_cases"] == 2
+        assert ("share_meshed" in lf["summary"]) == (row.startswith(("nnUNetTrainerMesh_", "nnUNetTrainerTPM",
+                                                                      "nnUNetTrainerMIE")))
+    import tarfile
+    with tarfile.open(results / "external_lge_predictions.tar.gz") as tar:
+        names = tar.getnames()
+    assert "external_lge_predictions/README.txt" in names
+    assert f"external_lge_predictions/{col.REFINE}/case0.nii.gz" in names
+    assert "external_lge_predictions/nnUNetTrainerTPM_acdcFT2/case0_RV.vtp" in names
+    assert "external_lge_predictions/nnUNetTrainerTPM_acdcFT2/meshes.json" in names
+    assert f"external_lge_predictions/label_free/external_{col.CONTROL}_label_free.json" in names
+    r = strict_json(results / "acdc_fold0.json")
+    assert r["protocol"] == "fine-tune" and r["missing"] == []
+    assert r["trainers"][col.MARCHING_CUBES]["mesh"]["cases_without_mesh"] == ["case1"]
+    assert r["trainers"]["nnUNetTrainerMesh_acdcFT"]["mesh"]["volume_ratio_share_in_0.85_1.15"]["RV"] == 0.5
+    assert r["differences"]["vs_control"][col.REFINE]["Dice_LV"]["ci95"] == [0.0, 0.0]
+    assert set(r["external_lge"]) == {col.CONTROL, col.REFINE, "nnUNetTrainerMesh_acdcFT",
+                                      "nnUNetTrainerTPM_acdcFT2", "nnUNetTrainerMIE_acdcFT"}
+    steps = {s["step"] for s in r["stage_seconds"]}
+    assert {"evaluate", "external", f"marching_cubes_{col.CONTROL}", "external_pack"} <= steps
+    assert (work / "logs" / "tables.md").read_text().count("| goal |") == 1
+    assert (work / "logs" / "stage_evaluate.done").exists() and not (work / "logs" / "stage_collect.done").exists()
+    # resumable: a second run redoes only collect
+    p = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "stage evaluate: done" in p.stdout and "stage external: done" in p.stdout
+    assert (tmp_path / "stub.log").read_text().splitlines() == calls
