@@ -14,7 +14,7 @@ never enters nnU-Net's backward by itself; what the mesh terms may give the back
 
 So with ``share = 0`` the network's update is exactly plain nnU-Net's, and at any share the backbone's gradient
 differs from plain nnU-Net's by at most ``share`` times L_seg's own gradient norm, at every step. Plain torch, no
-nnU-Net import; one device sync per step at most (none in the arithmetic itself).
+nnU-Net import (``mesh_train_step`` reads a trainer duck-typed); one device sync per step at most in the arithmetic.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["add_bounded_feature_gradient", "allreduce_mean_", "grad_norm", "head_backward"]
+__all__ = ["add_bounded_feature_gradient", "allreduce_mean_", "grad_norm", "head_backward", "mesh_train_step"]
 
 
 def grad_norm(grads: Sequence[Optional[Tensor]]) -> Tensor:
@@ -121,3 +121,68 @@ def add_bounded_feature_gradient(params: Sequence[Tensor], features: Sequence[Te
         g = g * factor.to(g.dtype)
         p.grad = g if p.grad is None else p.grad + g.to(p.grad.dtype)
     return seg_norm, mesh_norm, factor
+
+
+def mesh_train_step(trainer, batch: dict):
+    """One training step of a mesh trainer (``nnUNetTrainerMesh.train_step``; the one place where nnU-Net's step is
+    changed): nnU-Net's step for ``trainer.network`` (its loss, backward, clip 12, GradScaler, optimiser), the head's
+    own step beside it (its optimiser, clip, GradScaler), and the mesh data terms' bounded gradient into the network.
+
+    ``trainer`` provides nnU-Net's ``device``, ``network``, ``loss``, ``optimizer``, ``grad_scaler``, ``is_ddp`` and
+    the mesh trainer's ``mesh_model``, ``mesh_head``, ``head_optimizer``, ``head_grad_scaler``, ``head_grad_clip``,
+    ``mesh_backbone_grad_share``, ``freeze_network``, ``mesh_losses(meshes, faces, logits, target)``.
+    Returns ``({"loss": L_seg}, (mesh term values, meshes, faces, full-resolution target))``: nnU-Net's "loss"
+    (progress.png) stays L_seg, comparable with plain nnU-Net and with its ``val_loss``.
+    """
+    import contextlib
+
+    from nnunet_topo.losses.combined import full_resolution
+
+    t = trainer
+    data, target = batch["data"].to(t.device, non_blocking=True), batch["target"]
+    target = [x.to(t.device, non_blocking=True) for x in target] if isinstance(target, list) else \
+        target.to(t.device, non_blocking=True)
+    t.optimizer.zero_grad(set_to_none=True)
+    t.head_optimizer.zero_grad(set_to_none=True)
+    amp = torch.autocast(t.device.type, enabled=True) if t.device.type == "cuda" else contextlib.nullcontext()
+    share = 0.0 if t.freeze_network else float(t.mesh_backbone_grad_share)
+    with amp:
+        with t.mesh_model.capture() as captured, torch.set_grad_enabled(not t.freeze_network):
+            output = t.network(data)
+            l_seg = t.loss(output, target)
+        logits, tgt = full_resolution(output), full_resolution(target)
+        feats, bottleneck = t.mesh_model.head_inputs(captured)
+        feats = feats + [bottleneck]
+        inputs = [f.detach().requires_grad_(share > 0) for f in feats]  # the head never enters nnU-Net's backward
+        meshes = t.mesh_head(inputs[:-1], inputs[-1], logits.detach())
+        faces = [t.mesh_head.template_faces(s) for s in range(len(meshes))]
+    data_loss, reg_loss, values = t.mesh_losses(meshes, faces, logits, tgt)
+    hs = t.head_grad_scaler
+    scale = hs.scale(torch.ones((), device=t.device)) if hs is not None else None
+    head_params = list(t.mesh_head.parameters())
+    feature_grads = head_backward(data_loss, reg_loss, head_params, inputs, scale)
+    if not t.freeze_network:  # the network: L_seg's backward, the bounded mesh share, nnU-Net's clip and step
+        net_params = list(t.network.parameters())
+        if t.grad_scaler is not None:
+            t.grad_scaler.scale(l_seg).backward(retain_graph=share > 0)
+            t.grad_scaler.unscale_(t.optimizer)
+        else:
+            l_seg.backward(retain_graph=share > 0)
+        add_bounded_feature_gradient(net_params, feats, feature_grads, share, ddp=t.is_ddp)
+        torch.nn.utils.clip_grad_norm_(net_params, 12)
+        if t.grad_scaler is not None:
+            t.grad_scaler.step(t.optimizer)
+            t.grad_scaler.update()
+        else:
+            t.optimizer.step()
+    if t.is_ddp:  # the head: its own GradScaler, clip and optimiser
+        allreduce_mean_([p.grad for p in head_params])
+    if hs is not None:
+        hs.unscale_(t.head_optimizer)
+    torch.nn.utils.clip_grad_norm_(head_params, t.head_grad_clip)
+    if hs is not None:
+        hs.step(t.head_optimizer)
+        hs.update()
+    else:
+        t.head_optimizer.step()
+    return {"loss": l_seg.detach().cpu().numpy()}, (values, meshes, faces, tgt)

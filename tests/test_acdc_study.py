@@ -164,6 +164,8 @@ def fake_work(tmp_path, with_betti=True):
     (ev / f"{col.BACKBONE}_label.json").write_text(json.dumps(label_summary()))
     train_folder(work, col.CONTROL, 10, 100, seed=1)
     (ev / f"{col.CONTROL}_label.json").write_text(json.dumps(label_summary()))
+    train_folder(work, col.CONTROL + "_seed2", 10, 100, seed=2)
+    (ev / f"{col.CONTROL}_seed2_label.json").write_text(json.dumps(label_summary(0.01)))
     if with_betti:
         train_folder(work, "nnUNetTrainerBetti_acdcFT", 10, 100, seed=1)
         (ev / "nnUNetTrainerBetti_acdcFT_label.json").write_text(json.dumps(label_summary(-0.005, betti=1.0)))
@@ -247,6 +249,9 @@ def test_collector_writes_the_fine_tune_json(tmp_path, capsys):
     assert head["mesh_TVS"]["n"] == 3 and head["mesh_TVS"]["estimate"] == pytest.approx(0.10)  # paired on meshed
     assert head["Chamfer_mean"]["estimate"] == pytest.approx(-1.0)
     assert r["bootstrap"]["resamples"] == 2000
+    assert t[col.CONTROL + "_seed2"]["seed"] == 2
+    seeds = d["seed_repeats"][col.CONTROL + "_seed2"]
+    assert seeds["Dice_MYO"]["estimate"] == pytest.approx(0.01) and "TVS" in seeds and "HD95" not in str(seeds)
     # goals
     status = {(g["goal"].split(" ")[0], g["arm"]): g["status"] for g in r["goals"]}
     assert status[("label", col.MESH_FT)] == "not met"
@@ -263,8 +268,8 @@ def test_collector_writes_the_fine_tune_json(tmp_path, capsys):
     pc = r["per_case"][col.MESH_FT]
     assert pc["label"]["case"] == CASES and len(pc["mesh"]["case"]) == 3
     printed = capsys.readouterr().out
-    for heading in ("| backbone |", "| row | ft iters", "Δ Dice RV", "TPM Table 2", "marching cubes", "| goal |",
-                    "External LGE"):
+    for heading in ("| backbone |", "| row | ft iters", "Δ Dice RV", "Second seed", "TPM Table 2", "marching cubes",
+                    "| goal |", "External LGE"):
         assert heading in printed, heading
 
 
@@ -470,9 +475,9 @@ def test_study_stages_evaluate_external_collect_with_stubbed_nnunet(seg_folder, 
     raw.mkdir(parents=True)
     (raw / "dataset.json").write_text(json.dumps(DJ))
     text = open(STUDY).read()
-    arms = [col.BACKBONE] + [w for line in text.splitlines() if line.startswith(("FT_FIRST=(", "FT_FROM_MESH=(", "  nnU"))
-                             for w in line.replace("FT_FIRST=(", "").replace("FT_FROM_MESH=(", "").strip(" )").split()
-                             if w.startswith("nnUNetTrainer")]
+    arrays = [line for line in text.splitlines() if line.startswith(("FT_FIRST=(", "FT_FROM_MESH=(", "  nnU"))]
+    arms = [col.BACKBONE] + [w.strip("()") for line in arrays for w in line.split("=(")[-1].split()
+                             if w.strip("()").startswith("nnUNetTrainer")]
     assert set(col.ARMS) <= set(arms)
     for tr in arms:
         val = work / "results" / col.NAME / f"{tr}__{col.PLANS_CONF}" / "fold_0" / "validation"
@@ -494,7 +499,8 @@ def test_study_stages_evaluate_external_collect_with_stubbed_nnunet(seg_folder, 
     assert len([c for c in calls if c.startswith("predict_meshes")]) == len(mesh_arms) + 3  # + 3 external
     assert len([c for c in calls if c.startswith("evaluate")]) == len(arms) + len(mesh_arms) + 2  # + refine, MC
     assert all("--chill" in c for c in calls if c.startswith("evaluate") and "--mesh_folder" in c)
-    assert len([c for c in calls if c.startswith("refine")]) == 2 and len([c for c in calls if c.startswith("predict ")]) == 1
+    assert len([c for c in calls if c.startswith("refine")]) == 2
+    assert len([c for c in calls if c.startswith("predict ")]) == 1
     mc = json.loads((work / f"meshes_{col.MARCHING_CUBES}" / "meshes.json").read_text())
     assert mc["cases_without_mesh"] == ["case1"]
     for row in (col.CONTROL, col.REFINE, "nnUNetTrainerMesh_acdcFT", "nnUNetTrainerTPM_acdcFT2",

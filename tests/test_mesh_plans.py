@@ -184,6 +184,7 @@ def test_restricted_mesh_structures_roi(dataset, planned):
     plans = planned[2]
     dj = json.load(open(raw / "dataset.json"))
     dj["topology"]["mesh_structures"] = {"LV_epi": ["LV", "MYO"]}
+    dj["topology"].pop("mesh_rules", None)  # they name the other mesh structures
     st = roi_statistics(str(raw), dj, plans, margin_mm=4.0)
     ext, _ = _expected_extent_mm(raw / "labelsTr", [dj["labels"]["LV"], dj["labels"]["MYO"]],
                                  plans["transpose_forward"])
@@ -267,6 +268,7 @@ def test_no_mesh_structures_is_a_clear_error(dataset, env, tmp_path):
     shutil.copy(os.path.join(pre, "dataset_fingerprint.json"), pre2)
     dj = json.load(open(os.path.join(raw2, "dataset.json")))
     del dj["topology"]["mesh_structures"]
+    dj["topology"].pop("mesh_rules", None)  # they need mesh structures (an error of their own)
     json.dump(dj, open(os.path.join(raw2, "dataset.json"), "w"))
     with pytest.raises(MeshPlansError, match="no 'mesh_structures'.*add"):
         write_mesh_plans(str(other))

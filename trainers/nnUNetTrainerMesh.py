@@ -13,26 +13,21 @@ backbone only through a gradient bounded by ``mesh_backbone_grad_share`` x L_seg
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-from nnunetv2.utilities.helpers import dummy_context
 
-from nnunet_topo.losses.combined import full_resolution
 from nnunet_topo.losses.mesh_targets import normalized_to_mm
 from nnunet_topo.losses.mesh_terms import (default_smoothing_mm, mesh_regularisers, mesh_volume_ratios,
                                            template_edge_lengths)
 from nnunet_topo.losses.tpm import TPMLoss
 from nnunet_topo.mesh_head.label_templates import roi_crops, training_templates
-from nnunet_topo.mesh_head.network import (HEAD_FORMAT_VERSION, HEAD_STATE_KEY, TEMPLATES_KEY, head_settings,
-                                           mesh_network_from_configuration, store_in_configuration, stored_templates,
-                                           unwrap_network)
-from nnunet_topo.mesh_step import add_bounded_feature_gradient, allreduce_mean_, head_backward
+from nnunet_topo.mesh_head.network import (HEAD_FORMAT_VERSION, TEMPLATES_KEY, head_settings,
+                                           store_in_configuration, stored_templates)
+from nnunet_topo.mesh_passenger import MeshHeadPassenger
 from nnunet_topo.mesh_head.templates import Template
 from nnunet_topo.plans import preprocessed_cases, saved_configuration
 from nnunet_topo.roi_loader import MeshROISampling
@@ -40,7 +35,7 @@ from nnunet_topo.rules import TopologySpecError
 from nnunet_topo.trainers.nnUNetTrainerTopoBase import nnUNetTrainerTopoBase
 
 
-class nnUNetTrainerMesh(MeshROISampling, nnUNetTrainerTopoBase):
+class nnUNetTrainerMesh(MeshHeadPassenger, MeshROISampling, nnUNetTrainerTopoBase):
     """nnU-Net + mesh head; ``L_seg + L_occ + laplacian_weight L_lap + edge_weight L_edge`` (λ_TP = 0)."""
 
     #: icosphere subdivision of genus-0 templates (3: 642 vertices) and (major, minor) sections of tori
@@ -135,200 +130,6 @@ class nnUNetTrainerMesh(MeshROISampling, nnUNetTrainerTopoBase):
                                    f"{self.configuration_name}\n", conf, "\n", add_timestamp=False)
             self.print_to_log_file("These are the global plan.json settings:\n", plans, "\n", add_timestamp=False)
 
-    # ------------------------------------------------------------------ network (nnU-Net's), head (a passenger)
-    def initialize(self):
-        """nnU-Net's ``initialize`` (network, nnU-Net's optimiser, loss), then the head beside the network: hooks on
-        the network's encoder and decoder stages, the head's optimiser, poly schedule and GradScaler."""
-        if self.was_initialized:
-            return super().initialize()
-        super().initialize()
-        net = unwrap_network(self.network)
-        self.mesh_model = mesh_network_from_configuration(net, self.configuration_manager.configuration)
-        self.mesh_model.mesh_head.to(self.device)
-        self.mesh_head = self.mesh_model.mesh_head
-        self.head_optimizer = torch.optim.Adam(self.mesh_head.parameters(), lr=self.head_lr)
-        self.head_lr_scheduler = PolyLRScheduler(self.head_optimizer, self.head_lr, self.num_epochs)
-        self.head_grad_scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None
-
-    def _do_i_compile(self) -> bool:
-        # the head's forward hooks sit on the network's own modules and are registered after nnU-Net's initialize;
-        # hooks registered after torch.compile are ignored, so the network is not compiled (mesh_trainers.md)
-        if os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t"):
-            self.print_to_log_file("INFO: torch.compile disabled for the mesh trainers (the head's hooks).")
-        return False
-
-    def on_train_epoch_start(self):
-        super().on_train_epoch_start()
-        self.mesh_head.train()
-        self.head_lr_scheduler.step(self.current_epoch)
-
-    def on_validation_epoch_start(self):
-        super().on_validation_epoch_start()
-        self.mesh_head.eval()
-
-    # ------------------------------------------------------------------ checkpoint: the head beside the network
-    def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint (``network_weights`` = nnU-Net's network only), plus the head under
-        ``HEAD_STATE_KEY``: format, settings (templates live in plans.json), weights, optimiser, GradScaler."""
-        super().save_checkpoint(filename)
-        if self.local_rank != 0 or self.disable_checkpointing or not os.path.isfile(filename):
-            return
-        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-        checkpoint[HEAD_STATE_KEY] = {
-            "format": HEAD_FORMAT_VERSION, "head_settings": self.mesh_head_settings,
-            "state_dict": self.mesh_head.state_dict(), "optimizer_state": self.head_optimizer.state_dict(),
-            "grad_scaler_state": self.head_grad_scaler.state_dict() if self.head_grad_scaler is not None else None,
-            "ready_epoch": self._ready_epoch}
-        torch.save(checkpoint, filename)
-
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
-            torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
-        where = str(filename_or_checkpoint)[:200]
-        refuse_older_mesh_model(checkpoint, where)  # before nnU-Net's strict load, with a message that says why
-        super().load_checkpoint(filename_or_checkpoint)
-        entry = self._head_entry(checkpoint, where, required=True)
-        self.mesh_head.load_state_dict(entry["state_dict"])
-        self.head_optimizer.load_state_dict(entry["optimizer_state"])
-        if self.head_grad_scaler is not None and entry.get("grad_scaler_state") is not None:
-            self.head_grad_scaler.load_state_dict(entry["grad_scaler_state"])
-        self._ready_epoch = entry.get("ready_epoch")
-
-    def _head_entry(self, checkpoint: dict, where: str, required: bool) -> Optional[dict]:
-        """The checkpoint's head entry if it fits this trainer's head; None (``required`` False) when the checkpoint
-        has none; a clear error for a head of an older format or other templates."""
-        entry = checkpoint.get(HEAD_STATE_KEY)
-        refuse_older_mesh_model(checkpoint, where)
-        if entry is None:
-            if required:
-                raise RuntimeError(f"{where} has no mesh head ({HEAD_STATE_KEY}); it is not a checkpoint of a mesh "
-                                   "trainer of this version. Start from it with -pretrained_weights instead.")
-            return None
-        if entry.get("format") != HEAD_FORMAT_VERSION:
-            raise RuntimeError(f"{where}: mesh head format {entry.get('format')}, this version reads "
-                               f"{HEAD_FORMAT_VERSION}; retrain the mesh model.")
-        mine = {k: v for k, v in self.mesh_head_settings.items()}
-        theirs = entry.get("head_settings", {})
-        if theirs != mine and not required:
-            self.print_to_log_file(f"{where}: its mesh head settings {theirs} differ from this trainer's {mine}")
-            return None
-        if theirs != mine:
-            raise RuntimeError(f"{where}: its mesh head settings {theirs} differ from this trainer's {mine}; start "
-                               "from a mesh model of the same trainer settings, or from its network only "
-                               "(a plain nnU-Net checkpoint).")
-        return entry
-
-    def before_pretrained_weights(self, fname: str) -> None:
-        refuse_older_mesh_model(torch.load(fname, map_location="cpu", weights_only=False), fname)
-
-    def after_pretrained_weights(self, fname: str) -> None:
-        """``-pretrained_weights``: nnU-Net loaded the network (nnUNetTrainerTopoBase restores the seg layers);
-        the head is taken from the checkpoint when it is a mesh model with the same head, else it starts fresh."""
-        super().after_pretrained_weights(fname)
-        checkpoint = torch.load(fname, map_location=self.device, weights_only=False)
-        entry = self._head_entry(checkpoint, fname, required=False)
-        templates_same = entry is not None and all(
-            torch.equal(entry["state_dict"][k].cpu(), v.cpu()) for k, v in self.mesh_head.state_dict().items()
-            if k.startswith("template_"))
-        if entry is not None and templates_same:
-            self.mesh_head.load_state_dict(entry["state_dict"])
-            self.print_to_log_file(f"mesh head loaded from {fname} (its {len(entry['state_dict'])} keys); the head's "
-                                   "optimiser starts fresh", also_print_to_console=True)
-        else:
-            why = "it has no mesh head of these settings" if entry is None else \
-                "its templates differ from this plans.json's"
-            self.print_to_log_file(f"mesh head starts fresh: {fname} is used for nnU-Net's network only ({why})",
-                                   also_print_to_console=True)
-
-    # ------------------------------------------------------------------ one step
-    def _head_forward(self, captured: dict, logits: Tensor, detach: bool, grad_to_backbone: bool):
-        feats, bottleneck = self.mesh_model.head_inputs(captured)
-        inputs = [f.detach().requires_grad_(grad_to_backbone) if detach else f for f in feats + [bottleneck]]
-        meshes = self.mesh_head(inputs[:-1], inputs[-1], logits.detach())
-        faces = [self.mesh_head.template_faces(s) for s in range(len(meshes))]
-        return feats + [bottleneck], inputs, meshes, faces
-
-    def _mesh_losses(self, meshes, faces, logits: Tensor, target: Tensor):
-        """``(weighted data terms, weighted regularisers, {name: value})`` in float32 with autocast off."""
-        with torch.autocast(logits.device.type, enabled=False):
-            values = self.compute_mesh_terms([m.float() for m in meshes], faces, logits.detach().float(), target)
-        weights = self.mesh_term_weights()
-        zero = meshes[0].sum() * 0.0
-        data = sum((weights[k] * v for k, v in values.items() if k not in self.regulariser_names and weights[k]), zero)
-        reg = sum((weights[k] * v for k, v in values.items() if k in self.regulariser_names and weights[k]), zero)
-        return data, reg, values
-
-    def train_step(self, batch: dict) -> dict:
-        """nnU-Net's step for the network (same loss, backward, clip 12, GradScaler, optimiser), the head's own
-        step beside it, and the mesh terms' bounded gradient into the network (module docstring, mesh_step.py)."""
-        data, target = batch["data"].to(self.device, non_blocking=True), batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else \
-            target.to(self.device, non_blocking=True)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.head_optimizer.zero_grad(set_to_none=True)
-        amp = torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
-        share = 0.0 if self.freeze_network else float(self.mesh_backbone_grad_share)
-        with amp:
-            with self.mesh_model.capture() as captured, torch.set_grad_enabled(not self.freeze_network):
-                output = self.network(data)
-                l_seg = self.loss(output, target)
-            logits, tgt = full_resolution(output), full_resolution(target)
-            feats, inputs, meshes, faces = self._head_forward(captured, logits, detach=True,
-                                                              grad_to_backbone=share > 0)
-        data_loss, reg_loss, values = self._mesh_losses(meshes, faces, logits, tgt)
-        hs = self.head_grad_scaler
-        scale = hs.scale(torch.ones((), device=self.device)) if hs is not None else None
-        head_params = list(self.mesh_head.parameters())
-        feature_grads = head_backward(data_loss, reg_loss, head_params, inputs, scale)
-        # the network: nnU-Net's backward of L_seg, then the bounded mesh share, then nnU-Net's clip and step
-        net_params = list(self.network.parameters())
-        if self.freeze_network:
-            pass
-        elif self.grad_scaler is not None:
-            self.grad_scaler.scale(l_seg).backward(retain_graph=share > 0)
-            self.grad_scaler.unscale_(self.optimizer)
-        else:
-            l_seg.backward(retain_graph=share > 0)
-        if not self.freeze_network:
-            add_bounded_feature_gradient(net_params, feats, feature_grads, share, ddp=self.is_ddp)
-            torch.nn.utils.clip_grad_norm_(net_params, 12)
-            if self.grad_scaler is not None:
-                self.grad_scaler.step(self.optimizer)
-                self.grad_scaler.update()
-            else:
-                self.optimizer.step()
-        # the head: its own GradScaler, clip and optimiser
-        if self.is_ddp:
-            allreduce_mean_([p.grad for p in head_params])
-        if hs is not None:
-            hs.unscale_(self.head_optimizer)
-        torch.nn.utils.clip_grad_norm_(head_params, self.head_grad_clip)
-        if hs is not None:
-            hs.step(self.head_optimizer)
-            hs.update()
-        else:
-            self.head_optimizer.step()
-        # nnU-Net's "loss" (progress.png) stays L_seg, comparable with plain nnU-Net and with its val_loss; the mesh
-        # terms are logged on their own
-        out = {"loss": l_seg.detach().cpu().numpy()}
-        out.update(self._pop_term_values("train"))
-        out.update(self._mesh_log_values("train", values, meshes, faces, tgt))
-        return out
-
-    def validation_step(self, batch: dict) -> dict:
-        """nnU-Net's validation step (pseudo Dice, L_seg), plus the mesh terms on the same batch (no gradient)."""
-        with self.mesh_model.capture() as captured:
-            out = super().validation_step(batch)
-        target = full_resolution(batch["target"]).to(self.device)
-        with torch.no_grad():
-            feats, bottleneck = self.mesh_model.head_inputs(captured)
-            seg = full_resolution(captured["output"]).float()
-            meshes = self.mesh_head(feats, bottleneck, seg)
-            faces = [self.mesh_head.template_faces(s) for s in range(len(meshes))]
-            _, _, values = self._mesh_losses(meshes, faces, seg, target)
-        out.update(self._mesh_log_values("val", values, meshes, faces, target))
-        return out
-
     # ------------------------------------------------------------------ loss terms
     regulariser_names: Tuple[str, ...] = ("laplacian", "edge")
 
@@ -410,23 +211,3 @@ class nnUNetTrainerMesh(MeshROISampling, nnUNetTrainerTopoBase):
             self.print_to_log_file(f"the meshes fit (volume ratios within {self.mesh_ready_volume_band}) after epoch "
                                    f"{self.current_epoch - 1}")
         return self._ready_epoch is not None and self.current_epoch >= self._ready_epoch
-
-
-def refuse_older_mesh_model(checkpoint: dict, where: str) -> None:
-    """A clear error for a checkpoint of a mesh model of an earlier nnunet-topo (head format 1: network and head in
-    one wrapper, ``network.``/``mesh_head.`` keys in ``network_weights``, placement from soft moments)."""
-    if HEAD_STATE_KEY not in checkpoint and any(k.startswith("mesh_head.")
-                                                for k in checkpoint.get("network_weights", {})):
-        raise RuntimeError(
-            f"{where}: a mesh model of an earlier nnunet-topo (head format 1: nnU-Net's network and the mesh head in "
-            "one wrapper, placement from soft-segmentation moments). This version cannot reproduce its meshes and "
-            "nnU-Net cannot load its network keys ('network.' prefix). Retrain it with this version.")
-
-
-class nnUNetTrainerMesh_headOnly(nnUNetTrainerMesh):
-    """A mesh head on top of a trained nnU-Net that stays exactly as it is: start it with ``-pretrained_weights`` of
-    a plain model trained on the same plans and configuration; the network is frozen (no gradient, no step, also no
-    bounded mesh share), only the head learns. nnU-Net's validation then reproduces the pretrained model's
-    segmentation (its segmentation layers are loaded too, ``keep_pretrained_seg_layers``)."""
-
-    freeze_network = True

@@ -28,8 +28,7 @@ only. Subclasses import it as ``nnunet_topo.trainers.nnUNetTrainerTopoBase``.
 from __future__ import annotations
 
 import os
-import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -38,10 +37,12 @@ import torch.distributed as dist
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_topo.losses.combined import TopologyLossWrapper
+from nnunet_topo.pretrained import PretrainedWeights
+from nnunet_topo.schedule import TwoPhaseSchedule
 from nnunet_topo.rules import TopologySpecError, default_topology, describe, parse_topology, spec_in_patch_frame
 
 
-class nnUNetTrainerTopoBase(nnUNetTrainer):
+class nnUNetTrainerTopoBase(TwoPhaseSchedule, PretrainedWeights, nnUNetTrainer):
     """nnUNetTrainer + topology spec + extra loss terms logged every epoch + topology validation summary."""
 
     #: run the topology evaluator after nnU-Net's validation (writes validation/summary_topology.json)
@@ -49,11 +50,6 @@ class nnUNetTrainerTopoBase(nnUNetTrainer):
     #: refuse to train when the reference labels (gt_segmentations) violate a rule of the spec: such a rule cannot
     #: be learned and its TVS is meaningless. Betti-prior mismatches are only logged. Subclass to switch off.
     require_rules_hold_on_reference: bool = True
-    #: first epoch of the topology phase (None: :meth:`default_topology_start_epoch`); 0 starts with the terms on
-    #: (the ``_finetune`` variants, for a start from a trained model with ``-pretrained_weights``)
-    topology_start_epoch: Optional[int] = None
-    #: under ``-pretrained_weights``, also load the segmentation layers nnU-Net re-initialises, if shapes match
-    keep_pretrained_seg_layers: bool = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -82,86 +78,6 @@ class nnUNetTrainerTopoBase(nnUNetTrainer):
         for name in self._logged_term_names:
             for split in ("train", "val"):
                 local.setdefault(f"{split}_{name}", [])
-
-    # ------------------------------------------------------------------ the two-phase schedule
-    def default_topology_start_epoch(self) -> int:
-        """The paper's first phase, in epochs (0 here: a subclass sets its paper's)."""
-        return 0
-
-    def topology_start(self) -> int:
-        start = self.default_topology_start_epoch() if self.topology_start_epoch is None else self.topology_start_epoch
-        return max(int(start), 0)
-
-    def topology_phase_ready(self) -> bool:
-        """An earlier switch than ``topology_start`` (the mesh trainers: when the meshes fit); False here."""
-        return False
-
-    def topology_active(self) -> bool:
-        """Whether the topology terms are on in the current epoch."""
-        return self.current_epoch >= self.topology_start() or self.topology_phase_ready()
-
-    def phase_term_names(self) -> Tuple[str, ...]:
-        """The terms switched on by the schedule (default: every topology term of the loss)."""
-        return self._topology_term_names
-
-    def on_train_epoch_start(self):
-        super().on_train_epoch_start()
-        active = self.topology_active()
-        if isinstance(getattr(self, "loss", None), TopologyLossWrapper):
-            for name in self.phase_term_names():
-                if name in self._full_weights:
-                    self.loss.weights[name] = self._full_weights[name] if active else 0.0
-        if active and self._switch_epoch is None and self.phase_term_names():
-            self._switch_epoch = self.current_epoch
-            self.print_to_log_file(f"topology terms {list(self.phase_term_names())} on from epoch {self.current_epoch}"
-                                   f" (schedule: start epoch {self.topology_start()})", also_print_to_console=True)
-
-    @property
-    def _switch_epoch(self) -> Optional[int]:
-        """First epoch with the topology terms on, from the logged term values (restored by ``--c``)."""
-        if getattr(self, "_switch_epoch_cache", None) is not None:
-            return self._switch_epoch_cache
-        local = self.logger.local_logger.my_fantastic_logging
-        for name in self.phase_term_names():
-            for e, v in enumerate(local.get(f"train_{name}", [])):
-                if v == v:  # not NaN
-                    return e
-        return None
-
-    @_switch_epoch.setter
-    def _switch_epoch(self, epoch: Optional[int]) -> None:
-        self._switch_epoch_cache = epoch
-
-    # ------------------------------------------------------------------ -pretrained_weights
-    def initialize(self):
-        super().initialize()
-        _install_pretrained_weights_hook()
-        from nnunet_topo.mesh_head.network import unwrap_network
-
-        unwrap_network(self.network)._nnunet_topo_trainer = weakref.ref(self)
-
-    def before_pretrained_weights(self, fname: str) -> None:
-        """Called before nnU-Net's ``load_pretrained_weights`` (a subclass refuses what nnU-Net would misreport)."""
-
-    def after_pretrained_weights(self, fname: str) -> None:
-        """Called after nnU-Net's ``load_pretrained_weights`` (``nnUNetv2_train ... -pretrained_weights``)."""
-        from nnunet_topo.mesh_head.network import unwrap_network
-
-        net = unwrap_network(self.network)
-        saved = torch.load(fname, map_location="cpu", weights_only=False)["network_weights"]
-        own = net.state_dict()
-        seg = {k: v for k, v in saved.items() if ".seg_layers." in k and k in own and own[k].shape == v.shape}
-        wanted = [k for k in own if ".seg_layers." in k]
-        if self.keep_pretrained_seg_layers and wanted and len(seg) == len(wanted):
-            net.load_state_dict(seg, strict=False)
-            self.print_to_log_file(f"-pretrained_weights {fname}: nnU-Net's network loaded, segmentation layers "
-                                   f"included ({len(seg)} keys; nnU-Net alone would re-initialise them)",
-                                   also_print_to_console=True)
-        else:
-            self.print_to_log_file(f"-pretrained_weights {fname}: nnU-Net's network loaded; segmentation layers "
-                                   "re-initialised (nnU-Net's transfer-learning behaviour: "
-                                   f"{'switched on' if not self.keep_pretrained_seg_layers else 'shapes differ'})",
-                                   also_print_to_console=True)
 
     def _check_rules_on_reference(self) -> None:
         """Check the spec against the reference labels once; the result is cached in the preprocessed folder."""
@@ -300,29 +216,3 @@ class nnUNetTrainerTopoBase(nnUNetTrainer):
             f"TVS {topo['TVS']:.5f}, violation rate {topo['VR']:.3f}, "
             f"mean Betti error 3D {topo['betti_error_3d']:.3f}, topologically correct {topo['topologically_correct']:.3f}",
             also_print_to_console=True)
-
-
-def _install_pretrained_weights_hook() -> None:
-    """Make nnU-Net's ``-pretrained_weights`` call the trainer's :meth:`after_pretrained_weights` after nnU-Net's own
-    ``load_pretrained_weights`` (which gets only the network and the file name, and is looked up in
-    ``nnunetv2.run.run_training`` when ``nnUNetv2_train`` runs). The wrapper calls nnU-Net's function unchanged;
-    for a network that does not belong to a topology trainer it does nothing else. Installed once per process."""
-    import nnunetv2.run.run_training as run_training
-
-    original = run_training.load_pretrained_weights
-    if getattr(original, "_nnunet_topo", False):
-        return
-
-    def load_pretrained_weights(network, fname, verbose=False):
-        from nnunet_topo.mesh_head.network import unwrap_network
-
-        ref = getattr(unwrap_network(network), "_nnunet_topo_trainer", None)
-        trainer = ref() if ref is not None else None
-        if trainer is not None:
-            trainer.before_pretrained_weights(fname)
-        original(network, fname, verbose=verbose)
-        if trainer is not None:
-            trainer.after_pretrained_weights(fname)
-
-    load_pretrained_weights._nnunet_topo = True
-    run_training.load_pretrained_weights = load_pretrained_weights

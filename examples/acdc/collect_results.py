@@ -23,9 +23,9 @@ reference volume over the meshed cases}, "volume_ratio_share_in_0.85_1.15": {str
 (unmeshed ones count as outside)}, cases_without_mesh}}}``, ``"differences"`` (paired per-case bootstrap 95 %
 intervals: every row against the control on label Dice per structure, TVS, Betti errors, CCE, topologically correct
 share; the TPM arms against Mesh continued on mesh TVS (difference and relative change) and mesh Dice; every learned
-mesh head against marching cubes on mesh TVS and Chamfer), ``"goals"`` (issue 22's, each met or not and how),
-``"external_lge"``, ``"stage_seconds"`` and ``"per_case"`` (the per-case values the intervals use, by row, so that
-they can be recomputed from the JSON when the work folder is gone).
+mesh head against marching cubes on mesh TVS and Chamfer; each second seed against its first), ``"goals"``
+(issue 22's, each met or not and how), ``"external_lge"``, ``"stage_seconds"`` and ``"per_case"`` (the per-case
+values the intervals use, by row, so that they can be recomputed from the JSON when the work folder is gone).
 
 An existing ``--out`` of the 400-iteration study (no ``"protocol": "fine-tune"``) is first moved to
 ``<name>_400it.json`` (``git mv`` where tracked) unless that file exists. An existing fine-tune ``--out`` is merged:
@@ -298,14 +298,25 @@ def _compare(cols_a, cols_b, keys, relative_keys=()) -> dict:
 def differences(per_case: Dict[str, dict]) -> dict:
     """The paired intervals of issue 22 from the per-case columns of every row (``{row: {"label": cols, "mesh":
     cols}}``)."""
-    out: dict = {"vs_control": {}, "tpm_vs_mesh_continued": {}, "head_vs_marching_cubes": {}}
+    out: dict = {"vs_control": {}, "tpm_vs_mesh_continued": {}, "head_vs_marching_cubes": {}, "seed_repeats": {}}
     ctl = per_case.get(CONTROL, {}).get("label")
+    label_keys = ["TVS", "betti_error_3d", "betti_error_2d", "cce_3d", "topologically_correct_2d"]
     if ctl:
-        keys = [k for k in ctl if k.startswith("Dice_")] + ["TVS", "betti_error_3d", "betti_error_2d", "cce_3d",
-                                                             "topologically_correct_2d"]
+        keys = [k for k in ctl if k.startswith("Dice_")] + label_keys
         for row, pc in per_case.items():
             if row != CONTROL and pc.get("label"):
                 out["vs_control"][row] = _compare(pc["label"], ctl, keys)
+    # the second seed against the first (the noise a difference must be read against): label, and mesh where present
+    for row, pc in per_case.items():
+        first = per_case.get(row[: -len("_seed2")]) if row.endswith("_seed2") else None
+        if first:
+            entry = {}
+            for part in ("label", "mesh"):
+                if pc.get(part) and first.get(part):
+                    keys = [k for k in pc[part] if k != "case" and (part == "mesh" or k.startswith("Dice_")
+                                                                     or k in label_keys)]
+                    entry.update(_compare(pc[part], first[part], keys))
+            out["seed_repeats"][row] = entry
     mesh_c = per_case.get(MESH_CONTINUED, {}).get("mesh")
     if mesh_c:
         keys = [k for k in mesh_c if k.startswith("mesh_Dice_")] + ["mesh_TVS"]
@@ -605,6 +616,10 @@ def dumps(r: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ tables
+def _v(x, missing: str = "-") -> str:
+    return missing if x is None else str(x)
+
+
 def _f(x, nd=3) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
@@ -616,13 +631,14 @@ def print_tables(r: dict) -> None:
     b = r["backbone"]
     if b.get("label"):
         d = b["label"]["Dice"]
-        print("| backbone | iterations | train s | Dice RV | Dice MYO | Dice LV | goals (RV/MYO/LV >= 0.70/0.70/0.85) | "
-              "first epoch pseudo Dice meets goals |")
+        print("| backbone | iterations | train s | Dice RV | Dice MYO | Dice LV | goals (RV/MYO/LV >= 0.70/0.70/0.85) "
+              "| first epoch pseudo Dice meets goals |")
         print("|---|---|---|---|---|---|---|---|")
-        print(f"| {b['trainer']} | {b.get('iterations', '-')} | {b.get('seconds', '-')} | {_f(d.get('RV'))} | "
+        print(f"| {b['trainer']} | {_v(b.get('iterations'))} | {_v(b.get('seconds'))} | {_f(d.get('RV'))} | "
               f"{_f(d.get('MYO'))} | {_f(d.get('LV'))} | "
               f"{'met' if all(b['dice_goals_met'].values()) else 'not met'} | "
-              f"{b.get('first_epoch_pseudo_dice_meets_goals')} |\n")
+              f"{_v(b.get('first_epoch_pseudo_dice_meets_goals'), 'never' if b.get('pseudo_dice_last_epoch') else '-')}"
+              " |\n")
     print("| row | ft iters | after backbone | seed | train s | Dice RV | Dice MYO | Dice LV | HD95 LV mm | TVS | VR | "
           "Betti err 3D | Betti err 2D | topo. correct 3D | topo. correct 2D | slices meeting prior | CCE 3D |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -632,8 +648,8 @@ def print_tables(r: dict) -> None:
         if not lab:
             continue
         mark = " (earlier run)" if t.get("from_earlier_run") else ""
-        print(f"| {n}{mark} | {t.get('finetune_iterations', '-')} | {t.get('iterations_after_backbone', '-')} | "
-              f"{t.get('seed', '-')} | {t.get('seconds', '-')} | {_f(lab['Dice'].get('RV'))} | "
+        print(f"| {n}{mark} | {_v(t.get('finetune_iterations'))} | {_v(t.get('iterations_after_backbone'))} | "
+              f"{_v(t.get('seed'))} | {_v(t.get('seconds'))} | {_f(lab['Dice'].get('RV'))} | "
               f"{_f(lab['Dice'].get('MYO'))} | {_f(lab['Dice'].get('LV'))} | {_f(lab['HD95_mm'].get('LV'), 1)} | "
               f"{_f(lab['TVS'], 4)} | {_f(lab['VR'], 3)} | {_f(lab['betti_error_3d'], 2)} | "
               f"{_f(lab['betti_error_2d'], 2)} | {_f(lab['topologically_correct'], 3)} | "
@@ -662,9 +678,18 @@ def print_tables(r: dict) -> None:
         print("|---|---|---|---|---|---|---|---|---|")
         for n, x in d["vs_control"].items():
             print(f"| {n} | {_fd(x.get('Dice_RV'), 100, 1)} | {_fd(x.get('Dice_MYO'), 100, 1)} | "
-                  f"{_fd(x.get('Dice_LV'), 100, 1)} | {_fd(x.get('TVS'), 1, 4)} | {_fd(x.get('betti_error_3d'), 1, 2)} | "
+                  f"{_fd(x.get('Dice_LV'), 100, 1)} | {_fd(x.get('TVS'), 1, 4)} | "
+                  f"{_fd(x.get('betti_error_3d'), 1, 2)} | "
                   f"{_fd(x.get('betti_error_2d'), 1, 2)} | {_fd(x.get('cce_3d'), 1, 2)} | "
                   f"{_fd(x.get('topologically_correct_2d'), 1, 3)} |")
+    if d.get("seed_repeats"):
+        print("\nSecond seed against the first (the run-to-run spread), same intervals:\n")
+        print("| row | Δ Dice RV | Δ Dice MYO | Δ Dice LV | Δ TVS | Δ mesh TVS | Δ mesh Dice (mean) |")
+        print("|---|---|---|---|---|---|---|")
+        for n, x in d["seed_repeats"].items():
+            print(f"| {n} | {_fd(x.get('Dice_RV'), 100, 1)} | {_fd(x.get('Dice_MYO'), 100, 1)} | "
+                  f"{_fd(x.get('Dice_LV'), 100, 1)} | {_fd(x.get('TVS'), 1, 4)} | {_fd(x.get('mesh_TVS'), 1, 4)} | "
+                  f"{_fd(x.get('mesh_Dice_mean'), 100, 1)} |")
     if d["tpm_vs_mesh_continued"]:
         print(f"\nTPM against {MESH_CONTINUED} (equal totals), beside TPM Table 2 (ACDC, λ_TP 0.5: mesh TVS "
               f"{TPM_PAPER['mesh_TVS_relative'] * 100:+.1f} % at {TPM_PAPER['Dice_points']:+.1f} DSC points):\n")
