@@ -106,11 +106,12 @@ class nnUNetTrainerTPM_acdcStudy_warmup10(_NoTTAMixin, _ShortRunMixin, nnUNetTra
 
 
 # ----------------------------------------------------------------------------- ACDC fine-tune study (issue 22)
-#: stage 1 of examples/acdc/study.sh: the backbone every arm is fine-tuned from. 4000 iterations at the plans' batch
+#: stage 1 of examples/acdc/study.sh: the backbone every arm is fine-tuned from (checkpoint_latest every 2 epochs,
+#: so that --c after a lost session resumes near where it stopped; nnU-Net's default is every 50). 4000 iterations at the plans' batch
 #: size (40 epochs x 100; the issue's bound), 10 validation iterations per epoch. The bound is run in full (not stopped
 #: when the Dice goals are first met): nnU-Net's poly schedule anneals the lr to 0 only at the last epoch, so a run
 #: stopped early would be a model at a high lr; results.md states whether the goals were met and from which epoch on.
-ACDC_BACKBONE = dict(num_epochs=40, num_iterations_per_epoch=100, num_val_iterations_per_epoch=10)
+ACDC_BACKBONE = dict(num_epochs=40, num_iterations_per_epoch=100, num_val_iterations_per_epoch=10, save_every=2)
 
 
 class nnUNetTrainerMeshROI_acdcBackbone(_ShortRunMixin, nnUNetTrainerMeshROI):
@@ -121,8 +122,8 @@ class nnUNetTrainerMeshROI_acdcBackbone(_ShortRunMixin, nnUNetTrainerMeshROI):
 #: 100, nnU-Net's poly schedule from the initial lr), with the mesh trainers' heart-ROI sampling and augmentation;
 #: the topology terms on from the first epoch (the backbone was the first phase). FT2: TPM from the Mesh fine-tune's
 #: checkpoint for 500 more iterations, against Mesh continued for the same 500 (the TPM paper's protocol).
-ACDC_FT = dict(num_epochs=10, num_iterations_per_epoch=100, num_val_iterations_per_epoch=10)
-ACDC_FT2 = dict(num_epochs=5, num_iterations_per_epoch=100, num_val_iterations_per_epoch=10)
+ACDC_FT = dict(num_epochs=10, num_iterations_per_epoch=100, num_val_iterations_per_epoch=10, save_every=1)
+ACDC_FT2 = dict(num_epochs=5, num_iterations_per_epoch=100, num_val_iterations_per_epoch=10, save_every=1)
 
 
 class _SeedMixin:
