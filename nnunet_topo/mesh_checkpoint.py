@@ -58,18 +58,18 @@ def head_entry(checkpoint: dict, where: str, settings: dict, required: bool,
     theirs = entry.get("head_settings", {})
     if theirs != settings:
         if required:
-            raise RuntimeError(f"{where}: its mesh head settings {theirs} differ from this trainer's {settings}; "
+            raise RuntimeError(f"{where}: its mesh head settings {theirs} differ from the expected {settings}; "
                                "start from a mesh model of the same trainer settings, or from its network only "
                                "(-pretrained_weights).")
-        log(f"{where}: its mesh head settings {theirs} differ from this trainer's {settings}")
+        log(f"{where}: its mesh head settings {theirs} differ from the expected {settings}")
         return None
     return entry
 
 
-def load_pretrained_head(fname: str, head: nn.Module, settings: dict, log: Callable[[str], None]) -> bool:
-    """``-pretrained_weights``: load the head from ``fname`` when it holds a head of these settings and templates
-    (True), else leave it fresh (False); the log says which and why."""
-    checkpoint = torch.load(fname, map_location="cpu", weights_only=False)
+def load_pretrained_head(fname: str, checkpoint: dict, head: nn.Module, settings: dict,
+                         log: Callable[[str], None]) -> bool:
+    """``-pretrained_weights``: load the head from ``checkpoint`` (read from ``fname``) when it holds a head of these
+    settings and templates (True), else leave it fresh (False); the log says which and why."""
     entry = head_entry(checkpoint, fname, settings, required=False, log=log)
     own = head.state_dict()
     same = entry is not None and all(torch.equal(entry["state_dict"][k].cpu(), v.cpu())

@@ -78,12 +78,13 @@ class MeshHeadPassenger:
             self.head_grad_scaler.load_state_dict(entry["grad_scaler_state"])
         self._ready_epoch = entry.get("ready_epoch")
 
-    def before_pretrained_weights(self, fname: str) -> None:
-        refuse_older_mesh_model(torch.load(fname, map_location="cpu", weights_only=False), fname)
+    def before_pretrained_weights(self, fname: str, checkpoint: dict) -> None:
+        super().before_pretrained_weights(fname, checkpoint)
+        refuse_older_mesh_model(checkpoint, fname)
 
-    def after_pretrained_weights(self, fname: str) -> None:
-        super().after_pretrained_weights(fname)  # nnU-Net's network, the segmentation layers too
-        load_pretrained_head(fname, self.mesh_head, self.mesh_head_settings,
+    def after_pretrained_weights(self, fname: str, checkpoint: dict) -> None:
+        super().after_pretrained_weights(fname, checkpoint)  # nnU-Net's network, the segmentation layers too
+        load_pretrained_head(fname, checkpoint, self.mesh_head, self.mesh_head_settings,
                              lambda msg: self.print_to_log_file(msg, also_print_to_console=True))
 
     # ------------------------------------------------------------------ one step

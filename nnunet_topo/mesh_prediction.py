@@ -424,29 +424,20 @@ def mesh_model_from_checkpoints(predictor, model_folder: str, folds: Sequence[An
             before the passenger head are refused, never given other meshes), or head settings other than the
             model folder's plans.json.
     """
-    from nnunet_topo.mesh_head.network import HEAD_FORMAT_VERSION, HEAD_KEY, HEAD_STATE_KEY, \
-        mesh_network_from_configuration
+    from nnunet_topo.mesh_checkpoint import head_entry
+    from nnunet_topo.mesh_head.network import HEAD_KEY, HEAD_STATE_KEY, mesh_network_from_configuration
 
     conf = predictor.configuration_manager.configuration
     params = []
     for fold, net_weights in zip(folds, predictor.list_of_parameters):
-        fold_dir = f"fold_{fold}"
-        path = os.path.join(model_folder, fold_dir, checkpoint)
+        path = os.path.join(model_folder, f"fold_{fold}", checkpoint)
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        entry = ckpt.get(HEAD_STATE_KEY)
-        if entry is None:
-            if any(k.startswith("mesh_head.") for k in ckpt.get("network_weights", {})):
-                raise MeshPredictionError(
-                    f"{path}: a mesh model of an older nnunet-topo (head format 1: network and head in one wrapper, "
-                    "placement from soft-segmentation moments); this version cannot reproduce its meshes. Retrain "
-                    "it with this version.")
+        if HEAD_STATE_KEY not in ckpt and not any(k.startswith("mesh_head.") for k in ckpt.get("network_weights", {})):
             raise MeshPredictionError(f"fold {fold}: {NO_MESH_HEAD} (its checkpoint has no mesh head)")
-        if entry.get("format") != HEAD_FORMAT_VERSION:
-            raise MeshPredictionError(f"{path}: mesh head format {entry.get('format')}; this version reads "
-                                      f"{HEAD_FORMAT_VERSION}. Retrain the model with this version.")
-        if entry.get("head_settings") != conf.get(HEAD_KEY):
-            raise MeshPredictionError(f"{path}: its mesh head settings differ from the model folder's plans.json "
-                                      f"({entry.get('head_settings')} vs {conf.get(HEAD_KEY)})")
+        try:  # the trainers' own check: older format refused, same settings as the model folder's plans.json
+            entry = head_entry(ckpt, path, conf.get(HEAD_KEY), required=True)
+        except RuntimeError as e:
+            raise MeshPredictionError(str(e)) from e
         params.append({**{f"network.{k}": v for k, v in net_weights.items()},
                        **{f"mesh_head.{k}": v for k, v in entry["state_dict"].items()}})
     try:

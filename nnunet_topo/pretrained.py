@@ -30,15 +30,16 @@ class PretrainedWeights:
 
         unwrap_network(self.network)._nnunet_topo_trainer = weakref.ref(self)
 
-    def before_pretrained_weights(self, fname: str) -> None:
-        """Called before nnU-Net's ``load_pretrained_weights`` (a subclass refuses what nnU-Net would misreport)."""
+    def before_pretrained_weights(self, fname: str, checkpoint: dict) -> None:
+        """Called before nnU-Net's ``load_pretrained_weights`` with the checkpoint (read once, on the CPU): a subclass
+        refuses what nnU-Net would misreport."""
 
-    def after_pretrained_weights(self, fname: str) -> None:
+    def after_pretrained_weights(self, fname: str, checkpoint: dict) -> None:
         """Called after nnU-Net's ``load_pretrained_weights`` (``nnUNetv2_train ... -pretrained_weights``)."""
         from nnunet_topo.mesh_head.network import unwrap_network
 
         net = unwrap_network(self.network)
-        saved = torch.load(fname, map_location="cpu", weights_only=False)["network_weights"]
+        saved = checkpoint["network_weights"]
         own = net.state_dict()
         seg = {k: v for k, v in saved.items() if ".seg_layers." in k and k in own and own[k].shape == v.shape}
         wanted = [k for k in own if ".seg_layers." in k]
@@ -70,11 +71,12 @@ def _install_pretrained_weights_hook() -> None:
 
         ref = getattr(unwrap_network(network), "_nnunet_topo_trainer", None)
         trainer = ref() if ref is not None else None
+        checkpoint = torch.load(fname, map_location="cpu", weights_only=False) if trainer is not None else None
         if trainer is not None:
-            trainer.before_pretrained_weights(fname)
+            trainer.before_pretrained_weights(fname, checkpoint)
         original(network, fname, verbose=verbose)
         if trainer is not None:
-            trainer.after_pretrained_weights(fname)
+            trainer.after_pretrained_weights(fname, checkpoint)
 
     load_pretrained_weights._nnunet_topo = True
     run_training.load_pretrained_weights = load_pretrained_weights

@@ -497,6 +497,22 @@ def _parse_axis(value: Any, where: str) -> int:
     return int(value)
 
 
+def _rule_type(raw: Any, where: str, table: Mapping[str, tuple], what: str, example: str,
+               hint=lambda rule_type: "") -> str:
+    """The ``type`` of one rule entry (voxel rule or mesh rule, ``table``: type -> (required, optional) keys), its
+    keys checked; clear errors for a non-dict, a missing or unknown type, unknown and missing keys."""
+    if not isinstance(raw, Mapping):
+        raise TopologySpecError(f"{where}: each {what} must be a dict such as {example}, got {raw!r}")
+    if "type" not in raw:
+        raise TopologySpecError(f"{where}: missing required key 'type' (one of {_fmt_list(table)})")
+    rule_type = raw["type"]
+    if rule_type not in table:
+        raise TopologySpecError(f"{where}: unknown {what} type {rule_type!r}; choose one of "
+                                f"{_fmt_list(table)}.{hint(rule_type)}{_suggest(rule_type, table)}")
+    _check_keys(raw, f"{where} ({rule_type})", *table[rule_type])
+    return rule_type
+
+
 def _check_keys(raw: Mapping, where: str, required: tuple, optional: tuple) -> None:
     """Unknown keys and missing required keys of one rule entry (voxel or mesh rule) are clear errors."""
     allowed = ("type",) + required + optional
@@ -511,17 +527,8 @@ def _check_keys(raw: Mapping, where: str, required: tuple, optional: tuple) -> N
 
 def _parse_rule(i: int, raw: Any, resolver: _Resolver) -> Rule:
     where = f"topology.rules[{i}]"
-    if not isinstance(raw, Mapping):
-        raise TopologySpecError(f"{where}: each rule must be a dict such as "
-                                f"{{\"type\": \"exclusion\", \"a\": \"LV\", \"b\": \"RV\"}}, got {raw!r}")
-    if "type" not in raw:
-        raise TopologySpecError(f"{where}: missing required key 'type' (one of {_fmt_list(RULE_KEYS)})")
-    rule_type = raw["type"]
-    if rule_type not in RULE_KEYS:
-        raise TopologySpecError(f"{where}: unknown rule type {rule_type!r}; choose one of "
-                                f"{_fmt_list(RULE_KEYS)}.{_suggest(rule_type, RULE_KEYS)}")
+    rule_type = _rule_type(raw, where, RULE_KEYS, "rule", "{\"type\": \"exclusion\", \"a\": \"LV\", \"b\": \"RV\"}")
     where = f"{where} ({rule_type})"
-    _check_keys(raw, where, *RULE_KEYS[rule_type])
 
     mode = raw.get("mode", "3d")
     if mode not in _MODES:
@@ -623,19 +630,11 @@ def _mesh_name(value: Any, where: str, mesh_structures: Mapping[str, Structure],
 def _parse_mesh_rule(i: int, raw: Any, mesh_structures: Mapping[str, Structure], structures: Mapping[str, Structure],
                      foreground: Mapping[str, int]) -> MeshRule:
     where = f"topology.mesh_rules[{i}]"
-    if not isinstance(raw, Mapping):
-        raise TopologySpecError(f"{where}: each mesh rule must be a dict such as {{\"type\": \"mesh_exclusion\", "
-                                f"\"meshes\": [\"RV\", \"LV_epi\"]}}, got {raw!r}")
-    if "type" not in raw:
-        raise TopologySpecError(f"{where}: missing required key 'type' (one of {_fmt_list(MESH_RULE_KEYS)})")
-    rule_type = raw["type"]
-    if rule_type not in MESH_RULE_KEYS:
-        hint = (f" ({rule_type!r} is a voxel rule: put it in topology.rules, or use 'mesh_{rule_type}' here.)"
-                if rule_type in RULE_KEYS else "")
-        raise TopologySpecError(f"{where}: unknown mesh rule type {rule_type!r}; choose one of "
-                                f"{_fmt_list(MESH_RULE_KEYS)}.{hint}{_suggest(rule_type, MESH_RULE_KEYS)}")
+    rule_type = _rule_type(raw, where, MESH_RULE_KEYS, "mesh rule",
+                           "{\"type\": \"mesh_exclusion\", \"meshes\": [\"RV\", \"LV_epi\"]}",
+                           lambda t: (f" ({t!r} is a voxel rule: put it in topology.rules, or use 'mesh_{t}' here.)"
+                                      if t in RULE_KEYS else ""))
     where = f"{where} ({rule_type})"
-    _check_keys(raw, where, *MESH_RULE_KEYS[rule_type])
 
     def ids(m: str) -> set:
         return set(mesh_structures[m].label_ids)

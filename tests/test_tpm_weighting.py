@@ -7,39 +7,19 @@ fades to L_occ as the violations vanish. MIE keeps its ρ share of critical poin
 Geometry: LV and RV balls separated by a MYO wall (the septum) in an anisotropic patch (2 x 1 x 1 mm), as in
 tests/test_tpm_penetration.py.
 """
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-import trimesh
 
-from nnunet_topo.losses.mesh_targets import (critical_point_targets, normalized_to_mm, sample_query_points, voxel_to_mm,
-                                             voxel_to_normalized)
+from nnunet_topo.losses.mesh_targets import critical_point_targets, normalized_to_mm, sample_query_points, voxel_to_mm
 from nnunet_topo.losses.mie import MIELoss, mix_points
 from nnunet_topo.losses.tpm import TPMLoss
 from nnunet_topo.occupancy import DEFAULT_EPS, winding_number
-from nnunet_topo.rules import parse_topology
 
-LABELS = {"background": 0, "LV": 1, "RV": 2, "MYO": 3}
-SPEC = parse_topology({"labels": LABELS, "topology": {"rules": [{"type": "exclusion", "a": "LV", "b": "RV"}],
-                                                      "mesh_structures": {"LV": ["LV"], "RV": ["RV"]}}})
-SHAPE = (16, 24, 32)
-SPACING = (2.0, 1.0, 1.0)
-NAMES = ["LV", "RV"]
+# the septum scene of the penetration tests: labels, spec, patch, the reference, spheres in the patch frame
+from test_tpm_penetration import NAMES, SHAPE, SPACING, SPEC, reference, sphere  # noqa: E402
+from test_tpm_penetration import correct_logits as logits_of  # noqa: E402
+
 SMOOTHING = 1.0
-
-
-def reference():
-    """LV ball at x = 10 mm, RV ball at x = 22 mm (radius 5 mm), each in a 2 mm MYO wall: the septum."""
-    z, y, x = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in SHAPE], indexing="ij")
-    zm, ym, xm = z * SPACING[0], y * SPACING[1], x * SPACING[2]
-    d_lv = ((zm - 15) ** 2 + (ym - 12) ** 2 + (xm - 10) ** 2).sqrt()
-    d_rv = ((zm - 15) ** 2 + (ym - 12) ** 2 + (xm - 22) ** 2).sqrt()
-    ref = torch.zeros(SHAPE, dtype=torch.long)
-    ref[(d_lv <= 7) | (d_rv <= 7)] = 3
-    ref[d_lv <= 5] = 1
-    ref[d_rv <= 5] = 2
-    return ref[None]
 
 
 def missing_septum(ref):
@@ -49,16 +29,6 @@ def missing_septum(ref):
     pred[0, :, :, 15:17][wall[..., :2]] = 1
     pred[0, :, :, 17:18][wall[..., 2:]] = 2
     return pred
-
-
-def logits_of(labels):
-    return F.one_hot(labels, 4).permute(0, 4, 1, 2, 3).float() * 5.0
-
-
-def sphere(center_mm_xyz, radius_mm, subdivisions=2):
-    ico = trimesh.creation.icosphere(subdivisions=subdivisions, radius=radius_mm)
-    v_mm = torch.tensor(ico.vertices + np.asarray(center_mm_xyz), dtype=torch.float32)
-    return voxel_to_normalized(v_mm.flip(-1) / torch.tensor(SPACING), SHAPE), torch.tensor(ico.faces)
 
 
 def meshes_at(lv_x, rv_x, radius=6.5):
