@@ -1,5 +1,6 @@
 """The gradient arithmetic of a mesh-trainer step (nnunet_topo/mesh_step.py) on a small network and head: the mesh
 terms reach the backbone by at most ``share * ||∇L_seg||``, the regularisers never, the head's loss scale is undone."""
+import numpy as np
 import pytest
 import torch
 
@@ -78,3 +79,31 @@ def test_head_loss_scale_is_undone_for_the_features_and_kept_for_the_head():
     assert torch.allclose(a["g_feat"][0], b["g_feat"][0], rtol=1e-5, atol=1e-9)
     for ga, gb in zip(a["head_grads"], b["head_grads"]):  # GradScaler.unscale_ divides these later
         assert torch.allclose(ga * 1024.0, gb, rtol=1e-5)
+
+
+def test_mesh_volume_ratio_is_physical_in_an_anisotropic_patch():
+    """A sphere of 9 mm given in the normalised (x, y, z) patch frame of a (20, 40, 48) patch at (4, 1, 0.8) mm,
+    against a voxel ball of the same radius: ratio ~1 (the frame conversion keeps orientation and mm scale); a mesh
+    of half the radius gives ~1/8; a batch item without the structure is left out; none at all gives NaN."""
+    import trimesh
+
+    from nnunet_topo.losses.mesh_targets import voxel_to_normalized
+    from nnunet_topo.losses.mesh_terms import mesh_volume_ratios
+
+    shape, spacing, centre, r = (20, 40, 48), (4.0, 1.0, 0.8), (19.2, 20.0, 40.0), 9.0  # centre (x, y, z) mm
+    ico = trimesh.creation.icosphere(subdivisions=4)
+    faces = torch.tensor(ico.faces)
+
+    def mesh(radius):
+        v_mm = torch.tensor(ico.vertices * radius + np.asarray(centre), dtype=torch.float32)
+        return voxel_to_normalized(v_mm.flip(-1) / torch.tensor(spacing), shape)[None]
+
+    z, y, x = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij")
+    d = ((z * spacing[0] - centre[2]) ** 2 + (y * spacing[1] - centre[1]) ** 2 + (x * spacing[2] - centre[0]) ** 2)
+    ball = (d.sqrt() <= r).long()
+    target = torch.stack([ball, torch.zeros_like(ball)])[:, None]  # item 2 has no structure
+    meshes = [torch.cat([mesh(r), mesh(r)]), torch.cat([mesh(r / 2), mesh(r / 2)])]
+    full, half = mesh_volume_ratios(meshes, [faces, faces], target, [[1], [1]], spacing)
+    assert full.item() == pytest.approx(1.0, abs=0.06) and half.item() == pytest.approx(1 / 8, abs=0.01)
+    none = mesh_volume_ratios([meshes[0]], [faces], torch.zeros_like(target), [[1]], spacing)[0]
+    assert torch.isnan(none)
