@@ -533,3 +533,17 @@ def test_study_stages_evaluate_external_collect_with_stubbed_nnunet(seg_folder, 
     assert p.returncode == 0, p.stderr[-3000:]
     assert "stage evaluate: done" in p.stdout and "stage external: done" in p.stdout
     assert (tmp_path / "stub.log").read_text().splitlines() == calls
+
+
+def test_backbone_dice_goals_on_pseudo_dice_history():
+    from nnunet_topo.trainers.nnUNetTrainer_shortRuns import ACDC_BACKBONE_GOALS, pseudo_dice_goals_met
+
+    index = {"RV": 0, "MYO": 1, "LV": 2}
+    met = [0.80, 0.80, 0.95]
+    assert pseudo_dice_goals_met([met, met], index, ACDC_BACKBONE_GOALS)
+    assert not pseudo_dice_goals_met([met], index, ACDC_BACKBONE_GOALS)  # one epoch is not the window
+    # the mean of the last two epochs decides: one low MYO epoch (0.68) keeps the mean below 0.75
+    assert not pseudo_dice_goals_met([met, [0.80, 0.68, 0.95]], index, ACDC_BACKBONE_GOALS)
+    assert not pseudo_dice_goals_met([met, met, [0.80, 0.80, 0.85]], index, ACDC_BACKBONE_GOALS)  # LV 0.90 needed
+    # older epochs do not count
+    assert pseudo_dice_goals_met([[0.1, 0.1, 0.1], met, met], index, ACDC_BACKBONE_GOALS)

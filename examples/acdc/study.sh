@@ -9,7 +9,8 @@
 # Stages (each skips what is done; an interrupted training continues with --c):
 #   data      convert the h5 volumes, check the rules, plan (nnU-Net's planner + nnUNetv2_topo_plan_mesh), preprocess
 #   backbone  stage 1: nnUNetTrainerMeshROI_acdcBackbone (nnU-Net's loss, the mesh trainers' heart-ROI sampling and
-#             augmentation), 4000 iterations; its checkpoint path is written to $WORK/backbone_checkpoint.txt
+#             augmentation), until its Dice goals (pseudo Dice, see ACDC_BACKBONE) or 4000 iterations; its checkpoint
+#             path is written to $WORK/backbone_checkpoint.txt
 #   finetune  stage 2: every arm from the backbone with -pretrained_weights, 1000 iterations each (the *_acdcFT
 #             variants of trainers/nnUNetTrainer_shortRuns.py): the plain-loss control (two seeds), ProjPool, Betti,
 #             Mesh, MIE; then TPM (λ 0.5, two seeds; λ 1) from the Mesh fine-tune's checkpoint for 500 more iterations
@@ -58,8 +59,10 @@ timed() {  # timed NAME COMMAND...: run, append the seconds to stage_seconds.tsv
 train() {  # train TRAINER [extra nnUNetv2_train args]: resumes with --c when a checkpoint exists
   local tr="$1"; shift; local out; out="$(model_dir "$tr")"
   [ -f "$out/validation/summary.json" ] && return 0
-  if [ -f "$out/checkpoint_latest.pth" ] || [ -f "$out/checkpoint_final.pth" ]; then
-    nnUNetv2_train $ID $CONF 0 -tr "$tr" -p $PLANS -device "$DEVICE" --c > "$WORK/logs/train_$tr.log" 2>&1
+  if [ -f "$out/checkpoint_final.pth" ]; then  # trained (or stopped at its Dice goals), not yet validated
+    nnUNetv2_train $ID $CONF 0 -tr "$tr" -p $PLANS -device "$DEVICE" --val > "$WORK/logs/train_$tr.log" 2>&1
+  elif [ -f "$out/checkpoint_latest.pth" ] || [ -f "$out/checkpoint_best.pth" ]; then
+    nnUNetv2_train $ID $CONF 0 -tr "$tr" -p $PLANS -device "$DEVICE" --c >> "$WORK/logs/train_$tr.log" 2>&1
   else
     nnUNetv2_train $ID $CONF 0 -tr "$tr" -p $PLANS -device "$DEVICE" "$@" > "$WORK/logs/train_$tr.log" 2>&1
   fi
@@ -115,8 +118,8 @@ stage_backbone() {
   echo "$ckpt" > "$WORK/backbone_checkpoint.txt"
 }
 
-FT_FIRST=(nnUNetTrainerMeshROI_acdcFT nnUNetTrainerMesh_acdcFT nnUNetTrainerMIE_acdcFT nnUNetTrainerProjPool_acdcFT
-  nnUNetTrainerBetti_acdcFT nnUNetTrainerMeshROI_acdcFT_seed2)
+FT_FIRST=(nnUNetTrainerMeshROI_acdcFT nnUNetTrainerMeshROI_acdcFT_seed2 nnUNetTrainerProjPool_acdcFT
+  nnUNetTrainerBetti_acdcFT nnUNetTrainerMesh_acdcFT nnUNetTrainerMIE_acdcFT)
 FT_FROM_MESH=(nnUNetTrainerTPM_acdcFT2 nnUNetTrainerMesh_acdcFT2 nnUNetTrainerTPM_lambda1_acdcFT2
   nnUNetTrainerTPM_acdcFT2_seed2)
 parallel_train() {  # parallel_train CHECKPOINT TRAINER...: STUDY_PARALLEL trainings at a time, each -pretrained_weights
