@@ -33,6 +33,7 @@ SHORT_TRAINERS = textwrap.dedent('''
     from nnunet_topo.trainers.nnUNetTrainerMeshROI import nnUNetTrainerMeshROI
     from nnunet_topo.trainers.nnUNetTrainerProjPool import nnUNetTrainerProjPool
     from nnunet_topo.trainers.nnUNetTrainerTPM import nnUNetTrainerTPM_finetune
+    from nnunet_topo.trainers.nnUNetTrainer_shortRuns import _StopAtDiceGoals
 
     SHORT = dict(num_epochs=1, num_iterations_per_epoch=2, num_val_iterations_per_epoch=1, occ_num_uniform=64,
                  occ_num_surface=64, max_critical_points=64, mie_num_points=128)
@@ -69,6 +70,13 @@ SHORT_TRAINERS = textwrap.dedent('''
 
     class nnUNetTrainerMIE_finetune_ftTest(_Short, nnUNetTrainerMIE_finetune):
         pass
+
+
+    class nnUNetTrainerMeshROI_stopTest(_StopAtDiceGoals, _Short, nnUNetTrainerMeshROI):
+        """The ACDC backbone's stop rule with goals any model meets: ends after epoch 1 (two epochs' mean)."""
+
+        short = dict(SHORT, num_epochs=5)
+        dice_goals = {"LV": 0.0, "MYO": 0.0, "RV": 0.0}
 
 
     class nnUNetTrainerProjPool_ftTest(_Short, nnUNetTrainerProjPool):
@@ -150,3 +158,13 @@ def test_projpool_schedule_nan_then_on_and_resumes_across_the_switch(env):
     log = _log(env, "nnUNetTrainerProjPool_ftTest")
     assert len(log["train_projpool"]) == 3 and math.isfinite(log["train_projpool"][2])
     assert os.path.isfile(os.path.join(_fold(env, "nnUNetTrainerProjPool_ftTest"), "progress_topology.png"))
+
+
+def test_backbone_stops_at_its_dice_goals_through_nnunet_train(env):
+    """The ACDC backbone's rule (trainers/nnUNetTrainer_shortRuns.py): nnU-Net's own end of training (checkpoint_final,
+    'Training done.') after the epoch where the goals are met, not after num_epochs."""
+    out = _train(env, "nnUNetTrainerMeshROI_stopTest").stdout
+    assert "Dice goals" in out and "after epoch 1: training ends here" in out and "Training done." in out
+    log = _log(env, "nnUNetTrainerMeshROI_stopTest")
+    assert len(log["dice_per_class_or_region"]) == 2
+    assert not os.path.isfile(os.path.join(_fold(env, "nnUNetTrainerMeshROI_stopTest"), "checkpoint_latest.pth"))

@@ -145,7 +145,7 @@ class _StopAtDiceGoals:
         foreground = list(self.label_manager.foreground_labels)
         index = {name: foreground.index(int(value)) for name, value in self.dataset_json["labels"].items()
                  if isinstance(value, int) and int(value) in foreground}
-        history = self.logger.my_fit_training["dice_per_class_or_region"]
+        history = self.logger.get_value("dice_per_class_or_region", step=None)
         if self.dice_goals and pseudo_dice_goals_met(history, index, self.dice_goals):
             self.print_to_log_file(f"Dice goals {self.dice_goals} met (pseudo Dice, mean of the last 2 epochs) "
                                    f"after epoch {self.current_epoch - 1}: training ends here")
