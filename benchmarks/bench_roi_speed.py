@@ -1,15 +1,19 @@
-"""Per-iteration time on the heart-ROI mesh configuration vs the whole-volume plans, same data, same run.
+"""Per-iteration time of the mesh trainers against ``nnUNetTrainer``, and of the heart-ROI mesh configuration against
+the whole-volume plans, same data, same run.
 
 An ACDC-like synthetic dataset whose images are much larger than the heart (``--canvas``, like real cine MRI, where
 most of the image is not heart) is planned twice: ``nnUNetv2_topo_plan_whole_volume`` (patch = the largest case,
-the old way to train the mesh trainers) and ``nnUNetv2_topo_plan_mesh`` (patch = the heart ROI). ``nnUNetTrainer``
-and ``nnUNetTrainerTPM`` (``topology_start_epoch=0``: L_TPM itself is timed) are built on each exactly as
-``nnUNetv2_train`` builds them, and ``train_step`` is timed on pre-fetched batches of each configuration's own
-loader in interleaved rounds (the order alternates). Printed: ms/iteration (median over rounds) and the ratios
-ROI / whole volume per trainer and TPM / nnUNetTrainer per configuration (medians of same-round ratios, with
-their ranges).
+the old way to train the mesh trainers) and ``nnUNetv2_topo_plan_mesh`` (patch = the heart ROI). The ``--trainers``
+(default ``nnUNetTrainer`` and ``nnUNetTrainerTPM``; the mesh trainers with ``topology_start_epoch=0``, so that
+L_TPM / MIE themselves are timed) are built on each ``--configurations`` exactly as ``nnUNetv2_train`` builds them,
+and ``train_step`` is timed on the same pre-fetched batches (the mesh trainers' ROI loader) in interleaved rounds
+(the order alternates). Printed: ms/iteration (median over rounds), each trainer / ``nnUNetTrainer`` per
+configuration and ROI / whole volume per trainer (medians of same-round ratios, with their ranges). ``--profile``
+adds the cumulative time of the mesh-loss functions in the last trainer's steps (cProfile).
 
     python benchmarks/bench_roi_speed.py --device cpu --iters 3 --rounds 3
+    python benchmarks/bench_roi_speed.py --configurations roi --trainers nnUNetTrainer nnUNetTrainerMesh \
+        nnUNetTrainerTPM nnUNetTrainerMIE --iters 5 --rounds 5 --profile
 """
 from __future__ import annotations
 
@@ -53,6 +57,37 @@ def _prepare(canvas, shape, n) -> None:
                         "nnUNetPlansMesh", "-c", "3d_mesh", "-np", "1"], check=True, stdout=subprocess.DEVNULL)
 
 
+SETUPS = {"whole": ("whole volume", "3d_fullres", "nnUNetPlansWholeVolume"),
+          "roi": ("heart ROI", "3d_mesh", "nnUNetPlansMesh")}
+#: the functions whose cumulative time --profile prints (the split of a mesh trainer's step)
+PROFILED = ("train_step", "forward", "mesh_train_step", "head_backward", "add_bounded_feature_gradient",
+            "occupancy_bce", "critical_points_both_sources", "mesh_violation_masks", "critical_point_masks",
+            "critical_bce", "_subsample", "sample_query_points", "backward")
+
+
+def _profile(trainer, batches) -> None:
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for b in batches:
+        trainer.train_step(b)
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    total = None
+    rows = []
+    for (filename, _, func), (_, _, _, cum, _) in stats.items():
+        if func in PROFILED and ("nnunet_topo" in filename or "nnunetv2" in filename or func == "backward"):
+            rows.append((cum, func, os.path.relpath(filename, os.path.dirname(os.path.dirname(filename)))))
+            if func == "train_step":
+                total = max(total or 0.0, cum)
+    print(f"profile of {type(trainer).__name__}, {len(batches)} steps (cumulative s, share of train_step):")
+    for cum, func, where in sorted(rows, reverse=True):
+        share = f"{cum / total:6.1%}" if total else ""
+        print(f"  {cum:8.3f}  {share}  {func:<30} {where}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -64,7 +99,13 @@ def main(argv=None) -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=(10, 64, 64), metavar=("Z", "Y", "X"),
                         help="size of the heart phantom block inside the image")
     parser.add_argument("-n", type=int, default=6, help="training cases")
+    parser.add_argument("--trainers", nargs="+", default=["nnUNetTrainer", "nnUNetTrainerTPM"],
+                        help="trainers to time (nnUNetTrainer is always included: the ratios' denominator)")
+    parser.add_argument("--configurations", nargs="+", default=["whole", "roi"], choices=sorted(SETUPS))
+    parser.add_argument("--profile", action="store_true", help="cProfile split of the last trainer's step (ROI)")
     args = parser.parse_args(argv)
+    names = ["nnUNetTrainer"] + [t for t in args.trainers if t != "nnUNetTrainer"]
+    mesh_name = next((t for t in names if t != "nnUNetTrainer"), None)
 
     os.environ.setdefault("nnUNet_n_proc_DA", "1")
     import torch
@@ -72,17 +113,18 @@ def main(argv=None) -> None:
     _setup_env(tempfile.mkdtemp(prefix="nnunet_topo_bench_roi_"))
     _prepare(tuple(args.canvas), tuple(args.shape), args.n)
     device = torch.device(args.device)
-    setups = {"whole volume": ("3d_fullres", "nnUNetPlansWholeVolume"), "heart ROI": ("3d_mesh", "nnUNetPlansMesh")}
+    setups = {SETUPS[c][0]: SETUPS[c][1:] for c in args.configurations}
     runs, batches, info = {}, {}, {}
     for label, (conf, plans) in setups.items():
-        for name in ("nnUNetTrainer", "nnUNetTrainerTPM"):
+        for name in names:
             runs[(label, name)] = build_trainer(str(DATASET), conf, 0, name, plans, device, {"topology_start_epoch": 0})
-        first = runs[(label, "nnUNetTrainerTPM")]  # the ROI loader places the patches for the mesh trainer
+        # the mesh trainers' loader places the patches (heart ROI); nnUNetTrainer is timed on the same batches
+        first = runs[(label, mesh_name or "nnUNetTrainer")]
         batches[label] = [next(first.dataloader_train) for _ in range(args.iters)]
         info[label] = (list(first.configuration_manager.patch_size), list(first.configuration_manager.spacing),
                        first.configuration_manager.batch_size)
-        for t in (runs[(label, "nnUNetTrainer")], first):
-            stop_workers(t)
+        for name in names:
+            stop_workers(runs[(label, name)])
 
     def sync():
         if device.type == "cuda":
@@ -114,13 +156,17 @@ def main(argv=None) -> None:
         rs = [x / y for x, y in zip(times[a], times[b])]
         return f"{statistics.median(rs):.3f} ({min(rs):.3f}..{max(rs):.3f})"
 
-    print(f"{'trainer':<18}{'configuration':<15}{'ms/iter':>10}   TPM / nnUNetTrainer")
+    print(f"{'trainer':<20}{'configuration':<15}{'ms/iter':>10}   / nnUNetTrainer (same round)")
     for (label, name) in keys:
-        extra = ratio((label, "nnUNetTrainerTPM"), (label, "nnUNetTrainer")) if name == "nnUNetTrainerTPM" else ""
-        print(f"{name:<18}{label:<15}{statistics.median(times[(label, name)]):>10.0f}   {extra}")
-    for name in ("nnUNetTrainer", "nnUNetTrainerTPM"):
-        print(f"ROI / whole volume, {name}: {ratio(('heart ROI', name), ('whole volume', name))}")
+        extra = ratio((label, name), (label, "nnUNetTrainer")) if name != "nnUNetTrainer" else ""
+        print(f"{name:<20}{label:<15}{statistics.median(times[(label, name)]):>10.0f}   {extra}")
+    if len(setups) == 2:
+        for name in names:
+            print(f"ROI / whole volume, {name}: {ratio(('heart ROI', name), ('whole volume', name))}")
     print(json.dumps({f"{k[0]}|{k[1]}": round(statistics.median(v), 1) for k, v in times.items()}))
+    if args.profile and mesh_name is not None:
+        label = "heart ROI" if "heart ROI" in setups else next(iter(setups))
+        _profile(runs[(label, names[-1])], batches[label])
 
 
 if __name__ == "__main__":

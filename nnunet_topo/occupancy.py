@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -72,6 +73,9 @@ BACKENDS: tuple[str, ...] = ("torch", "triton", "auto")
 # Keep "torch" until a GPU run shows the Triton kernels are faster (see the module docstring).
 DEFAULT_BACKEND: str = "torch"
 BACKEND_ENV_VAR: str = "NNUNET_TOPO_OCCUPANCY_BACKEND"
+#: NaN checks of points and vertices without a host synchronisation (``torch._assert_async``: the error surfaces at
+#: the next sync) — None: on accelerators only (on the CPU a ValueError at once); True / False: everywhere / nowhere
+SYNC_FREE_CHECKS: Optional[bool] = None
 # |a.(b x c)| below _DET_TOL * machine eps * |N| * (|a| + mesh radius) counts as "in the face's plane".
 _DET_TOL: float = 8.0
 
@@ -363,8 +367,19 @@ def _check_coordinates(name: str, x: Tensor) -> None:
                          f"got {tuple(x.shape)}")
     if not (x.is_floating_point()):
         raise TypeError(f"{name} must be a floating point tensor, got {x.dtype}")
-    if x.numel() and torch.isnan(x).any():
-        raise ValueError(f"{name} contains NaN; remove or mask those entries before calling")
+    if x.numel() == 0:
+        return
+    message = f"{name} contains NaN; remove or mask those entries before calling"
+    if SYNC_FREE_CHECKS is True or (SYNC_FREE_CHECKS is None and x.device.type != "cpu"):
+        # no host synchronisation in a training step: the check fails at the next sync, with this message
+        torch._assert_async(~torch.isnan(x).any(), message)
+    elif torch.isnan(x).any():
+        raise ValueError(message)
+
+
+#: faces tensors already checked against a vertex count (template faces are checked once, not every step: the
+#: min/max check reads two numbers back from the device)
+_CHECKED_FACES: dict = {}  # id(faces) -> (weak reference, (vertex count, version, device))
 
 
 def _check_faces(faces: Tensor, num_vertices: int, device: torch.device) -> Tensor:
@@ -376,10 +391,16 @@ def _check_faces(faces: Tensor, num_vertices: int, device: torch.device) -> Tens
         raise TypeError(f"faces must hold integer vertex indices, got dtype {faces.dtype}")
     if faces.shape[0] == 0:
         raise ValueError("faces is empty: a mesh needs at least one triangle")
-    lo, hi = int(faces.min()), int(faces.max())
-    if lo < 0 or hi >= num_vertices:
-        raise ValueError(f"faces index vertices in [{lo}, {hi}] but there are {num_vertices} vertices "
-                         f"(valid indices 0..{num_vertices - 1})")
+    key = (num_vertices, faces._version, device)
+    ref, checked = _CHECKED_FACES.get(id(faces), (None, None))
+    if ref is None or ref() is not faces or checked != key:
+        lo, hi = int(faces.min()), int(faces.max())
+        if lo < 0 or hi >= num_vertices:
+            raise ValueError(f"faces index vertices in [{lo}, {hi}] but there are {num_vertices} vertices "
+                             f"(valid indices 0..{num_vertices - 1})")
+        if ref is None or ref() is not faces:
+            weakref.finalize(faces, _CHECKED_FACES.pop, id(faces), None)
+        _CHECKED_FACES[id(faces)] = (weakref.ref(faces), key)
     return faces.to(device=device, dtype=torch.long)
 
 
