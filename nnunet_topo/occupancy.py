@@ -41,8 +41,10 @@ when ``sigma`` is at least about the edge length. See ``documentation/occupancy.
 **Cost and memory.** Every (point, face) pair (exact) or (point, vertex) pair (dipole) is evaluated:
 no hierarchy. Work is cut into blocks of at most ``chunk_size`` pairs (over meshes of a batch, points,
 and faces or vertices); the backward pass recomputes each block instead of storing it, so memory
-is bounded by the block size whatever the number of points: in float32 about 100 (exact) / 55 (dipole)
-bytes per pair in the forward pass and 250 / 130 in the backward pass (1 GB for the default exact block).
+is bounded by the block size whatever the number of points: in float32 about 100 (exact) / 55 (plain dipole)
+bytes per pair in the forward pass and 250 / 130 in the backward pass (1 GB for the default exact block). The
+smoothed dipole (the training occupancy) uses :class:`_DipoleWinding`: ``(b, n, V)`` tensors and a closed-form
+backward, its blocks kept for the backward when the call is one block.
 
 **Backends.** ``backend="torch"`` (the default) is the chunked torch code above. ``backend="triton"``
 runs fused tiled Triton kernels (:mod:`nnunet_topo.occupancy_triton`: the dipole form forward and
