@@ -4,12 +4,12 @@ On an ACDC-like patch (default 20 x 160 x 160 at 5 x 1.5 x 1.5 mm, batch 2) with
 LV_epi, RV) placed so that they penetrate each other, times (median of repeats):
 
 * ``label map``: violation voxels of ``argmax(logits)`` (source a), every rule;
-* ``meshes``: ``mesh_violation_masks`` (source b): exact winding numbers of both meshes of each rule at the
-  vertex voxels plus ``--candidates`` random voxel centres per rule and item;
+* ``meshes``: ``mesh_violation_masks`` (source b): every mesh named by a rule voxelised once on the patch grid
+  (exact ray crossings, :mod:`nnunet_topo.voxelize`), the rules as boolean expressions;
 * ``TPMLoss`` forward + backward with both sources (dipole occupancy, 1024 + 1024 L_occ points, <= 2048 critical
-  points per mesh), and with the mesh source off (``mesh_candidates=None``).
+  points per mesh), and with the mesh source off (``mesh_critical_points=False``).
 
-    python benchmarks/bench_critical_points.py [--device cpu|cuda] [--candidates 1024] [--repeats 5]
+    python benchmarks/bench_critical_points.py [--device cpu|cuda] [--repeats 5]
 """
 from __future__ import annotations
 
@@ -40,7 +40,6 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--shape", type=int, nargs=3, default=[20, 160, 160])
     parser.add_argument("--spacing", type=float, nargs=3, default=[5.0, 1.5, 1.5])
-    parser.add_argument("--candidates", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     dev = torch.device(args.device)
@@ -78,12 +77,12 @@ def main() -> None:
     mm = [normalized_to_mm(v.detach(), shape, sp) for v in vs]
     gen = torch.Generator().manual_seed(0)
     t_a = timed(lambda: critical_point_masks(ref, ref, SPEC))
-    t_b = timed(lambda: mesh_violation_masks(mm, fs, NAMES, SPEC, shape, sp, args.candidates, gen))
-    viol = mesh_violation_masks(mm, fs, NAMES, SPEC, shape, sp, args.candidates, gen)
+    t_b = timed(lambda: mesh_violation_masks(mm, fs, NAMES, SPEC, shape, sp))
+    viol = mesh_violation_masks(mm, fs, NAMES, SPEC, shape, sp)
     print(f"mesh-source critical voxels: {', '.join(f'{k}: {int(v.sum())}' for k, v in viol.items())}")
-    rows = [("label map (source a)", t_a), (f"meshes (source b, {args.candidates} candidates/rule)", t_b)]
-    for label, cand in (("TPMLoss fwd+bwd, both sources", args.candidates), ("TPMLoss fwd+bwd, label map only", None)):
-        loss = TPMLoss(SPEC, NAMES, method="dipole", smoothing=1.5, spacing=sp, mesh_candidates=cand)
+    rows = [("label map (source a)", t_a), ("meshes (source b, every voxel)", t_b)]
+    for label, cand in (("TPMLoss fwd+bwd, both sources", True), ("TPMLoss fwd+bwd, label map only", False)):
+        loss = TPMLoss(SPEC, NAMES, method="dipole", smoothing=1.5, spacing=sp, mesh_critical_points=cand)
         rows.append((label, timed(lambda: loss(vs, fs, logits, ref[:, None].float(), generator=gen)["total"].backward())))
     for label, ms in rows:
         print(f"{label:<48} {ms:10.1f} ms")

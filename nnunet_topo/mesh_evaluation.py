@@ -57,6 +57,7 @@ from nnunet_topo.metrics.mesh import laplacian_smoothness_energy, mesh_volume, s
 from nnunet_topo.rules import (InclusionRule, MeshExclusionRule, TopologySpec, mesh_rule_meshes, mesh_rules_in_force,
                                 spec_from_dataset_json)
 from nnunet_topo.summary_io import ignore_label_of, load_json_arg, mean_and_count, nanmean, to_builtin
+from nnunet_topo.voxelize import _RAY_JITTER  # offset of the ray lines from the grid points (one definition)
 
 __all__ = [
     "MeshEvaluationError",
@@ -117,10 +118,6 @@ def _slabs(n: Sequence[int]):
         yield i0, min(int(n[0]), i0 + step)
 
 
-#: offset (grid units) of the lines of :class:`_ColumnCrossings` from the grid points; irrational ratio
-_RAY_JITTER = (1e-6 * math.sqrt(2.0) / 2, 1e-6 * (math.sqrt(5.0) - 1) / 2)
-
-
 class _ColumnCrossings:
     """Signed crossings of a closed triangle mesh with the lines of a regular grid along its last axis.
 
@@ -134,7 +131,8 @@ class _ColumnCrossings:
     solid-angle sum does. The lines are offset by ``_RAY_JITTER`` grid units (irrational ratio) so that none passes
     exactly through an edge or a vertex of a mesh, where the 2D test would count a crossing twice or not at all.
     Integer winding numbers (self-intersecting meshes included) match the exact solid-angle sum
-    (tests/test_mesh_evaluation.py).
+    (tests/test_mesh_evaluation.py). :mod:`nnunet_topo.voxelize` is its torch twin (dense over (triangle, line)
+    pairs, no host synchronisation; used for the losses' critical points).
     """
 
     def __init__(self, grid_vertices: np.ndarray, faces: np.ndarray, shape: Sequence[int], orientation: float = 1.0):

@@ -342,11 +342,11 @@ def test_tpm_without_violations_is_the_occupancy_loss():
     spec = make_spec([EXCLUSION, INCLUSION])
     logits, ref = toy_batch(violate=False)
     meshes, faces = toy_meshes(NAMES)
-    loss = TPMLoss(spec, NAMES, num_uniform=8, num_surface=8, mesh_candidates=None)
+    loss = TPMLoss(spec, NAMES, num_uniform=8, num_surface=8, mesh_critical_points=False)
     out = loss(meshes, faces, logits, ref)
     assert sum(loss.last_counts.values()) == 0
     assert float(out["tpm"].detach()) == float(out["occ"].detach()) > 0 and out["tpm"].requires_grad
-    out = TPMLoss(spec, NAMES, num_uniform=0, num_surface=0, mesh_candidates=None)(meshes, faces, logits, ref)
+    out = TPMLoss(spec, NAMES, num_uniform=0, num_surface=0, mesh_critical_points=False)(meshes, faces, logits, ref)
     assert float(out["tpm"].detach()) == 0.0 and out["tpm"].requires_grad
     out["tpm"].backward()
     assert all(v.grad is not None and float(v.grad.abs().sum()) == 0.0 for v in meshes)
@@ -430,6 +430,10 @@ def test_module_bad_inputs():
         TPMLoss(spec, ["LV_endo"], method="fast")
     with pytest.raises(ValueError, match="smoothing > 0 needs method='dipole'"):
         TPMLoss(spec, ["LV_endo"], smoothing=0.1)
+    with pytest.raises(TypeError, match="True or False.*replaces the count mesh_candidates"):
+        TPMLoss(spec, ["LV_endo"], mesh_critical_points=1024)
+    with pytest.raises(TypeError, match="mesh_critical_points must be True or False.*its None is False here"):
+        MIELoss(spec, ["LV_endo"], mesh_critical_points=None)
     with pytest.warns(UserWarning, match="zero vertex gradients"):
         MIELoss(spec, ["LV_endo"], method="exact")
     logits, ref = toy_batch()
@@ -505,9 +509,10 @@ def run_loss(kind, k, defect_slice):
     meshes, faces = stack_meshes(NAMES)
     if kind == "tpm":  # label-map critical points only (the mesh source checks overlaps, see mesh_losses.md)
         loss_fn = TPMLoss(stack_spec(k), NAMES, method="dipole", smoothing=0.5, num_uniform=16, num_surface=16,
-                          mesh_candidates=None)
+                          mesh_critical_points=False)
     else:
-        loss_fn = MIELoss(stack_spec(k), NAMES, method="dipole", smoothing=0.5, num_points=64, mesh_candidates=None)
+        loss_fn = MIELoss(stack_spec(k), NAMES, method="dipole", smoothing=0.5, num_points=64,
+                          mesh_critical_points=False)
     out = loss_fn(meshes, faces, logits, ref, generator=torch.Generator().manual_seed(0))
     out["total"].backward()
     critical = loss_fn.last_counts["prediction"]

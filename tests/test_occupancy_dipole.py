@@ -130,3 +130,39 @@ def test_no_gradient_requested_keeps_nothing_and_matches():
         a = winding_number(pts, v, f, method="dipole", smoothing=1.0)
     b = winding_number(pts, v.clone().requires_grad_(), f, method="dipole", smoothing=1.0).detach()
     torch.testing.assert_close(a, b)
+
+
+def test_faces_are_checked_once_and_again_after_an_in_place_change():
+    from nnunet_topo import occupancy
+
+    v, f = _random_mesh(10, torch.float32, subdivisions=0, radius=1.0)
+    pts = torch.zeros(1, 3)
+    winding_number(pts, v, f, method="dipole", smoothing=0.5)
+    assert id(f) in occupancy._CHECKED_FACES
+    f[0, 0] = v.shape[0] + 3  # the same tensor, changed: checked again
+    with pytest.raises(ValueError, match="faces index vertices"):
+        winding_number(pts, v, f, method="dipole", smoothing=0.5)
+    f[0, 0] = 0
+    with pytest.raises(ValueError, match="faces index vertices"):  # the same faces, fewer vertices
+        winding_number(pts, v[:5], f, method="dipole", smoothing=0.5)
+
+
+def test_smoothed_dipole_step_has_no_host_sync(monkeypatch):
+    """Forward and backward of the training occupancy record none of the ops that read a device value back to the
+    host (nnunet_topo.voxelize.HostSyncRecorder) once the faces are checked; NaN is still caught (asynchronously)."""
+    from nnunet_topo import occupancy
+    from nnunet_topo.voxelize import HostSyncRecorder
+
+    monkeypatch.setattr(occupancy, "SYNC_FREE_CHECKS", True)
+    v, f = _random_mesh(11, torch.float32, subdivisions=1, radius=10.0)
+    pts = 12 * torch.randn(2, 64, 3, generator=torch.Generator().manual_seed(12))
+    verts = v.expand(2, -1, -1).clone().requires_grad_()
+    winding_number(pts, verts, f, method="dipole", smoothing=1.0)  # checks the faces once
+
+    with HostSyncRecorder() as rec:
+        w = winding_number(pts, verts, f, method="dipole", smoothing=1.0)
+        w.square().sum().backward()
+    assert rec.syncs == [], rec.syncs
+    assert any("_assert_async" in op for op in rec.ops), rec.ops[:20]
+    with pytest.raises(RuntimeError, match="vertices contains NaN"):
+        winding_number(pts, torch.full_like(verts, float("nan")), f, method="dipole", smoothing=1.0)

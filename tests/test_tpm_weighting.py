@@ -53,17 +53,16 @@ def test_tpm_without_critical_points_is_the_occupancy_bce_over_the_standard_poin
     the occupancy BCE over the standard points, computed point by point."""
     ref = reference()
     meshes, faces = meshes_at(10.0, 22.0, radius=5.5)
-    for mesh_candidates in (None, 256):
+    for mesh_critical_points in (False, True):
         loss = TPMLoss(SPEC, NAMES, method="dipole", smoothing=SMOOTHING, spacing=SPACING, num_uniform=24,
-                       num_surface=24, mesh_candidates=mesh_candidates)
+                       num_surface=24, mesh_critical_points=mesh_critical_points)
         out = loss(meshes, faces, logits_of(ref), ref[:, None], generator=torch.Generator().manual_seed(3))
         assert sum(loss.last_counts.values()) == 0
         assert float(out["tpm"].detach()) == float(out["occ"].detach())
         assert torch.allclose(out["total"], out["occ"] * 1.5)
-    # the naive loop over the same standard points (drawn in the same order: no critical-point draw without the
-    # mesh source)
+    # the naive loop over the same standard points (drawn in the same order: the critical points draw nothing)
     loss = TPMLoss(SPEC, NAMES, method="dipole", smoothing=SMOOTHING, spacing=SPACING, num_uniform=24,
-                   num_surface=24, mesh_candidates=None)
+                   num_surface=24, mesh_critical_points=False)
     out = loss(meshes, faces, logits_of(ref), ref[:, None], generator=torch.Generator().manual_seed(3))
     gen = torch.Generator().manual_seed(3)
     per_mesh = []
@@ -87,7 +86,7 @@ def test_each_critical_point_weighs_a_standard_point():
     meshes, faces = meshes_at(10.0, 22.0)
     n_u, n_s = 16, 16
     loss = TPMLoss(SPEC, NAMES, method="dipole", smoothing=SMOOTHING, spacing=SPACING, num_uniform=n_u,
-                   num_surface=n_s, max_critical_points=None, mesh_candidates=None)
+                   num_surface=n_s, max_critical_points=None, mesh_critical_points=False)
     out = loss(meshes, faces, logits_of(pred), ref[:, None], generator=torch.Generator().manual_seed(1))
     critical = critical_point_targets(pred, ref, SPEC)[0]
     assert all(critical[n][0].shape[0] > 10 for n in NAMES)
@@ -123,7 +122,7 @@ def test_tpm_fades_as_the_overlap_vanishes():
     for shift in (0.0, 1.0, 2.0, 3.0, 4.0):  # overlap depth 6.5 * 2 - (6 + 2 * shift) mm: 7, 5, 3, 1, -1
         meshes, faces = meshes_at(13.0 - shift, 19.0 + shift)
         loss = TPMLoss(SPEC, NAMES, method="dipole", smoothing=SMOOTHING, spacing=SPACING, num_uniform=64,
-                       num_surface=64, max_critical_points=None, mesh_candidates=512)
+                       num_surface=64, max_critical_points=None, mesh_critical_points=True)
         out = loss(meshes, faces, logits_of(ref), ref[:, None], generator=torch.Generator().manual_seed(0))
         rows.append((loss.last_counts["meshes"], float(out["tpm"].detach()), float(out["occ"].detach())))
     counts = [r[0] for r in rows]
@@ -143,7 +142,7 @@ def test_mie_critical_points_share_one_mean_with_the_random_points():
     meshes, faces = meshes_at(10.0, 22.0)
     n_points, rho = 40, 0.25
     loss = MIELoss(SPEC, NAMES, method="dipole", smoothing=SMOOTHING, spacing=SPACING, rho=rho, num_points=n_points,
-                   lambda_lap=0.0, mesh_candidates=None, axis=0)
+                   lambda_lap=0.0, mesh_critical_points=False, axis=0)
     out = loss(meshes, faces, logits_of(pred), ref[:, None], generator=torch.Generator().manual_seed(2))
     assert loss.last_num_critical == 2 * round(rho * n_points)
     # the same points, drawn as MIELoss draws them

@@ -45,7 +45,7 @@ class nnUNetTrainerMIE(nnUNetTrainerMesh):
         smoothing = self.mesh_smoothing()
         self._mie_loss = MIELoss(self.patch_topology_spec, self.mesh_names, method=self.occupancy_method,
                                  rho=self.mie_rho, num_points=self.mie_num_points, lambda_lap=0.0, smoothing=smoothing,
-                                 spacing=self.patch_spacing(), mesh_candidates=self.mesh_candidates,
+                                 spacing=self.patch_spacing(), mesh_critical_points=self.mesh_critical_points,
                                  ignore_label=self.label_manager.ignore_label, length_scale=self._mean_edge_mm)
         self.print_to_log_file(f"MIE loss: occupancy {self.occupancy_method}, smoothing {smoothing:.3f} mm, "
                                f"rho {self.mie_rho} from epoch {self.topology_start()} at the latest (0 before), "

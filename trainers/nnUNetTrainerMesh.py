@@ -53,9 +53,9 @@ class nnUNetTrainerMesh(MeshHeadPassenger, MeshROISampling, nnUNetTrainerTopoBas
     occ_num_uniform: int = 1024
     occ_num_surface: int = 1024
     occ_weight: float = 1.0
-    #: TPM critical points: cap per mesh, random candidates per rule tested against the meshes (None: label map only)
+    #: TPM critical points: cap per mesh; also where the meshes break a rule, every voxel (False: label map only)
     max_critical_points: int = 2048
-    mesh_candidates: Optional[int] = 1024
+    mesh_critical_points: bool = True
     laplacian_weight: float = 0.1
     edge_weight: float = 0.1
     #: λ_TP of TPM Table 1: 0 here (no L_TPM term); nnUNetTrainerTPM sets it
@@ -157,7 +157,7 @@ class nnUNetTrainerMesh(MeshHeadPassenger, MeshROISampling, nnUNetTrainerTopoBas
         return TPMLoss(spec, self.mesh_names, lambda_tp=lambda_tp, method=self.occupancy_method,
                        num_uniform=self.occ_num_uniform, num_surface=self.occ_num_surface,
                        max_critical_points=self.max_critical_points, smoothing=self.mesh_smoothing(),
-                       spacing=self.patch_spacing(), mesh_candidates=self.mesh_candidates,
+                       spacing=self.patch_spacing(), mesh_critical_points=self.mesh_critical_points,
                        ignore_label=self.label_manager.ignore_label)
 
     def _make_loss_modules(self) -> None:

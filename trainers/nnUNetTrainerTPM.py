@@ -42,8 +42,8 @@ class nnUNetTrainerTPM(nnUNetTrainerMesh):
         super()._make_loss_modules()
         self._tpm_loss = self._occupancy_loss(self.patch_topology_spec, self.lambda_tp)
         self.print_to_log_file(f"L_TPM: λ_TP {self.lambda_tp}, on from epoch {self.topology_start()} at the latest "
-                               f"(earlier once the meshes fit), critical points from the label map and the meshes "
-                               f"({self.mesh_candidates} random candidates per rule), at most "
+                               f"(earlier once the meshes fit), critical points from the label map"
+                               f"{' and the meshes (every voxel)' if self.mesh_critical_points else ' only'}, at most "
                                f"{self.max_critical_points} per mesh")
 
     def extra_logged_term_names(self):

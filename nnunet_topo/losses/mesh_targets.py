@@ -8,8 +8,9 @@ Consistent Cardiac Mesh Reconstruction* (TPM, arXiv:2503.07874):
 * :func:`critical_point_targets`: the *critical points* of ``L_TPM`` (Eq. 6-9) with rule-aware occupancy targets,
   from two sources (DESIGN §6): (a) the violation voxels of the predicted label map (DESIGN §4,
   :mod:`nnunet_topo.violations`), (b) the voxel centres where the predicted meshes themselves break a rule
-  (:func:`mesh_violation_masks`) — without (b), meshes that penetrate each other over a correct segmentation
-  would never be penalised.
+  (:func:`mesh_violation_masks`: every patch voxel, every mesh voxelised exactly once per call by signed ray
+  crossings, :mod:`nnunet_topo.voxelize`) — without (b), meshes that penetrate each other over a correct
+  segmentation would never be penalised.
 
 Coordinate frames (kept explicit everywhere):
 
@@ -52,6 +53,7 @@ from nnunet_topo.meshes import index_to_normalized, normalized_to_index
 from nnunet_topo.rules import (ExclusionRule, InclusionRule, MeshExclusionRule, Rule, TopologySpec, mesh_for_structure,
                                 mesh_rule_meshes, mesh_rules_in_force)
 from nnunet_topo.violations import dilate, rule_violation_map
+from nnunet_topo.voxelize import voxelize
 
 __all__ = [
     "voxel_to_normalized",
@@ -116,7 +118,8 @@ def check_spacing(spacing: Optional[Sequence[float]]) -> Optional[Tuple[float, f
 def _spacing_tensor(spacing: Optional[Sequence[float]], like: Tensor) -> Tensor:
     sp = check_spacing(spacing) or (1.0, 1.0, 1.0)
     dtype = like.dtype if like.is_floating_point() else torch.float32
-    return torch.tensor(sp, dtype=dtype, device=like.device)
+    # filled on the device (no host-to-device copy, which would wait for the device: torch.tensor(sp, device=...))
+    return torch.stack([torch.full((), s, dtype=dtype, device=like.device) for s in sp])
 
 
 def voxel_to_mm(idx_zyx: Tensor, spacing: Optional[Sequence[float]]) -> Tensor:
@@ -322,78 +325,51 @@ def mesh_violation_masks(
     spec: TopologySpec,
     shape: Sequence[int],
     spacing: Optional[Sequence[float]] = None,
-    num_random: int = 1024,
-    generator: Optional[torch.Generator] = None,
 ) -> Dict[str, Tensor]:
     """Voxel centres where the predicted meshes break a mesh-level rule (source (b) of TPM's critical points).
 
     The rules are those in force on the meshes (:func:`nnunet_topo.rules.mesh_rules_in_force`: the spec's
-    ``mesh_rules`` and the voxel rules whose structures are mesh structures). Exclusion: inside both meshes;
-    inclusion: inside the inner mesh and outside the outer one (and outside the meshes of its openings, if any).
-    Inside = exact winding number > 1/2 (sharp; no gradient is needed for the selection). Testing every voxel of
-    a patch against every mesh is too much work per step, so the candidates are, per rule and batch item, the voxel
-    centres nearest to the vertices of both meshes (where surfaces cross, penetrations start) plus ``num_random``
-    voxel centres drawn uniformly in the box where a violation can lie (the intersection of the two meshes'
-    bounding boxes for an exclusion, the inner mesh's box for an inclusion), clipped to the patch.
+    ``mesh_rules`` and the voxel rules whose structures are mesh structures), each evaluated when all its meshes are
+    among ``mesh_names``. Exclusion: inside both meshes; inclusion: inside the inner mesh and outside the outer one
+    (and outside the meshes of its openings ``may_touch`` that were predicted). Inside = exact winding number > 1/2
+    (sharp; no gradient is needed for the selection), at **every** voxel centre of the patch: every mesh a rule in
+    force names is voxelised once per call by signed ray crossings (:func:`nnunet_topo.voxelize.voxelize`; shared by
+    all its rules), and each rule is a boolean expression of those masks. Runs on the meshes' device without a host
+    synchronisation.
 
     Args:
-        meshes_mm: ``(B, V_s, 3)`` vertices in the patch's physical frame (:func:`normalized_to_mm`).
+        meshes_mm: ``(B, V_s, 3)`` vertices in the patch's physical frame (:func:`normalized_to_mm`), outward-
+            oriented faces; no gradient flows.
         faces: ``(F_s, 3)`` per mesh; mesh_names: their names (keys of ``spec.mesh_structures``).
         spec: the spec (rules whose meshes are all among ``mesh_names`` are evaluated).
         shape: patch shape ``(Z, Y, X)``; spacing: ``(z, y, x)`` mm of the patch (None: 1 mm).
-        num_random: random candidates per rule and batch item.
 
     Returns:
         ``{rule name: (B, Z, Y, X) bool}`` for the evaluated rules (a voxel rule read on the meshes under its own
-        name, a mesh rule under its name).
+        name, a mesh rule under its name), on the meshes' device.
     """
-    from nnunet_topo.occupancy import winding_number
-
     by_name = {n: (v, f) for n, v, f in zip(mesh_names, meshes_mm, faces)}
     shape = tuple(int(s) for s in shape)
+    rules = [r for r in mesh_rules_in_force(spec)[0] if all(m in by_name for m in mesh_rule_meshes(r))]
+    needed: List[str] = []
+    for rule in rules:  # an inclusion's openings count only where they have a predicted mesh
+        openings = [] if isinstance(rule, MeshExclusionRule) else [m for m in rule.may_touch if m in by_name]
+        needed += [m for m in list(mesh_rule_meshes(rule)) + openings if m not in needed]
     out: Dict[str, Tensor] = {}
-    if not by_name:
-        return out
-    device = next(iter(by_name.values()))[0].device
-    hi = torch.tensor([s - 1 for s in shape], device=device)
-    rules, _ = mesh_rules_in_force(spec)
-    for rule in rules:
-        exclusion = isinstance(rule, MeshExclusionRule)
-        first, second = mesh_rule_meshes(rule)
-        if first not in by_name or second not in by_name:
-            continue
-        # an inclusion's point must lie outside the outer mesh and outside its openings that have a predicted mesh
-        others = [second] + ([] if exclusion else [m for m in rule.may_touch if m in by_name])
-        (v1, f1), (v2, _) = by_name[first], by_name[second]
-        batch = v1.shape[0]
-        mask = torch.zeros((batch,) + shape, dtype=torch.bool, device=device)
-        with torch.no_grad():
-            for b in range(batch):
-                i1, i2 = mm_to_voxel(v1[b].detach(), spacing), mm_to_voxel(v2[b].detach(), spacing)
-                lo = torch.maximum(i1.min(0).values, i2.min(0).values) if exclusion else i1.min(0).values
-                up = torch.minimum(i1.max(0).values, i2.max(0).values) if exclusion else i1.max(0).values
-                lo = lo.floor().clamp(min=0).long().clamp(max=hi)
-                up = torch.minimum(up.ceil().long(), hi).clamp(min=0)
-                if bool((up < lo).any()):
-                    continue  # the boxes do not meet: no overlap possible
-                cand = [torch.minimum(torch.round(torch.cat([i1, i2])).long().clamp(min=0), hi)]  # vertex voxels
-                if num_random > 0:
-                    u = _rand((num_random, 3), generator, device)
-                    cand.append(torch.minimum(lo + torch.floor(u * (up - lo + 1)).long(), up))
-                c = torch.unique(torch.cat(cand), dim=0)
-                pts = voxel_to_mm(c, spacing).to(v1.dtype)
-                in1 = winding_number(pts, v1[b].detach(), f1.to(device), method="exact") > 0.5
-                c, pts = c[in1], pts[in1]  # the other meshes only where the first is inside
-                for m in others:
-                    if c.shape[0] == 0:
-                        break
-                    vm, fm = by_name[m]
-                    inside = winding_number(pts, vm[b].detach(), fm.to(device), method="exact") > 0.5
-                    keep = inside if exclusion else ~inside
-                    c, pts = c[keep], pts[keep]
-                if c.shape[0]:
-                    mask[b, c[:, 0], c[:, 1], c[:, 2]] = True
-        out[rule.name] = mask
+    with torch.no_grad():
+        # voxel index (z, y, x) reverses the axis order of the physical frame (x, y, z): orientation -1
+        inside = {m: voxelize(mm_to_voxel(by_name[m][0].detach(), spacing), by_name[m][1], shape, orientation=-1)
+                  for m in needed}
+        for rule in rules:
+            first, second = mesh_rule_meshes(rule)
+            if isinstance(rule, MeshExclusionRule):
+                out[rule.name] = inside[first] & inside[second]
+            else:
+                mask = inside[first] & ~inside[second]
+                for m in rule.may_touch:
+                    if m in inside:
+                        mask &= ~inside[m]
+                out[rule.name] = mask
     return out
 
 

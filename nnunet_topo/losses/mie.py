@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from nnunet_topo.losses.mesh_targets import check_spacing, normalized_to_mm, sample_query_points, voxel_to_mm
-from nnunet_topo.losses.tpm import (_check_common, _check_count, check_mesh_inputs,
+from nnunet_topo.losses.tpm import (_check_common, _check_count, _check_flag, check_mesh_inputs,
                                    critical_points_both_sources, known_weights)
 from nnunet_topo.metrics.mesh import laplacian_smoothness_energy
 from nnunet_topo.occupancy import DEFAULT_EPS, occupancy_bce
@@ -100,8 +100,8 @@ class MIELoss(nn.Module):
         eps: occupancy clamp margin.
         smoothing: smoothed-dipole sigma in mm (``method="dipole"`` only).
         spacing: ``(z, y, x)`` mm of the patches (None: 1 mm); every length is measured in this physical frame.
-        mesh_candidates: random candidates per rule for critical points where the meshes break a rule (as
-            :class:`~nnunet_topo.losses.tpm.TPMLoss`); None: label-map critical points only.
+        mesh_critical_points: critical points where the meshes break a rule too (every patch voxel, as
+            :class:`~nnunet_topo.losses.tpm.TPMLoss`); False: label-map critical points only.
         ignore_label: nnU-Net's ignore label, never a query or critical point.
         length_scale: the Laplacian energy (mm²) is divided by ``length_scale²`` (e.g. the mean template edge
             length in mm), so that it is dimensionless and the same for any voxel size.
@@ -117,7 +117,7 @@ class MIELoss(nn.Module):
     def __init__(self, spec: TopologySpec, mesh_names: Sequence[str], method: str = "exact", rho: float = 0.2,
                  num_points: int = 2048, surface_fraction: float = 0.5, lambda_lap: float = 0.1,
                  axis: Optional[int] = None, eps: float = DEFAULT_EPS, smoothing: float = 0.0,
-                 spacing: Optional[Sequence[float]] = None, mesh_candidates: Optional[int] = 1024,
+                 spacing: Optional[Sequence[float]] = None, mesh_critical_points: bool = True,
                  ignore_label: Optional[int] = None, length_scale: float = 1.0) -> None:
         super().__init__()
         self.spec = spec
@@ -136,7 +136,7 @@ class MIELoss(nn.Module):
         self.method, self.rho, self.surface_fraction = method, float(rho), float(surface_fraction)
         self.lambda_lap, self.axis, self.eps, self.smoothing = float(lambda_lap), axis, float(eps), float(smoothing)
         self.spacing = check_spacing(spacing)
-        self.mesh_candidates = None if mesh_candidates is None else _check_count("mesh_candidates", mesh_candidates)
+        self.mesh_critical_points = _check_flag("mesh_critical_points", mesh_critical_points)
         self.ignore_label = None if ignore_label is None else int(ignore_label)
         self.length_scale = float(length_scale)
         self.last_num_critical = 0
@@ -148,8 +148,8 @@ class MIELoss(nn.Module):
         shape = tuple(ref.shape[1:])
         meshes_mm = [normalized_to_mm(v, shape, self.spacing) for v in meshes]
         critical, self.last_counts = critical_points_both_sources(
-            meshes_mm, faces, self.mesh_names, self.spec, seg_logits, ref, self.spacing, self.mesh_candidates,
-            self.ignore_label, generator, mode="2d", axis=self.axis)
+            meshes_mm, faces, self.mesh_names, self.spec, seg_logits, ref, self.spacing, self.mesh_critical_points,
+            self.ignore_label, mode="2d", axis=self.axis)
         num_surface = int(round(self.surface_fraction * self.num_points))
         num_uniform = self.num_points - num_surface
         bce_terms, lap_terms = [], []
@@ -182,4 +182,5 @@ class MIELoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"mesh_names={self.mesh_names}, method={self.method!r}, rho={self.rho}, num_points={self.num_points}, "
                 f"surface_fraction={self.surface_fraction}, lambda_lap={self.lambda_lap}, axis={self.axis}, "
-                f"smoothing={self.smoothing} mm, spacing={self.spacing}, mesh_candidates={self.mesh_candidates}")
+                f"smoothing={self.smoothing} mm, spacing={self.spacing}, "
+                f"mesh_critical_points={self.mesh_critical_points}")

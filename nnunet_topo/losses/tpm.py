@@ -10,7 +10,8 @@ Cardiac Mesh Reconstruction* (TPM, arXiv:2503.07874); DESIGN §6.
   ``L_occ`` (the same points, the same per-point values) **plus** the *critical points* with rule-aware targets
   (:func:`~nnunet_topo.losses.mesh_targets.critical_point_masks`): the violation voxels of the current prediction
   ``argmax(seg_logits)`` (no gradient through the argmax) **and** the voxel centres where the predicted meshes
-  break a mesh-level rule (``mesh_candidates``; the spec's ``mesh_rules`` and the voxel rules read on the meshes,
+  break a mesh-level rule (``mesh_critical_points``; every patch voxel against the spec's ``mesh_rules`` and the
+  voxel rules read on the meshes,
   :func:`nnunet_topo.rules.mesh_rules_in_force`; without them, meshes that penetrate each other over a correct
   segmentation are never penalised). Each critical point of a rule is a point of every mesh the rule names, target
   ``[reference ∈ region(mesh)]``. Per mesh and batch item ``(Σ_S bce + Σ_C bce) / (|S| + |C|)``, then the mean over
@@ -199,6 +200,14 @@ def _check_common(spec: TopologySpec, mesh_names: Sequence[str], method: str, ep
     return names
 
 
+def _check_flag(name: str, value: bool) -> bool:
+    if not isinstance(value, bool):
+        hint = (" (it replaces the count mesh_candidates: every voxel is checked now; its None is False here)"
+                if value is None or isinstance(value, int) else "")
+        raise TypeError(f"{name} must be True or False, got {value!r}{hint}")
+    return value
+
+
 def _check_count(name: str, n: int, minimum: int = 0) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {n!r}")
@@ -221,9 +230,9 @@ class TPMLoss(nn.Module):
         eps: occupancy clamp margin.
         smoothing: smoothed-dipole sigma in **mm** (``method="dipole"`` only).
         spacing: ``(z, y, x)`` voxel size of the patches in mm (the configuration's spacing); None: 1 mm.
-        mesh_candidates: random voxel centres per rule and batch item tested against the meshes for critical
-            points of source (b) (:func:`~.mesh_targets.mesh_violation_masks`, besides the mesh vertices);
-            ``None`` switches source (b) off (critical points from the label map only, the paper's ``P``).
+        mesh_critical_points: critical points of source (b) too: every patch voxel where the predicted meshes
+            break a mesh-level rule (:func:`~.mesh_targets.mesh_violation_masks`, exact); ``False`` switches
+            source (b) off (critical points from the label map only, the paper's ``P``).
         ignore_label: nnU-Net's ignore label: such voxels are never query or critical points. None: none.
 
     Shapes (forward):
@@ -239,7 +248,7 @@ class TPMLoss(nn.Module):
     def __init__(self, spec: TopologySpec, mesh_names: Sequence[str], method: str = "exact",
                  lambda_tp: float = 0.5, num_uniform: int = 1024, num_surface: int = 1024,
                  max_critical_points: Optional[int] = 2048, eps: float = DEFAULT_EPS, smoothing: float = 0.0,
-                 spacing: Optional[Sequence[float]] = None, mesh_candidates: Optional[int] = 1024,
+                 spacing: Optional[Sequence[float]] = None, mesh_critical_points: bool = True,
                  ignore_label: Optional[int] = None) -> None:
         super().__init__()
         self.spec = spec
@@ -253,7 +262,7 @@ class TPMLoss(nn.Module):
             _check_count("max_critical_points", max_critical_points, 1)
         self.max_critical_points = max_critical_points
         self.spacing = check_spacing(spacing)
-        self.mesh_candidates = None if mesh_candidates is None else _check_count("mesh_candidates", mesh_candidates)
+        self.mesh_critical_points = _check_flag("mesh_critical_points", mesh_critical_points)
         self.ignore_label = None if ignore_label is None else int(ignore_label)
         self.last_counts: Dict[str, int] = {src: 0 for src in SOURCES}
 
@@ -266,7 +275,7 @@ class TPMLoss(nn.Module):
         batch = ref.shape[0]
         n_std = self.num_uniform + self.num_surface
         has_rules = bool(self.spec.rules or self.spec.mesh_rules)
-        critical = self.critical_points(meshes_mm, faces, seg_logits, ref, generator) if has_rules else None
+        critical = self.critical_points(meshes_mm, faces, seg_logits, ref) if has_rules else None
         occ_terms, tpm_terms = [], []
         any_critical = False
         for name, v, f in zip(self.mesh_names, meshes_mm, faces):
@@ -302,35 +311,35 @@ class TPMLoss(nn.Module):
         return {"occ": occ, "tpm": tpm, "total": occ + self.lambda_tp * tpm}
 
     def critical_points(self, meshes_mm: Sequence[Tensor], faces: Sequence[Tensor], seg_logits: Tensor,
-                        ref: Tensor, generator: Optional[torch.Generator] = None
-                        ) -> List[Dict[str, Tuple[Tensor, Tensor]]]:
+                        ref: Tensor) -> List[Dict[str, Tuple[Tensor, Tensor]]]:
         """Critical points of both sources, merged, with targets; counts per source in ``last_counts``."""
         critical, self.last_counts = critical_points_both_sources(
-            meshes_mm, faces, self.mesh_names, self.spec, seg_logits, ref, self.spacing, self.mesh_candidates,
-            self.ignore_label, generator)
+            meshes_mm, faces, self.mesh_names, self.spec, seg_logits, ref, self.spacing, self.mesh_critical_points,
+            self.ignore_label)
         return critical
 
     def extra_repr(self) -> str:
         return (f"mesh_names={self.mesh_names}, method={self.method!r}, lambda_tp={self.lambda_tp}, "
                 f"num_uniform={self.num_uniform}, num_surface={self.num_surface}, "
                 f"max_critical_points={self.max_critical_points}, smoothing={self.smoothing} mm, "
-                f"spacing={self.spacing}, mesh_candidates={self.mesh_candidates}, ignore_label={self.ignore_label}")
+                f"spacing={self.spacing}, mesh_critical_points={self.mesh_critical_points}, "
+                f"ignore_label={self.ignore_label}")
 
 
 def critical_points_both_sources(
     meshes_mm: Sequence[Tensor], faces: Sequence[Tensor], mesh_names: Sequence[str], spec: TopologySpec,
-    seg_logits: Tensor, ref: Tensor, spacing: Optional[Sequence[float]], mesh_candidates: Optional[int],
-    ignore_label: Optional[int], generator: Optional[torch.Generator] = None, mode: str = "3d",
+    seg_logits: Tensor, ref: Tensor, spacing: Optional[Sequence[float]], mesh_critical_points: bool,
+    ignore_label: Optional[int], mode: str = "3d",
     axis: Optional[int] = None) -> Tuple[List[Dict[str, Tuple[Tensor, Tensor]]], Dict[str, int]]:
-    """Critical points of the label map ``argmax(seg_logits)`` (no gradient) and, unless ``mesh_candidates`` is
-    None, of the meshes (physical frame), merged, with targets ``[ref ∈ region(mesh)]``; and the number of critical
-    points per source ((voxel, mesh) pairs over the batch, before any cap). Shared by :class:`TPMLoss` (``mode="3d"``) and MIE (``mode="2d"``)."""
+    """Critical points of the label map ``argmax(seg_logits)`` (no gradient) and, if ``mesh_critical_points``,
+    of the meshes (physical frame, :func:`~.mesh_targets.mesh_violation_masks`), merged, with targets
+    ``[ref ∈ region(mesh)]``; and the number of critical points per source ((voxel, mesh) pairs over the batch,
+    before any cap). Shared by :class:`TPMLoss` (``mode="3d"``) and MIE (``mode="2d"``)."""
     with torch.no_grad():
         pred = seg_logits.detach().argmax(dim=1)
         mesh_viol = None
-        if mesh_candidates is not None:
-            mesh_viol = mesh_violation_masks(meshes_mm, faces, mesh_names, spec, tuple(ref.shape[1:]), spacing,
-                                             mesh_candidates, generator)
+        if mesh_critical_points:
+            mesh_viol = mesh_violation_masks(meshes_mm, faces, mesh_names, spec, tuple(ref.shape[1:]), spacing)
         masks = critical_point_masks(pred, ref, spec, mode, axis, ignore_label, mesh_viol)
     counts = {src: int(sum(int(m.sum()) for m in masks[src].values())) for src in SOURCES}
     return masks_to_targets(masks, ref, spec), counts
