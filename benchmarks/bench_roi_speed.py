@@ -103,7 +103,10 @@ def main(argv=None) -> None:
                         help="trainers to time (nnUNetTrainer is always included: the ratios' denominator)")
     parser.add_argument("--configurations", nargs="+", default=["whole", "roi"], choices=sorted(SETUPS))
     parser.add_argument("--profile", action="store_true", help="cProfile split of the last trainer's step (ROI)")
+    parser.add_argument("--attr", action="append", default=[], metavar="NAME=JSON",
+                        help="trainer attribute for every trainer but nnUNetTrainer, e.g. mesh_backbone_grad_share=0")
     args = parser.parse_args(argv)
+    attrs = {a.split("=", 1)[0]: json.loads(a.split("=", 1)[1]) for a in args.attr}
     names = ["nnUNetTrainer"] + [t for t in args.trainers if t != "nnUNetTrainer"]
     mesh_name = next((t for t in names if t != "nnUNetTrainer"), None)
 
@@ -117,7 +120,9 @@ def main(argv=None) -> None:
     runs, batches, info = {}, {}, {}
     for label, (conf, plans) in setups.items():
         for name in names:
-            runs[(label, name)] = build_trainer(str(DATASET), conf, 0, name, plans, device, {"topology_start_epoch": 0})
+            extra = {} if name == "nnUNetTrainer" else attrs
+            runs[(label, name)] = build_trainer(str(DATASET), conf, 0, name, plans, device,
+                                                dict({"topology_start_epoch": 0}, **extra))
         # the mesh trainers' loader places the patches (heart ROI); nnUNetTrainer is timed on the same batches
         first = runs[(label, mesh_name or "nnUNetTrainer")]
         batches[label] = [next(first.dataloader_train) for _ in range(args.iters)]
@@ -147,7 +152,7 @@ def main(argv=None) -> None:
     dev = torch.cuda.get_device_name(0) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     print(f"device: {dev}; torch {torch.__version__}; {args.iters} iterations x {args.rounds} rounds; "
-          f"image {list(args.canvas)}, heart block {list(args.shape)}, {args.n} cases")
+          f"image {list(args.canvas)}, heart block {list(args.shape)}, {args.n} cases; attributes {attrs}")
     for label, (patch, spacing, bs) in info.items():
         print(f"  {label:<13} {setups[label][1]}/{setups[label][0]}: patch {patch}, spacing "
               f"{[round(s, 3) for s in spacing]}, batch {bs}")
