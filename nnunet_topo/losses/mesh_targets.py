@@ -243,9 +243,7 @@ def critical_point_masks(
                                                     connectivity=spec.connectivity) > 0}
         if mesh_violations is not None and rule.name in mesh_violations:
             sources["meshes"] = mesh_violations[rule.name].to(pred_labels.device).bool()
-        for src, vmap in sources.items():
-            if not bool(vmap.any()):
-                continue
+        for src, vmap in sources.items():  # no "if vmap.any()": an empty map ORs nothing and reads nothing back
             if skip is None:
                 skip = _never_penalised(rule, ref_labels, ignore_label)
             vmap = vmap & ~skip
@@ -257,8 +255,6 @@ def critical_point_masks(
             if vmap is None:
                 continue
             vmap = vmap.to(pred_labels.device).bool()
-            if not bool(vmap.any()):
-                continue
             if ignore_label is not None:
                 vmap = vmap & (ref_labels != int(ignore_label))
             for m in mesh_rule_meshes(mrule):

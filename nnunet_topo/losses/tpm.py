@@ -36,6 +36,18 @@ Gradients: with ``method="exact"`` the occupancy of a closed mesh is piecewise c
 (see :mod:`nnunet_topo.occupancy`), so the vertex gradient is zero almost everywhere; train with
 ``method="dipole"`` and ``smoothing > 0`` (mm; at least about half the mean edge length, documentation/benchmarks.md
 "Dipole smoothing").
+
+**Host synchronisation** (issue 26, item 3). Read nothing back from the device: the occupancy of the standard and
+critical points (:mod:`nnunet_topo.occupancy`: faces checked once per tensor, NaN checks asynchronous on
+accelerators), the mesh source of critical points (:func:`~.mesh_targets.mesh_violation_masks`: exact voxelisation
+by ray crossings, :mod:`nnunet_topo.voxelize`, rules as boolean algebra) and the union of the sources
+(:func:`~.mesh_targets.critical_point_masks`); tests/test_voxelize.py and tests/test_occupancy_dipole.py record the
+ops under :class:`nnunet_topo.voxelize.HostSyncRecorder`. Still synchronising, per step: the critical points as index
+lists (``torch.nonzero`` per mesh and batch item in :func:`~.mesh_targets.masks_to_targets`: their number depends on
+the data), their random cap (``_subsample``: ``randperm`` of that number), the counts logged per source
+(``int(m.sum())`` in :func:`critical_points_both_sources`), and the label-map rules with connected components
+(:mod:`nnunet_topo.rules`). The fix is a fixed-size selection (top-k of random scores over each mask, with a validity
+weight in the BCE and its 1/N): not built yet.
 """
 from __future__ import annotations
 
