@@ -5,6 +5,7 @@ nnUNetTrainerProjPool (a 2 epoch x 2 iteration subclass written to a second nnUN
 nnUNetv2_predict -> nnUNetv2_topo_evaluate_folder. Nothing of nnU-Net is mocked.
 """
 import json
+import os
 import textwrap
 
 import pytest
@@ -38,6 +39,46 @@ SMOKE_TRAINERS = "import os\nimport torch\n" + "".join(
     ''') for base in SMOKE_BASES)
 
 
+#: an offline stand-in for the wandb module (nnU-Net's WandbLogger imports it): records keys logged per epoch and the
+#: run summary into $NNUNET_TOPO_TEST_WANDB
+WANDB_STUB = textwrap.dedent('''
+    import json
+    import os
+
+
+    class _Summary(dict):
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            _RUN.save()
+
+
+    class _Config(dict):
+        pass
+
+
+    class _Run:
+        def __init__(self):
+            self.config, self.summary, self.step, self.logged = _Config(), _Summary(), 0, set()
+
+        def log(self, values, step=None):
+            self.logged.update(values)
+            self.save()
+
+        def save(self):
+            with open(os.environ["NNUNET_TOPO_TEST_WANDB"], "w") as f:
+                json.dump({"logged": sorted(self.logged), "summary": dict(self.summary)}, f, default=str)
+
+
+    _RUN = None
+
+
+    def init(**kwargs):
+        global _RUN
+        _RUN = _Run()
+        return _RUN
+''')
+
+
 @pytest.fixture(scope="module")
 def env(nnunet_dirs):
     (nnunet_dirs["ext_trainers"] / "smoke_trainers.py").write_text(SMOKE_TRAINERS)
@@ -62,8 +103,15 @@ def test_train_predict_evaluate(dataset, env, nnunet_dirs):
     trainer = "nnUNetTrainerProjPool_smoke"
     train = [nnunet_cli("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"]
     run_cli(train, dict(env, SMOKE_EPOCHS="1"))
-    # resume with --c for a second epoch: our logged terms must come back from the checkpoint
-    proc = run_cli(train + ["--c"], dict(env, SMOKE_EPOCHS="2"))
+    # resume with --c for a second epoch: our logged terms must come back from the checkpoint; nnU-Net's W&B logger
+    # on, with an offline stub of the wandb module (no network) that records what reaches it
+    stub = nnunet_dirs["results"].parent / "wandb_stub"
+    stub.mkdir(exist_ok=True)
+    (stub / "wandb.py").write_text(WANDB_STUB)
+    record = stub / "record.json"
+    wandb_env = dict(env, SMOKE_EPOCHS="2", nnUNet_wandb_enabled="1", NNUNET_TOPO_TEST_WANDB=str(record),
+                     PYTHONPATH=str(stub) + os.pathsep + env.get("PYTHONPATH", ""))
+    proc = run_cli(train + ["--c"], wandb_env)
     out = next((nnunet_dirs["results"]).glob(f"Dataset{DATASET_ID}_*")) / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
     assert (out / "checkpoint_final.pth").is_file()
     assert (out / "progress_topology.png").is_file()
@@ -76,6 +124,10 @@ def test_train_predict_evaluate(dataset, env, nnunet_dirs):
     assert all(v > 0 for v in logged["train_projpool"])
     log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
     assert "projpool: train" in log and "Topology summary" in log
+    wandb = json.loads(record.read_text())
+    assert "val_projpool" in wandb["logged"]  # the per-epoch terms (nnU-Net's logger)
+    assert wandb["summary"]["final_val/topology_TVS"] == pytest.approx(topo_val["topology_mean"]["TVS"])
+    assert "final_val/topology_VR" in wandb["summary"] and "final_val/foreground_dice" in wandb["summary"]
 
     pred = nnunet_dirs["results"] / "pred"
     run_cli([nnunet_cli("nnUNetv2_predict"), "-i", str(dataset / "imagesTs"), "-o", str(pred), "-d", str(DATASET_ID),
@@ -145,7 +197,7 @@ def test_betti_trainer_and_refinement(dataset, env, nnunet_dirs):
     # refusing to write into the input folder and to replace existing outputs
     bad = run_cli([nnunet_cli("nnUNetv2_topo_refine"), "-i", str(images), "-o", str(images), "-d", str(DATASET_ID),
                    "-c", "3d_fullres", "-tr", trainer, "-device", "cpu"], env, check=False)
-    assert bad.returncode == 2 and "must differ from the input folder" in bad.stderr
+    assert bad.returncode == 2 and "is the input folder" in bad.stderr
     again = run_cli([nnunet_cli("nnUNetv2_topo_refine"), "-i", str(images), "-o", str(refined), "-d", str(DATASET_ID),
                      "-c", "3d_fullres", "-tr", trainer, "-device", "cpu", "--steps", "1"], env, check=False)
     assert again.returncode == 2 and "--overwrite" in again.stderr

@@ -216,3 +216,7 @@ class nnUNetTrainerTopoBase(TwoPhaseSchedule, PretrainedWeights, nnUNetTrainer):
             f"TVS {topo['TVS']:.5f}, violation rate {topo['VR']:.3f}, "
             f"mean Betti error 3D {topo['betti_error_3d']:.3f}, topologically correct {topo['topologically_correct']:.3f}",
             also_print_to_console=True)
+        # beside nnU-Net's final_val/* Dice: its logger's summary (W&B when nnUNet_wandb_enabled=1)
+        for key, value in topo.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.logger.log_summary(f"final_val/topology_{key}", float(value))
