@@ -129,6 +129,8 @@ def test_train_predict_evaluate(dataset, env, nnunet_dirs):
     assert wandb["summary"]["final_val/topology_TVS"] == pytest.approx(topo_val["topology_mean"]["TVS"])
     assert "final_val/topology_VR" in wandb["summary"] and "final_val/foreground_dice" in wandb["summary"]
 
+    _export_round_trip(env, nnunet_dirs, trainer, out)
+
     pred = nnunet_dirs["results"] / "pred"
     run_cli([nnunet_cli("nnUNetv2_predict"), "-i", str(dataset / "imagesTs"), "-o", str(pred), "-d", str(DATASET_ID),
              "-c", "3d_fullres", "-tr", trainer, "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
@@ -285,3 +287,36 @@ def test_tpm_trainer_meshes_end_to_end(dataset, env, nnunet_dirs):
     assert "mesh_topology_mean" in summary and "mesh_mean" in summary
     assert set(summary["mesh_mean"]) == {"LV_endo", "LV_epi", "RV"}
     assert "mesh TVS" in proc.stdout
+
+
+def _export_round_trip(env, nnunet_dirs, trainer, fold_dir):
+    """nnUNetv2_topo_export (nnU-Net's export + the topology files) -> nnU-Net's own
+    nnUNetv2_install_pretrained_model_from_zip into a fresh nnUNet_results: the topology files come back byte-identical
+    and nnUNetv2_topo_summarize_cv reads the installed fold's summary_topology.json without recomputing it."""
+    import hashlib
+    import subprocess
+
+    run_cli([nnunet_cli("nnUNetv2_topo_summarize_cv"), "-d", str(DATASET_ID), "-tr", trainer, "-c", "3d_fullres",
+             "-f", "0"], env)
+    model_dir = fold_dir.parent
+    files = [fold_dir / "progress_topology.png", fold_dir / "validation" / "summary_topology.json",
+             model_dir / "summary_topology_cv.json"]
+    digest = {f.relative_to(nnunet_dirs["results"]): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    archive = nnunet_dirs["results"].parent / "model_export.zip"
+    export = [nnunet_cli("nnUNetv2_topo_export"), "-d", str(DATASET_ID), "-o", str(archive), "-c", "3d_fullres",
+              "-tr", trainer, "-f", "0"]
+    proc = run_cli(export, env)
+    assert "3 topology file(s)" in proc.stdout, proc.stdout
+    again = subprocess.run(export, env=env, capture_output=True, text=True)  # never replaced without --overwrite
+    assert again.returncode == 2 and "exists; give --overwrite" in again.stderr
+    installed = nnunet_dirs["results"].parent / "installed_results"
+    installed.mkdir()
+    env2 = dict(env, nnUNet_results=str(installed))
+    run_cli([nnunet_cli("nnUNetv2_install_pretrained_model_from_zip"), str(archive)], env2)
+    for rel, sha in digest.items():
+        assert hashlib.sha256((installed / rel).read_bytes()).hexdigest() == sha, rel
+    assert (installed / fold_dir.relative_to(nnunet_dirs["results"]) / "checkpoint_final.pth").is_file()
+    (installed / model_dir.relative_to(nnunet_dirs["results"]) / "summary_topology_cv.json").unlink()
+    proc = run_cli([nnunet_cli("nnUNetv2_topo_summarize_cv"), "-d", str(DATASET_ID), "-tr", trainer, "-c",
+                    "3d_fullres", "-f", "0"], env2)
+    assert (installed / model_dir.relative_to(nnunet_dirs["results"]) / "summary_topology_cv.json").is_file()
