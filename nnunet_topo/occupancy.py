@@ -595,8 +595,13 @@ def occupancy_bce(
         raise ValueError(f"targets must have the occupancy's shape {tuple(o.shape)} (batch..., N), "
                          f"got {tuple(targets.shape)}")
     t = targets.to(device=o.device, dtype=o.dtype)
-    if t.numel() and (torch.isnan(t).any() or t.min() < 0 or t.max() > 1):
-        raise ValueError("targets must lie in [0, 1] (1 = inside the structure) and contain no NaN")
+    message = "targets must lie in [0, 1] (1 = inside the structure) and contain no NaN"
+    if t.numel() == 0:
+        pass
+    elif SYNC_FREE_CHECKS is True or (SYNC_FREE_CHECKS is None and t.device.type != "cpu"):
+        torch._assert_async(((t >= 0) & (t <= 1)).all(), message)  # NaN fails both comparisons
+    elif torch.isnan(t).any() or t.min() < 0 or t.max() > 1:
+        raise ValueError(message)
     loss = -(t * torch.log(o) + (1.0 - t) * torch.log1p(-o))
     if weights is not None:
         if not isinstance(weights, Tensor):

@@ -13,7 +13,7 @@ import torch
 from nnunet_topo.losses.mesh_targets import critical_point_targets, normalized_to_mm, sample_query_points, voxel_to_mm
 from nnunet_topo.losses.mie import MIELoss, mix_points
 from nnunet_topo.losses.tpm import TPMLoss
-from nnunet_topo.occupancy import DEFAULT_EPS, winding_number
+from nnunet_topo.occupancy import DEFAULT_EPS, occupancy_bce, winding_number
 
 # the septum scene of the penetration tests: labels, spec, patch, the reference, spheres in the patch frame
 from test_tpm_penetration import NAMES, SHAPE, SPACING, SPEC, reference, sphere  # noqa: E402
@@ -162,3 +162,74 @@ def test_mie_critical_points_share_one_mean_with_the_random_points():
     assert float(out["mie"].detach()) == pytest.approx(float(naive.detach()), rel=1e-5)
     for g, g_naive in zip(grads(out["mie"], meshes), grads(naive, meshes)):
         torch.testing.assert_close(g, g_naive, rtol=1e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------ fixed-size selection
+def test_select_points_takes_all_when_few_and_a_uniform_subset_when_many():
+    from nnunet_topo.losses.mesh_targets import select_points
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(2, 4, 6, 5, generator=g) < 0.2
+    mask[1] = False
+    mask[1, 1, 2, 3] = True
+    idx, valid = select_points(mask, 64, g)
+    assert idx.shape == (2, 64, 3) and valid.shape == (2, 64)
+    for b in range(2):  # at most k voxels: all of them, each once
+        got = {tuple(p) for p in idx[b][valid[b]].tolist()}
+        assert got == {tuple(p) for p in torch.nonzero(mask[b]).tolist()}
+        assert int(valid[b].sum()) == int(mask[b].sum())
+    # more than k: k distinct voxels of the mask, each about equally often (k / count) over many draws
+    big = torch.zeros(1, 3, 8, 8, dtype=torch.bool)
+    big[0, :, 2:6, 2:6] = True                                  # 48 voxels, k = 12: p = 1/4 each
+    hits = torch.zeros(3, 8, 8)
+    for _ in range(400):
+        idx, valid = select_points(big, 12, g)
+        assert bool(valid.all())
+        sel = idx[0]
+        assert len({tuple(p) for p in sel.tolist()}) == 12 and bool(big[0, sel[:, 0], sel[:, 1], sel[:, 2]].all())
+        hits[sel[:, 0], sel[:, 1], sel[:, 2]] += 1
+    freq = hits[big[0]] / 400
+    assert float(freq.min()) > 0.15 and float(freq.max()) < 0.35  # binomial(400, 0.25): sd 0.022
+
+
+def test_tpm_critical_selection_has_no_host_sync(monkeypatch):
+    """The capped critical points (select_points, targets, their occupancy BCE, the 1/N means) read nothing back."""
+    from nnunet_topo import occupancy
+    from nnunet_topo.losses.mesh_targets import select_points, targets_at
+    from nnunet_topo.voxelize import HostSyncRecorder
+
+    monkeypatch.setattr(occupancy, "SYNC_FREE_CHECKS", True)
+    ref = reference()
+    meshes, faces = meshes_at(10.0, 14.0, radius=6.0)
+    v = normalized_to_mm(meshes[0], SHAPE, SPACING).detach().requires_grad_()
+    mask = ref == 1
+    winding_number(torch.zeros(1, 3), v[0], faces[0], method="dipole", smoothing=SMOOTHING)  # faces checked once
+    with HostSyncRecorder() as rec:
+        idx, valid = select_points(mask, 32)
+        pm = voxel_to_mm(idx, SPACING)
+        per = occupancy_bce(pm, v, faces[0], targets_at(idx, ref, [1]), method="dipole", weights=valid,
+                            reduction="none", smoothing=SMOOTHING)
+        n = valid.sum(dim=1) + 8
+        torch.where(n > 0, per.sum(dim=1) / n.clamp_min(1), 0.0).sum().backward()
+    assert rec.syncs == [], rec.syncs
+
+
+def test_whole_tpm_loss_step_has_no_host_sync(monkeypatch):
+    """TPMLoss forward + backward with the cap (the trainers' max_critical_points) and both sources, on meshes that
+    overlap (mesh critical points) over a missing septum (label-map critical points): no op reads a device value back."""
+    from nnunet_topo import occupancy
+    from nnunet_topo.voxelize import HostSyncRecorder
+
+    monkeypatch.setattr(occupancy, "SYNC_FREE_CHECKS", True)
+    ref = reference()
+    pred = missing_septum(ref)
+    meshes, faces = meshes_at(10.0, 14.0, radius=6.0)
+    logits, target = logits_of(pred), ref[:, None]
+    loss = TPMLoss(SPEC, NAMES, method="dipole", smoothing=SMOOTHING, spacing=SPACING, num_uniform=32,
+                   num_surface=32, max_critical_points=64)
+    loss(meshes, faces, logits, target)  # the template faces are range-checked once
+    with HostSyncRecorder() as rec:
+        out = loss(meshes, faces, logits, target)
+        out["total"].backward()
+    assert rec.syncs == [], rec.syncs
+    assert int(loss.last_counts["prediction"]) > 0 and int(loss.last_counts["meshes"]) > 0  # both sources ran

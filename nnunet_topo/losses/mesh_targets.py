@@ -67,6 +67,8 @@ __all__ = [
     "critical_point_masks",
     "critical_point_targets",
     "masks_to_targets",
+    "select_points",
+    "targets_at",
     "mesh_violation_masks",
     "sample_query_points",
     "region_mask",
@@ -194,6 +196,31 @@ def _slice_rule(rule: Rule, mode: str, axis: Optional[int]) -> Rule:
 
 def _targets_at(idx: Tensor, ref_b: Tensor, ids: Sequence[int]) -> Tensor:
     return region_mask(ref_b[idx[:, 0], idx[:, 1], idx[:, 2]], ids).to(torch.float32)
+
+
+def select_points(mask: Tensor, k: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+    """At most ``k`` voxels of each batch item's ``mask`` ``(B, Z, Y, X)``, a uniformly random subset without
+    replacement (all of them when there are at most ``k``), as a fixed-size selection with no host synchronisation:
+    the ``k`` largest of uniform scores, ``-1`` outside the mask (``topk``). Returns ``(idx (B, k', 3) long (z, y, x),
+    valid (B, k') bool)``, ``k' = min(k, Z*Y*X)``; rows with ``valid`` False are arbitrary voxels outside the mask
+    (weight them 0). The same distribution as ``randperm`` of the ``nonzero`` list, without its data-dependent
+    size. ``generator``: used where it lives on the mask's device, else the scores are drawn there from torch's
+    default generator of that device (a CPU generator for a CUDA mask would mean a copy of B x Z*Y*X scores)."""
+    flat = mask.flatten(1)
+    kk = min(int(k), flat.shape[1])
+    gen = generator if generator is not None and generator.device == flat.device else None
+    scores = torch.rand(flat.shape, generator=gen, device=flat.device)
+    scores = torch.where(flat, scores, -1.0)
+    vals, lin = scores.topk(kk, dim=1, sorted=False)
+    _, y, x = mask.shape[1:]
+    idx = torch.stack([lin // (y * x), (lin // x) % y, lin % x], dim=-1)
+    return idx, vals >= 0
+
+
+def targets_at(idx: Tensor, ref_labels: Tensor, label_ids: Sequence[int]) -> Tensor:
+    """``[ref ∈ label_ids]`` at voxel indices ``idx`` ``(B, N, 3)`` of ``ref_labels`` ``(B, Z, Y, X)``, float32."""
+    b = torch.arange(ref_labels.shape[0], device=ref_labels.device).view(-1, 1).expand(-1, idx.shape[1])
+    return region_mask(ref_labels[b, idx[..., 0], idx[..., 1], idx[..., 2]], label_ids).to(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------- critical points

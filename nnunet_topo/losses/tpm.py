@@ -37,17 +37,17 @@ Gradients: with ``method="exact"`` the occupancy of a closed mesh is piecewise c
 ``method="dipole"`` and ``smoothing > 0`` (mm; at least about half the mean edge length, documentation/benchmarks.md
 "Dipole smoothing").
 
-**Host synchronisation** (issue 26, item 3). Read nothing back from the device: the occupancy of the standard and
-critical points (:mod:`nnunet_topo.occupancy`: faces checked once per tensor, NaN checks asynchronous on
-accelerators), the mesh source of critical points (:func:`~.mesh_targets.mesh_violation_masks`: exact voxelisation
-by ray crossings, :mod:`nnunet_topo.voxelize`, rules as boolean algebra) and the union of the sources
-(:func:`~.mesh_targets.critical_point_masks`); tests/test_voxelize.py and tests/test_occupancy_dipole.py record the
-ops under :class:`nnunet_topo.voxelize.HostSyncRecorder`. Still synchronising, per step: the critical points as index
-lists (``torch.nonzero`` per mesh and batch item in :func:`~.mesh_targets.masks_to_targets`: their number depends on
-the data), their random cap (``_subsample``: ``randperm`` of that number), the counts logged per source
-(``int(m.sum())`` in :func:`critical_points_both_sources`), and the label-map rules with connected components
-(:mod:`nnunet_topo.rules`). The fix is a fixed-size selection (top-k of random scores over each mask, with a validity
-weight in the BCE and its 1/N): not built yet.
+**Host synchronisation** (issue 26, item 3). With a cap on the critical points (``max_critical_points``, the
+trainers' 2048) a forward and backward of :class:`TPMLoss` reads nothing back from the device:
+the occupancy (:mod:`nnunet_topo.occupancy`: faces range-checked once per tensor, NaN and target checks
+asynchronous on accelerators), the mesh source (:func:`~.mesh_targets.mesh_violation_masks`: exact voxelisation by
+ray crossings, :mod:`nnunet_topo.voxelize`, rules as boolean algebra), the union of the sources, the capped
+selection (:func:`~.mesh_targets.select_points`: top-k of random scores over each mask, fixed size, a validity
+weight in the BCE and in its 1/N), and the counts per source, kept as 0-d tensors until the trainer logs them
+(tests/test_tpm_weighting.py records every aten op under :class:`nnunet_topo.voxelize.HostSyncRecorder`). Still
+synchronising: ``max_critical_points=None`` (the points as ``nonzero`` index lists), MIE's slice points
+(:mod:`nnunet_topo.losses.mie`), label-map rules that count connected components, and what the trainers log per
+step (``float()`` of the values).
 """
 from __future__ import annotations
 
@@ -57,13 +57,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from nnunet_topo.losses.mesh_targets import (SOURCES, check_spacing, critical_point_masks, masks_to_targets, mesh_violation_masks,
-                                             normalized_to_mm, sample_query_points, voxel_to_mm)
+from nnunet_topo.losses.mesh_targets import (SOURCES, check_spacing, critical_point_masks, masks_to_targets,
+                                             mesh_violation_masks, normalized_to_mm, sample_query_points, select_points,
+                                             targets_at, voxel_to_mm)
 from nnunet_topo.occupancy import DEFAULT_EPS, METHODS, occupancy_bce
 from nnunet_topo.rules import TopologySpec
 
 __all__ = ["occupancy_loss", "TPMLoss", "check_mesh_inputs", "critical_bce", "critical_points_both_sources",
-           "known_weights"]
+           "critical_masks_both_sources", "known_weights"]
 
 
 def occupancy_loss(
@@ -276,7 +277,7 @@ class TPMLoss(nn.Module):
         self.spacing = check_spacing(spacing)
         self.mesh_critical_points = _check_flag("mesh_critical_points", mesh_critical_points)
         self.ignore_label = None if ignore_label is None else int(ignore_label)
-        self.last_counts: Dict[str, int] = {src: 0 for src in SOURCES}
+        self.last_counts: Dict[str, Tensor] = {src: torch.zeros((), dtype=torch.long) for src in SOURCES}
 
     def forward(self, meshes: Sequence[Tensor], faces: Sequence[Tensor], seg_logits: Tensor, ref_labels: Tensor,
                 generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
@@ -287,23 +288,31 @@ class TPMLoss(nn.Module):
         batch = ref.shape[0]
         n_std = self.num_uniform + self.num_surface
         has_rules = bool(self.spec.rules or self.spec.mesh_rules)
-        critical = self.critical_points(meshes_mm, faces, seg_logits, ref) if has_rules else None
-        occ_terms, tpm_terms = [], []
+        fixed = self.max_critical_points is not None  # fixed-size, sync-free selection (else index lists)
+        unions = critical = None
+        if has_rules and fixed:
+            unions = self.critical_masks(meshes_mm, faces, seg_logits, ref)
+        elif has_rules:
+            critical = self.critical_points(meshes_mm, faces, seg_logits, ref)
+        occ_terms, tpm_terms, n_crit_all, pending = [], [], [], []
         any_critical = False
         for name, v, f in zip(self.mesh_names, meshes_mm, faces):
             # standard points S+/S- (Eq. 10-11): per-point BCE (B, n_std), weight 0 on ignored voxels
-            std_sum = std_count = None
+            std_sum = None
+            ids = self.spec.mesh_structures[name].label_ids
             if n_std > 0:
-                ids = self.spec.mesh_structures[name].label_ids
                 pts, tgt = sample_query_points(ref, ids, self.num_uniform, self.num_surface, generator)
                 w = known_weights(ref, pts, self.ignore_label)
                 pm = voxel_to_mm(pts, self.spacing).to(v.dtype)
                 per_point = occupancy_bce(pm, v, f, tgt, method=self.method, eps=self.eps, weights=w,
                                           reduction="none", smoothing=self.smoothing)
                 occ_terms.append(per_point.mean())
-                std_sum, std_count = per_point.sum(dim=1), n_std
+                std_sum = per_point.sum(dim=1)
             # L_TPM (Eq. 10-12): one BCE over the standard points and the critical points of this mesh and batch
             # item, 1/N over all of them
+            if unions is not None:  # the critical points after every mesh's standard points (the generator's order)
+                pending.append((name, v, f, ids, std_sum))
+                continue
             for b in range(batch):
                 crit_sum, n_crit = zero, 0
                 if critical is not None:
@@ -311,12 +320,26 @@ class TPMLoss(nn.Module):
                     crit_sum, n_crit = critical_bce(v[b:b + 1], f, [p], [t], self.spacing, self.method, self.eps,
                                                     self.smoothing)
                 any_critical = any_critical or n_crit > 0
-                n = n_crit + (std_count or 0)
+                n = n_crit + n_std
                 if n > 0:
                     total = crit_sum + (std_sum[b] if std_sum is not None else 0.0)
                     tpm_terms.append(total / n)
+        for name, v, f, ids, std_sum in pending:
+            idx, valid = select_points(unions[name], self.max_critical_points, generator)
+            pm = voxel_to_mm(idx, self.spacing).to(v.dtype)
+            per_crit = occupancy_bce(pm, v, f, targets_at(idx, ref, ids), method=self.method, eps=self.eps,
+                                     weights=valid, reduction="none", smoothing=self.smoothing)
+            n = valid.sum(dim=1) + n_std                                    # (B,)
+            total = per_crit.sum(dim=1) + (std_sum if std_sum is not None else 0.0)
+            tpm_terms.append(torch.where(n > 0, total / n.clamp_min(1), 0.0))
+            n_crit_all.append(n)
         occ = torch.stack(occ_terms).mean() if occ_terms else zero
-        if not any_critical:
+        if n_crit_all:  # no host sync: the means over the (mesh, item) pairs with points, occ where none is critical
+            n = torch.stack(n_crit_all)
+            terms = torch.stack(tpm_terms)
+            tpm = terms.sum() / (n > 0).sum().clamp_min(1) + zero
+            tpm = torch.where((n > n_std).any(), tpm, occ)  # equal to the last bit without critical points
+        elif not any_critical:
             tpm = occ  # the same mean over the same points (written so, it is equal to the last bit)
         else:
             tpm = torch.stack(tpm_terms).mean() + zero
@@ -330,6 +353,15 @@ class TPMLoss(nn.Module):
             self.ignore_label)
         return critical
 
+    def critical_masks(self, meshes_mm: Sequence[Tensor], faces: Sequence[Tensor], seg_logits: Tensor,
+                       ref: Tensor) -> Dict[str, Tensor]:
+        """Per mesh, the ``(B, Z, Y, X)`` union of both sources' critical voxels; counts (tensors) in
+        ``last_counts``."""
+        masks, self.last_counts = critical_masks_both_sources(
+            meshes_mm, faces, self.mesh_names, self.spec, seg_logits, ref, self.spacing, self.mesh_critical_points,
+            self.ignore_label)
+        return {m: masks["prediction"][m] | masks["meshes"][m] for m in self.mesh_names}
+
     def extra_repr(self) -> str:
         return (f"mesh_names={self.mesh_names}, method={self.method!r}, lambda_tp={self.lambda_tp}, "
                 f"num_uniform={self.num_uniform}, num_surface={self.num_surface}, "
@@ -338,22 +370,36 @@ class TPMLoss(nn.Module):
                 f"ignore_label={self.ignore_label}")
 
 
-def critical_points_both_sources(
+def critical_masks_both_sources(
     meshes_mm: Sequence[Tensor], faces: Sequence[Tensor], mesh_names: Sequence[str], spec: TopologySpec,
     seg_logits: Tensor, ref: Tensor, spacing: Optional[Sequence[float]], mesh_critical_points: bool,
     ignore_label: Optional[int], mode: str = "3d",
-    axis: Optional[int] = None) -> Tuple[List[Dict[str, Tuple[Tensor, Tensor]]], Dict[str, int]]:
-    """Critical points of the label map ``argmax(seg_logits)`` (no gradient) and, if ``mesh_critical_points``,
-    of the meshes (physical frame, :func:`~.mesh_targets.mesh_violation_masks`), merged, with targets
-    ``[ref ∈ region(mesh)]``; and the number of critical points per source ((voxel, mesh) pairs over the batch,
-    before any cap). Shared by :class:`TPMLoss` (``mode="3d"``) and MIE (``mode="2d"``)."""
+    axis: Optional[int] = None) -> Tuple[Dict[str, Dict[str, Tensor]], Dict[str, Tensor]]:
+    """Critical voxels of the label map ``argmax(seg_logits)`` (no gradient) and, if ``mesh_critical_points``,
+    of the meshes (physical frame, :func:`~.mesh_targets.mesh_violation_masks`): the masks of
+    :func:`~.mesh_targets.critical_point_masks` per source and mesh, and the number of critical points per source
+    ((voxel, mesh) pairs over the batch, before any cap) as 0-d tensors (read only when logged)."""
     with torch.no_grad():
         pred = seg_logits.detach().argmax(dim=1)
         mesh_viol = None
         if mesh_critical_points:
             mesh_viol = mesh_violation_masks(meshes_mm, faces, mesh_names, spec, tuple(ref.shape[1:]), spacing)
         masks = critical_point_masks(pred, ref, spec, mode, axis, ignore_label, mesh_viol)
-    counts = {src: int(sum(int(m.sum()) for m in masks[src].values())) for src in SOURCES}
+        zero = torch.zeros((), dtype=torch.long, device=ref.device)
+        counts = {src: sum((m.sum() for m in masks[src].values()), zero) for src in SOURCES}
+    return masks, counts
+
+
+def critical_points_both_sources(
+    meshes_mm: Sequence[Tensor], faces: Sequence[Tensor], mesh_names: Sequence[str], spec: TopologySpec,
+    seg_logits: Tensor, ref: Tensor, spacing: Optional[Sequence[float]], mesh_critical_points: bool,
+    ignore_label: Optional[int], mode: str = "3d",
+    axis: Optional[int] = None) -> Tuple[List[Dict[str, Tuple[Tensor, Tensor]]], Dict[str, Tensor]]:
+    """:func:`critical_masks_both_sources` as index lists with targets ``[ref ∈ region(mesh)]`` per batch item and
+    mesh (:func:`~.mesh_targets.masks_to_targets`: ``nonzero``, a host synchronisation). Shared by :class:`TPMLoss`
+    without a cap (``max_critical_points=None``) and MIE (``mode="2d"``)."""
+    masks, counts = critical_masks_both_sources(meshes_mm, faces, mesh_names, spec, seg_logits, ref, spacing,
+                                                mesh_critical_points, ignore_label, mode, axis)
     return masks_to_targets(masks, ref, spec), counts
 
 
