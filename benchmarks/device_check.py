@@ -99,7 +99,7 @@ MODES: Dict[str, Dict[str, Any]] = {
                         "nnUNetTrainerMIE"],
         speed_iters=10, speed_rounds=3, speed_warmup=3,
         trainer_overrides={"topology_start_epoch": 0},
-        timeouts=dict(machine=60, prepare=150, occupancy=90, betti_cost=90, smoke=180, predict=90,
+        timeouts=dict(machine=60, prepare=150, occupancy=90, betti_cost=90, sync_step=60, smoke=180, predict=90,
                       predict_meshes=90, evaluate=60, trainer_speed=240),
     ),
     "dry": dict(
@@ -113,7 +113,7 @@ MODES: Dict[str, Dict[str, Any]] = {
         # fewer occupancy / critical / MIE points keep a CPU iteration of the mesh trainers short
         trainer_overrides={"topology_start_epoch": 0, "occ_num_uniform": 128, "occ_num_surface": 128,
                            "max_critical_points": 128, "mie_num_points": 256},
-        timeouts=dict(machine=120, prepare=400, occupancy=200, betti_cost=200, smoke=400, predict=200,
+        timeouts=dict(machine=120, prepare=400, occupancy=200, betti_cost=200, sync_step=120, smoke=400, predict=200,
                       predict_meshes=200, evaluate=200, trainer_speed=400),
     ),
 }
@@ -121,7 +121,7 @@ MODES: Dict[str, Dict[str, Any]] = {
 #: a step does not start with less than this left of the budget (it would only be killed)
 MIN_START_S = {"smoke": 30, "trainer_speed": 45}
 
-STEP_ORDER = ["machine", "prepare", "occupancy", "betti_cost"] + [f"smoke:{t}" for t, _, _ in SMOKE_TRAINERS] + \
+STEP_ORDER = ["machine", "prepare", "occupancy", "betti_cost", "sync_step"] + [f"smoke:{t}" for t, _, _ in SMOKE_TRAINERS] + \
     ["predict", "predict_meshes", "evaluate", "trainer_speed"]
 #: what a step needs (a step whose requirement did not end ``ok`` is skipped)
 REQUIRES = {"betti_cost": ["prepare"], "trainer_speed": ["prepare"], "predict": [f"smoke:{PREDICT_TRAINER}"],
@@ -601,6 +601,16 @@ class DeviceCheck:
             raise StepFailed("betti_cost: no result line", tail(out))
         return res
 
+    def s_sync_step(self, rec: dict) -> dict:
+        argv = [sys.executable, os.path.abspath(__file__), "--worker", "sync_step", "--device", self.device]
+        out = self.run_proc("sync_step", argv, self.timeout("sync_step"))
+        res = parse_result_line(out)
+        if not res:
+            raise StepFailed("sync_step: no result line", tail(out))
+        if res.get("syncs"):
+            raise StepFailed(f"TPMLoss forward+backward synchronised with the host: {res['syncs']}", tail(out))
+        return res
+
     def s_smoke(self, trainer: str, plans: str, rec: dict) -> dict:
         name = trainer + SUFFIX
         argv = console_script("nnUNetv2_train") + [str(DATASET_ID), CONFIG, "0", "-tr", name, "-p", plans,
@@ -697,6 +707,7 @@ class DeviceCheck:
         self.run_step("prepare", self.s_prepare)
         self.run_step("occupancy", self.s_occupancy)
         self.run_step("betti_cost", self.s_betti_cost)
+        self.run_step("sync_step", self.s_sync_step)
         self.run_smoke()
         self.run_step("trainer_speed", self.s_trainer_speed)
         with self.lock:
@@ -847,6 +858,14 @@ def render_markdown(res: dict) -> str:
     else:
         lines.append(f"No numbers: {rec['status']}. {_note(rec)}")
 
+    rec = steps["sync_step"]
+    lines += ["", "### Host synchronisation in a TPMLoss step (issue 26)", ""]
+    if rec.get("mode"):
+        lines.append(f"{rec['mode']} on {rec['device']}: {len(rec.get('syncs') or [])} synchronising op(s); critical "
+                     f"points {rec.get('critical_points')}.")
+    else:
+        lines.append(f"No result: {rec['status']}. {_note(rec)}")
+
     rec = steps["betti_cost"]
     lines += ["", "### Betti loss cost per step (`BettiPriorLoss` forward+backward, nnUNetTrainerBetti defaults, "
                   "softmax on the device, persistence on the CPU)", ""]
@@ -981,7 +1000,68 @@ def worker_betti_cost(args) -> dict:
                                          "betti_num_workers")}}
 
 
-WORKERS = {"machine": worker_machine, "splits": worker_splits, "betti_cost": worker_betti_cost}
+def worker_sync_step(args) -> dict:
+    """One TPMLoss forward + backward (both sources of critical points, the trainers' cap) on two balls pushed into
+    each other over a missing septum, after a warm-up: under ``torch.cuda.set_sync_debug_mode("error")`` on a GPU
+    (a synchronising op raises), under :class:`nnunet_topo.voxelize.HostSyncRecorder` on the CPU (issue 26 item 3)."""
+    import numpy as np
+    import torch
+    import trimesh
+
+    from nnunet_topo import occupancy
+    from nnunet_topo.losses.mesh_targets import voxel_to_normalized
+    from nnunet_topo.losses.tpm import TPMLoss
+    from nnunet_topo.rules import parse_topology
+    from nnunet_topo.voxelize import HostSyncRecorder
+
+    device = torch.device(args.device)
+    occupancy.SYNC_FREE_CHECKS = True
+    labels = {"background": 0, "LV": 1, "RV": 2, "MYO": 3}
+    spec = parse_topology({"labels": labels, "topology": {
+        "rules": [{"type": "exclusion", "a": "LV", "b": "RV"}], "mesh_structures": {"LV": ["LV"], "RV": ["RV"]}}})
+    shape, spacing = (16, 48, 64), (2.0, 1.0, 1.0)
+    z, y, x = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) * sp for n, sp in zip(shape, spacing)],
+                             indexing="ij")
+    d_lv = ((z - 15) ** 2 + (y - 24) ** 2 + (x - 24) ** 2).sqrt()
+    d_rv = ((z - 15) ** 2 + (y - 24) ** 2 + (x - 38) ** 2).sqrt()
+    ref = torch.zeros(shape, dtype=torch.long)
+    ref[(d_lv <= 9) | (d_rv <= 9)] = 3
+    ref[d_lv <= 7] = 1
+    ref[d_rv <= 7] = 2
+    pred = ref.clone()
+    pred[(ref == 3) & (d_lv < d_rv) & (x > 28) & (x < 34)] = 1  # a missing septum: label-map critical points
+    pred[(ref == 3) & (d_rv <= d_lv) & (x > 28) & (x < 34)] = 2
+    ref, pred = ref[None].to(device), pred[None].to(device)
+    logits = torch.nn.functional.one_hot(pred, 4).permute(0, 4, 1, 2, 3).float() * 5.0
+    meshes, faces = [], []
+    for cx in (26.0, 36.0):  # radius 7 mm, centres 10 mm apart: the meshes overlap (mesh critical points)
+        ico = trimesh.creation.icosphere(subdivisions=3, radius=7.0)
+        v_mm = torch.tensor(ico.vertices + np.asarray([cx, 24.0, 15.0]), dtype=torch.float32)
+        v = voxel_to_normalized(v_mm.flip(-1) / torch.tensor(spacing), shape)
+        meshes.append(v[None].to(device).requires_grad_())
+        faces.append(torch.tensor(ico.faces, device=device))
+    loss = TPMLoss(spec, ["LV", "RV"], method="dipole", smoothing=1.5, spacing=spacing)
+    loss(meshes, faces, logits, ref[:, None])["total"].backward()  # warm-up: faces range-checked once
+    syncs: list = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss(meshes, faces, logits, ref[:, None])["total"].backward()
+        except RuntimeError as err:
+            syncs.append(str(err).splitlines()[0])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    else:
+        with HostSyncRecorder() as rec:
+            loss(meshes, faces, logits, ref[:, None])["total"].backward()
+        syncs = rec.syncs
+    return {"device": str(device), "mode": "set_sync_debug_mode('error')" if device.type == "cuda" else
+            "HostSyncRecorder", "syncs": syncs, "critical_points": {k: int(v) for k, v in loss.last_counts.items()}}
+
+
+WORKERS = {"machine": worker_machine, "splits": worker_splits, "betti_cost": worker_betti_cost,
+           "sync_step": worker_sync_step}
 
 
 # ================================================================================================ entry

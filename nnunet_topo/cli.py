@@ -7,6 +7,8 @@ import os
 import sys
 from typing import List, Optional, Sequence, Union
 
+from nnunet_topo.paths import USER_ERRORS, check_output
+
 
 def _fail(msg: str) -> "NoReturn":  # noqa: F821
     print(f"error: {msg}", file=sys.stderr)
@@ -80,7 +82,9 @@ def check_rules_entry(argv: Optional[Sequence[str]] = None) -> None:
     g = parser.add_mutually_exclusive_group(required=True)
     g.add_argument("-d", "--dataset", help="dataset ID or name under $nnUNet_raw")
     g.add_argument("--folder", help="path of a raw dataset folder (with dataset.json and labelsTr)")
-    parser.add_argument("-o", "--output", default=None, help="also write the report as JSON to this file")
+    parser.add_argument("-o", "--output", default=None,
+                        help="also write the report as JSON to this file (.json; never dataset.json, a label file or "
+                             "a file inside labelsTr)")
     args = parser.parse_args(argv)
     if args.folder:
         folder = args.folder
@@ -93,9 +97,13 @@ def check_rules_entry(argv: Optional[Sequence[str]] = None) -> None:
         except RuntimeError as e:
             _fail(str(e))
         folder = os.path.join(os.environ["nnUNet_raw"], name)
+    labels, dj = os.path.join(folder, "labelsTr"), os.path.join(folder, "dataset.json")
     try:
-        report = check_rules_on_folder(os.path.join(folder, "labelsTr"), os.path.join(folder, "dataset.json"))
-    except (TopologySpecError, EvaluationError) as e:
+        if args.output is not None:  # before any work
+            check_output(args.output, {"labels folder": labels, "dataset.json": dj}, kind="file",
+                         extensions=(".json",))
+        report = check_rules_on_folder(labels, dj)
+    except (TopologySpecError, EvaluationError, *USER_ERRORS) as e:
         _fail(str(e))
     print(format_rule_report(report))
     if args.output:
@@ -132,11 +140,24 @@ def evaluate_folder_entry(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--report_image_folder", default=None, metavar="IMAGES",
                         help="with --report: images (imagesTs-style CASE_0000<file_ending>) drawn under the contours")
     args = parser.parse_args(argv)
+    output = args.o or os.path.join(args.pred_folder, "summary_topology.json")
+    try:  # the output guard before any work (compute_topology_metrics_on_folder repeats it)
+        check_output(output, {"reference folder": args.gt_folder, "prediction folder": args.pred_folder,
+                              "mesh folder": args.mesh_folder, "dataset.json": args.djfile, "plans file": args.pfile,
+                              "report image folder": args.report_image_folder},
+                     kind="file", extensions=(".json",), may_lie_in=[args.pred_folder])
+    except USER_ERRORS as e:
+        _fail(str(e))
+    if os.path.basename(output) == "summary.json":  # nnU-Net's own summary (its validation, its evaluate_folder)
+        _fail(f"-o {output}: summary.json is the name of nnU-Net's own summary, which this command never replaces; "
+              "use another name (the default is summary_topology.json)")
     if args.report is not None:  # the checks that need no evaluation, before it
         from nnunet_topo.report import check_report_inputs
         try:
             check_report_inputs(args.gt_folder, args.pred_folder, args.djfile, args.report,
-                                mesh_folder=args.mesh_folder, image_folder=args.report_image_folder)
+                                mesh_folder=args.mesh_folder, image_folder=args.report_image_folder,
+                                plans=args.pfile, option="--report")
+            check_output(args.report, {"-o summary": output}, kind="folder", option="--report")
         except (TopologySpecError, EvaluationError, ValueError, FileNotFoundError) as e:
             _fail(str(e))
     elif args.report_image_folder is not None:
@@ -250,13 +271,14 @@ def refine_entry(argv: Optional[Sequence[str]] = None) -> None:
                              "shows it, so it is kept")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files in -o")
     args = parser.parse_args(argv)
-    try:
+    try:  # before the model is looked up or loaded
+        check_output(args.o, {"input folder": args.i}, kind="folder")
         model_folder = model_folder_from_args(args)
         summary = refine_folder(model_folder, args.i, args.o, folds=args.f, checkpoint=args.chk, steps=args.steps,
                                 lr=args.lr, lam=args.lam, downsample=args.downsample, use_2d=not args.no_2d,
                                 device=args.device, overwrite=args.overwrite,
                                 keep_present=not args.no_keep_present)
-    except (RefinementError, TopologySpecError, RuntimeError) as e:
+    except (RefinementError, TopologySpecError, RuntimeError, *USER_ERRORS) as e:
         _fail(str(e))
     print(format_refinement_summary(summary))
     print(f"wrote {args.o}")

@@ -25,6 +25,7 @@ from typing import List, Optional, Sequence, Union
 
 from nnunet_topo.evaluation import _cell, aggregate, compute_topology_metrics_on_folder, format_table
 from nnunet_topo.rules import spec_from_dataset_json
+from nnunet_topo.paths import USER_ERRORS, InputReadError, check_output, read_json
 from nnunet_topo.summary_io import load_json_arg, to_builtin, write_json_atomic
 
 SUMMARY_NAME = "summary_topology.json"
@@ -73,10 +74,9 @@ def _load_or_compute_fold(model_folder: str, fold: int, dataset_json: dict, plan
     path = os.path.join(val, SUMMARY_NAME)
     if os.path.isfile(path):
         try:
-            with open(path) as f:
-                return json.load(f)
-        except ValueError as e:
-            raise CVSummaryError(f"fold {fold}: {path} is not valid JSON ({e}); delete it to recompute it") from None
+            return read_json(path, f"fold {fold} summary")
+        except InputReadError as e:
+            raise CVSummaryError(f"{e}; delete it to recompute it") from None
     ending = dataset_json["file_ending"]
     preds = sorted(f for f in os.listdir(val) if f.endswith(ending)) if os.path.isdir(val) else []
     nnunet_summary = os.path.join(val, "summary.json")
@@ -115,6 +115,13 @@ def summarize_cv(model_folder: str, folds: Optional[Sequence[int]] = None, chill
     """
     if not os.path.isdir(model_folder):
         raise CVSummaryError(f"model folder not found: {model_folder}")
+    # the one output: never an input (e.g. a summary_topology_cv.json that is a symlink to one), checked first
+    check_output(os.path.join(model_folder, CV_SUMMARY_NAME),
+                 {"dataset.json": None if isinstance(dataset_json, dict) else
+                  dataset_json or os.path.join(model_folder, "dataset.json"),
+                  "plans file": None if isinstance(plans, dict) else plans or os.path.join(model_folder, "plans.json"),
+                  **{f"fold_{k} folder": os.path.join(model_folder, f"fold_{k}") for k in _fold_ids(model_folder)}},
+                 kind="file", extensions=(".json",), option="output")
     dataset_json = load_json_arg(os.path.join(model_folder, "dataset.json") if dataset_json is None else dataset_json,
                                  "dataset.json")
     plans = load_json_arg(os.path.join(model_folder, "plans.json") if plans is None else plans, "plans file")
@@ -246,7 +253,7 @@ def summarize_cv_entry(argv: Optional[Sequence[str]] = None) -> None:
         _fail(str(e))
     try:
         summary = summarize_cv(model_folder, folds=args.f, chill=args.chill)
-    except (CVSummaryError, EvaluationError, TopologySpecError) as e:
+    except (CVSummaryError, EvaluationError, TopologySpecError, *USER_ERRORS) as e:
         _fail(str(e))
     print(format_cv_table(summary))
     print(f"wrote {os.path.join(model_folder, CV_SUMMARY_NAME)}")

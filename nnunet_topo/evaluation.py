@@ -47,6 +47,7 @@ from nnunet_topo.metrics.topology import (
 from nnunet_topo.rules import ExclusionRule, TopologySpec, format_betti_set, reference_spec, spec_from_dataset_json
 from nnunet_topo.summary_io import EvaluationError, ignore_label_of, load_json_arg, mean_and_count, nanmean, \
     to_builtin, write_json_atomic
+from nnunet_topo.paths import check_label_values, check_output, defined_label_values, reading
 from nnunet_topo.violations import violation_maps_numpy
 
 
@@ -297,22 +298,29 @@ def evaluate_case(reference: np.ndarray, prediction: np.ndarray, spacing: Sequen
     return {"metrics": metrics, "topology": topology}
 
 
-def _read(rw, path: str):
+def _read(rw, path: str, defined: Optional[Sequence[int]] = None, what: str = "label map"):
+    """``(seg, spacing, geometry)`` of a label map; with ``defined`` (dataset.json's label values), a value outside
+    it is an :class:`~nnunet_topo.paths.UndefinedLabelError`; an unreadable file an
+    :class:`~nnunet_topo.paths.InputReadError`."""
     if not os.path.isfile(path):
         raise EvaluationError(f"file not found: {path}")
-    seg, props = rw.read_seg(path)
-    seg = np.asarray(seg)
+    with reading(what, path):
+        seg, props = rw.read_seg(path)
+        seg = np.asarray(seg)
+        spacing = tuple(float(s) for s in props["spacing"])
     if seg.ndim == 4:
         if seg.shape[0] != 1:
             raise EvaluationError(f"{path}: expected a single-channel segmentation, got shape {seg.shape}")
         seg = seg[0]
-    return seg, tuple(float(s) for s in props["spacing"]), image_geometry(props)
+    if defined is not None:
+        check_label_values(seg, defined, path, what)
+    return seg, spacing, image_geometry(props)
 
 
 def _evaluate_file_pair(ref_file: str, pred_file: str, rw, spec: TopologySpec, label_ids, ignore_label,
-                        ignore_geometry: bool = False) -> dict:
-    ref, ref_spacing, ref_geometry = _read(rw, ref_file)
-    pred, pred_spacing, pred_geometry = _read(rw, pred_file)
+                        ignore_geometry: bool = False, defined: Optional[Sequence[int]] = None) -> dict:
+    ref, ref_spacing, ref_geometry = _read(rw, ref_file, defined, "reference")
+    pred, pred_spacing, pred_geometry = _read(rw, pred_file, defined, "prediction")
     check_pair(ref, pred, ref_spacing, pred_spacing, ref_name=ref_file, pred_name=pred_file)
     try:
         check_geometry(ref_geometry, pred_geometry, ref_spacing, ref_name=ref_file, pred_name=pred_file)
@@ -394,11 +402,20 @@ def compute_topology_metrics_on_folder(folder_ref: str, folder_pred: str,
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    dataset_json = load_json_arg(dataset_json, "dataset.json")
-    plans = load_json_arg(plans, "plans file")
     for folder, what in ((folder_ref, "reference folder"), (folder_pred, "prediction folder")):
         if not os.path.isdir(folder):
             raise EvaluationError(f"{what} not found: {folder}")
+    if output_file is None:
+        output_file = os.path.join(folder_pred, "summary_topology.json")
+    # before any work: the summary never replaces an input (it may lie in the prediction folder, as nnU-Net's
+    # summary.json does; the .json ending keeps it off the predictions)
+    check_output(output_file, {"reference folder": folder_ref, "prediction folder": folder_pred,
+                               "mesh folder": mesh_folder,
+                               "dataset.json": None if isinstance(dataset_json, dict) else dataset_json,
+                               "plans file": None if isinstance(plans, dict) else plans},
+                 kind="file", extensions=(".json",), may_lie_in=[folder_pred])
+    dataset_json = load_json_arg(dataset_json, "dataset.json")
+    plans = load_json_arg(plans, "plans file")
     file_ending = dataset_json["file_ending"]
     files_pred = sorted(f for f in os.listdir(folder_pred) if f.endswith(file_ending))
     files_ref = sorted(f for f in os.listdir(folder_ref) if f.endswith(file_ending))
@@ -418,9 +435,10 @@ def compute_topology_metrics_on_folder(folder_ref: str, folder_pred: str,
     if label_manager.has_regions:
         raise EvaluationError("region-based label definitions are not supported by the topology evaluator")
     label_ids = [int(i) for i in label_manager.foreground_labels]
-    rw = determine_reader_writer_from_dataset_json(dataset_json, os.path.join(folder_ref, files_ref[0]))()
+    with reading("reference", os.path.join(folder_ref, files_ref[0])):
+        rw = determine_reader_writer_from_dataset_json(dataset_json, os.path.join(folder_ref, files_ref[0]))()
     args = [(os.path.join(folder_ref, f), os.path.join(folder_pred, f), rw, spec, label_ids,
-             label_manager.ignore_label, ignore_geometry) for f in files_pred]
+             label_manager.ignore_label, ignore_geometry, defined_label_values(dataset_json)) for f in files_pred]
 
     try:
         from tqdm import tqdm
@@ -449,10 +467,6 @@ def compute_topology_metrics_on_folder(folder_ref: str, folder_pred: str,
                                             show_progress=show_progress)
         summary = merge_mesh_summary(summary, mesh_summary)
     summary = to_builtin(summary)
-    if output_file is None:
-        output_file = os.path.join(folder_pred, "summary_topology.json")
-    if not output_file.endswith(".json"):
-        raise EvaluationError(f"output_file must end with .json, got {output_file}")
     with open(output_file, "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
     return summary
@@ -569,7 +583,9 @@ def check_rules_on_folder(labels_folder: str, dataset_json: Union[str, os.PathLi
     files = sorted(f for f in os.listdir(labels_folder) if f.endswith(file_ending))
     if not files:
         raise EvaluationError(f"no label files ending in {file_ending!r} in {labels_folder}")
-    rw = determine_reader_writer_from_dataset_json(dataset_json, os.path.join(labels_folder, files[0]))()
+    with reading("reference", os.path.join(labels_folder, files[0])):
+        rw = determine_reader_writer_from_dataset_json(dataset_json, os.path.join(labels_folder, files[0]))()
+    defined = defined_label_values(dataset_json)
     axis2d = spec.betti_2d_axis
     report = {"num_cases": len(files),
               "rules": {r.name: {"cases_violating": 0, "cases": {}} for r in spec.rules},
@@ -588,7 +604,7 @@ def check_rules_on_folder(labels_folder: str, dataset_json: Union[str, os.PathLi
             pass
     for f in it:
         case = f[: -len(file_ending)]
-        seg, _, _ = _read(rw, os.path.join(labels_folder, f))
+        seg, _, _ = _read(rw, os.path.join(labels_folder, f), defined, "reference")
         check_pair(seg, seg, (1, 1, 1), (1, 1, 1), ref_name=f, pred_name=f)
         seg = seg.astype(np.int32, copy=False)
         seen.update(int(v) for v in np.unique(seg))

@@ -56,6 +56,7 @@ from nnunet_topo.meshes import SUPPORTED_MESH_EXTENSIONS, ImageGeometry, MeshBui
 from nnunet_topo.metrics.mesh import laplacian_smoothness_energy, mesh_volume, surface_distances_mesh
 from nnunet_topo.rules import (InclusionRule, MeshExclusionRule, TopologySpec, mesh_rule_meshes, mesh_rules_in_force,
                                 spec_from_dataset_json)
+from nnunet_topo.paths import read_json, reading
 from nnunet_topo.summary_io import ignore_label_of, load_json_arg, mean_and_count, nanmean, to_builtin
 from nnunet_topo.voxelize import _RAY_JITTER  # offset of the ray lines from the grid points (one definition)
 
@@ -351,8 +352,7 @@ def evaluate_mesh_case(ref_label_map: np.ndarray, geometry: ImageGeometry,
 # ----------------------------------------------------------------------------------------------------
 
 def _mesh_files_from_json(mesh_folder: str, case_names: Sequence[str]) -> Dict[str, Dict[str, str]]:
-    with open(os.path.join(mesh_folder, "meshes.json")) as f:
-        listing = json.load(f)
+    listing = read_json(os.path.join(mesh_folder, "meshes.json"), "meshes.json")
     cases = listing.get("cases")
     if not isinstance(cases, dict):
         raise MeshEvaluationError(f"{mesh_folder}/meshes.json has no 'cases' table (written by "
@@ -373,8 +373,9 @@ def _no_mesh_reasons(mesh_folder: str) -> Dict[str, str]:
     path = os.path.join(mesh_folder, "meshes.json")
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        cases = json.load(f).get("cases", {})
+    cases = read_json(path, "meshes.json").get("cases", {})
+    if not isinstance(cases, dict):
+        return {}
     return {c: str(e["error"]) for c, e in cases.items() if isinstance(e, dict) and e.get("error")}
 
 
@@ -458,7 +459,8 @@ def evaluate_mesh_folder(ref_folder: str, mesh_folder: str, dataset_json: Union[
         raise MeshEvaluationError(f"{len(missing_cases)} reference case(s) have no meshes in {mesh_folder}: "
                                   f"{missing_cases[:10]} (pass chill=True / --chill to evaluate only those predicted)"
                                   + (f". meshes.json says why: {why}" if why else ""))
-    rw = determine_reader_writer_from_dataset_json(dataset_json, os.path.join(ref_folder, ref_files[0]))()
+    with reading("reference", os.path.join(ref_folder, ref_files[0])):
+        rw = determine_reader_writer_from_dataset_json(dataset_json, os.path.join(ref_folder, ref_files[0]))()
     it = [c for c in case_names if c in files]
     if show_progress:
         try:
@@ -469,8 +471,9 @@ def evaluate_mesh_folder(ref_folder: str, mesh_folder: str, dataset_json: Union[
     cases = []
     for case in it:
         ref_file = os.path.join(ref_folder, case + file_ending)
-        seg, props = rw.read_seg(ref_file)
-        seg = np.asarray(seg)
+        with reading("reference", ref_file):
+            seg, props = rw.read_seg(ref_file)
+            seg = np.asarray(seg)
         if seg.ndim == 4:
             seg = seg[0]
         geometry = ImageGeometry.from_nnunet_properties(props)

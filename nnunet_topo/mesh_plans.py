@@ -63,6 +63,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from nnunet_topo import roi
+from nnunet_topo.paths import read_json
 from nnunet_topo.plans import derived_plans
 from nnunet_topo.summary_io import to_builtin, write_json_atomic
 
@@ -377,8 +378,7 @@ def write_mesh_plans(dataset: str, configuration: str = "3d_fullres", plans_iden
     if not os.path.isfile(dj_path):
         raise FileNotFoundError(f"raw dataset.json not found: {dj_path} (the heart ROI is measured on the raw "
                                 "training labels; set nnUNet_raw)")
-    with open(dj_path) as f:
-        dataset_json = json.load(f)
+    dataset_json = read_json(dj_path, "dataset.json")
 
     stats = roi_statistics(raw_folder, dataset_json, plans, margin_mm, show_progress)
 

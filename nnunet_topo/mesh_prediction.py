@@ -620,14 +620,15 @@ def predict_meshes_folder(model_folder: str, input_folder: str, output_folder: s
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
+    from nnunet_topo.paths import check_output
+
     ext = _check_format(file_format)
     if not os.path.isdir(input_folder):
         raise MeshPredictionError(f"input folder not found: {input_folder}")
     if not os.path.isdir(model_folder):
         raise MeshPredictionError(f"model folder not found: {model_folder} (train first, or check -d/-c/-tr/-p)")
-    if os.path.abspath(output_folder) == os.path.abspath(input_folder):
-        raise MeshPredictionError("the output folder must differ from the input folder (inputs are never "
-                                  "overwritten)")
+    # never into, above or through a symlink to an input folder (paths resolved)
+    check_output(output_folder, {"input folder": input_folder, "--roi_from folder": roi_from}, kind="folder")
     from nnunet_topo.cli import resolve_folds
 
     try:
@@ -772,13 +773,16 @@ def predict_meshes_entry(argv: Optional[Sequence[str]] = None) -> None:
                              "corrected segmentations) instead of the model's own segmentation; the network and "
                              "mesh head still run on the image")
     args = parser.parse_args(argv)
-    try:
+    from nnunet_topo.paths import USER_ERRORS, check_output
+
+    try:  # before the model is looked up or loaded
+        check_output(args.o, {"input folder": args.i, "--roi_from folder": args.roi_from}, kind="folder")
         model_folder = model_folder_from_args(args)
         _set_torch_threads_as_nnunet(args.device)
         summary = predict_meshes_folder(model_folder, args.i, args.o, folds=args.f, checkpoint=args.chk,
                                         file_format=args.format, device=args.device, overwrite=args.overwrite,
                                         roi_from=args.roi_from)
-    except (MeshPredictionError, RuntimeError) as e:
+    except (MeshPredictionError, RuntimeError, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     n, failed = len(summary["cases"]), summary["cases_without_mesh"]

@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from nnunet_topo.paths import InputReadError, OutputPathError, check_output, read_json
 from nnunet_topo.summary_io import write_json_atomic
 
 
@@ -81,12 +83,22 @@ def derived_plans(dataset: str, plans_identifier: str, output_identifier: str, o
     base = os.path.join(os.fspath(nnUNet_preprocessed), maybe_convert_to_dataset_name(dataset))
     src = os.path.join(base, plans_identifier + ".json")
     dst = os.path.join(base, output_identifier + ".json")
+    if not output_identifier or os.sep in output_identifier or "/" in output_identifier or \
+            output_identifier in (".", ".."):
+        raise OutputPathError(f"-o {output_identifier}: not a plans identifier (a file name without folder and "
+                              "without .json); name it e.g. nnUNetPlansMine")
     if not os.path.isfile(src):
         raise FileNotFoundError(f"plans not found: {src}" + (f" ({missing_hint})" if missing_hint else ""))
-    if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
-    with open(src) as f:
-        return src, dst, json.load(f)
+    # the preprocessed folder's own files are inputs too (-o dataset would replace its dataset.json)
+    check_output(dst, {"input plans": src, "dataset.json": os.path.join(base, "dataset.json"),
+                       "dataset fingerprint": os.path.join(base, "dataset_fingerprint.json"),
+                       "gt_segmentations folder": os.path.join(base, "gt_segmentations")},
+                 kind="file", extensions=(".json",), overwrite=overwrite, option=f"-o {output_identifier} ->")
+    plans = read_json(src, "plans file")
+    if not isinstance(plans.get("configurations"), dict):
+        raise InputReadError(f"cannot read plans file {src}: no 'configurations' table (not an nnU-Net plans file; "
+                             "rerun nnUNetv2_plan_and_preprocess)")
+    return src, dst, plans
 
 
 def write_whole_volume_plans(dataset: str, configuration: str = "3d_fullres", plans_identifier: str = "nnUNetPlans",
@@ -126,7 +138,7 @@ def whole_volume_plans_entry(argv: Optional[List[str]] = None) -> None:
     try:
         path = write_whole_volume_plans(args.d, args.c, args.p, args.o, args.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     with open(path) as f:
         patch = json.load(f)["configurations"][args.c]["patch_size"]

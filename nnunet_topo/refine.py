@@ -262,12 +262,14 @@ def refine_folder(model_folder: str, input_folder: str, output_folder: str, fold
 
     from nnunet_topo.rules import spec_from_dataset_json, spec_in_patch_frame
 
+    from nnunet_topo.paths import check_output
+
     if not os.path.isdir(input_folder):
         raise RefinementError(f"input folder not found: {input_folder}")
     if not os.path.isdir(model_folder):
         raise RefinementError(f"model folder not found: {model_folder} (train first, or check -d/-c/-tr/-p)")
-    if os.path.abspath(output_folder) == os.path.abspath(input_folder):
-        raise RefinementError("the output folder must differ from the input folder (inputs are never overwritten)")
+    # never into, above or through a symlink to the input folder (paths resolved)
+    check_output(output_folder, {"input folder": input_folder}, kind="folder")
     from nnunet_topo.cli import resolve_folds
 
     try:

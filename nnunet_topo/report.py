@@ -42,6 +42,7 @@ import numpy as np
 
 from nnunet_topo.rules import (MeshExclusionRule, TopologySpec, mesh_rule_meshes, mesh_rules_in_force,
                                 spec_from_dataset_json)
+from nnunet_topo.paths import USER_ERRORS, OutputPathError, check_output, reading
 from nnunet_topo.summary_io import EvaluationError, ignore_label_of, load_json_arg, nanmean, to_builtin
 
 __all__ = [
@@ -124,14 +125,6 @@ def _isnan(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def _real(p: str) -> str:
-    return os.path.realpath(os.path.abspath(os.fspath(p)))
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def _slug(case: str) -> str:
     return "case-" + re.sub(r"[^A-Za-z0-9_.-]", "_", case)
 
@@ -142,23 +135,16 @@ def _case_name(entry: Mapping, file_ending: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ input checks
-def check_report_dir(report_dir: str, inputs: Mapping[str, Optional[str]]) -> None:
-    """Refuse a ``report_dir`` that is, lies inside or contains an input folder, that is a file, or that exists with
-    other content than an earlier report (no :data:`MARKER`). ``inputs``: ``{what: folder or None}``."""
+def check_report_dir(report_dir: str, inputs: Mapping[str, Optional[str]], option: str = "-o") -> None:
+    """Refuse a ``report_dir`` that is, lies inside or contains an input folder or file
+    (:func:`nnunet_topo.paths.check_output`, paths resolved), that is a file, or that exists with other content than
+    an earlier report (no :data:`MARKER`). ``inputs``: ``{what: folder or file or None}``."""
     if not report_dir:
         raise ReportError("no report folder given (-o REPORT_DIR)")
-    rd = _real(report_dir)
-    for what, folder in inputs.items():
-        if folder is None:
-            continue
-        f = _real(folder)
-        if _inside(rd, f):
-            raise ReportError(f"the report folder {report_dir} is {'' if rd == f else 'inside '}the {what} {folder}; "
-                              "the report never writes into an input folder: choose a new folder, e.g. "
-                              f"{os.path.join(os.path.dirname(f), 'qc_report')}")
-        if _inside(f, rd):
-            raise ReportError(f"the {what} {folder} lies inside the report folder {report_dir}; a report folder is "
-                              "replaced as a whole by the next report: choose a folder that holds no input")
+    try:
+        rd = check_output(report_dir, inputs, kind="folder", option=option)
+    except OutputPathError as e:
+        raise ReportError(str(e)) from None
     if os.path.exists(rd):
         if not os.path.isdir(rd):
             raise ReportError(f"the report folder {report_dir} exists and is not a folder")
@@ -265,6 +251,11 @@ def _read(rw, path: str):
     nnU-Net's float32 copy of the whole volume (a second or two per 300 x 512 x 512 file)."""
     if not os.path.isfile(path):
         raise ReportError(f"file not found: {path}")
+    with reading("file", path):
+        return _read_unchecked(rw, path)
+
+
+def _read_unchecked(rw, path: str):
     if type(rw).__name__ == "SimpleITKIO":
         import SimpleITK as sitk
 
@@ -980,16 +971,20 @@ def _prepare_dir(report_dir: str) -> bool:
 
 def check_report_inputs(ref_folder: str, pred_folder: str, dataset_json: Union[str, os.PathLike, dict],
                         report_dir: str, mesh_folder: Optional[str] = None, image_folder: Optional[str] = None,
-                        max_cases: Optional[int] = None, slices_per_case: int = 3) -> None:
+                        max_cases: Optional[int] = None, slices_per_case: int = 3,
+                        plans: Union[str, os.PathLike, dict, None] = None, option: str = "-o") -> None:
     """The checks that need no evaluation, run before it (so a bad report folder fails in seconds, not after the
     evaluation): arguments, the report folder (:func:`check_report_dir`), unknown files in the reference,
     prediction, image and mesh folders, missing images."""
-    dataset_json = load_json_arg(dataset_json, "dataset.json")
+    dj_path = None if isinstance(dataset_json, dict) else dataset_json
     for v, what in ((max_cases, "max_cases"), (slices_per_case, "slices_per_case")):
         if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1):
             raise ReportError(f"{what} must be a positive integer, got {v!r}")
     check_report_dir(report_dir, {"reference folder": ref_folder, "prediction folder": pred_folder,
-                                  "mesh folder": mesh_folder, "image folder": image_folder})
+                                  "mesh folder": mesh_folder, "image folder": image_folder, "dataset.json": dj_path,
+                                  **({"plans file": plans} if isinstance(plans, (str, os.PathLike)) else {})},
+                     option=option)
+    dataset_json = load_json_arg(dataset_json, "dataset.json")
     fe = dataset_json["file_ending"]
     for folder, what in ((ref_folder, "reference folder"), (pred_folder, "prediction folder")):
         if not os.path.isdir(folder):
@@ -1017,10 +1012,10 @@ def write_report(ref_folder: str, pred_folder: str, dataset_json: Union[str, os.
     """
     from nnunet_topo.evaluation import compute_topology_metrics_on_folder
 
+    check_report_inputs(ref_folder, pred_folder, dataset_json, report_dir, mesh_folder, image_folder, max_cases,
+                        slices_per_case, plans=plans)
     dataset_json = load_json_arg(dataset_json, "dataset.json")
     plans = load_json_arg(plans, "plans file")
-    check_report_inputs(ref_folder, pred_folder, dataset_json, report_dir, mesh_folder, image_folder, max_cases,
-                        slices_per_case)
     created = _prepare_dir(report_dir)
     try:
         summary = compute_topology_metrics_on_folder(
@@ -1051,12 +1046,12 @@ def write_report_from_summary(summary: dict, ref_folder: str, pred_folder: str,
     from nnunet_topo.evaluation import check_geometry, image_geometry
     from nnunet_topo.violations import violation_maps_numpy
 
-    dataset_json = load_json_arg(dataset_json, "dataset.json")
-    plans = load_json_arg(plans, "plans file")
     if not _checked:
         check_report_inputs(ref_folder, pred_folder, dataset_json, report_dir, mesh_folder, image_folder, max_cases,
-                            slices_per_case)
+                            slices_per_case, plans=plans)
         _prepare_dir(report_dir)
+    dataset_json = load_json_arg(dataset_json, "dataset.json")
+    plans = load_json_arg(plans, "plans file")
     spec = spec_from_dataset_json(dataset_json)
     fe = dataset_json["file_ending"]
     entries = list(summary.get("metric_per_case", []))
@@ -1217,6 +1212,6 @@ def report_entry(argv: Optional[Sequence[str]] = None) -> None:
                              mesh_folder=args.mesh_folder, image_folder=args.image_folder, max_cases=args.max_cases,
                              slices_per_case=args.slices_per_case, num_processes=args.np,
                              ignore_geometry=args.ignore_geometry)
-    except (TopologySpecError, EvaluationError, MeshEvaluationError, FileNotFoundError) as e:
+    except (TopologySpecError, EvaluationError, MeshEvaluationError, FileNotFoundError, *USER_ERRORS) as e:
         _fail(str(e))
     print(f"wrote {index}")

@@ -53,8 +53,9 @@ def load_json_arg(x: Union[str, os.PathLike, dict], what: str) -> dict:
         return x
     if not os.path.isfile(x):
         raise EvaluationError(f"{what} not found: {x}")
-    with open(x) as f:
-        return json.load(f)
+    from nnunet_topo.paths import read_json
+
+    return read_json(x, what)
 
 
 def ignore_label_of(dataset_json: dict):

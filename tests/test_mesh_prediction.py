@@ -560,7 +560,7 @@ def test_folder_argument_errors(tmp_path):
     (tmp_path / "in").mkdir()
     with pytest.raises(MeshPredictionError, match="model folder not found"):
         predict_meshes_folder(str(tmp_path / "nomodel"), str(tmp_path / "in"), str(tmp_path / "out"))
-    with pytest.raises(MeshPredictionError, match="must differ from the input"):
+    with pytest.raises(ValueError, match="is the input folder"):
         predict_meshes_folder(str(tmp_path), str(tmp_path / "in"), str(tmp_path / "in"))
     with pytest.raises(MeshPredictionError, match="unknown mesh format"):
         predict_meshes_folder(str(tmp_path), str(tmp_path / "in"), str(tmp_path / "out"), file_format="xyz")

@@ -170,9 +170,9 @@ def test_rerun_replaces_own_report_and_max_cases(dataset, report):
 def test_refuses_report_dir_that_is_an_input(dataset, tmp_path):
     args = (dataset["ref"], dataset["pred"], dataset["dj"], dataset["plans"])
     for out in (dataset["pred"], dataset["ref"], os.path.join(dataset["ref"], "qc"), dataset["images"]):
-        with pytest.raises(ReportError, match="never writes into an input folder"):
+        with pytest.raises(ReportError, match="is the|lies inside the"):
             write_report(*args, out, image_folder=dataset["images"], show_progress=False)
-    with pytest.raises(ReportError, match="lies inside the report folder"):
+    with pytest.raises(ReportError, match="contains the"):
         write_report(*args, str(dataset["root"]), show_progress=False)
     foreign = tmp_path / "mine"
     foreign.mkdir()
