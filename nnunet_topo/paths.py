@@ -39,6 +39,11 @@ class OutputPathError(ValueError):
     """An output path that would overwrite or write into an input, has the wrong extension, or exists."""
 
 
+class OutputExistsError(OutputPathError, FileExistsError):
+    """An existing output without ``--overwrite``: also a ``FileExistsError``, as the plan writers raised before
+    the guard (callers that reuse an existing plans file catch that)."""
+
+
 class InputReadError(ValueError):
     """An input file that its reader cannot read (message: the file and the reader's reason, one line)."""
 
@@ -88,8 +93,8 @@ def check_output(output: PathLike, inputs: Union[Mapping[str, Optional[PathLike]
         raise OutputPathError(f"{option}: no output given; name a {kind}")
     shown = os.fspath(output)
 
-    def fail(reason: str, fix: str) -> "NoReturn":  # noqa: F821
-        raise OutputPathError(f"{option} {shown}: {reason}; {fix}")
+    def fail(reason: str, fix: str, error: type = OutputPathError) -> "NoReturn":  # noqa: F821
+        raise error(f"{option} {shown}: {reason}; {fix}")
 
     out = real_path(output)
     if os.path.abspath(shown) != out:  # a symlink or ".." on the way: say where it leads
@@ -116,12 +121,13 @@ def check_output(output: PathLike, inputs: Union[Mapping[str, Optional[PathLike]
         if os.path.isdir(out):
             fail("is a folder", "name a file")
         if overwrite is False and os.path.exists(out):
-            fail("exists", "pass --overwrite to replace it, or choose another path")
+            fail("exists", "pass --overwrite to replace it, or choose another path", OutputExistsError)
     else:
         if os.path.exists(out) and not os.path.isdir(out):
             fail("exists and is not a folder", "name a folder")
         if overwrite is False and os.path.isdir(out) and os.listdir(out):
-            fail("exists and is not empty", "pass --overwrite to replace its files, or choose a new folder")
+            fail("exists and is not empty", "pass --overwrite to replace its files, or choose a new folder",
+                 OutputExistsError)
     return out
 
 

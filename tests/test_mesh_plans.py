@@ -242,7 +242,7 @@ def test_existing_output_and_same_identifier_are_refused(dataset, planned):
     raw, pre = dataset
     out = os.path.join(pre, "nnUNetPlansMesh.json")
     mtime = os.stat(out).st_mtime_ns
-    with pytest.raises(ValueError, match="exists; pass --overwrite"):
+    with pytest.raises(FileExistsError, match="exists; pass --overwrite"):  # an OutputPathError (ValueError) too
         write_mesh_plans(str(DATASET_ID))
     assert os.stat(out).st_mtime_ns == mtime
     with pytest.raises(ValueError, match="must differ"):
