@@ -369,13 +369,17 @@ def _check_coordinates(name: str, x: Tensor) -> None:
                          f"got {tuple(x.shape)}")
     if not (x.is_floating_point()):
         raise TypeError(f"{name} must be a floating point tensor, got {x.dtype}")
-    if x.numel() == 0:
-        return
-    message = f"{name} contains NaN; remove or mask those entries before calling"
-    if SYNC_FREE_CHECKS is True or (SYNC_FREE_CHECKS is None and x.device.type != "cpu"):
-        # no host synchronisation in a training step: the check fails at the next sync, with this message
-        torch._assert_async(~torch.isnan(x).any(), message)
-    elif torch.isnan(x).any():
+    if x.numel():
+        _require(~torch.isnan(x).any(), f"{name} contains NaN; remove or mask those entries before calling")
+
+
+def _require(ok: Tensor, message: str) -> None:
+    """A data check (``ok``: a 0-d bool tensor): a ValueError at once on the CPU; on accelerators (or with
+    ``SYNC_FREE_CHECKS``) ``torch._assert_async``, so a training step does not wait for the device: the check fails
+    at the next synchronisation, with this message."""
+    if SYNC_FREE_CHECKS is True or (SYNC_FREE_CHECKS is None and ok.device.type != "cpu"):
+        torch._assert_async(ok, message)
+    elif not bool(ok):
         raise ValueError(message)
 
 
@@ -595,13 +599,9 @@ def occupancy_bce(
         raise ValueError(f"targets must have the occupancy's shape {tuple(o.shape)} (batch..., N), "
                          f"got {tuple(targets.shape)}")
     t = targets.to(device=o.device, dtype=o.dtype)
-    message = "targets must lie in [0, 1] (1 = inside the structure) and contain no NaN"
-    if t.numel() == 0:
-        pass
-    elif SYNC_FREE_CHECKS is True or (SYNC_FREE_CHECKS is None and t.device.type != "cpu"):
-        torch._assert_async(((t >= 0) & (t <= 1)).all(), message)  # NaN fails both comparisons
-    elif torch.isnan(t).any() or t.min() < 0 or t.max() > 1:
-        raise ValueError(message)
+    if t.numel():  # NaN fails both comparisons
+        _require(((t >= 0) & (t <= 1)).all(),
+                 "targets must lie in [0, 1] (1 = inside the structure) and contain no NaN")
     loss = -(t * torch.log(o) + (1.0 - t) * torch.log1p(-o))
     if weights is not None:
         if not isinstance(weights, Tensor):
