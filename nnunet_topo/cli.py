@@ -113,7 +113,8 @@ def check_rules_entry(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def evaluate_folder_entry(argv: Optional[Sequence[str]] = None) -> None:
-    from nnunet_topo.evaluation import EvaluationError, compute_topology_metrics_on_folder, format_table
+    from nnunet_topo.evaluation import (EvaluationError, check_summary_output, compute_topology_metrics_on_folder,
+                                        format_table)
     from nnunet_topo.rules import TopologySpecError
 
     parser = argparse.ArgumentParser(
@@ -141,16 +142,11 @@ def evaluate_folder_entry(argv: Optional[Sequence[str]] = None) -> None:
                         help="with --report: images (imagesTs-style CASE_0000<file_ending>) drawn under the contours")
     args = parser.parse_args(argv)
     output = args.o or os.path.join(args.pred_folder, "summary_topology.json")
-    try:  # the output guard before any work (compute_topology_metrics_on_folder repeats it)
-        check_output(output, {"reference folder": args.gt_folder, "prediction folder": args.pred_folder,
-                              "mesh folder": args.mesh_folder, "dataset.json": args.djfile, "plans file": args.pfile,
-                              "report image folder": args.report_image_folder},
-                     kind="file", extensions=(".json",), may_lie_in=[args.pred_folder])
+    try:  # the evaluator's output guard before any work (compute_topology_metrics_on_folder repeats it)
+        check_summary_output(output, args.gt_folder, args.pred_folder, args.mesh_folder, args.djfile, args.pfile,
+                             **{"report image folder": args.report_image_folder})
     except USER_ERRORS as e:
         _fail(str(e))
-    if os.path.basename(output) == "summary.json":  # nnU-Net's own summary (its validation, its evaluate_folder)
-        _fail(f"-o {output}: summary.json is the name of nnU-Net's own summary, which this command never replaces; "
-              "use another name (the default is summary_topology.json)")
     if args.report is not None:  # the checks that need no evaluation, before it
         from nnunet_topo.report import check_report_inputs
         try:

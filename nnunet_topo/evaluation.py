@@ -47,7 +47,7 @@ from nnunet_topo.metrics.topology import (
 from nnunet_topo.rules import ExclusionRule, TopologySpec, format_betti_set, reference_spec, spec_from_dataset_json
 from nnunet_topo.summary_io import EvaluationError, ignore_label_of, load_json_arg, mean_and_count, nanmean, \
     to_builtin, write_json_atomic
-from nnunet_topo.paths import check_label_values, check_output, defined_label_values, reading
+from nnunet_topo.paths import OutputPathError, check_label_values, check_output, defined_label_values, reading
 from nnunet_topo.violations import violation_maps_numpy
 
 
@@ -377,6 +377,23 @@ def aggregate(cases: List[dict], spec: TopologySpec, label_ids: Sequence[int]) -
             "foreground_mean_num_cases": foreground_n, "topology_mean": tm, "topology_mean_num_cases": tn}
 
 
+def check_summary_output(output_file: str, folder_ref: str, folder_pred: str, mesh_folder: Optional[str] = None,
+                         dataset_json: Union[str, os.PathLike, dict, None] = None,
+                         plans: Union[str, os.PathLike, dict, None] = None, **more_inputs: Optional[str]) -> None:
+    """The evaluator's output guard, before any work: the summary never replaces an input (it may lie in the
+    prediction folder, as nnU-Net's summary.json does; the .json ending keeps it off the predictions) and is never
+    nnU-Net's own ``summary.json`` (its validation and its evaluate_folder write that name). ``more_inputs``:
+    further inputs of a caller, ``{what: path}``. Raises :class:`nnunet_topo.paths.OutputPathError`."""
+    check_output(output_file, {"reference folder": folder_ref, "prediction folder": folder_pred,
+                               "mesh folder": mesh_folder,
+                               "dataset.json": None if isinstance(dataset_json, dict) else dataset_json,
+                               "plans file": None if isinstance(plans, dict) else plans, **more_inputs},
+                 kind="file", extensions=(".json",), may_lie_in=[folder_pred])
+    if os.path.basename(output_file) == "summary.json":
+        raise OutputPathError(f"-o {output_file}: summary.json is the name of nnU-Net's own summary, which this "
+                              "command never replaces; use another name (the default is summary_topology.json)")
+
+
 def compute_topology_metrics_on_folder(folder_ref: str, folder_pred: str,
                                        dataset_json: Union[str, os.PathLike, dict],
                                        plans: Union[str, os.PathLike, dict],
@@ -407,13 +424,7 @@ def compute_topology_metrics_on_folder(folder_ref: str, folder_pred: str,
             raise EvaluationError(f"{what} not found: {folder}")
     if output_file is None:
         output_file = os.path.join(folder_pred, "summary_topology.json")
-    # before any work: the summary never replaces an input (it may lie in the prediction folder, as nnU-Net's
-    # summary.json does; the .json ending keeps it off the predictions)
-    check_output(output_file, {"reference folder": folder_ref, "prediction folder": folder_pred,
-                               "mesh folder": mesh_folder,
-                               "dataset.json": None if isinstance(dataset_json, dict) else dataset_json,
-                               "plans file": None if isinstance(plans, dict) else plans},
-                 kind="file", extensions=(".json",), may_lie_in=[folder_pred])
+    check_summary_output(output_file, folder_ref, folder_pred, mesh_folder, dataset_json, plans)
     dataset_json = load_json_arg(dataset_json, "dataset.json")
     plans = load_json_arg(plans, "plans file")
     file_ending = dataset_json["file_ending"]
