@@ -62,7 +62,7 @@ SETUPS = {"whole": ("whole volume", "3d_fullres", "nnUNetPlansWholeVolume"),
 #: the functions whose cumulative time --profile prints (the split of a mesh trainer's step)
 PROFILED = ("train_step", "forward", "mesh_train_step", "head_backward", "add_bounded_feature_gradient",
             "occupancy_bce", "critical_points_both_sources", "mesh_violation_masks", "critical_point_masks",
-            "critical_bce", "_subsample", "sample_query_points", "backward")
+            "critical_bce", "select_points", "sample_query_points", "backward")
 
 
 def _profile(trainer, batches) -> None:

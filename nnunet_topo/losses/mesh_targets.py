@@ -68,6 +68,7 @@ __all__ = [
     "critical_point_targets",
     "masks_to_targets",
     "select_points",
+    "source_union",
     "targets_at",
     "mesh_violation_masks",
     "sample_query_points",
@@ -192,10 +193,6 @@ def _slice_rule(rule: Rule, mode: str, axis: Optional[int]) -> Rule:
     if mode == "2d" and rule.mode == "3d":
         return dataclasses.replace(rule, mode="2d", axis=rule.axis if axis is None else axis)
     return rule
-
-
-def _targets_at(idx: Tensor, ref_b: Tensor, ids: Sequence[int]) -> Tensor:
-    return region_mask(ref_b[idx[:, 0], idx[:, 1], idx[:, 2]], ids).to(torch.float32)
 
 
 def select_points(mask: Tensor, k: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
@@ -332,13 +329,19 @@ def masks_to_targets(masks: Dict[str, Dict[str, Tensor]], ref_labels: Tensor,
     batch = ref_labels.shape[0]
     out: List[Dict[str, Tuple[Tensor, Tensor]]] = [{} for _ in range(batch)]
     for mesh, structure in spec.mesh_structures.items():
-        union = None
-        for src in masks.values():
-            union = src[mesh] if union is None else union | src[mesh]
+        union = source_union(masks, mesh)
         for b in range(batch):
             idx = torch.nonzero(union[b], as_tuple=False)  # (N, 3), C order
-            out[b][mesh] = (idx, _targets_at(idx, ref_labels[b], structure.label_ids))
+            out[b][mesh] = (idx, targets_at(idx[None], ref_labels[b:b + 1], structure.label_ids)[0])
     return out
+
+
+def source_union(masks: Dict[str, Dict[str, Tensor]], mesh: str) -> Tensor:
+    """The ``(B, Z, Y, X)`` union over the sources of :func:`critical_point_masks` of one mesh's critical voxels."""
+    union = None
+    for src in masks.values():
+        union = src[mesh] if union is None else union | src[mesh]
+    return union
 
 
 def mesh_violation_masks(

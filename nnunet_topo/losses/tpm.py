@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from nnunet_topo.losses.mesh_targets import (SOURCES, check_spacing, critical_point_masks, masks_to_targets,
                                              mesh_violation_masks, normalized_to_mm, sample_query_points, select_points,
-                                             targets_at, voxel_to_mm)
+                                             source_union, targets_at, voxel_to_mm)
 from nnunet_topo.occupancy import DEFAULT_EPS, METHODS, occupancy_bce
 from nnunet_topo.rules import TopologySpec
 
@@ -313,10 +313,10 @@ class TPMLoss(nn.Module):
             if unions is not None:  # the critical points after every mesh's standard points (the generator's order)
                 pending.append((name, v, f, ids, std_sum))
                 continue
-            for b in range(batch):
+            for b in range(batch):  # no cap (max_critical_points=None): every critical point, as index lists
                 crit_sum, n_crit = zero, 0
                 if critical is not None:
-                    p, t = _subsample(*critical[b][name], self.max_critical_points, generator)
+                    p, t = critical[b][name]
                     crit_sum, n_crit = critical_bce(v[b:b + 1], f, [p], [t], self.spacing, self.method, self.eps,
                                                     self.smoothing)
                 any_critical = any_critical or n_crit > 0
@@ -360,7 +360,7 @@ class TPMLoss(nn.Module):
         masks, self.last_counts = critical_masks_both_sources(
             meshes_mm, faces, self.mesh_names, self.spec, seg_logits, ref, self.spacing, self.mesh_critical_points,
             self.ignore_label)
-        return {m: masks["prediction"][m] | masks["meshes"][m] for m in self.mesh_names}
+        return {m: source_union(masks, m) for m in self.mesh_names}
 
     def extra_repr(self) -> str:
         return (f"mesh_names={self.mesh_names}, method={self.method!r}, lambda_tp={self.lambda_tp}, "
@@ -411,14 +411,3 @@ def known_weights(ref: Tensor, points_idx: Tensor, ignore_label: Optional[int]) 
     nearest = torch.round(points_idx).long()
     b_idx = torch.arange(ref.shape[0], device=ref.device).view(-1, 1).expand(-1, points_idx.shape[1])
     return (ref[b_idx, nearest[..., 0], nearest[..., 1], nearest[..., 2]] != ignore_label).to(torch.float32)
-
-
-def _subsample(points: Tensor, targets: Tensor, k: Optional[int],
-               generator: Optional[torch.Generator]) -> Tuple[Tensor, Tensor]:
-    """At most ``k`` rows, a uniformly random subset without replacement (order kept)."""
-    n = points.shape[0]
-    if k is None or n <= k:
-        return points, targets
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    keep = torch.randperm(n, generator=generator, device=gen_device)[:k].sort().values.to(points.device)
-    return points[keep], targets[keep]
