@@ -599,7 +599,7 @@ def check_rules_on_folder(labels_folder: str, dataset_json: Union[str, os.PathLi
     defined = defined_label_values(dataset_json)
     axis2d = spec.betti_2d_axis
     report = {"num_cases": len(files),
-              "rules": {r.name: {"cases_violating": 0, "cases": {}} for r in spec.rules},
+              "rules": {r.name: {"cases_violating": 0, "cases": {}, "cases_excepted": {}} for r in spec.rules},
               "betti": {name: {"prior": list(p), "cases_differing": 0, "cases": {}, "cases_undefined": []}
                         for name, p in spec.betti.items()},
               "betti_2d": {name: {"prior": [list(v) for v in p], "axis": axis2d, "cases_differing": 0, "cases": {}}
@@ -630,8 +630,13 @@ def check_rules_on_folder(labels_folder: str, dataset_json: Union[str, os.PathLi
                 other = tuple(a for a in range(v.ndim) if a != axis)
                 slices = np.nonzero(v.any(axis=other))[0].tolist()
                 entry = report["rules"][rule.name]
+                found = {"voxels": n, "slices": slices, "slice_axis": axis}
+                exception = spec.reference_exception(rule.name, case)
+                if exception is not None:  # the user's data-level exception (topology.reference_exceptions)
+                    entry["cases_excepted"][case] = {**found, "reason": exception.reason}
+                    continue
                 entry["cases_violating"] += 1
-                entry["cases"][case] = {"voxels": n, "slices": slices, "slice_axis": axis}
+                entry["cases"][case] = found
         for name, prior in spec.betti.items():
             if sparse:
                 report["betti"][name]["cases_undefined"].append(case)
@@ -652,6 +657,7 @@ def check_rules_on_folder(labels_folder: str, dataset_json: Union[str, os.PathLi
                 e = report["betti_2d"][name]
                 e["cases_differing"] += 1
                 e["cases"][case] = {"slices": bad, "betti": [per_slice[k].tolist() for k in bad]}
+    report["notes"].extend(_unused_exception_notes(spec, report, [f[: -len(file_ending)] for f in files]))
     ids_of = {s.name: s.label_ids for s in spec.betti_structures.values()}
 
     def unseen(ids) -> List[str]:
@@ -673,8 +679,26 @@ def check_rules_on_folder(labels_folder: str, dataset_json: Union[str, os.PathLi
     return report
 
 
+def _unused_exception_notes(spec, report: dict, cases: List[str]) -> List[str]:
+    """Notes on ``reference_exceptions`` that except nothing here: a case not in this folder (a typo?), or a case
+    that satisfies the rules it is excepted from (the exception can go)."""
+    notes, present = [], set(cases)
+    for i, e in enumerate(spec.reference_exceptions):
+        for case in e.cases:
+            if case not in present:
+                notes.append(f"topology.reference_exceptions[{i}]: case {case!r} is not among the {len(present)} "
+                             "reference cases checked here")
+                continue
+            rules = e.rules or tuple(report["rules"])
+            unneeded = [r for r in rules if case not in report["rules"][r]["cases_excepted"]]
+            if unneeded:
+                notes.append(f"topology.reference_exceptions[{i}]: case {case!r} satisfies rule(s) "
+                             f"{', '.join(unneeded)}; that exception is not needed")
+    return notes
+
+
 #: part of the cache key: a report written by an older version (other keys, other semantics) is recomputed
-_RULE_CHECK_VERSION = 3
+_RULE_CHECK_VERSION = 4
 
 
 def cached_rule_check(labels_folder: str, dataset_json: dict, cache_file: str) -> dict:
@@ -704,22 +728,41 @@ def reference_violations_message(report: dict) -> str:
     bad = {name: e for name, e in report["rules"].items() if e["cases_violating"]}
     if not bad:
         return ""
-    lines = [f"  {name}: violated in {e['cases_violating']}/{report['num_cases']} reference case(s), e.g. "
+    lines = [f"  {name}: violated in {e['cases_violating']}/{report['num_cases']} reference case(s): "
              + ", ".join(f"{c} ({v['voxels']} voxels, slices {v['slices'][:5]})"
-                         for c, v in list(e["cases"].items())[:3]) for name, e in bad.items()]
+                         for c, v in list(e["cases"].items())[:10])
+             + (", ..." if len(e["cases"]) > 10 else "") for name, e in bad.items()]
+    snippet = ", ".join(json.dumps({"cases": sorted(e["cases"]), "rules": [name], "reason": "..."})
+                        for name, e in bad.items())
     return ("the reference labels of this dataset violate topology rules of its dataset.json, so the rules cannot be "
             "learned:\n" + "\n".join(lines) + "\nFix the rules (add \"may_touch\", use \"mode\": \"2d\"; a 2d rule "
             "violated only in the first or last slice of its structures: \"exempt_end_slices\": 1) or the "
-            "labels; nnUNetv2_topo_check_rules -d DATASET reports every case.")
+            "labels; or, when a few references are imperfect, except those cases from the check in the topology "
+            f"block: \"reference_exceptions\": [{snippet}] (documentation/topology_spec.md). "
+            "nnUNetv2_topo_check_rules -d DATASET reports every case.")
+
+
+def reference_exceptions_message(report: dict) -> str:
+    """One line per case the check skipped because of ``topology.reference_exceptions`` ("" when none did)."""
+    lines = [f"  {name}: {case} ({v['voxels']} voxels, slices {v['slices'][:5]})"
+             + (f": {v['reason']}" if v.get("reason") else "")
+             for name, e in report["rules"].items() for case, v in e.get("cases_excepted", {}).items()]
+    return ("reference cases excepted from the rule check (topology.reference_exceptions); the rules still apply to "
+            "their predictions and training patches:\n" + "\n".join(lines)) if lines else ""
 
 
 def format_rule_report(report: dict) -> str:
     n = report["num_cases"]
     lines = [f"{n} reference case(s) checked"]
     for name, e in report["rules"].items():
-        lines.append(f"rule {name}: violated in {e['cases_violating']}/{n} case(s)")
+        excepted = e.get("cases_excepted", {})
+        lines.append(f"rule {name}: violated in {e['cases_violating']}/{n} case(s)"
+                     + (f" (and in {len(excepted)} excepted case(s))" if excepted else ""))
         for case, c in list(e["cases"].items())[:20]:
             lines.append(f"    {case}: {c['voxels']} voxel(s) in slice(s) {c['slices']} (axis {c['slice_axis']})")
+        for case, c in excepted.items():
+            lines.append(f"    {case}: {c['voxels']} voxel(s) in slice(s) {c['slices']} (axis {c['slice_axis']}), "
+                         "excepted by topology.reference_exceptions" + (f": {c['reason']}" if c["reason"] else ""))
     for name, e in report["betti"].items():
         lines.append(f"Betti prior {name} {tuple(e['prior'])}: differs in {e['cases_differing']}/{n} case(s)")
         for case, b in list(e["cases"].items())[:20]:

@@ -68,13 +68,16 @@ __all__ = [
     "format_betti_set",
     "reference_spec",
     "ALLOWED_TOP_LEVEL_KEYS",
+    "ReferenceException",
     "RULE_KEYS",
     "MESH_RULE_KEYS",
 ]
 
 #: keys allowed in the ``topology`` block
 ALLOWED_TOP_LEVEL_KEYS: Tuple[str, ...] = ("connectivity", "structures", "rules", "betti", "betti_2d",
-                                           "mesh_structures", "mesh_rules")
+                                           "mesh_structures", "mesh_rules", "reference_exceptions")
+#: keys of one ``reference_exceptions`` entry: (required, optional)
+REFERENCE_EXCEPTION_KEYS: Tuple[Tuple[str, ...], Tuple[str, ...]] = (("cases",), ("rules", "reason"))
 #: rule type -> (required keys, optional keys); ``type`` itself is always required
 RULE_KEYS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
     "exclusion": (("a", "b"), ("name", "mode", "axis", "exempt_end_slices")),
@@ -324,6 +327,27 @@ class _Resolver:
 
 # ---------------------------------------------------------------------------------------------- the spec
 @dataclass(frozen=True)
+class ReferenceException:
+    """Reference cases whose labels may break some rules (or all): the data-level way to train on a dataset with a
+    few imperfect references. Only the check of the rules on the reference labels (the trainers' start,
+    ``nnUNetv2_topo_check_rules``) skips them, and logs each; the rules still apply to every prediction and, in
+    training, to every patch (a loss cannot know the case a patch came from without nnU-Net's loader changing).
+
+    Attributes:
+        cases: case identifiers as nnU-Net names them (the label file name without the file ending).
+        rules: names of the voxel rules the cases are excepted from; empty: every rule.
+        reason: the user's note, repeated in every log line and report that uses the exception.
+    """
+
+    cases: Tuple[str, ...]
+    rules: Tuple[str, ...] = ()
+    reason: str = ""
+
+    def covers(self, rule_name: str, case: str) -> bool:
+        return case in self.cases and (not self.rules or rule_name in self.rules)
+
+
+@dataclass(frozen=True)
 class TopologySpec:
     """The validated ``topology`` block of a dataset.
 
@@ -344,6 +368,7 @@ class TopologySpec:
         mesh_rules: the :class:`MeshExclusionRule` / :class:`MeshInclusionRule` objects of ``mesh_rules``, in file
             order (names unique among all rules). The mesh-level checks actually in force add those implied by
             the voxel rules: :func:`mesh_rules_in_force`.
+        reference_exceptions: :class:`ReferenceException` entries (``reference_exceptions``), in file order.
     """
 
     labels: Dict[str, int]
@@ -357,6 +382,11 @@ class TopologySpec:
     is_default: bool = False
     structures: Dict[str, Structure] = field(default_factory=dict)
     mesh_rules: Tuple[MeshRule, ...] = ()
+    reference_exceptions: Tuple[ReferenceException, ...] = ()
+
+    def reference_exception(self, rule_name: str, case: str) -> Optional[ReferenceException]:
+        """The first ``reference_exceptions`` entry that excepts ``case`` from rule ``rule_name``, or None."""
+        return next((e for e in self.reference_exceptions if e.covers(rule_name, case)), None)
 
     def structure(self, ref: StructureRef) -> Structure:
         """Resolve a structure reference.
@@ -845,10 +875,50 @@ def parse_topology(dataset_json: Mapping) -> TopologySpec:
                 f"[{clash[0]}]); remove the duplicate or give one a unique \"name\".")
         mesh_rules.append(mrule)
 
+    exceptions = _parse_reference_exceptions(topo.get("reference_exceptions", []),
+                                             tuple(r.name for r in rules))
     return TopologySpec(labels=foreground, rules=tuple(rules), betti=betti, betti_structures=betti_structures,
                         betti_2d=betti_2d, betti_2d_axis=betti_2d_axis, mesh_structures=mesh_structures,
                         connectivity=connectivity, is_default=False, structures=structures,
-                        mesh_rules=tuple(mesh_rules))
+                        mesh_rules=tuple(mesh_rules), reference_exceptions=exceptions)
+
+
+_EXCEPTION_EXAMPLE = '[{"cases": ["patient012"], "rules": ["LV_excludes_RV"], "reason": "septum gap in the annotation"}]'
+
+
+def _parse_reference_exceptions(raw: Any, rule_names: Tuple[str, ...]) -> Tuple[ReferenceException, ...]:
+    """``topology.reference_exceptions``: a list of ``{"cases": [...], "rules": [...] (optional: every rule),
+    "reason": "..." (optional)}``; rule names must name voxel rules of ``rules``."""
+    if not isinstance(raw, (list, tuple)):
+        raise TopologySpecError(f"topology.reference_exceptions must be a list such as {_EXCEPTION_EXAMPLE}, got "
+                                f"{type(raw).__name__}")
+    out: List[ReferenceException] = []
+    for i, entry in enumerate(raw):
+        where = f"topology.reference_exceptions[{i}]"
+        if not isinstance(entry, Mapping):
+            raise TopologySpecError(f"{where} must be a dict such as {_EXCEPTION_EXAMPLE[1:-1]}, got {entry!r}")
+        required, optional = REFERENCE_EXCEPTION_KEYS
+        for key in entry:
+            if key not in required + optional:
+                raise TopologySpecError(f"{where}: unknown key {key!r}; allowed keys: "
+                                        f"{_fmt_list(required + optional)}.{_suggest(key, required + optional)}")
+        cases, rules, reason = entry.get("cases"), entry.get("rules", []), entry.get("reason", "")
+        if not isinstance(cases, (list, tuple)) or not cases or \
+                not all(isinstance(c, str) and c.strip() for c in cases):
+            raise TopologySpecError(f"{where}.cases must be a non-empty list of case identifiers (label file names "
+                                    f"without the file ending, e.g. [\"patient012\"]), got {cases!r}")
+        if not isinstance(rules, (list, tuple)) or not all(isinstance(r, str) for r in rules):
+            raise TopologySpecError(f"{where}.rules must be a list of rule names (omit it for every rule), got "
+                                    f"{rules!r}")
+        for r in rules:
+            if r not in rule_names:
+                raise TopologySpecError(
+                    f"{where}.rules: {r!r} is not a voxel rule of topology.rules (rules: "
+                    f"{_fmt_list(rule_names) if rule_names else 'none'}).{_suggest(r, rule_names)}")
+        if not isinstance(reason, str):
+            raise TopologySpecError(f"{where}.reason must be a string, got {reason!r}")
+        out.append(ReferenceException(tuple(cases), tuple(rules), reason))
+    return tuple(out)
 
 
 def load_topology(dataset_json: Union[str, os.PathLike, Mapping]) -> TopologySpec:
@@ -947,6 +1017,10 @@ def describe(spec: TopologySpec) -> str:
                     f"{r.inner} inside {r.outer}" + (f" or {'/'.join(r.may_touch)}" if r.may_touch else ""))
             src = "" if r in spec.mesh_rules else " (from the voxel rule)"
             lines.append(f"    - {r.name}: {what}{src}")
+    for e in spec.reference_exceptions:
+        lines.append(f"  reference exception: case(s) {', '.join(e.cases)} excepted from the reference check of "
+                     + (f"rule(s) {', '.join(e.rules)}" if e.rules else "every rule")
+                     + (f" ({e.reason})" if e.reason else ""))
     return "\n".join(lines)
 
 

@@ -288,3 +288,31 @@ def test_per_slice_prior_metrics_allowed_sets_hand_counted():
     assert single["slices_meeting_prior_2d"] == pytest.approx(1 / 4)  # only slice 0 is a ring
     none = evaluate_case(lab, pred, (1, 1, 1), parse_topology(dict(DJ, topology={})), [1, 2, 3])["topology"]
     assert math.isnan(none["topologically_correct_2d"]) and math.isnan(none["slices_meeting_prior_2d"])
+
+
+def test_reference_exceptions_let_a_few_imperfect_references_pass_and_are_reported(folders):
+    """topology.reference_exceptions: the excepted case is listed with its voxels and reason, not counted; a case
+    not in the folder and an exception that is not needed are notes; an un-excepted case still fails the check."""
+    from nnunet_topo.evaluation import format_rule_report, reference_exceptions_message, reference_violations_message
+
+    def check(exceptions):
+        dj = dict(DJ, topology=dict(TOPOLOGY, reference_exceptions=exceptions))
+        (folders / "dj.json").write_text(json.dumps(dj))
+        return check_rules_on_folder(str(folders / "pred"), str(folders / "dj.json"), show_progress=False)
+
+    before = check([])
+    assert "case_0" in reference_violations_message(before) and "reference_exceptions" in \
+        reference_violations_message(before)
+    report = check([{"cases": ["case_0", "case_7"], "rules": ["exclusion(LV,RV)"], "reason": "septum gap"},
+                    {"cases": ["case_0"], "rules": ["inclusion(LV in LV+MYO)"]}, {"cases": ["case_1"]}])
+    assert list(report["rules"]["inclusion(LV in LV+MYO)"]["cases_excepted"]) == ["case_0"]
+    e = report["rules"]["exclusion(LV,RV)"]
+    assert e["cases_violating"] == 0 and e["cases"] == {}
+    assert e["cases_excepted"] == {"case_0": {"voxels": 2, "slices": [2], "slice_axis": 0, "reason": "septum gap"}}
+    assert report["clean"] and reference_violations_message(report) == ""
+    assert "case_0 (2 voxels, slices [2]): septum gap" in reference_exceptions_message(report)
+    assert any("'case_7' is not among the 3 reference cases" in n for n in report["notes"])
+    assert any("'case_1' satisfies rule(s) exclusion(LV,RV), inclusion(LV in LV+MYO)" in n for n in report["notes"])
+    assert "excepted by topology.reference_exceptions: septum gap" in format_rule_report(report)
+    other = check([{"cases": ["case_0"], "rules": ["inclusion(LV in LV+MYO)"]}])  # excepted from another rule only
+    assert not other["clean"] and other["rules"]["exclusion(LV,RV)"]["cases_violating"] == 1

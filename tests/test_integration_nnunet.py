@@ -171,6 +171,19 @@ def test_trainer_refuses_rules_that_the_reference_labels_violate(dataset, env, n
     dj["topology"]["rules"].append({"type": "exclusion", "a": "MYO", "b": "RV"})  # MYO always touches RV
     with pytest.raises(TopologySpecError, match=r"exclusion\(MYO,RV\): violated in 6/6"):
         nnUNetTrainerProjPool(dict(plans, continue_training=False), "3d_fullres", 0, dj, torch.device("cpu"))
+    # imperfect references: the data-level exception in the topology block (issue 23 item 6); the message names
+    # the cases left, the trainer logs the excepted ones
+    cases = sorted(p.name[:-len(dj["file_ending"])] for p in (pre / "gt_segmentations").iterdir())
+    dj["topology"]["reference_exceptions"] = [{"cases": cases[:5], "rules": ["exclusion(MYO,RV)"],
+                                               "reason": "annotated without a gap"}]
+    with pytest.raises(TopologySpecError, match=rf"exclusion\(MYO,RV\): violated in 1/6 reference case\(s\): "
+                                                rf"{cases[5]} \(\d+ voxels"):
+        nnUNetTrainerProjPool(dict(plans, continue_training=False), "3d_fullres", 0, dj, torch.device("cpu"))
+    dj["topology"]["reference_exceptions"][0]["cases"] = cases
+    tr = nnUNetTrainerProjPool(dict(plans, continue_training=False), "3d_fullres", 0, dj, torch.device("cpu"))
+    log = open(tr.log_file).read()
+    assert "reference cases excepted from the rule check" in log
+    assert all(f"exclusion(MYO,RV): {c} (" in log for c in cases) and "annotated without a gap" in log
     # the dataset's own rules hold: the same construction succeeds, and the check is cached
     nnUNetTrainerProjPool(dict(plans, continue_training=False), "3d_fullres", 0,
                           json.loads((pre / "dataset.json").read_text()), torch.device("cpu"))

@@ -292,6 +292,17 @@ INVALID = [
     ("bad label id", ds({}, labels={"background": 0, "LV": "1"}), r"label 'LV' must have a non-negative integer"),
     ("duplicate label id", ds({}, labels={"background": 0, "LV": 1, "RV": 1}), r"'LV' and 'RV' have the same id 1"),
     ("no labels", {"topology": {}}, r"no 'labels' key"),
+    ("reference exception not a list", with_rules(EXCL, reference_exceptions={"cases": ["c1"]}),
+     r"topology.reference_exceptions must be a list"),
+    ("reference exception without cases", with_rules(EXCL, reference_exceptions=[{"rules": ["exclusion(LV,RV)"]}]),
+     r"reference_exceptions\[0\].cases must be a non-empty list"),
+    ("reference exception of an unknown rule", with_rules(EXCL, reference_exceptions=[
+        {"cases": ["c1"], "rules": ["exclusion(LV,Rv)"]}]),
+     r"reference_exceptions\[0\].rules: 'exclusion\(LV,Rv\)' is not a voxel rule.*Did you mean 'exclusion\(LV,RV\)'"),
+    ("reference exception with an unknown key", with_rules(EXCL, reference_exceptions=[
+        {"cases": ["c1"], "rule": ["exclusion(LV,RV)"]}]), r"reference_exceptions\[0\]: unknown key 'rule'"),
+    ("reference exception with a numeric case", with_rules(EXCL, reference_exceptions=[{"cases": [12]}]),
+     r"reference_exceptions\[0\].cases"),
 ]
 
 
@@ -410,3 +421,14 @@ def test_betti_2d_allowed_sets_parse_describe_and_survive_frames():
     moved = spec_in_patch_frame(spec, (2, 0, 1))
     assert moved.betti_2d == spec.betti_2d and moved.betti_2d_axis == 1
     assert reference_spec(spec, 9).betti_2d == spec.betti_2d
+
+
+def test_reference_exceptions_are_parsed_and_described():
+    spec = parse_topology(with_rules(EXCL, reference_exceptions=[
+        {"cases": ["c1", "c2"], "rules": ["exclusion(LV,RV)"], "reason": "septum gap"}, {"cases": ["c9"]}]))
+    first, every = spec.reference_exceptions
+    assert first.cases == ("c1", "c2") and first.rules == ("exclusion(LV,RV)",) and first.reason == "septum gap"
+    assert spec.reference_exception("exclusion(LV,RV)", "c2") is first
+    assert spec.reference_exception("exclusion(LV,RV)", "c9") is every and every.rules == ()
+    assert spec.reference_exception("exclusion(LV,RV)", "c3") is None
+    assert "c1, c2 excepted from the reference check of rule(s) exclusion(LV,RV) (septum gap)" in describe(spec)

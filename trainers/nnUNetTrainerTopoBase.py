@@ -81,7 +81,8 @@ class nnUNetTrainerTopoBase(TwoPhaseSchedule, PretrainedWeights, nnUNetTrainer):
 
     def _check_rules_on_reference(self) -> None:
         """Check the spec against the reference labels once; the result is cached in the preprocessed folder."""
-        from nnunet_topo.evaluation import cached_rule_check, reference_violations_message
+        from nnunet_topo.evaluation import (cached_rule_check, reference_exceptions_message,
+                                            reference_violations_message)
 
         gt = os.path.join(self.preprocessed_dataset_folder_base, "gt_segmentations")
         if not os.path.isdir(gt):
@@ -93,10 +94,12 @@ class nnUNetTrainerTopoBase(TwoPhaseSchedule, PretrainedWeights, nnUNetTrainer):
             if e["cases_differing"]:
                 self.print_to_log_file(f"WARNING: Betti prior {name} {tuple(e['prior'])} differs from the reference in "
                                        f"{e['cases_differing']}/{report['num_cases']} case(s)")
+        excepted = reference_exceptions_message(report)
+        if excepted:
+            self.print_to_log_file("WARNING: " + excepted)
         message = reference_violations_message(report)
         if message:
-            raise TopologySpecError(message + " (Subclass with require_rules_hold_on_reference = False to train "
-                                    "anyway.)")
+            raise TopologySpecError(message)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's, then the logged terms a checkpoint of an older version lacks get NaN for its epochs (nnU-Net
