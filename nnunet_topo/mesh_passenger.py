@@ -18,7 +18,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunet_topo.losses.combined import full_resolution
 from nnunet_topo.mesh_checkpoint import add_head_entry, head_entry, load_pretrained_head, refuse_older_mesh_model
 from nnunet_topo.mesh_head.network import mesh_network_from_configuration, unwrap_network
-from nnunet_topo.mesh_step import mesh_train_step
+from nnunet_topo.mesh_step import broadcast_from_rank0_, mesh_train_step
 
 __all__ = ["MeshHeadPassenger"]
 
@@ -37,6 +37,8 @@ class MeshHeadPassenger:
         self.mesh_model = mesh_network_from_configuration(net, self.configuration_manager.configuration)
         self.mesh_model.mesh_head.to(self.device)
         self.mesh_head = self.mesh_model.mesh_head
+        if self.is_ddp:  # every rank starts from rank 0's head, as DDP does for the network it wraps
+            broadcast_from_rank0_(self.mesh_head)
         self.head_optimizer = torch.optim.Adam(self.mesh_head.parameters(), lr=self.head_lr)
         self.head_lr_scheduler = PolyLRScheduler(self.head_optimizer, self.head_lr, self.num_epochs)
         self.head_grad_scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None

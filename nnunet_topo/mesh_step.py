@@ -23,7 +23,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["add_bounded_feature_gradient", "allreduce_mean_", "grad_norm", "head_backward", "mesh_train_step"]
+__all__ = ["add_bounded_feature_gradient", "broadcast_from_rank0_", "grad_norm", "head_backward", "mean_over_ranks",
+           "mesh_train_step"]
 
 
 def grad_norm(grads: Sequence[Optional[Tensor]]) -> Tensor:
@@ -34,18 +35,52 @@ def grad_norm(grads: Sequence[Optional[Tensor]]) -> Tensor:
     return torch.stack(sq).sum().sqrt()
 
 
-def allreduce_mean_(tensors: Sequence[Optional[Tensor]]) -> None:
-    """Average tensors over the DDP processes in place (no-op without an initialised process group): gradients
-    computed with ``torch.autograd.grad`` bypass DDP's own reducer."""
+def _process_group_ready() -> bool:
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    return dist.is_available() and dist.is_initialized()
+
+
+def mean_over_ranks(params: Sequence[Tensor], grads: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
+    """Average per-parameter gradients over the DDP processes (unchanged without an initialised process group).
+
+    DDP-safe by construction: every rank makes the same single collective whatever its local gradients are, since
+    gradients computed with ``torch.autograd.grad`` (or a head outside DDP) bypass DDP's reducer, and a rank whose
+    loss did not reach a parameter (a structure absent from its batch, a term off) has ``None`` there. A ``None``
+    counts as zero in the mean (what DDP does for unused parameters); the result is ``None`` only where no rank had
+    a gradient (so an optimiser skips the parameter on every rank alike). One host sync (the presence flags).
+    """
+    import torch.distributed as dist
+
+    if not _process_group_ready():
+        return list(grads)
+    ref = next((p for p in params), None)
+    if ref is None:
+        return []
+    parts = [(g if g is not None else torch.zeros_like(p)).detach().reshape(-1).float() for p, g in zip(params, grads)]
+    present = torch.tensor([g is not None for g in grads], dtype=torch.float32, device=ref.device)
+    flat = torch.cat(parts + [present])
+    dist.all_reduce(flat)
+    flat[:-len(present)].div_(dist.get_world_size())
+    counts = flat[-len(present):].tolist()
+    out: List[Optional[Tensor]] = []
+    offset = 0
+    for p, g, n in zip(params, grads, counts):
+        k = p.numel()
+        out.append(flat[offset:offset + k].view_as(p).to(p.dtype) if n > 0 else None)
+        offset += k
+    return out
+
+
+def broadcast_from_rank0_(module: torch.nn.Module) -> None:
+    """Give every DDP process rank 0's parameters and buffers of ``module`` (what DDP does for the module it wraps;
+    the mesh head is not inside nnU-Net's DDP wrapper). No-op without an initialised process group."""
+    import torch.distributed as dist
+
+    if not _process_group_ready():
         return
-    world = dist.get_world_size()
-    for t in tensors:
-        if t is not None:
-            dist.all_reduce(t)
-            t.div_(world)
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src=0)
 
 
 def head_backward(data_loss: Tensor, regulariser_loss: Tensor, head_params: Sequence[Tensor],
@@ -105,13 +140,17 @@ def add_bounded_feature_gradient(params: Sequence[Tensor], features: Sequence[Te
     seg_norm = grad_norm([p.grad for p in params])
     pairs = [(f, g) for f, g in zip(features, feature_grads) if g is not None and f.requires_grad]
     zero = torch.zeros((), device=seg_norm.device)
-    if share <= 0 or not pairs:
+    # ``share`` is the same on every rank; ``pairs`` is not (a rank whose batch lacks the structures may have no
+    # feature gradient), so under DDP every rank joins the mean even with nothing of its own
+    if share <= 0 or (not pairs and not ddp):
         return seg_norm, zero, zero
-    outs, grads = zip(*pairs)
-    mesh = list(torch.autograd.grad(outs, params, grad_outputs=[g.to(f.dtype) for f, g in pairs],
-                                    allow_unused=True, retain_graph=False))
+    mesh: List[Optional[Tensor]] = [None] * len(params)
+    if pairs:
+        outs, grads = zip(*pairs)
+        mesh = list(torch.autograd.grad(outs, params, grad_outputs=[g.to(f.dtype) for f, g in pairs],
+                                        allow_unused=True, retain_graph=False))
     if ddp:
-        allreduce_mean_(mesh)
+        mesh = mean_over_ranks(params, mesh)
     mesh_norm = grad_norm(mesh).to(seg_norm.device)
     factor = torch.clamp(float(share) * seg_norm / mesh_norm.clamp_min(1e-30), max=1.0)
     factor = torch.where(torch.isfinite(factor), factor, zero)
@@ -175,8 +214,9 @@ def mesh_train_step(trainer, batch: dict):
             t.grad_scaler.update()
         else:
             t.optimizer.step()
-    if t.is_ddp:  # the head: its own GradScaler, clip and optimiser
-        allreduce_mean_([p.grad for p in head_params])
+    if t.is_ddp:  # the head (outside nnU-Net's DDP wrapper): one mean over the ranks, then its own step
+        for p, g in zip(head_params, mean_over_ranks(head_params, [p.grad for p in head_params])):
+            p.grad = g
     if hs is not None:
         hs.unscale_(t.head_optimizer)
     torch.nn.utils.clip_grad_norm_(head_params, t.head_grad_clip)
