@@ -549,8 +549,11 @@ def format_table(summary: dict) -> str:
                     short.append(f"mesh {name} {k}: {n[k]}/{mesh_total}")
             lines.append(row)
         grid = ", ".join(f"{g:g}" for g in mt.get("grid_mm", []))
-        lines.append(f"mesh TVS {_cell(mt.get('TVS'), 0, 5).strip()}"
-                     + (f"  (violating volumes on a {grid} mm isotropic world grid)" if grid else ""))
+        exact, on_grid = mt.get("rules_exact"), mt.get("rules_grid")
+        how = (f"  (violating volumes: {exact} exact by mesh booleans, {on_grid} on a {grid} mm world grid, "
+               f"{mt.get('cases_with_invalid_meshes', 0)} case(s) with a mesh that is not a valid closed manifold)"
+               if exact is not None else f"  (violating volumes on a {grid} mm isotropic world grid)" if grid else "")
+        lines.append(f"mesh TVS {_cell(mt.get('TVS'), 0, 5).strip()}" + how)
     if short:
         lines.append("")
         lines.append("* mean over fewer cases than evaluated (undefined elsewhere, see documentation/metrics.md): "

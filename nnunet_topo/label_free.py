@@ -33,8 +33,7 @@ import numpy as np
 
 from nnunet_topo.metrics.topology import betti_numbers_3d, betti_numbers_per_slice, meets_betti_prior, \
     slice_violation_rate
-from nnunet_topo.rules import MeshExclusionRule, TopologySpec, mesh_rule_meshes, mesh_rules_in_force, \
-    spec_from_dataset_json
+from nnunet_topo.rules import TopologySpec, spec_from_dataset_json
 from nnunet_topo.summary_io import EvaluationError, load_json_arg, nanmean, to_builtin
 from nnunet_topo.violations import violation_maps_numpy
 
@@ -82,31 +81,25 @@ def label_free_case(seg: np.ndarray, spec: TopologySpec) -> dict:
 
 
 def mesh_overlaps_case(meshes: Mapping[str, "trimesh.Trimesh"], spec: TopologySpec, h: float) -> dict:  # noqa: F821
-    """Volumes (mm³) of the predicted meshes and the volume violating each mesh rule in force, on a world grid of
-    step ``h`` mm (as the mesh evaluator's mesh TVS).
+    """Volumes (mm³) of the predicted meshes and the volume violating each mesh rule in force, as the mesh
+    evaluator's mesh TVS (:func:`nnunet_topo.mesh_evaluation.mesh_rule_volumes`: exact booleans, the world grid of
+    step ``h`` mm for a rule with a mesh that is not a valid closed manifold).
 
     Returns:
         ``{"mesh_volume_mm3": {structure: mm³}, "violating_volume_mm3": {rule: mm³},
-        "mesh_TVS_over_mesh_volumes": sum of the violating volumes / sum of the mesh volumes, "grid_mm": h}``.
+        "mesh_TVS_over_mesh_volumes": sum of the violating volumes / sum of the mesh volumes, "grid_mm": h,
+        "method": {rule: "exact" | "grid"}, "invalid_meshes": {structure: reason}}``.
     """
-    from nnunet_topo.mesh_evaluation import violating_volume_mm3
+    from nnunet_topo.mesh_evaluation import mesh_rule_volumes
     from nnunet_topo.metrics.mesh import mesh_volume
 
     volumes = {s: float(mesh_volume(m)) for s, m in meshes.items()}
-    violating = {}
-    in_force, _ = mesh_rules_in_force(spec)
-    for rule in in_force:
-        if any(m not in meshes for m in mesh_rule_meshes(rule)):
-            continue
-        if isinstance(rule, MeshExclusionRule):
-            violating[rule.name] = violating_volume_mm3(meshes[rule.a], [meshes[rule.b]], True, h)
-        else:
-            allowed = [meshes[rule.outer]] + [meshes[m] for m in rule.may_touch if m in meshes]
-            violating[rule.name] = violating_volume_mm3(meshes[rule.inner], allowed, False, h)
+    rv = mesh_rule_volumes(meshes, spec, h)
+    violating = rv["violating_volume_mm3"]
     total = sum(volumes.values())
     tvs = sum(violating.values()) / total if violating and total > 0 else math.nan
     return {"mesh_volume_mm3": volumes, "violating_volume_mm3": violating, "mesh_TVS_over_mesh_volumes": tvs,
-            "grid_mm": h}
+            "grid_mm": h, "method": rv["method"], "invalid_meshes": rv["invalid_meshes"]}
 
 
 def aggregate_label_free(cases: List[dict], spec: TopologySpec) -> dict:

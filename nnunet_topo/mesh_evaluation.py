@@ -24,8 +24,10 @@ value over the reference foreground volume, which this module called TVS before,
 must not overlap, contact allowed; ``mesh_inclusion``: one mesh inside another) and the voxel rules whose
 structures are mesh structures, read on the meshes.
 
-The violating volumes are measured on a **fine isotropic world grid** (cell centres, step ``h = min(1 mm, finest
-spacing of the reference)``, reported as ``grid_mm``), not at the reference voxel centres: with 10 mm slices a
+The violating volumes are measured **exactly by mesh booleans** (:mod:`nnunet_topo.mesh_booleans`) where the rule's
+meshes are valid closed manifolds without self-intersection (checked per case; :func:`mesh_rule_volumes`), and
+otherwise, with the mesh and the reason reported, on a **fine isotropic world grid** (cell centres, step
+``h = min(1 mm, finest spacing of the reference)``, reported as ``grid_mm``), not at the reference voxel centres: with 10 mm slices a
 penetration thinner than a slice would be missed. Only the box where a violation can lie is sampled (the
 intersection of the two meshes' bounding boxes for an exclusion, the inner mesh's box for an inclusion), in slabs
 of at most ``_GRID_POINTS`` points (bounded memory); inside/outside at every cell centre by signed ray
@@ -222,9 +224,73 @@ def violating_volume_mm3(first: trimesh.Trimesh, second: Sequence[trimesh.Trimes
     return count * h ** 3
 
 
+def mesh_rule_volumes(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, h: float,
+                      method: str = "exact") -> dict:
+    """The volume violating each mesh rule in force (the numerators of the mesh TVS), for one case's meshes.
+
+    ``method="exact"``: by mesh booleans (:mod:`nnunet_topo.mesh_booleans`) where every mesh of the rule is a valid
+    closed manifold without self-intersection; a rule with an invalid mesh is measured on the world grid of step
+    ``h`` (:func:`violating_volume_mm3`) and the mesh is listed with the reason. ``method="grid"``: the grid for all.
+
+    Returns:
+        ``{"violating_volume_mm3": {rule: mm³}, "method": {rule: "exact" | "grid"}, "invalid_meshes": {mesh: reason},
+        "skipped_rules": {rule: reason}, "notes": {rule: note}}``.
+    """
+    if method not in ("exact", "grid"):
+        raise ValueError(f"method must be 'exact' or 'grid', got {method!r}")
+    from nnunet_topo.mesh_booleans import exact_violating_volume_mm3, mesh_invalid_reason
+
+    in_force, not_on_meshes = mesh_rules_in_force(spec)
+    skipped: Dict[str, str] = dict(not_on_meshes)
+    notes: Dict[str, str] = {}
+    voxel_rules = {r.name: r for r in spec.rules}
+    invalid: Dict[str, str] = {}
+    checked: Dict[str, bool] = {}
+
+    def valid(name: str) -> bool:
+        if name not in checked:
+            reason = mesh_invalid_reason(meshes[name])
+            checked[name] = reason is None
+            if reason:
+                invalid[name] = reason
+        return checked[name]
+
+    violating: Dict[str, float] = {}
+    used: Dict[str, str] = {}
+    for rule in in_force:
+        lack = [m for m in mesh_rule_meshes(rule) if m not in meshes]
+        if lack:
+            skipped[rule.name] = f"no predicted mesh for {lack}"
+            continue
+        if isinstance(rule, MeshExclusionRule):
+            names, exclusion = [rule.a, rule.b], True
+        else:
+            names, exclusion = [rule.inner, rule.outer] + [m for m in rule.may_touch if m in meshes], False
+            src = voxel_rules.get(rule.name)
+            if isinstance(src, InclusionRule) and src.may_touch is not None:
+                if not rule.may_touch:
+                    notes[rule.name] = f"may_touch {src.may_touch.name!r} has no mesh; evaluated without it"
+                elif rule.may_touch[0] not in meshes:
+                    notes[rule.name] = f"may_touch mesh {rule.may_touch[0]!r} was not predicted; evaluated without it"
+        first, second = meshes[names[0]], [meshes[n] for n in names[1:]]
+        if method == "exact" and all(valid(n) for n in names):
+            violating[rule.name] = exact_violating_volume_mm3(first, second, exclusion, check=False)
+            used[rule.name] = "exact"
+        else:
+            violating[rule.name] = violating_volume_mm3(first, second, exclusion, h)
+            used[rule.name] = "grid"
+            if method == "exact":
+                bad = [n for n in names if n in invalid]
+                notes[rule.name] = (f"measured on the {h:g} mm grid: mesh(es) {bad} not valid for exact booleans "
+                                    f"({'; '.join(f'{n}: {invalid[n]}' for n in bad)})")
+    return {"violating_volume_mm3": violating, "method": used, "invalid_meshes": invalid, "skipped_rules": skipped,
+            "notes": notes}
+
+
 def evaluate_mesh_case(ref_label_map: np.ndarray, geometry: ImageGeometry,
                        predicted_meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec,
-                       num_samples: int = 20000, seed: int = 0, ignore_label: Optional[int] = None) -> dict:
+                       num_samples: int = 20000, seed: int = 0, ignore_label: Optional[int] = None,
+                       method: str = "exact") -> dict:
     """Mesh metrics and mesh TVS of one case.
 
     A sparse reference (voxels with nnU-Net's ``ignore_label``, unknown): mesh Dice is taken over the annotated
@@ -248,7 +314,8 @@ def evaluate_mesh_case(ref_label_map: np.ndarray, geometry: ImageGeometry,
         structures' reference volumes), "TVS_per_rule", "violating_volume_mm3", "reference_volume_sum_mm3",
         "reference_volumes_mm3" (per mesh structure), "TVS_over_foreground", "TVS_over_foreground_per_rule",
         "reference_foreground_mm3", "grid_mm" (step of the mesh-TVS grid), "evaluated_rules", "skipped_rules",
-        "notes", "missing_structures"}}`` (plain Python numbers; NaN where undefined).
+        "notes", "missing_structures", "method" ({rule: "exact" | "grid"}), "invalid_meshes" ({structure:
+        reason})}}`` (plain Python numbers; NaN where undefined). ``method="grid"`` measures every rule on the grid.
 
     Raises:
         MeshEvaluationError: a mesh name that is not a mesh structure of the spec, or a non-3D reference.
@@ -310,28 +377,9 @@ def evaluate_mesh_case(ref_label_map: np.ndarray, geometry: ImageGeometry,
         ref_fg += int(np.count_nonzero(ignored & np.logical_or.reduce(list(occ.values()))))
     ref_fg_mm3 = ref_fg * vv
     h = mesh_tvs_grid_step(geometry.spacing_xyz)
-    violating: Dict[str, float] = {}
-    in_force, not_on_meshes = mesh_rules_in_force(spec)
-    skipped: Dict[str, str] = dict(not_on_meshes)
-    voxel_rules = {r.name: r for r in spec.rules}
-    for rule in in_force:
-        needed = mesh_rule_meshes(rule)
-        lack = [m for m in needed if m not in predicted_meshes]
-        if lack:
-            skipped[rule.name] = f"no predicted mesh for {lack}"
-            continue
-        if isinstance(rule, MeshExclusionRule):
-            violating[rule.name] = violating_volume_mm3(predicted_meshes[rule.a], [predicted_meshes[rule.b]], True, h)
-            continue
-        allowed = [predicted_meshes[rule.outer]] + [predicted_meshes[m] for m in rule.may_touch
-                                                    if m in predicted_meshes]
-        src = voxel_rules.get(rule.name)
-        if isinstance(src, InclusionRule) and src.may_touch is not None:
-            if not rule.may_touch:
-                notes[rule.name] = f"may_touch {src.may_touch.name!r} has no mesh; evaluated without it"
-            elif rule.may_touch[0] not in predicted_meshes:
-                notes[rule.name] = f"may_touch mesh {rule.may_touch[0]!r} was not predicted; evaluated without it"
-        violating[rule.name] = violating_volume_mm3(predicted_meshes[rule.inner], allowed, False, h)
+    rv = mesh_rule_volumes(predicted_meshes, spec, h, method)
+    violating, skipped = rv["violating_volume_mm3"], rv["skipped_rules"]
+    notes.update(rv["notes"])
 
     def ratio(v: float, d: float) -> float:
         return v / d if d > 0 else math.nan
@@ -343,7 +391,8 @@ def evaluate_mesh_case(ref_label_map: np.ndarray, geometry: ImageGeometry,
                 "TVS_over_foreground": ratio(sum(violating.values()), ref_fg_mm3) if violating else math.nan,
                 "TVS_over_foreground_per_rule": {r: ratio(v, ref_fg_mm3) for r, v in violating.items()},
                 "reference_foreground_mm3": ref_fg_mm3, "grid_mm": h, "evaluated_rules": list(violating),
-                "skipped_rules": skipped, "notes": notes, "missing_structures": missing}
+                "skipped_rules": skipped, "notes": notes, "missing_structures": missing,
+                "method": rv["method"], "invalid_meshes": rv["invalid_meshes"]}
     return {"mesh_metrics": metrics, "mesh_topology": topology}
 
 
@@ -514,7 +563,12 @@ def aggregate_mesh_cases(cases: List[dict], spec: TopologySpec) -> dict:
             "grid_mm": sorted({c["mesh_topology"].get("grid_mm") for c in cases} - {None}),
             "TVS_per_rule": {r: nanmean(c["mesh_topology"]["TVS_per_rule"].get(r) for c in cases) for r in rules},
             # the other normalisation (over the reference foreground; documentation/metrics.md "Mesh TVS")
-            "TVS_over_foreground": nanmean(c["mesh_topology"].get("TVS_over_foreground", math.nan) for c in cases)}
+            "TVS_over_foreground": nanmean(c["mesh_topology"].get("TVS_over_foreground", math.nan) for c in cases),
+            # how the violating volumes were measured: (case, rule) pairs by exact booleans / on the grid, and the
+            # cases with a mesh that is not a valid closed manifold (issue 25)
+            "rules_exact": sum(v == "exact" for c in cases for v in c["mesh_topology"].get("method", {}).values()),
+            "rules_grid": sum(v == "grid" for c in cases for v in c["mesh_topology"].get("method", {}).values()),
+            "cases_with_invalid_meshes": sum(bool(c["mesh_topology"].get("invalid_meshes")) for c in cases)}
     return {"mesh_mean": mean, "mesh_mean_num_cases": mean_n, "mesh_foreground_mean": fg,
             "mesh_topology_mean": topo}
 
