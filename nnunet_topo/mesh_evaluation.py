@@ -400,7 +400,10 @@ def evaluate_mesh_case(ref_label_map: np.ndarray, geometry: ImageGeometry,
 # folder
 # ----------------------------------------------------------------------------------------------------
 
-def _mesh_files_from_json(mesh_folder: str, case_names: Sequence[str]) -> Dict[str, Dict[str, str]]:
+def mesh_files_from_json(mesh_folder: str, case_names: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, str]]:
+    """``{case: {structure: path}}`` of the cases ``meshes.json`` (nnUNetv2_topo_predict_meshes) lists with meshes
+    (cases it gave no mesh are left out; :func:`no_mesh_reasons`). ``case_names`` is not used (the listing is
+    the truth); kept for the caller's symmetry with :func:`mesh_files_by_name`."""
     listing = read_json(os.path.join(mesh_folder, "meshes.json"), "meshes.json")
     cases = listing.get("cases")
     if not isinstance(cases, dict):
@@ -417,7 +420,7 @@ def _mesh_files_from_json(mesh_folder: str, case_names: Sequence[str]) -> Dict[s
     return out
 
 
-def _no_mesh_reasons(mesh_folder: str) -> Dict[str, str]:
+def no_mesh_reasons(mesh_folder: str) -> Dict[str, str]:
     """``{case: error}`` of the cases nnUNetv2_topo_predict_meshes gave no mesh (empty without a meshes.json)."""
     path = os.path.join(mesh_folder, "meshes.json")
     if not os.path.isfile(path):
@@ -428,8 +431,9 @@ def _no_mesh_reasons(mesh_folder: str) -> Dict[str, str]:
     return {c: str(e["error"]) for c, e in cases.items() if isinstance(e, dict) and e.get("error")}
 
 
-def _mesh_files_by_name(mesh_folder: str, case_names: Sequence[str], structures: Sequence[str]
-                        ) -> Dict[str, Dict[str, str]]:
+def mesh_files_by_name(mesh_folder: str, case_names: Sequence[str], structures: Sequence[str]
+                       ) -> Dict[str, Dict[str, str]]:
+    """``{case: {structure: path}}`` of the files ``CASE_<structure><ext>`` in a folder without ``meshes.json``."""
     present = set(os.listdir(mesh_folder))
     out: Dict[str, Dict[str, str]] = {}
     for case in case_names:
@@ -485,12 +489,12 @@ def evaluate_mesh_folder(ref_folder: str, mesh_folder: str, dataset_json: Union[
         raise MeshEvaluationError(f"no reference label maps ending in {file_ending!r} in {ref_folder}")
     case_names = [f[: -len(file_ending)] for f in ref_files]
     if os.path.isfile(os.path.join(mesh_folder, "meshes.json")):
-        files = _mesh_files_from_json(mesh_folder, case_names)
+        files = mesh_files_from_json(mesh_folder, case_names)
         unknown = [c for c in files if c not in case_names]
         if unknown:
             raise MeshEvaluationError(f"meshes.json lists case(s) without a reference in {ref_folder}: {unknown[:10]}")
     else:
-        files = _mesh_files_by_name(mesh_folder, case_names, structures)
+        files = mesh_files_by_name(mesh_folder, case_names, structures)
     if not files:
         raise MeshEvaluationError(f"no mesh files CASE_<structure>.<ext> (structures {structures}) and no meshes.json "
                                   f"in {mesh_folder}")
@@ -503,7 +507,7 @@ def evaluate_mesh_folder(ref_folder: str, mesh_folder: str, dataset_json: Union[
                 raise MeshEvaluationError(f"case {case}, structure {s!r}: mesh file not found: {fs[s]}")
     missing_cases = [c for c in case_names if c not in files]
     if missing_cases and not chill:
-        reasons = _no_mesh_reasons(mesh_folder)
+        reasons = no_mesh_reasons(mesh_folder)
         why = "; ".join(f"{c}: {reasons[c]}" for c in missing_cases[:3] if c in reasons)
         raise MeshEvaluationError(f"{len(missing_cases)} reference case(s) have no meshes in {mesh_folder}: "
                                   f"{missing_cases[:10]} (pass chill=True / --chill to evaluate only those predicted)"

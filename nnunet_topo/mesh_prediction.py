@@ -772,11 +772,21 @@ def predict_meshes_entry(argv: Optional[Sequence[str]] = None) -> None:
                         help="take the ROI from these label maps (CASE<file ending>, on the images' grids, e.g. "
                              "corrected segmentations) instead of the model's own segmentation; the network and "
                              "mesh head still run on the image")
+    parser.add_argument("--repair", default=None, metavar="FOLDER",
+                        help="also repair the meshes (nnUNetv2_topo_repair_meshes: no overlap, inner inside outer, "
+                             "with --gap_mm; exactly verified) into this folder (not -i, not inside -o); the "
+                             "unrepaired meshes stay in -o")
+    parser.add_argument("--gap_mm", type=float, default=None,
+                        help="with --repair: the margin between repaired surfaces in mm (default 0.5)")
     args = parser.parse_args(argv)
     from nnunet_topo.paths import USER_ERRORS, check_output
 
+    if args.gap_mm is not None and args.repair is None:
+        parser.error("--gap_mm needs --repair FOLDER")
     try:  # before the model is looked up or loaded
         check_output(args.o, {"input folder": args.i, "--roi_from folder": args.roi_from}, kind="folder")
+        if args.repair is not None:
+            check_output(args.repair, {"input folder": args.i, "-o folder": args.o}, kind="folder", option="--repair")
         model_folder = model_folder_from_args(args)
         _set_torch_threads_as_nnunet(args.device)
         summary = predict_meshes_folder(model_folder, args.i, args.o, folds=args.f, checkpoint=args.chk,
@@ -788,6 +798,21 @@ def predict_meshes_entry(argv: Optional[Sequence[str]] = None) -> None:
     n, failed = len(summary["cases"]), summary["cases_without_mesh"]
     print(f"wrote the segmentations of {n} case(s) and the meshes ({', '.join(summary['structures'])}) of "
           f"{n - len(failed)} to {args.o}")
+    if args.repair is not None and n > len(failed):
+        from nnunet_topo.mesh_repair import DEFAULT_GAP_MM, MeshRepairError, format_repair_table, repair_mesh_folder
+
+        try:
+            result = repair_mesh_folder(args.o, args.repair, os.path.join(model_folder, "dataset.json"),
+                                        DEFAULT_GAP_MM if args.gap_mm is None else args.gap_mm,
+                                        overwrite=args.overwrite)
+        except (MeshRepairError, *USER_ERRORS) as e:
+            print(f"error: --repair: {e}", file=sys.stderr)
+            raise SystemExit(2)
+        print(format_repair_table(result))
+        failed = failed + [c for c in result["cases_not_repaired"] if c not in failed]
+        if result["cases_not_repaired"]:
+            print(f"error: {len(result['cases_not_repaired'])} case(s) could not be repaired: "
+                  f"{', '.join(result['cases_not_repaired'])} (reasons in {args.repair}/repair.json)", file=sys.stderr)
     if failed:
         print(f"error: {len(failed)} of {n} case(s) got no mesh: {', '.join(failed)} (reasons above and in "
               f"{os.path.join(args.o, 'meshes.json')})", file=sys.stderr)

@@ -29,6 +29,7 @@ from scipy.spatial import cKDTree
 __all__ = [
     "sample_surface",
     "point_to_surface_distance",
+    "closest_points_on_surface",
     "surface_distances_mesh",
     "chamfer_distance_mesh",
     "hausdorff_distance_95_mesh",
@@ -155,20 +156,30 @@ def _closest_point_on_triangles(p: np.ndarray, a: np.ndarray, b: np.ndarray, c: 
 
 
 def point_to_surface_distance(points: np.ndarray, mesh: Any) -> np.ndarray:
-    """Exact Euclidean distance from each point to a triangle surface.
-
-    For each point, an upper bound ``U`` is the distance to the nearest mesh vertex. Any triangle
-    ``t`` with a point within ``U`` has its centroid within ``U + r_t`` (``r_t`` = largest
-    centroid-corner distance of ``t``), so the exact point-triangle distances are computed only for
-    triangles found by a centroid k-d tree query of that radius (one tree per size class of
-    triangles, so a few large triangles do not inflate the search for the small ones).
+    """Exact Euclidean distance from each point to a triangle surface (:func:`closest_points_on_surface`).
 
     Args:
         points: ``(N, 3)`` points (same unit as the mesh, mm for world meshes).
         mesh: ``trimesh.Trimesh`` or ``(vertices, faces)`` with at least one face.
 
     Returns:
-        ``(N, 3)`` -> ``(N,)`` float64 distances.
+        ``(N,)`` float64 distances.
+
+    Raises:
+        ValueError: malformed input or a mesh without faces.
+    """
+    return closest_points_on_surface(points, mesh)[1]
+
+
+def closest_points_on_surface(points: np.ndarray, mesh: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact closest points of a triangle surface to each point: ``(closest (N, 3), distance (N,), face (N,))``.
+
+    For each point, an upper bound ``U`` is the distance to the nearest mesh vertex. Any triangle
+    ``t`` with a point within ``U`` has its centroid within ``U + r_t`` (``r_t`` = largest
+    centroid-corner distance of ``t``), so the exact point-triangle distances are computed only for
+    triangles found by a centroid k-d tree query of that radius (one tree per size class of
+    triangles, so a few large triangles do not inflate the search for the small ones). Ties keep the
+    first face found.
 
     Raises:
         ValueError: malformed input or a mesh without faces.
@@ -180,7 +191,7 @@ def point_to_surface_distance(points: np.ndarray, mesh: Any) -> np.ndarray:
     if len(f) == 0:
         raise ValueError("the distance to a mesh without faces is undefined.")
     if len(pts) == 0:
-        return np.zeros(0, dtype=np.float64)
+        return np.zeros((0, 3)), np.zeros(0, dtype=np.float64), np.zeros(0, dtype=np.int64)
     used = np.unique(f)
     upper = cKDTree(v[used]).query(pts, workers=-1)[0]  # distance to the nearest vertex
 
@@ -193,6 +204,8 @@ def point_to_surface_distance(points: np.ndarray, mesh: Any) -> np.ndarray:
     slack = 1e-9 * (1.0 + np.abs(pts).max())
 
     best = np.full(len(pts), np.inf)
+    best_point = np.zeros_like(pts)
+    best_face = np.full(len(pts), -1, dtype=np.int64)
     for k in np.unique(cls):
         members = np.flatnonzero(cls == k)
         r_max = float(radius[members].max())
@@ -208,9 +221,15 @@ def point_to_surface_distance(points: np.ndarray, mesh: Any) -> np.ndarray:
             t = tri[it]
             q = _closest_point_on_triangles(pts[ip], t[:, 0], t[:, 1], t[:, 2])
             d = np.linalg.norm(pts[ip] - q, axis=1)
-            np.minimum.at(best, ip, d)
-    # the triangles around the nearest vertex are always candidates, so best <= upper
-    return np.minimum(best, upper)
+            order = np.lexsort((d, ip))  # per point, its nearest pair first
+            first = order[np.r_[True, ip[order][1:] != ip[order][:-1]]]
+            better = d[first] < best[ip[first]]
+            take = first[better]
+            best[ip[take]] = d[take]
+            best_point[ip[take]] = q[take]
+            best_face[ip[take]] = it[take]
+    # the triangles around the nearest vertex are always candidates, so a face within ``upper`` is always found
+    return best_point, best, best_face
 
 
 def surface_distances_mesh(

@@ -1,0 +1,137 @@
+"""Mesh repair (issue 25 item 2): meshes that provably do not penetrate, verified independently of the repair's own
+loop (exact booleans and the triangle-to-triangle gap recomputed here), displacement no larger than needed, inputs
+never touched, every error path."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import trimesh
+
+from conftest import nnunet_cli, run_cli
+from nnunet_topo.mesh_booleans import exact_violating_volume_mm3, mesh_invalid_reason
+from nnunet_topo.mesh_evaluation import mesh_rule_volumes
+from nnunet_topo.mesh_repair import MeshRepairError, repair_case, surface_gap_mm
+from nnunet_topo.meshes import export_mesh, read_mesh, read_point_data
+from nnunet_topo.rules import parse_topology
+
+DJ = {"labels": {"background": 0, "RV": 1, "MYO": 2, "LV": 3}, "file_ending": ".nii.gz", "topology": {
+    "mesh_structures": {"LV_endo": ["LV"], "LV_epi": ["LV", "MYO"], "RV": ["RV"]},
+    "mesh_rules": [{"type": "mesh_exclusion", "meshes": ["RV", "LV_epi"]},
+                   {"type": "mesh_inclusion", "inner": "LV_endo", "outer": "LV_epi"}]}}
+SPEC = parse_topology(DJ)
+GAP = 0.5
+#: the stated slack of the displacement bound: a moved vertex goes at most penetration depth + gap + SLACK
+SLACK = GAP / 2
+
+
+def sphere(r, centre, sub=3):
+    m = trimesh.creation.icosphere(sub, radius=r)
+    m.apply_translation(centre)
+    return m
+
+
+def heart(rv_x=15.0, endo_x=6.5):
+    """LV_epi r 10 at 0; RV r 8 at ``rv_x`` (3 mm through LV_epi at 15); LV_endo r 5 at ``endo_x`` (1.5 mm out)."""
+    return {"LV_epi": sphere(10.0, (0, 0, 0)), "RV": sphere(8.0, (rv_x, 0, 0)), "LV_endo": sphere(5.0, (endo_x, 0, 0))}
+
+
+def test_repair_two_spheres_pushed_through_each_other_and_an_inner_sphere_poking_out():
+    meshes = heart()
+    before = {n: np.array(m.vertices) for n, m in meshes.items()}
+    repaired, report = repair_case(meshes, SPEC, GAP)
+    # inputs untouched
+    assert all(np.array_equal(before[n], meshes[n].vertices) for n in meshes)
+    # exactly verified here, independently of the repair's loop: no overlap, the gap, valid closed surfaces
+    assert exact_violating_volume_mm3(repaired["RV"], [repaired["LV_epi"]], True) == 0.0
+    assert exact_violating_volume_mm3(repaired["LV_endo"], [repaired["LV_epi"]], False) == 0.0
+    assert surface_gap_mm(repaired["RV"], [repaired["LV_epi"]], True, 3.0) >= GAP * (1 - 1e-3)
+    assert surface_gap_mm(repaired["LV_endo"], [repaired["LV_epi"]], False, 3.0) >= GAP * (1 - 1e-3)
+    assert all(mesh_invalid_reason(m) is None for m in repaired.values())
+    rv = mesh_rule_volumes(repaired, SPEC, 1.0)
+    assert set(rv["method"].values()) == {"exact"} and sum(rv["violating_volume_mm3"].values()) == 0.0
+    # the fixed mesh does not move; the moved ones no further than needed: depth + gap + the stated slack
+    assert report["meshes"]["LV_epi"]["moved_vertices"] == 0
+    np.testing.assert_array_equal(repaired["LV_epi"].vertices, meshes["LV_epi"].vertices)
+    assert 0 < report["meshes"]["RV"]["max_displacement_mm"] <= 3.0 + GAP + SLACK
+    assert 0 < report["meshes"]["LV_endo"]["max_displacement_mm"] <= 1.5 + GAP + SLACK
+    # few vertices move (the septal cap and its smoothing rings, not the whole mesh)
+    assert report["meshes"]["RV"]["moved_vertices"] < 0.4 * len(meshes["RV"].vertices)
+    r = report["rules"]["mesh_exclusion(RV,LV_epi)"]
+    assert r["violating_volume_mm3_before"] > 50 and r["violating_volume_mm3_after"] == 0.0 and r["moved_mesh"] == "RV"
+    # smooth, not spikes: no moved vertex ends up far from the mean of its neighbours
+    lap = repaired["RV"].vertices - trimesh.smoothing.laplacian_calculation(repaired["RV"]).dot(
+        repaired["RV"].vertices)
+    lap0 = meshes["RV"].vertices - trimesh.smoothing.laplacian_calculation(meshes["RV"]).dot(meshes["RV"].vertices)
+    assert np.linalg.norm(lap, axis=1).max() < 4 * np.linalg.norm(lap0, axis=1).max()
+
+
+def test_meshes_that_already_hold_the_rules_are_not_moved():
+    meshes = {"LV_epi": sphere(10.0, (0, 0, 0)), "RV": sphere(8.0, (20.0, 0, 0)), "LV_endo": sphere(5.0, (0, 0, 0))}
+    repaired, report = repair_case(meshes, SPEC, GAP)
+    assert all(report["meshes"][n]["moved_vertices"] == 0 for n in meshes)
+
+
+@pytest.mark.parametrize("what, meshes, gap, pattern", [
+    ("open mesh", dict(heart(), RV=trimesh.Trimesh(sphere(8.0, (15, 0, 0)).vertices,
+                                                   sphere(8.0, (15, 0, 0)).faces[1:], process=False)),
+     GAP, r"mesh RV cannot be repaired.*not a closed 2-manifold"),
+    ("self-intersecting input", None, GAP, r"mesh RV cannot be repaired.*intersects itself"),
+    ("RV entirely inside LV_epi", dict(heart(), RV=sphere(2.0, (0, 5.0, 0))), GAP,
+     r"case c1, rule mesh_exclusion\(RV,LV_epi\) \(moving RV\): (not repaired|the moved mesh "
+     r"intersects itself)"),
+    ("zero gap", heart(), 0.0, r"gap_mm must be a positive"),
+])
+def test_error_paths_name_the_case_and_the_problem(what, meshes, gap, pattern):
+    if meshes is None:
+        bad = sphere(8.0, (15, 0, 0))
+        v = np.array(bad.vertices)
+        v[0] = np.array([15.0, 0, 0]) - 1.5 * (v[0] - np.array([15.0, 0, 0]))
+        meshes = dict(heart(), RV=trimesh.Trimesh(v, bad.faces, process=False))
+    with pytest.raises(MeshRepairError, match=pattern):
+        repair_case(meshes, SPEC, gap, max_iterations=15, case="c1")
+
+
+def _digest(folder):
+    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest() for f in sorted(os.listdir(folder))}
+
+
+def test_cli_repairs_a_folder_keeps_point_data_and_never_touches_the_input(tmp_path):
+    inp, out = tmp_path / "meshes", tmp_path / "repaired"
+    inp.mkdir()
+    cases = {"c1": heart(), "c2": dict(heart(), RV=sphere(2.0, (0, 5.0, 0)))}  # c2 cannot be repaired
+    listing = {"format": ".vtp", "structures": list(DJ["topology"]["mesh_structures"]), "cases": {},
+               "cases_without_mesh": []}
+    for case, meshes in cases.items():
+        files = {}
+        for s, m in meshes.items():
+            files[s] = f"{case}_{s}.vtp"
+            export_mesh(m, str(inp / files[s]), point_data={"spread_mm": np.linspace(0, 1, len(m.vertices))})
+        listing["cases"][case] = {"files": files, "segmentation": f"{case}.nii.gz"}
+    (inp / "meshes.json").write_text(json.dumps(listing))
+    (tmp_path / "dataset.json").write_text(json.dumps(DJ))
+    before = _digest(inp)
+    cmd = [nnunet_cli("nnUNetv2_topo_repair_meshes"), "-i", str(inp), "-o", str(out), "-djfile", str(tmp_path / "dataset.json")]
+    proc = run_cli(cmd, dict(os.environ), check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "1 case(s) could not be repaired: c2" in proc.stderr and "mesh_exclusion(RV,LV_epi)" in proc.stdout
+    assert _digest(inp) == before
+    report = json.loads((out / "repair.json").read_text())
+    assert report["cases_not_repaired"] == ["c2"] and "case c2, rule mesh_exclusion(RV,LV_epi)" in \
+        report["cases"]["c2"]["error"]
+    assert report["cases"]["c1"]["rules"]["mesh_exclusion(RV,LV_epi)"]["violating_volume_mm3_after"] == 0.0
+    repaired_listing = json.loads((out / "meshes.json").read_text())
+    assert set(repaired_listing["cases"]["c1"]["files"]) == {"LV_endo", "LV_epi", "RV"}
+    assert repaired_listing["cases_without_mesh"] == ["c2"] and not (out / "c2_RV.vtp").exists()
+    rv = read_mesh(str(out / "c1_RV.vtp"))
+    assert exact_violating_volume_mm3(rv, [read_mesh(str(out / "c1_LV_epi.vtp"))], True) == 0.0
+    np.testing.assert_allclose(read_point_data(str(out / "c1_RV.vtp"))["spread_mm"],
+                               np.linspace(0, 1, len(rv.vertices)))
+    # existing outputs, output inside the input, missing dataset.json: exit 2, named, input untouched
+    for args, msg in ((cmd, "exists; pass --overwrite"),
+                      (cmd[:3] + ["-o", str(inp / "sub")] + cmd[5:], "lies inside the mesh folder"),
+                      (cmd[:6] + [str(tmp_path / "nope.json")], "dataset.json not found")):
+        proc = run_cli(args, dict(os.environ), check=False)
+        assert proc.returncode == 2 and msg in proc.stderr, (args, proc.stderr)
+    assert _digest(inp) == before
