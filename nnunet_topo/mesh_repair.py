@@ -22,9 +22,11 @@ the voxel rules read on meshes) the repair moves the vertices of one mesh of the
   overlap, e.g. one mesh swallowed by the other, is no local defect and is reported as not repairable).
 
 Rules are repaired in order, in rounds (a mesh moved by one rule may be the fixed mesh of another), until every
-rule passes the exact check in the same round, or :class:`MeshRepairError` names the case and rule. The input
-meshes are never touched; per case and mesh the maximum and mean vertex displacement, the number of moved vertices
-and, per rule, the violating volume before/after and the gap after are reported.
+rule passes the exact check in the same round, or :class:`MeshRepairError` names the case and rule. A mesh that crosses itself on input (a fold of a deformed template; predicted meshes often have a few) is
+untangled first: the neighbourhood of its crossing faces is relaxed tangentially until no face crosses another
+(its vertices count as moved). Open or non-manifold meshes are errors. The input meshes are never touched; per case
+and mesh the self-crossing face pairs found on input, the maximum and mean vertex displacement, the number of moved
+vertices and, per rule, the violating volume before/after and the gap after are reported.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import trimesh
 
-from nnunet_topo.mesh_booleans import exact_violating_volume_mm3, mesh_invalid_reason
+from nnunet_topo.mesh_booleans import exact_violating_volume_mm3, mesh_invalid_reason, self_intersecting_faces
 from nnunet_topo.metrics.mesh import closest_points_on_surface
 from nnunet_topo.rules import MeshExclusionRule, TopologySpec, mesh_rule_meshes, mesh_rules_in_force
 
@@ -62,8 +64,9 @@ def _inside(points: np.ndarray, mesh: trimesh.Trimesh) -> np.ndarray:
     return (w > 0.5).numpy()
 
 
-def _signed_side(points: np.ndarray, mesh: trimesh.Trimesh) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(closest point, signed distance (+ outside), outward unit direction at the closest point)`` per point."""
+def _signed_side(points: np.ndarray, mesh: trimesh.Trimesh, with_face: bool = False):
+    """``(closest point, signed distance (+ outside), outward unit direction at the closest point[, its face])``
+    per point."""
     closest, dist, face = closest_points_on_surface(points, mesh)
     sign = np.where(_inside(points, mesh), -1.0, 1.0)
     offset = points - closest
@@ -71,7 +74,7 @@ def _signed_side(points: np.ndarray, mesh: trimesh.Trimesh) -> Tuple[np.ndarray,
     scale = 1e-9 * (1.0 + float(np.abs(points).max()))
     direction = np.where((norm > scale)[:, None], offset / np.maximum(norm, scale)[:, None] * sign[:, None],
                          np.asarray(mesh.face_normals)[face])
-    return closest, sign * dist, direction
+    return (closest, sign * dist, direction, face) if with_face else (closest, sign * dist, direction)
 
 
 def _to_manifold(meshes: Sequence[trimesh.Trimesh], origin: np.ndarray):
@@ -120,10 +123,7 @@ def _harmonic_extension(adj, moved: np.ndarray, disp: np.ndarray, rings: int, it
     neighbours' (Jacobi iterations of the graph Laplace equation, zero beyond the rings): a smooth bump."""
     if rings <= 0:
         return disp
-    region = moved.copy()
-    for _ in range(rings):
-        region = region | (adj @ region.astype(np.float64) > 0)
-    free = region & ~moved
+    free = _grow(adj, moved, rings) & ~moved
     if not free.any():
         return disp
     deg = np.asarray(adj.sum(axis=1)).ravel()
@@ -134,6 +134,63 @@ def _harmonic_extension(adj, moved: np.ndarray, disp: np.ndarray, rings: int, it
     return out
 
 
+def _poke_displacements(v: np.ndarray, faces: np.ndarray, fixed: trimesh.Trimesh, gap: float) -> np.ndarray:
+    """Per vertex of the moving mesh ``(v, faces)``, the mean displacement that moves the faces the fixed mesh's
+    vertices poke (inside the moving mesh, or closer than ``gap`` to it from the wrong side) ``gap`` beyond them:
+    against the moving mesh's outward direction at the poked point, by the depth plus the gap."""
+    moving = trimesh.Trimesh(v, faces, process=False)
+    _, sd, out, face = _signed_side(np.asarray(fixed.vertices, np.float64), moving, with_face=True)
+    need = gap - sd  # the fixed vertices must stay outside the moving mesh by the gap
+    hit = need > 1e-6 * gap
+    total = np.zeros_like(v)
+    count = np.zeros(len(v))
+    if hit.any():
+        d = -out[hit] * need[hit][:, None]
+        for k in range(3):
+            idx = faces[face[hit], k]
+            np.add.at(total, idx, d)
+            np.add.at(count, idx, 1.0)
+    return total / np.maximum(count, 1.0)[:, None]
+
+
+def _untangle(v: np.ndarray, faces: np.ndarray, rings: int, attempts: int = 6) -> np.ndarray:
+    """Relax the neighbourhood of a mesh's self-crossing faces (tangential smoothing, a growing neighbourhood) until
+    no face crosses another; returns the vertices (unchanged where there was no crossing). The caller checks the
+    result again."""
+    adj = _neighbours(faces, len(v))
+    for k in range(attempts):
+        pairs = self_intersecting_faces(v, faces)
+        if len(pairs) == 0:
+            break
+        region = np.zeros(len(v), bool)
+        region[np.unique(faces[pairs.ravel()])] = True
+        v = _relax(v, faces, adj, _grow(adj, region, rings + k), iterations=10)
+    return v
+
+
+def _grow(adj, region: np.ndarray, rings: int) -> np.ndarray:
+    """``region`` and the vertices up to ``rings`` edges from it."""
+    out = region.copy()
+    for _ in range(rings):
+        out = out | (adj @ out.astype(np.float64) > 0)
+    return out
+
+
+def _relax(v: np.ndarray, faces: np.ndarray, adj, region: np.ndarray, iterations: int = 2,
+           weight: float = 0.5) -> np.ndarray:
+    """Tangential Laplacian smoothing of the ``region``'s vertices: each moves ``weight`` of the way to its
+    neighbours' mean, without the component along its vertex normal (so the surface does not shrink and the
+    vertices keep their distance to the fixed mesh to first order); evens out the spacing and undoes folds."""
+    deg = np.maximum(np.asarray(adj.sum(axis=1)).ravel(), 1)[:, None]
+    for _ in range(iterations):
+        normals = trimesh.Trimesh(v, faces, process=False).vertex_normals
+        delta = (adj @ v) / deg - v
+        delta -= np.einsum("ij,ij->i", delta, normals)[:, None] * normals
+        v = v.copy()
+        v[region] += weight * delta[region]
+    return v
+
+
 # ------------------------------------------------------------------------------------------------ one rule
 def _verify(moving, fixed, exclusion: bool, gap: float) -> Tuple[float, float, Optional[str]]:
     """``(violating volume mm³, surface gap mm, self-intersection reason or None)`` of one rule, exactly."""
@@ -142,7 +199,7 @@ def _verify(moving, fixed, exclusion: bool, gap: float) -> Tuple[float, float, O
 
 
 def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], exclusion: bool, gap: float,
-                 rings: int, max_iterations: int) -> Tuple[np.ndarray, int]:
+                 rings: int, max_iterations: int = 200) -> Tuple[np.ndarray, int]:
     """New vertices of ``moving`` that satisfy the rule with the gap, and the iterations used (module docstring).
     Raises :class:`MeshRepairError` (without the case: the caller adds it)."""
     faces = np.asarray(moving.faces)
@@ -150,6 +207,7 @@ def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], excl
     adj = _neighbours(faces, len(v))
     extra = np.zeros(len(v))
     widened, max_widenings = 0, 8
+    untangled, max_untangles = 0, 5
     edge = float(np.mean(moving.edges_unique_length)) if len(moving.edges_unique) else 1.0
     last = "no iteration ran"
     for it in range(1, max_iterations + 1):
@@ -164,15 +222,22 @@ def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], excl
             for opening in fixed[1:]:  # deep enough inside an allowed opening: fine where it is
                 _, sd_o, _ = _signed_side(v, opening)
                 need = np.where(-sd_o >= gap, -np.inf, need)
-        moved = need > 1e-6 * gap
+        # the other way round: a vertex of the fixed mesh inside the moving mesh, or nearer than the gap to its
+        # surface from the wrong side, pokes between the moving mesh's vertices; the face it pokes moves away
+        poke = _poke_displacements(v, faces, fixed[0], gap) if len(fixed) == 1 else np.zeros_like(v)
+        moved = (need > 1e-6 * gap) | (np.linalg.norm(poke, axis=1) > 1e-6 * gap)
         if not moved.any():
             m = trimesh.Trimesh(v, faces, process=False)
             volume, got_gap, self_cross = _verify(m, fixed, exclusion, gap)
             if volume <= 1e-9 * max(abs(float(m.volume)), 1.0) and got_gap >= gap * (1 - 1e-3) and self_cross is None:
                 return v, it
-            if self_cross is not None:
-                raise MeshRepairError(f"the moved mesh {self_cross} (more smoothing rings, a smaller gap, or a "
-                                      "better prediction needed)")
+            if self_cross is not None:  # a fold where moved and resting vertices meet: relax it, then push again
+                untangled += 1
+                if untangled > max_untangles:
+                    raise MeshRepairError(f"the moved mesh {self_cross} (more smoothing rings, a smaller gap, or a "
+                                          "better prediction needed)")
+                v = _untangle(v, faces, rings + 1, attempts=1)
+                continue
             last = f"violating volume {volume:.4g} mm³, gap {got_gap:.4g} mm after {it} iteration(s)"
             widened += 1
             if widened > max_widenings:  # the vertices are all clear and yet the volumes overlap: not a local fix
@@ -180,17 +245,25 @@ def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], excl
             near = np.abs(sd) < gap + extra + edge  # the chord case: widen the gap where the surfaces are close
             extra[near] += gap / 4
             continue
-        disp = np.zeros_like(v)
-        disp[moved] = target[moved] - v[moved]
+        # a step of at most half an edge, so that no vertex jumps over its neighbours; then the moved patch relaxes
+        # tangentially (vertex spacing evened out, no shrinking) so that the rim of the patch does not fold
+        last = (f"{int(moved.sum())} vertices still to move, up to {float(max(need.max(), 0.0)):.3g} mm, after {it} "
+                "iteration(s)")
+        disp = np.where((need > 1e-6 * gap)[:, None], target - v, 0.0)
+        disp = np.where((np.linalg.norm(poke, axis=1) > np.linalg.norm(disp, axis=1))[:, None], poke, disp)
+        size = np.linalg.norm(disp, axis=1)
+        disp *= (np.minimum(size, 0.5 * edge) / np.maximum(size, 1e-12))[:, None]
         v = v + _harmonic_extension(adj, moved, disp, rings)
+        if size.max() > 0.5 * edge:  # large moves: keep the patch untangled (the last small ones converge)
+            v = _relax(v, faces, adj, _grow(adj, moved, rings), iterations=2)
     raise MeshRepairError(f"not repaired ({last}; the gap was widened {widened} time(s), at most {max_widenings}, "
                           f"and {max_iterations} iterations are allowed)")
 
 
 # ------------------------------------------------------------------------------------------------ one case
 def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_mm: float = DEFAULT_GAP_MM,
-                rings: int = 2, max_iterations: int = 60, max_rounds: int = 4, case: str = "case"
-                ) -> Tuple[Dict[str, trimesh.Trimesh], dict]:
+                rings: int = 2, max_iterations: int = 200, max_rounds: int = 4, case: str = "case",
+                max_violating_share: float = 0.5) -> Tuple[Dict[str, trimesh.Trimesh], dict]:
     """Repair one case's meshes for every mesh rule in force (module docstring).
 
     Args:
@@ -199,6 +272,8 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
         gap_mm: margin between the surfaces after the repair (> 0).
         rings: neighbourhood (edges) over which a vertex's displacement is smoothed out.
         max_iterations, max_rounds: iterations per rule and round, rounds over all rules.
+        max_violating_share: a rule whose violating volume exceeds this share of the moving mesh's volume is not
+            repaired (an error: not a local defect).
         case: name used in messages.
 
     Returns:
@@ -214,13 +289,18 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
     """
     if not (gap_mm > 0 and math.isfinite(gap_mm)):
         raise MeshRepairError(f"gap_mm must be a positive number of mm, got {gap_mm!r}")
+    work, crossings = {}, {}
     for name, m in meshes.items():
+        v, f = np.array(m.vertices, np.float64), np.array(m.faces)
         reason = mesh_invalid_reason(m)
+        if reason and reason.startswith("intersects itself"):  # a fold of a deformed template: untangle it first
+            crossings[name] = int(len(self_intersecting_faces(v, f)))
+            v = _untangle(v, f, rings)
+            reason = mesh_invalid_reason(trimesh.Trimesh(v, f, process=False))
         if reason:
-            raise MeshRepairError(f"case {case}: mesh {name} cannot be repaired, it is not a valid closed surface: "
-                                  f"{reason}")
-    work = {n: trimesh.Trimesh(np.array(m.vertices, np.float64), np.array(m.faces), process=False)
-            for n, m in meshes.items()}
+            raise MeshRepairError(f"case {case}: mesh {name} cannot be repaired, it is not a valid closed surface"
+                                  f"{' even after untangling its folds' if name in crossings else ''}: {reason}")
+        work[name] = trimesh.Trimesh(v, f, process=False)
     in_force, _ = mesh_rules_in_force(spec)
     rules, skipped = [], {}
     for r in in_force:
@@ -239,6 +319,12 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
     for r in rules:
         mv, fx, excl = parts(r)
         before[r.name] = exact_violating_volume_mm3(work[mv], [work[f] for f in fx], excl, check=False)
+        share = before[r.name] / max(float(work[mv].volume), 1e-12)
+        if share > max_violating_share:
+            raise MeshRepairError(
+                f"case {case}, rule {r.name}: {share:.0%} of {mv}'s volume violates the rule (over "
+                f"{max_violating_share:.0%}): not a local defect that moving surfaces can repair (a failed "
+                "prediction?)")
     rounds = 0
     for rounds in range(1, max_rounds + 1):
         changed = False
@@ -265,7 +351,8 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
     for n, m in meshes.items():
         d = np.linalg.norm(np.asarray(work[n].vertices) - np.asarray(m.vertices, np.float64), axis=1)
         moved = d > 1e-9
-        report_meshes[n] = {"moved_vertices": int(moved.sum()), "max_displacement_mm": float(d.max(initial=0.0)),
+        report_meshes[n] = {"self_crossing_face_pairs_before": crossings.get(n, 0),
+                            "moved_vertices": int(moved.sum()), "max_displacement_mm": float(d.max(initial=0.0)),
                             "mean_displacement_mm": float(d.mean()) if len(d) else 0.0,
                             "mean_moved_displacement_mm": float(d[moved].mean()) if moved.any() else 0.0}
     return work, {"gap_mm": gap_mm, "rounds": rounds, "meshes": report_meshes, "rules": report_rules,

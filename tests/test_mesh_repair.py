@@ -60,11 +60,27 @@ def test_repair_two_spheres_pushed_through_each_other_and_an_inner_sphere_poking
     assert report["meshes"]["RV"]["moved_vertices"] < 0.4 * len(meshes["RV"].vertices)
     r = report["rules"]["mesh_exclusion(RV,LV_epi)"]
     assert r["violating_volume_mm3_before"] > 50 and r["violating_volume_mm3_after"] == 0.0 and r["moved_mesh"] == "RV"
-    # smooth, not spikes: no moved vertex ends up far from the mean of its neighbours
+    # smooth, not spikes: a vertex moved alone by depth + gap (3.5 mm) would sit ~3.5 mm off its neighbours' mean;
+    # here every vertex stays within 0.3 of that (the crease where the flattened septal cap meets the sphere)
     lap = repaired["RV"].vertices - trimesh.smoothing.laplacian_calculation(repaired["RV"]).dot(
         repaired["RV"].vertices)
-    lap0 = meshes["RV"].vertices - trimesh.smoothing.laplacian_calculation(meshes["RV"]).dot(meshes["RV"].vertices)
-    assert np.linalg.norm(lap, axis=1).max() < 4 * np.linalg.norm(lap0, axis=1).max()
+    assert np.linalg.norm(lap, axis=1).max() < 0.3 * (3.0 + GAP)
+
+
+def test_a_folded_input_mesh_is_untangled_and_then_repaired():
+    """Predicted meshes often cross themselves in a few faces (a fold of the deformed template): untangled first."""
+    meshes = heart()
+    rv = meshes["RV"]
+    v = np.array(rv.vertices)
+    k = int(np.argmax(v[:, 1]))  # a vertex away from the septum flipped over one of its neighbours: a small fold
+    nb = rv.vertex_neighbors[k][0]
+    v[k] = v[nb] + 0.6 * (v[nb] - v[k])
+    folded = trimesh.Trimesh(v, rv.faces, process=False)
+    assert "intersects itself" in mesh_invalid_reason(folded)
+    repaired, report = repair_case(dict(meshes, RV=folded), SPEC, GAP)
+    assert report["meshes"]["RV"]["self_crossing_face_pairs_before"] > 0
+    assert mesh_invalid_reason(repaired["RV"]) is None
+    assert exact_violating_volume_mm3(repaired["RV"], [repaired["LV_epi"]], True) == 0.0
 
 
 def test_meshes_that_already_hold_the_rules_are_not_moved():
@@ -77,17 +93,18 @@ def test_meshes_that_already_hold_the_rules_are_not_moved():
     ("open mesh", dict(heart(), RV=trimesh.Trimesh(sphere(8.0, (15, 0, 0)).vertices,
                                                    sphere(8.0, (15, 0, 0)).faces[1:], process=False)),
      GAP, r"mesh RV cannot be repaired.*not a closed 2-manifold"),
-    ("self-intersecting input", None, GAP, r"mesh RV cannot be repaired.*intersects itself"),
+    ("self-intersecting beyond untangling", None, GAP,
+     r"mesh RV cannot be repaired, it is not a valid closed surface even after untangling its folds: intersects "
+     r"itself"),
     ("RV entirely inside LV_epi", dict(heart(), RV=sphere(2.0, (0, 5.0, 0))), GAP,
-     r"case c1, rule mesh_exclusion\(RV,LV_epi\) \(moving RV\): (not repaired|the moved mesh "
-     r"intersects itself)"),
+     r"case c1, rule mesh_exclusion\(RV,LV_epi\): 100% of RV's volume violates the rule .*not a local defect"),
     ("zero gap", heart(), 0.0, r"gap_mm must be a positive"),
 ])
 def test_error_paths_name_the_case_and_the_problem(what, meshes, gap, pattern):
-    if meshes is None:
+    if meshes is None:  # a vertex pulled far through the sphere and out the other side: no local relaxation helps
         bad = sphere(8.0, (15, 0, 0))
         v = np.array(bad.vertices)
-        v[0] = np.array([15.0, 0, 0]) - 1.5 * (v[0] - np.array([15.0, 0, 0]))
+        v[0] = np.array([15.0, 0, 0]) - 3.0 * (v[0] - np.array([15.0, 0, 0]))
         meshes = dict(heart(), RV=trimesh.Trimesh(v, bad.faces, process=False))
     with pytest.raises(MeshRepairError, match=pattern):
         repair_case(meshes, SPEC, gap, max_iterations=15, case="c1")
