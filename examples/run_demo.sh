@@ -62,5 +62,9 @@ nnUNetv2_topo_evaluate_folder "$nnUNet_raw/Dataset501_SynthACDC/labelsTs" "$WORK
   -djfile "$nnUNet_raw/Dataset501_SynthACDC/dataset.json" \
   -pfile "$nnUNet_preprocessed/Dataset501_SynthACDC/nnUNetPlansMesh.json" --mesh_folder "$WORK/meshes_tpm_repaired" \
   -o "$WORK/summary_topology_repaired.json"
+# a tetrahedral mesh of the LV myocardium (the wall between LV_endo and LV_epi) of every repaired case, for simulation
+nnUNetv2_topo_volume_mesh -i "$WORK/meshes_tpm_repaired" -o "$WORK/volume_meshes" \
+  -djfile "$nnUNet_raw/Dataset501_SynthACDC/dataset.json" --structures --walls --edge_mm 2 \
+  || echo "no volume mesh written (see above)"
 set +x
 echo "QC report: $WORK/qc_report/index.html (open it in a browser; no server needed)"
