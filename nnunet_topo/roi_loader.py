@@ -111,8 +111,9 @@ class MeshROISampling:
 
     Needs ``self.topology_spec`` (``nnUNetTrainerTopoBase``). The mesh trainers set ``self.mesh_boxes`` while they
     build their templates (one pass over the cases); otherwise the boxes are computed once, streamed, the first time
-    the loaders are built. ``nnUNetTrainerMeshROI`` (plain nnU-Net loss) uses it, so a backbone trained with it sees
-    the patches its mesh fine-tunes will see."""
+    the loaders are built; either way they are cached in the preprocessed folder (:mod:`nnunet_topo.roi_cache`).
+    ``nnUNetTrainerMeshROI`` (plain nnU-Net loss) uses it, so a backbone trained with it sees the patches its mesh
+    fine-tunes will see."""
 
     mesh_max_rotation_degrees: float = 15.0
     mesh_mirroring: bool = False
@@ -134,12 +135,12 @@ class MeshROISampling:
     def get_dataloaders(self):
         """nnU-Net's loaders, with training and validation patches placed on the mesh structures (the heart ROI)."""
         if self.mesh_boxes is None:
-            from nnunet_topo.mesh_head.label_templates import roi_crops
-            from nnunet_topo.plans import preprocessed_cases
+            from nnunet_topo.roi_cache import roi_boxes_and_crops
 
-            _, self.mesh_boxes = roi_crops(((k, seg[0]) for k, _, seg in preprocessed_cases(
-                self.preprocessed_dataset_folder)), self.mesh_structure_label_ids(),
-                self.configuration_manager.patch_size, self.__class__.__name__, self.configuration_name, crop=False)
+            _, self.mesh_boxes = roi_boxes_and_crops(
+                self.preprocessed_dataset_folder, self.mesh_structure_label_ids(),
+                self.configuration_manager.patch_size, self.__class__.__name__, self.configuration_name, crop=False,
+                log=self.print_to_log_file)
         with roi_data_loaders(self.mesh_boxes, self.mesh_structure_label_ids()):
             return super().get_dataloaders()
 

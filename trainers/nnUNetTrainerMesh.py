@@ -24,12 +24,13 @@ from nnunet_topo.losses.mesh_targets import normalized_to_mm
 from nnunet_topo.losses.mesh_terms import (default_smoothing_mm, mesh_regularisers, mesh_volume_ratios,
                                            template_edge_lengths)
 from nnunet_topo.losses.tpm import TPMLoss
-from nnunet_topo.mesh_head.label_templates import roi_crops, training_templates
+from nnunet_topo.mesh_head.label_templates import training_templates
 from nnunet_topo.mesh_head.network import (HEAD_FORMAT_VERSION, TEMPLATES_KEY, head_settings,
                                            store_in_configuration, stored_templates)
 from nnunet_topo.mesh_passenger import MeshHeadPassenger
 from nnunet_topo.mesh_head.templates import Template
-from nnunet_topo.plans import preprocessed_cases, saved_configuration
+from nnunet_topo.plans import saved_configuration
+from nnunet_topo.roi_cache import roi_boxes_and_crops
 from nnunet_topo.roi_loader import MeshROISampling
 from nnunet_topo.rules import TopologySpecError
 from nnunet_topo.trainers.nnUNetTrainerTopoBase import nnUNetTrainerTopoBase
@@ -103,9 +104,10 @@ class nnUNetTrainerMesh(MeshHeadPassenger, MeshROISampling, nnUNetTrainerTopoBas
         # templates of the model folder's plans.json (a run being continued), else of the given plans, else built
         stored = stored_templates(saved_configuration(self.output_folder_base, self.configuration_name),
                                   self.configuration_manager.configuration)
-        crops, self.mesh_boxes = roi_crops(((k, seg[0]) for k, _, seg in preprocessed_cases(
-            self.preprocessed_dataset_folder)), self.mesh_label_ids, patch, self.__class__.__name__,
-            self.configuration_name, crop=stored is None)
+        # the boxes alone (templates stored) come from the preprocessed folder's cache (nnunet_topo/roi_cache.py)
+        crops, self.mesh_boxes = roi_boxes_and_crops(self.preprocessed_dataset_folder, self.mesh_label_ids, patch,
+                                                     self.__class__.__name__, self.configuration_name,
+                                                     crop=stored is None, log=self.print_to_log_file)
         templates = training_templates(crops, structures, patch, self.patch_spacing(), stored,
                                        self.template_subdivisions, self.template_torus_sections,
                                        log=self.print_to_log_file)
