@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sys
+import time
 from typing import Any, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -50,15 +51,21 @@ def preprocessed_shapes(preprocessed_dataset_folder: str) -> List[tuple]:
 
 def saved_configuration(model_folder: Optional[str], configuration: str) -> dict:
     """The ``configuration`` dict of the ``plans.json`` in a model folder (``{}`` when there is none or it cannot
-    be read): what a run being continued (``--c``, ``--val``) was trained with."""
+    be read): what a run being continued (``--c``, ``--val``) was trained with, or what ``nnUNetv2_topo_precompute``
+    wrote for the folds. A file that is not valid JSON is read again for up to 2 s: the fold jobs of a cluster array
+    start together, and nnU-Net's ``on_train_start`` of one rewrites the file (not atomically) while another reads."""
     path = os.path.join(model_folder, "plans.json") if model_folder else None
     if path is None or not os.path.isfile(path):
         return {}
-    try:
-        with open(path) as f:
-            return json.load(f)["configurations"].get(configuration, {})
-    except (OSError, ValueError, KeyError):
-        return {}
+    for _ in range(10):
+        try:
+            with open(path) as f:
+                return json.load(f)["configurations"].get(configuration, {})
+        except ValueError:  # half written? another fold's nnU-Net on_train_start rewrites it (not atomically)
+            time.sleep(0.2)
+        except (OSError, KeyError, TypeError, AttributeError):
+            return {}
+    return {}
 
 
 def whole_volume_patch(shapes: List[tuple], strides: List[List[int]]) -> List[int]:
