@@ -280,12 +280,11 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
         ``(repaired meshes (same vertex order and faces; unchanged meshes are copies), report)``, report =
         ``{"gap_mm", "rounds", "meshes": {structure: {"moved_vertices", "max_displacement_mm",
         "mean_displacement_mm" (over all vertices), "mean_moved_displacement_mm"}}, "rules": {rule: {"moved_mesh",
-        "violating_volume_mm3_before", "violating_volume_mm3_after", "gap_mm_after", "method": "exact"}},
-        "skipped_rules": {rule: reason}}``.
+        "violating_volume_mm3_before", "violating_volume_mm3_after", "gap_mm_after", "method": "exact"}}}``.
 
     Raises:
-        MeshRepairError: an invalid input mesh (open, inside out, self-intersecting), a non-positive gap, or a case
-            not repaired within the iterations (names the case and the rule).
+        MeshRepairError: an invalid input mesh (open, inside out, self-intersecting beyond untangling), a mesh a
+            rule needs missing, a non-positive gap, or a case not repaired (names the case and the rule).
     """
     if not (gap_mm > 0 and math.isfinite(gap_mm)):
         raise MeshRepairError(f"gap_mm must be a positive number of mm, got {gap_mm!r}")
@@ -302,13 +301,13 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
                                   f"{' even after untangling its folds' if name in crossings else ''}: {reason}")
         work[name] = trimesh.Trimesh(v, f, process=False)
     in_force, _ = mesh_rules_in_force(spec)
-    rules, skipped = [], {}
+    rules = []
     for r in in_force:
         lack = [m for m in mesh_rule_meshes(r) if m not in work]
-        if lack:
-            skipped[r.name] = f"no mesh for {lack}"
-        else:
-            rules.append(r)
+        if lack:  # a rule that cannot be checked cannot be guaranteed: no silently partial repair
+            raise MeshRepairError(f"case {case}: no mesh for {lack}, which rule {r.name} needs (every mesh "
+                                  f"structure of the rule must be present to guarantee it)")
+        rules.append(r)
 
     def parts(r) -> Tuple[str, List[str], bool]:
         if isinstance(r, MeshExclusionRule):
@@ -355,8 +354,7 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
                             "moved_vertices": int(moved.sum()), "max_displacement_mm": float(d.max(initial=0.0)),
                             "mean_displacement_mm": float(d.mean()) if len(d) else 0.0,
                             "mean_moved_displacement_mm": float(d[moved].mean()) if moved.any() else 0.0}
-    return work, {"gap_mm": gap_mm, "rounds": rounds, "meshes": report_meshes, "rules": report_rules,
-                  "skipped_rules": skipped}
+    return work, {"gap_mm": gap_mm, "rounds": rounds, "meshes": report_meshes, "rules": report_rules}
 
 
 # ------------------------------------------------------------------------------------------------ a folder

@@ -99,6 +99,8 @@ def test_meshes_that_already_hold_the_rules_are_not_moved():
     ("RV entirely inside LV_epi", dict(heart(), RV=sphere(2.0, (0, 5.0, 0))), GAP,
      r"case c1, rule mesh_exclusion\(RV,LV_epi\): 100% of RV's volume violates the rule .*not a local defect"),
     ("zero gap", heart(), 0.0, r"gap_mm must be a positive"),
+    ("missing structure", {k: v for k, v in heart().items() if k != "LV_endo"}, GAP,
+     r"case c1: no mesh for \['LV_endo'\], which rule mesh_inclusion\(LV_endo in LV_epi\) needs"),
 ])
 def test_error_paths_name_the_case_and_the_problem(what, meshes, gap, pattern):
     if meshes is None:  # a vertex pulled far through the sphere and out the other side: no local relaxation helps
