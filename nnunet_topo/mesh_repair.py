@@ -397,7 +397,6 @@ def repair_mesh_folder(input_folder: str, output_folder: str, dataset_json, gap_
         MeshRepairError: no mesh files, a mesh structure the dataset does not define, existing outputs;
         OutputPathError / InputReadError (:mod:`nnunet_topo.paths`): output inside an input, unreadable files.
     """
-    import json
     import os
     import shutil
     import time
@@ -405,7 +404,7 @@ def repair_mesh_folder(input_folder: str, output_folder: str, dataset_json, gap_
     from nnunet_topo.meshes import export_mesh, read_mesh, read_point_data
     from nnunet_topo.paths import check_output, reading
     from nnunet_topo.rules import spec_from_dataset_json
-    from nnunet_topo.summary_io import load_json_arg
+    from nnunet_topo.summary_io import load_json_arg, write_json_atomic
 
     if not os.path.isdir(input_folder):
         raise MeshRepairError(f"mesh folder not found: {input_folder}")
@@ -466,10 +465,8 @@ def repair_mesh_folder(input_folder: str, output_folder: str, dataset_json, gap_
         entry["files"] = {s: os.path.basename(p) for s, p in files.items()}
         out_listing["cases"][case] = entry
         result["cases"][case] = {**report, "seconds": round(time.time() - t0, 2)}
-    with open(os.path.join(output_folder, "repair.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(output_folder, "meshes.json"), "w") as f:
-        json.dump(out_listing, f, indent=2)
+    for name, obj in (("repair.json", result), ("meshes.json", out_listing)):
+        write_json_atomic(os.path.join(output_folder, name), obj, indent=2)
     return result
 
 
