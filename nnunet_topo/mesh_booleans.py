@@ -24,7 +24,8 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["MeshNotValidError", "exact_violating_volume_mm3", "mesh_invalid_reason", "self_intersecting_faces"]
+__all__ = ["MeshNotValidError", "common_origin", "exact_violating_volume_mm3", "manifold_of", "mesh_invalid_reason",
+           "self_intersecting_faces"]
 
 #: relative tolerance of the segment–triangle test (scaled by the mesh's size): touching counts as intersecting
 _EPS = 1e-9
@@ -109,11 +110,18 @@ def self_intersecting_faces(vertices: np.ndarray, faces: np.ndarray, chunk: int 
     return np.concatenate(hits).astype(np.int64) if hits else np.zeros((0, 2), dtype=np.int64)
 
 
-def _manifold(vertices: np.ndarray, faces: np.ndarray, origin: np.ndarray):
+def common_origin(meshes: Sequence) -> np.ndarray:
+    """The componentwise minimum of the meshes' vertices: the shift applied before the conversion to manifold3d."""
+    return np.min([np.asarray(m.vertices, np.float64).min(axis=0) for m in meshes], axis=0)
+
+
+def manifold_of(mesh, origin: np.ndarray):
+    """A manifold3d solid of a trimesh (or anything with ``vertices``/``faces``), coordinates shifted by ``-origin``
+    (float64 ``Mesh64`` where the build has it; float32 ``Mesh`` otherwise)."""
     import manifold3d
 
-    v = np.ascontiguousarray(np.asarray(vertices, np.float64) - origin)
-    f = np.ascontiguousarray(np.asarray(faces), dtype=np.uint32)
+    v = np.ascontiguousarray(np.asarray(mesh.vertices, np.float64) - origin)
+    f = np.ascontiguousarray(np.asarray(mesh.faces), dtype=np.uint32)
     if hasattr(manifold3d, "Mesh64"):
         return manifold3d.Manifold(manifold3d.Mesh64(vert_properties=v, tri_verts=f))
     return manifold3d.Manifold(manifold3d.Mesh(vert_properties=v.astype(np.float32), tri_verts=f))
@@ -127,7 +135,7 @@ def mesh_invalid_reason(mesh) -> Optional[str]:
         return f"only {len(f)} face(s)"
     if not np.isfinite(v).all():
         return "non-finite vertex coordinates"
-    m = _manifold(v, f, v.min(axis=0))
+    m = manifold_of(mesh, v.min(axis=0))
     status = m.status()
     if str(status).split(".")[-1] != "NoError":
         return f"not a closed 2-manifold (manifold3d: {str(status).split('.')[-1]})"
@@ -157,9 +165,8 @@ def exact_violating_volume_mm3(first, second: Sequence, exclusion: bool, check: 
             reason = mesh_invalid_reason(m)
             if reason:
                 raise MeshNotValidError(f"{'first' if i == 0 else f'second[{i - 1}]'} mesh: {reason}")
-    origin = np.min([np.asarray(m.vertices, np.float64).min(axis=0) for m in meshes], axis=0)
-    a = _manifold(first.vertices, first.faces, origin)
-    others = [_manifold(m.vertices, m.faces, origin) for m in second]
+    origin = common_origin(meshes)
+    a, *others = (manifold_of(m, origin) for m in meshes)
     if exclusion:
         return max(float((a ^ others[0]).volume()), 0.0)
     outer = others[0]

@@ -36,7 +36,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import trimesh
 
-from nnunet_topo.mesh_booleans import exact_violating_volume_mm3, mesh_invalid_reason, self_intersecting_faces
+from nnunet_topo.mesh_booleans import (common_origin, exact_violating_volume_mm3, manifold_of, mesh_invalid_reason,
+                                       self_intersecting_faces)
 from nnunet_topo.metrics.mesh import closest_points_on_surface
 from nnunet_topo.rules import MeshExclusionRule, TopologySpec, mesh_rule_meshes, mesh_rules_in_force
 
@@ -77,17 +78,6 @@ def _signed_side(points: np.ndarray, mesh: trimesh.Trimesh, with_face: bool = Fa
     return (closest, sign * dist, direction, face) if with_face else (closest, sign * dist, direction)
 
 
-def _to_manifold(meshes: Sequence[trimesh.Trimesh], origin: np.ndarray):
-    import manifold3d
-
-    out = []
-    for m in meshes:
-        v = np.ascontiguousarray(np.asarray(m.vertices, np.float64) - origin)
-        out.append(manifold3d.Manifold(manifold3d.Mesh64(vert_properties=v, tri_verts=np.ascontiguousarray(
-            np.asarray(m.faces), dtype=np.uint32))))
-    return out
-
-
 def surface_gap_mm(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], exclusion: bool,
                    search_mm: float) -> float:
     """Smallest distance (mm, at most ``search_mm``) between the surface of ``moving`` and the region it must
@@ -96,15 +86,15 @@ def surface_gap_mm(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], ex
     import manifold3d
 
     meshes = [moving] + list(fixed)
-    origin = np.min([np.asarray(m.vertices, np.float64).min(axis=0) for m in meshes], axis=0)
-    a, *others = _to_manifold(meshes, origin)
+    origin = common_origin(meshes)  # the meshes' box starts at 0 after the shift
+    a, *others = (manifold_of(m, origin) for m in meshes)
     if exclusion:
         return float(a.min_gap(others[0], search_mm))
     allowed = others[0]
     for o in others[1:]:
         allowed = allowed + o
-    lo = np.min([np.asarray(m.vertices).min(axis=0) for m in meshes], axis=0) - origin - 2 * search_mm - 1
-    hi = np.max([np.asarray(m.vertices).max(axis=0) for m in meshes], axis=0) - origin + 2 * search_mm + 1
+    lo = np.full(3, -2 * search_mm - 1.0)
+    hi = np.max([np.asarray(m.vertices, np.float64).max(axis=0) for m in meshes], axis=0) - origin + 2 * search_mm + 1
     outside = manifold3d.Manifold.cube(tuple(hi - lo)).translate(tuple(lo)) - allowed
     return float(a.min_gap(outside, search_mm))
 
@@ -199,9 +189,10 @@ def _verify(moving, fixed, exclusion: bool, gap: float) -> Tuple[float, float, O
 
 
 def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], exclusion: bool, gap: float,
-                 rings: int, max_iterations: int = 200) -> Tuple[np.ndarray, int]:
-    """New vertices of ``moving`` that satisfy the rule with the gap, and the iterations used (module docstring).
-    Raises :class:`MeshRepairError` (without the case: the caller adds it)."""
+                 rings: int, max_iterations: int = 200) -> Tuple[np.ndarray, int, float, float]:
+    """New vertices of ``moving`` that satisfy the rule with the gap, the iterations used, and the exact violating
+    volume and surface gap that verified them (module docstring). Raises :class:`MeshRepairError` (without the
+    case: the caller adds it)."""
     faces = np.asarray(moving.faces)
     v = np.array(moving.vertices, dtype=np.float64)
     adj = _neighbours(faces, len(v))
@@ -230,7 +221,7 @@ def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], excl
             m = trimesh.Trimesh(v, faces, process=False)
             volume, got_gap, self_cross = _verify(m, fixed, exclusion, gap)
             if volume <= 1e-9 * max(abs(float(m.volume)), 1.0) and got_gap >= gap * (1 - 1e-3) and self_cross is None:
-                return v, it
+                return v, it, volume, got_gap
             if self_cross is not None:  # a fold where moved and resting vertices meet: relax it, then push again
                 untangled += 1
                 if untangled > max_untangles:
@@ -324,13 +315,14 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
                 f"case {case}, rule {r.name}: {share:.0%} of {mv}'s volume violates the rule (over "
                 f"{max_violating_share:.0%}): not a local defect that moving surfaces can repair (a failed "
                 "prediction?)")
-    rounds = 0
+    rounds, verified = 0, {}
     for rounds in range(1, max_rounds + 1):
         changed = False
         for r in rules:
             mv, fx, excl = parts(r)
             try:
-                v, iterations = _repair_rule(work[mv], [work[f] for f in fx], excl, gap_mm, rings, max_iterations)
+                v, iterations, *verified[r.name] = _repair_rule(work[mv], [work[f] for f in fx], excl, gap_mm, rings,
+                                                                max_iterations)
             except MeshRepairError as e:
                 raise MeshRepairError(f"case {case}, rule {r.name} (moving {mv}): {e}") from None
             if iterations > 1:
@@ -340,12 +332,10 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
             break
     else:
         raise MeshRepairError(f"case {case}: the rules still move each other's meshes after {max_rounds} rounds")
-    report_rules = {}
-    for r in rules:
-        mv, fx, excl = parts(r)
-        volume, gap, _ = _verify(work[mv], [work[f] for f in fx], excl, gap_mm)
-        report_rules[r.name] = {"moved_mesh": mv, "violating_volume_mm3_before": before[r.name],
-                                "violating_volume_mm3_after": volume, "gap_mm_after": gap, "method": "exact"}
+    # the last round moved nothing, so each rule's verification in it is of the final meshes
+    report_rules = {r.name: {"moved_mesh": parts(r)[0], "violating_volume_mm3_before": before[r.name],
+                             "violating_volume_mm3_after": verified[r.name][0], "gap_mm_after": verified[r.name][1],
+                             "method": "exact"} for r in rules}
     report_meshes = {}
     for n, m in meshes.items():
         d = np.linalg.norm(np.asarray(work[n].vertices) - np.asarray(m.vertices, np.float64), axis=1)

@@ -51,6 +51,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from nnunet_topo.mesh_booleans import common_origin, manifold_of
+
 __all__ = ["SURFACE_TAGS", "REPAIR_HINT", "VolumeMeshError", "CutPlane", "Wall", "TetMesh", "walls_in_force",
            "wall_surface", "structure_surface", "volume_mesh", "write_vtu", "volume_mesh_folder",
            "format_volume_mesh_table", "volume_mesh_entry"]
@@ -156,12 +158,8 @@ def walls_in_force(spec) -> List[Wall]:
 
 def _manifold(mesh, origin: np.ndarray):
     """An *original* manifold3d solid of a trimesh (its own id in every product's ``run_original_id``), in
-    coordinates shifted by ``-origin`` (float64 Mesh64)."""
-    import manifold3d
-
-    v = np.ascontiguousarray(np.asarray(mesh.vertices, np.float64) - origin)
-    f = np.ascontiguousarray(np.asarray(mesh.faces), dtype=np.uint32)
-    return manifold3d.Manifold(manifold3d.Mesh64(vert_properties=v, tri_verts=f)).as_original()
+    coordinates shifted by ``-origin`` (:func:`nnunet_topo.mesh_booleans.manifold_of`)."""
+    return manifold_of(mesh, origin).as_original()
 
 
 def _surface_of(solid, origin: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -200,8 +198,7 @@ def wall_surface(inner, outer, cut: Optional[CutPlane] = None) -> Tuple[np.ndarr
     Raises:
         VolumeMeshError: nothing of the wall is left (the plane keeps none of it, or the meshes coincide).
     """
-    origin = np.minimum(np.asarray(inner.vertices, np.float64).min(axis=0),
-                        np.asarray(outer.vertices, np.float64).min(axis=0))
+    origin = common_origin([inner, outer])
     a, b = _manifold(outer, origin), _manifold(inner, origin)
     solid = a - b
     if cut is not None:
