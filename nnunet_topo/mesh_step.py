@@ -54,9 +54,9 @@ def mean_over_ranks(params: Sequence[Tensor], grads: Sequence[Optional[Tensor]])
 
     if not _process_group_ready():
         return list(grads)
-    ref = next((p for p in params), None)
-    if ref is None:
+    if len(params) == 0:
         return []
+    ref = params[0]
     parts = [(g if g is not None else torch.zeros_like(p)).detach().reshape(-1).float() for p, g in zip(params, grads)]
     present = torch.tensor([g is not None for g in grads], dtype=torch.float32, device=ref.device)
     flat = torch.cat(parts + [present])
