@@ -23,9 +23,10 @@ import numpy as np
 import torch
 import trimesh
 
-from nnunet_topo.losses.mesh_targets import critical_point_masks, mesh_violation_masks, normalized_to_mm
+from nnunet_topo.frames import normalized_to_mm
+from nnunet_topo.losses.mesh_targets import critical_point_masks, mesh_violation_masks
 from nnunet_topo.losses.tpm import TPMLoss
-from nnunet_topo.rules import parse_topology
+from nnunet_topo.topology_spec import parse_topology
 
 LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
 SPEC = parse_topology({"labels": LABELS, "topology": {

@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 def heart_meshes(seed: int, push_mm: float, target_faces: int):
     import trimesh
 
-    from nnunet_topo.meshes import ImageGeometry, mesh_from_mask
+    from nnunet_topo.frames import ImageGeometry
+    from nnunet_topo.surfaces import mesh_from_mask
     from nnunet_topo.synthetic import make_phantom
 
     ph = make_phantom("acdc", seed)
@@ -50,7 +51,7 @@ def main() -> None:
     from nnunet_topo.mesh_booleans import mesh_invalid_reason
     from nnunet_topo.mesh_evaluation import mesh_rule_volumes
     from nnunet_topo.mesh_repair import repair_case
-    from nnunet_topo.rules import parse_topology
+    from nnunet_topo.topology_spec import parse_topology
     from nnunet_topo.synthetic import labels_for, topology_block
 
     spec = parse_topology({"labels": labels_for("acdc"), "topology": topology_block("acdc")})

@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from nnunet_topo.report import MAX_RENDER_FACES, render_meshes, write_report
-    from nnunet_topo.rules import parse_topology
+    from nnunet_topo.topology_spec import parse_topology
 
     labels = {"background": 0, **{n: i + 1 for i, n in enumerate(NAMES)}}
     topology = {
@@ -106,7 +106,8 @@ def main() -> None:
         print(f"report time per case ({'with' if not args.no_image else 'without'} image): "
               + ", ".join(f"{s:.1f} s" for s in per_case))
         if args.meshes:
-            from nnunet_topo.meshes import ImageGeometry, mesh_from_mask
+            from nnunet_topo.frames import ImageGeometry
+            from nnunet_topo.surfaces import mesh_from_mask
 
             geom = ImageGeometry(SPACING[::-1], (0.0, 0.0, 0.0), np.eye(3))
             spec = parse_topology(dj)

@@ -22,10 +22,10 @@ import torch
 from nnunet_topo import synthetic as syn
 from nnunet_topo.mesh_head.label_templates import align_centroids, ellipsoid_template
 from nnunet_topo.mesh_head.templates import template_from_masks
-from nnunet_topo.meshes import normalized_to_index
+from nnunet_topo.frames import normalized_to_index
 from nnunet_topo.occupancy import winding_number
 from nnunet_topo.patches import center_pad_to
-from nnunet_topo.rules import parse_topology
+from nnunet_topo.topology_spec import parse_topology
 
 ACDC = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "acdc")
 

@@ -1009,9 +1009,9 @@ def worker_sync_step(args) -> dict:
     import trimesh
 
     from nnunet_topo import occupancy
-    from nnunet_topo.losses.mesh_targets import voxel_to_normalized
+    from nnunet_topo.frames import voxel_to_normalized
     from nnunet_topo.losses.tpm import TPMLoss
-    from nnunet_topo.rules import parse_topology
+    from nnunet_topo.topology_spec import parse_topology
     from nnunet_topo.voxelize import HostSyncRecorder
 
     device = torch.device(args.device)

@@ -26,7 +26,7 @@ import torch
 
 
 def mesh_dice(trainer, meshes, faces, target) -> list:
-    from nnunet_topo.losses.mesh_targets import voxel_to_normalized
+    from nnunet_topo.frames import voxel_to_normalized
     from nnunet_topo.occupancy import winding_number
 
     t = target[:, 0].long()

@@ -1,4 +1,4 @@
-"""Graph convolutions on triangle meshes and mesh regularisers (plain torch).
+"""Graph convolutions on triangle meshes and the mesh graph they run on (plain torch).
 
 * :class:`GraphConv`: the graph convolution of Kipf & Welling, "Semi-Supervised Classification with
   Graph Convolutional Networks", ICLR 2017, Eq. 2: ``X' = Â X W + b`` with
@@ -7,10 +7,9 @@
   Networks on Graphs with Fast Localized Spectral Filtering", NeurIPS 2016, Eq. 4-5, with the
   rescaled Laplacian ``L~ = 2 L / lambda_max - I`` and ``lambda_max = 2`` (Kipf & Welling's
   approximation), i.e. ``L~ = -D^-1/2 A D^-1/2`` (:func:`scaled_laplacian`).
-* Regularisers in the style of pytorch3d (``pytorch3d/loss/mesh_laplacian_smoothing.py``,
-  ``mesh_edge_loss.py``): :func:`laplacian_smoothing_loss` (uniform Laplacian, squared norm, the
-  same quantity as ``nnunet_topo.metrics.mesh.laplacian_smoothness_energy``) and
-  :func:`edge_length_loss`.
+* The graph structure they run on: :func:`mesh_edges`, :func:`check_faces`.
+
+The mesh regularisers (Laplacian smoothing, edge length) are losses: :mod:`nnunet_topo.losses.mesh_regularisers`.
 
 Vertices are batched ``(B, V, C)`` and share one connectivity ``faces (F, 3)``. Sparse products
 run in float32 (autocast-safe) and the result is cast back to the input dtype.
@@ -29,13 +28,13 @@ __all__ = [
     "sparse_batched_mm",
     "GraphConv",
     "ChebConv",
-    "laplacian_smoothing_loss",
-    "edge_length_loss",
-    "edge_lengths",
+    "check_faces",
 ]
 
 
-def _check_faces(faces: torch.Tensor, num_vertices: int | None = None) -> torch.Tensor:
+def check_faces(faces: torch.Tensor, num_vertices: int | None = None) -> torch.Tensor:
+    """``faces`` as a long ``(F, 3)`` tensor of vertex indices (in ``[0, num_vertices)`` if given); ValueError
+    otherwise."""
     if not isinstance(faces, torch.Tensor):
         faces = torch.as_tensor(faces)
     if faces.dtype.is_floating_point or faces.dtype == torch.bool:
@@ -50,7 +49,7 @@ def _check_faces(faces: torch.Tensor, num_vertices: int | None = None) -> torch.
 
 def mesh_edges(faces: torch.Tensor) -> torch.Tensor:
     """Unique undirected edges ``(E, 2)`` (``i < j``, sorted lexicographically) of a triangle mesh."""
-    faces = _check_faces(faces)
+    faces = check_faces(faces)
     if faces.numel() == 0:
         return torch.zeros((0, 2), dtype=torch.long, device=faces.device)
     e = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], dim=0)
@@ -64,7 +63,7 @@ def normalized_adjacency(faces: torch.Tensor, num_vertices: int) -> torch.Tensor
     ``A`` is the symmetric 0/1 vertex adjacency of the mesh edges, ``D`` the degree matrix of
     ``A + I`` (every vertex has a self loop, so isolated vertices get ``Â_vv = 1``).
     """
-    faces = _check_faces(faces, num_vertices)
+    faces = check_faces(faces, num_vertices)
     e = mesh_edges(faces)
     loops = torch.arange(num_vertices, device=faces.device)
     rows = torch.cat([e[:, 0], e[:, 1], loops])
@@ -81,7 +80,7 @@ def scaled_laplacian(faces: torch.Tensor, num_vertices: int) -> torch.Tensor:
     ``L = I - D^-1/2 A D^-1/2`` with ``lambda_max`` taken as 2 gives ``L~ = L - I``. Isolated
     vertices get a zero row.
     """
-    faces = _check_faces(faces, num_vertices)
+    faces = check_faces(faces, num_vertices)
     e = mesh_edges(faces)
     rows = torch.cat([e[:, 0], e[:, 1]])
     cols = torch.cat([e[:, 1], e[:, 0]])
@@ -191,85 +190,3 @@ class ChebConv(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, K={self.K}, bias={self.bias is not None}"
-
-
-def _check_vertices(vertices: torch.Tensor) -> torch.Tensor:
-    if not isinstance(vertices, torch.Tensor):
-        raise TypeError(f"vertices must be a torch.Tensor, got {type(vertices).__name__}.")
-    if vertices.ndim == 2:
-        vertices = vertices[None]
-    if vertices.ndim != 3 or vertices.shape[-1] != 3:
-        raise ValueError(f"vertices must be (B, V, 3) or (V, 3), got {tuple(vertices.shape)}.")
-    return vertices
-
-
-def laplacian_smoothing_loss(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Uniform Laplacian smoothing loss ``mean_{b, v} |v - mean_{u in N(v)} u|^2``.
-
-    ``N(v)``: vertices sharing an edge with ``v``, each counted once; the mean runs over the
-    vertices used by some face and over the batch. The squared norm (pytorch3d averages the
-    norm) makes it equal to ``metrics.mesh.laplacian_smoothness_energy`` averaged over the batch.
-
-    Args:
-        vertices: ``(B, V, 3)`` (or ``(V, 3)``), any unit (here: normalised patch coordinates).
-        faces: ``(F, 3)`` integer, shared by the batch.
-
-    Returns:
-        0-dim float32 tensor; a graph-connected zero if there are no faces or no vertices.
-    """
-    vertices = _check_vertices(vertices)
-    faces = _check_faces(faces, vertices.shape[1]).to(vertices.device)
-    if faces.numel() == 0 or vertices.numel() == 0:
-        return vertices.float().sum() * 0.0
-    v = vertices.float()
-    nv = v.shape[1]
-    e = mesh_edges(faces)
-    rows = torch.cat([e[:, 0], e[:, 1]])
-    cols = torch.cat([e[:, 1], e[:, 0]])
-    deg = torch.bincount(rows, minlength=nv).to(v.dtype)
-    nbr_sum = torch.zeros_like(v).index_add_(1, rows, v[:, cols])
-    used = deg > 0
-    lap = v[:, used] - nbr_sum[:, used] / deg[used][None, :, None]
-    return (lap**2).sum(-1).mean()
-
-
-def edge_lengths(vertices: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-    """Lengths ``(B, E)`` of the edges ``(E, 2)`` for vertices ``(B, V, 3)`` (or ``(E,)`` for ``(V, 3)``)."""
-    squeeze = vertices.ndim == 2
-    v = _check_vertices(vertices)
-    d = v[:, edges[:, 0]] - v[:, edges[:, 1]]
-    out = d.norm(dim=-1)
-    return out[0] if squeeze else out
-
-
-def edge_length_loss(
-    vertices: torch.Tensor, faces: torch.Tensor, reference_lengths: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Edge-length loss ``mean_{b, e} (|e| - l_e)^2`` over the unique edges of the mesh.
-
-    Without ``reference_lengths`` the target is 0, as in pytorch3d's ``mesh_edge_loss`` with
-    ``target_length=0`` (it penalises long edges); with them (e.g. the template's
-    ``edge_lengths(template_vertices, mesh_edges(faces))``) it keeps edges near their template length.
-
-    Args:
-        vertices: ``(B, V, 3)`` (or ``(V, 3)``).
-        faces: ``(F, 3)`` integer, shared by the batch.
-        reference_lengths: ``(E,)`` or ``(B, E)`` in the order of :func:`mesh_edges` (faces).
-
-    Returns:
-        0-dim float32 tensor; a graph-connected zero if there are no faces or no vertices.
-    """
-    vertices = _check_vertices(vertices)
-    faces = _check_faces(faces, vertices.shape[1]).to(vertices.device)
-    if faces.numel() == 0 or vertices.numel() == 0:
-        return vertices.float().sum() * 0.0
-    e = mesh_edges(faces)
-    lengths = edge_lengths(vertices.float(), e)  # (B, E)
-    if reference_lengths is None:
-        return (lengths**2).mean()
-    ref = torch.as_tensor(reference_lengths, device=lengths.device, dtype=lengths.dtype)
-    if ref.shape not in ((e.shape[0],), lengths.shape):
-        raise ValueError(
-            f"reference_lengths must be (E,) or (B, E) with E = {e.shape[0]} unique edges, got {tuple(ref.shape)}."
-        )
-    return ((lengths - ref) ** 2).mean()

@@ -58,8 +58,8 @@ import trimesh
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import GraphConv, normalized_adjacency
-from .templates import Template
+from nnunet_topo.mesh_head.graph import GraphConv, normalized_adjacency
+from nnunet_topo.mesh_head.templates import Template
 
 __all__ = [
     "MeshHead",

@@ -20,12 +20,13 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
-from ..meshes import index_to_normalized
-from ..metrics.topology import betti_numbers_3d
-from ..patches import center_pad_to
-from ..roi import Box, box_fits, centered_window_start, crop_to_window, structure_box
-from .network import TEMPLATES_KEY
-from .templates import Template, _orient_outward, sphere_template, template_from_masks
+from nnunet_topo.frames import index_to_normalized
+from nnunet_topo.mesh_head.network import TEMPLATES_KEY
+from nnunet_topo.mesh_head.templates import Template, sphere_template, template_from_masks
+from nnunet_topo.metrics.topology import betti_numbers_3d
+from nnunet_topo.patches import center_pad_to
+from nnunet_topo.roi import Box, box_fits, centered_window_start, crop_to_window, structure_box
+from nnunet_topo.surfaces import orient_outward
 
 __all__ = ["TemplateBuildError", "align_centroids", "ellipsoid_template", "roi_crops", "training_templates",
            "templates_from_label_maps"]
@@ -75,7 +76,7 @@ def ellipsoid_template(masks: Sequence[np.ndarray], subdivisions: int, name: str
     unit = sphere_template(subdivisions, radius=1.0, name=name)
     v_zyx = c + unit.vertices[:, ::-1].astype(np.float64) * semi  # icosphere (x, y, z) -> (z, y, x) offsets
     v = index_to_normalized(v_zyx, mean.shape)
-    return Template(v, _orient_outward(np.asarray(v, dtype=np.float64), unit.faces), name=name, genus=0)
+    return Template(v, orient_outward(np.asarray(v, dtype=np.float64), unit.faces), name=name, genus=0)
 
 
 def templates_from_label_maps(label_maps: Sequence[np.ndarray], structures: Mapping[str, Sequence[int]],

@@ -30,8 +30,8 @@ from typing import Any, Iterator, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .head import MeshHead
-from .templates import Template
+from nnunet_topo.mesh_head.head import MeshHead
+from nnunet_topo.mesh_head.templates import Template
 
 __all__ = ["HEAD_KEY", "TEMPLATES_KEY", "HEAD_FORMAT_VERSION", "HEAD_STATE_KEY", "MeshAugmentedNetwork", "decoder_stage_channels",
            "head_settings", "mesh_network_from_configuration", "store_in_configuration", "stored_templates", "templates_from_configuration", "unwrap_network"]

@@ -33,7 +33,7 @@ Templates from training labels (:func:`template_from_masks`, DESIGN §7):
   shape-adapted beyond its moments.
 
 The isosurface is computed in mm (``spacing``, the patch's voxel size); ray marching and torus fitting in voxel
-indices; everything is then mapped to the normalised frame with :func:`nnunet_topo.meshes.index_to_normalized`
+indices; everything is then mapped to the normalised frame with :func:`nnunet_topo.frames.index_to_normalized`
 (``n = 2 i / (size - 1) - 1``).
 """
 from __future__ import annotations
@@ -45,33 +45,16 @@ import numpy as np
 import trimesh
 from scipy import ndimage
 
-from ..meshes import index_to_normalized
-from ..metrics.topology import betti_numbers_3d
+from nnunet_topo.frames import index_to_normalized
+from nnunet_topo.metrics.topology import betti_numbers_3d
+from nnunet_topo.surfaces import orient_outward, signed_volume
 
 __all__ = [
     "Template",
     "sphere_template",
     "torus_template",
     "template_from_masks",
-    "signed_volume",
 ]
-
-
-def signed_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
-    """Signed enclosed volume of a closed triangle mesh (divergence theorem); > 0 if wound outward."""
-    v = np.asarray(vertices, dtype=np.float64)
-    f = np.asarray(faces, dtype=np.int64)
-    if len(f) == 0:
-        return 0.0
-    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
-    return float(np.einsum("ij,ij->i", a, np.cross(b, c)).sum() / 6.0)
-
-
-def _orient_outward(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """Flip the winding of all faces if the signed volume is negative."""
-    if signed_volume(vertices, faces) < 0:
-        return faces[:, ::-1].copy()
-    return faces
 
 
 @dataclass
@@ -169,7 +152,7 @@ def sphere_template(
         raise ValueError(f"radius must be positive, got {radius}.")
     ico = trimesh.creation.icosphere(subdivisions=int(subdivisions), radius=1.0)
     v = np.asarray(ico.vertices, dtype=np.float64) * float(radius) + np.asarray(center, dtype=np.float64)
-    f = _orient_outward(v, np.asarray(ico.faces, dtype=np.int64))
+    f = orient_outward(v, np.asarray(ico.faces, dtype=np.int64))
     return Template(v, f, name=name, genus=0)
 
 
@@ -244,7 +227,7 @@ def torus_template(
     if ax.shape != (3,) or not np.linalg.norm(ax) > 0:
         raise ValueError(f"axis must be a nonzero 3-vector, got {axis}.")
     v = v @ _frame_from_axis(ax).T + np.asarray(center, dtype=np.float64)
-    return Template(v, _orient_outward(v, f), name=name, genus=1)
+    return Template(v, orient_outward(v, f), name=name, genus=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,4 +465,4 @@ def template_from_masks(
                 f"({b0}, {b1}, {b2}), not (1, 1, 0), so no torus can be fitted. Provide a template.")
         v_zyx, f = _fit_torus(mean, torus_sections[0], torus_sections[1], name)
     v = index_to_normalized(v_zyx, mean.shape)
-    return Template(v, _orient_outward(v, f), name=name, genus=int(genus))
+    return Template(v, orient_outward(v, f), name=name, genus=int(genus))

@@ -18,26 +18,24 @@ Per case, on the predicted label map alone (the dataset's topology block):
 None of these says whether a prediction is right: a model that predicts nothing violates no rule (hence the lacking
 labels and the unmeshed cases are reported beside them). nnU-Net glue (its reader) only in :func:`label_free_folder`.
 
-    python -m nnunet_topo.label_free PREDICTIONS -djfile dataset.json [--mesh_folder MESHES] -o label_free.json
+    python -m nnunet_topo.cli.label_free PREDICTIONS -djfile dataset.json [--mesh_folder MESHES] -o label_free.json
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from nnunet_topo.metrics.topology import betti_numbers_3d, betti_numbers_per_slice, meets_betti_prior, \
     slice_violation_rate
-from nnunet_topo.rules import TopologySpec, spec_from_dataset_json
+from nnunet_topo.topology_spec import TopologySpec, spec_from_dataset_json
 from nnunet_topo.summary_io import EvaluationError, load_json_arg, nanmean, to_builtin
 from nnunet_topo.violations import violation_maps_numpy
 
-__all__ = ["label_free_case", "mesh_overlaps_case", "aggregate_label_free", "label_free_folder", "main"]
+__all__ = ["label_free_case", "mesh_overlaps_case", "aggregate_label_free", "label_free_folder"]
 
 
 def label_free_case(seg: np.ndarray, spec: TopologySpec) -> dict:
@@ -166,7 +164,7 @@ def label_free_folder(pred_folder: str, dataset_json: Union[str, os.PathLike, di
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 
     from nnunet_topo.mesh_evaluation import mesh_tvs_grid_step
-    from nnunet_topo.meshes import read_mesh
+    from nnunet_topo.mesh_io import read_mesh
 
     dataset_json = load_json_arg(dataset_json, "dataset.json")
     if not os.path.isdir(pred_folder):
@@ -224,30 +222,3 @@ def label_free_folder(pred_folder: str, dataset_json: Union[str, os.PathLike, di
         with open(output_file, "w") as f:
             json.dump(result, f, indent=2, sort_keys=True)
     return result
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m nnunet_topo.label_free``: exit code 0, or 2 on bad input."""
-    p = argparse.ArgumentParser(
-        prog="python -m nnunet_topo.label_free",
-        description="Measures of predicted segmentations (and meshes) that need no reference: rule violations, 3D "
-                    "and per-slice Betti priors, lacking labels, cases meshed, mesh overlaps. For test sets whose "
-                    "labels are kept elsewhere.")
-    p.add_argument("pred_folder", help="folder of predicted label maps CASE<file_ending>")
-    p.add_argument("-djfile", required=True, help="dataset.json of the model (labels, file_ending, topology)")
-    p.add_argument("--mesh_folder", default=None, help="folder with meshes.json and the predicted meshes")
-    p.add_argument("-o", default=None, help="output .json (default: pred_folder/label_free.json)")
-    a = p.parse_args(argv)
-    out = a.o or os.path.join(a.pred_folder, "label_free.json")
-    try:
-        r = label_free_folder(a.pred_folder, a.djfile, mesh_folder=a.mesh_folder, output_file=out)
-    except (EvaluationError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(r["summary"], indent=1))
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

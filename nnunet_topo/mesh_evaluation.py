@@ -20,7 +20,7 @@ cardiac meshes LV_endo, LV_epi = LV+MYO and RV: the reference foreground plus th
 the foreground on ACDC); ``TVS_per_rule`` uses the same denominator, so the rules' values add up to ``TVS``. The
 value over the reference foreground volume, which this module called TVS before, is kept as ``TVS_over_foreground``
 (documentation/metrics.md says how the two relate). The rules are the mesh-level rules in force
-(:func:`nnunet_topo.rules.mesh_rules_in_force`): the dataset's ``mesh_rules`` (``mesh_exclusion``: the two meshes
+(:func:`nnunet_topo.topology_spec.mesh_rules_in_force`): the dataset's ``mesh_rules`` (``mesh_exclusion``: the two meshes
 must not overlap, contact allowed; ``mesh_inclusion``: one mesh inside another) and the voxel rules whose
 structures are mesh structures, read on the meshes.
 
@@ -53,10 +53,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import trimesh
 
-from nnunet_topo.meshes import SUPPORTED_MESH_EXTENSIONS, ImageGeometry, MeshBuildError, \
-    mesh_from_mask, read_mesh, world_to_index
+from nnunet_topo.frames import ImageGeometry, world_to_index
+from nnunet_topo.mesh_io import SUPPORTED_MESH_EXTENSIONS, read_mesh
+from nnunet_topo.surfaces import MeshBuildError, mesh_from_mask
 from nnunet_topo.metrics.mesh import laplacian_smoothness_energy, mesh_volume, surface_distances_mesh
-from nnunet_topo.rules import (InclusionRule, MeshExclusionRule, TopologySpec, mesh_rule_meshes, mesh_rules_in_force,
+from nnunet_topo.topology_spec import (InclusionRule, MeshExclusionRule, TopologySpec, mesh_rule_meshes, mesh_rules_in_force,
                                 spec_from_dataset_json)
 from nnunet_topo.paths import read_json, reading
 from nnunet_topo.summary_io import ignore_label_of, load_json_arg, mean_and_count, nanmean, to_builtin

@@ -1,7 +1,7 @@
 """Mesh repair: surfaces that provably do not penetrate each other, for simulation (issue 25 item 2).
 
 TPM reduces the violations of the mesh-level rules; a tissue-mechanics or electrophysiology simulation needs none.
-For every mesh rule in force (:func:`nnunet_topo.rules.mesh_rules_in_force`: ``mesh_exclusion`` — the two enclosed
+For every mesh rule in force (:func:`nnunet_topo.topology_spec.mesh_rules_in_force`: ``mesh_exclusion`` — the two enclosed
 volumes must not overlap —, ``mesh_inclusion`` — the inner mesh inside the outer one or its allowed openings —, and
 the voxel rules read on meshes) the repair moves the vertices of one mesh of the rule:
 
@@ -39,10 +39,10 @@ import trimesh
 from nnunet_topo.mesh_booleans import (common_origin, exact_violating_volume_mm3, manifold_of, mesh_invalid_reason,
                                        self_intersecting_faces)
 from nnunet_topo.metrics.mesh import closest_points_on_surface
-from nnunet_topo.rules import MeshExclusionRule, TopologySpec, mesh_rule_meshes, mesh_rules_in_force
+from nnunet_topo.topology_spec import MeshExclusionRule, TopologySpec, mesh_rule_meshes, mesh_rules_in_force
 
 __all__ = ["MeshRepairError", "DEFAULT_GAP_MM", "format_repair_table", "repair_case", "repair_mesh_folder",
-           "repair_meshes_entry", "surface_gap_mm"]
+           "surface_gap_mm"]
 
 #: default margin between repaired surfaces (mm): above the float32 noise of mesh files and the voxel-free contact
 DEFAULT_GAP_MM = 0.5
@@ -354,7 +354,7 @@ def _cases_of_folder(folder: str, structures: Sequence[str]) -> Tuple[Dict[str, 
     import os
 
     from nnunet_topo.mesh_evaluation import mesh_files_by_name, mesh_files_from_json
-    from nnunet_topo.meshes import SUPPORTED_MESH_EXTENSIONS
+    from nnunet_topo.mesh_io import SUPPORTED_MESH_EXTENSIONS
     from nnunet_topo.paths import read_json
 
     listing_path = os.path.join(folder, "meshes.json")
@@ -391,9 +391,9 @@ def repair_mesh_folder(input_folder: str, output_folder: str, dataset_json, gap_
     import shutil
     import time
 
-    from nnunet_topo.meshes import export_mesh, read_mesh, read_point_data
+    from nnunet_topo.mesh_io import export_mesh, read_mesh, read_point_data
     from nnunet_topo.paths import check_output, reading
-    from nnunet_topo.rules import spec_from_dataset_json
+    from nnunet_topo.topology_spec import spec_from_dataset_json
     from nnunet_topo.summary_io import load_json_arg, write_json_atomic
 
     if not os.path.isdir(input_folder):
@@ -474,46 +474,3 @@ def format_repair_table(result: dict) -> str:
                          f"{e['violating_volume_mm3_after']:>8.3f}{e['gap_mm_after']:>8.3f}{m['moved_vertices']:>7d}"
                          f"{m['max_displacement_mm']:>8.3f}{m['mean_moved_displacement_mm']:>8.3f}")
     return "\n".join(lines)
-
-
-def repair_meshes_entry(argv: Optional[Sequence[str]] = None) -> None:
-    """Console script ``nnUNetv2_topo_repair_meshes``. Exit codes: 0 every case repaired; 1 some could not be
-    (named on stderr and in repair.json, their meshes not written); 2 bad input."""
-    import argparse
-    import os
-    import sys
-
-    from nnunet_topo.paths import USER_ERRORS
-    from nnunet_topo.rules import TopologySpecError
-    from nnunet_topo.summary_io import EvaluationError
-
-    parser = argparse.ArgumentParser(
-        prog="nnUNetv2_topo_repair_meshes",
-        description="Move the fewest mesh vertices the least distance so that no two meshes of a mesh_exclusion "
-                    "rule overlap and every inner mesh of a mesh_inclusion rule lies inside its outer mesh, with a "
-                    "gap; verified exactly (mesh booleans, triangle-to-triangle gap, no self-intersection). The "
-                    "input meshes are never touched. Writes the repaired meshes, meshes.json and repair.json "
-                    "(displacements and violating volumes before/after per case).")
-    parser.add_argument("-i", required=True, help="mesh folder (nnUNetv2_topo_predict_meshes output, or files "
-                                                  "CASE_<structure>.vtk/.vtp/.ply/.obj/.stl)")
-    parser.add_argument("-o", required=True, help="output folder (not inside -i)")
-    parser.add_argument("-djfile", required=True, help="the dataset.json with the topology block (mesh rules)")
-    parser.add_argument("--gap_mm", type=float, default=DEFAULT_GAP_MM,
-                        help=f"margin between repaired surfaces in mm (default {DEFAULT_GAP_MM})")
-    parser.add_argument("--rings", type=int, default=2,
-                        help="neighbourhood (edges) over which a vertex's displacement is smoothed out (default 2)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing files in -o")
-    args = parser.parse_args(argv)
-    try:
-        if not os.path.isfile(args.djfile):
-            raise MeshRepairError(f"dataset.json not found: {args.djfile}")
-        result = repair_mesh_folder(args.i, args.o, args.djfile, args.gap_mm, args.rings, args.overwrite)
-    except (MeshRepairError, TopologySpecError, EvaluationError, *USER_ERRORS) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    print(format_repair_table(result))
-    failed = result["cases_not_repaired"]
-    if failed:
-        print(f"error: {len(failed)} case(s) could not be repaired: {', '.join(failed)} (reasons in "
-              f"{os.path.join(args.o, 'repair.json')})", file=sys.stderr)
-        raise SystemExit(1)

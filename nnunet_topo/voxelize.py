@@ -134,7 +134,7 @@ def grid_winding_number(vertices_grid: Tensor, faces: Tensor, shape: Sequence[in
     Args:
         vertices_grid: ``(B, V, 3)`` vertices in the grid's index coordinates ``(z, y, x)``: grid point
             ``(i, j, k)`` sits at ``(i, j, k)``, e.g. voxel centres
-            (:func:`nnunet_topo.losses.mesh_targets.mm_to_voxel`).
+            (:func:`nnunet_topo.frames.mm_to_voxel`).
             Parts of a mesh outside the grid are fine (crossings beyond either end of a line count as there).
             Finite values; no check (it would synchronise).
         faces: ``(F, 3)`` integer vertex indices, shared by the batch, of a closed mesh; all within ``[0, V)``

@@ -162,7 +162,7 @@ def test_trainer_refuses_rules_that_the_reference_labels_violate(dataset, env, n
     """A rule the training labels break cannot be learned: the trainer says so before training."""
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(k, env[k])
-    from nnunet_topo.rules import TopologySpecError
+    from nnunet_topo.topology_spec import TopologySpecError
     from nnunet_topo.trainers.nnUNetTrainerProjPool import nnUNetTrainerProjPool
 
     pre = next((nnunet_dirs["preprocessed"]).glob(f"Dataset{DATASET_ID}_*"))
@@ -267,7 +267,7 @@ def test_tpm_trainer_meshes_end_to_end(dataset, env, nnunet_dirs):
              "--format", "vtk"] + common, env)
     files = sorted(meshes.glob("*.vtk"))
     assert len(files) == 2 * 3  # 2 cases x (LV_endo, LV_epi, RV)
-    from nnunet_topo.meshes import read_mesh
+    from nnunet_topo.mesh_io import read_mesh
     for f in files:
         m = read_mesh(f)
         assert isinstance(m, trimesh.Trimesh) and m.is_watertight and m.volume > 0

@@ -54,7 +54,7 @@ def env(nnunet_dirs):
 def test_ct_like_cases_larger_than_the_patch_end_to_end(env):
     import SimpleITK as sitk
 
-    from nnunet_topo.meshes import read_mesh
+    from nnunet_topo.mesh_io import read_mesh
 
     root = env["_root"]
     raw = write_dataset(env["nnUNet_raw"], DATASET_ID, "wholeheart", num_training=5, num_test=1, seed=3,

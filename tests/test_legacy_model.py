@@ -21,7 +21,7 @@ def test_model_trained_before_the_move_predicts_and_meshes(tmp_path):
     import SimpleITK as sitk
     import torch
 
-    from nnunet_topo.meshes import read_mesh
+    from nnunet_topo.mesh_io import read_mesh
 
     dirs = {k: tmp_path / k for k in ("raw", "preprocessed", "results", "ext_trainers")}
     for d in dirs.values():

@@ -14,8 +14,10 @@ from nnunet_topo.mesh_evaluation import (
     merge_mesh_summary,
     voxelize_mesh,
 )
-from nnunet_topo.meshes import ImageGeometry, export_mesh, index_to_world, mesh_from_mask
-from nnunet_topo.rules import parse_topology
+from nnunet_topo.frames import ImageGeometry, index_to_world
+from nnunet_topo.mesh_io import export_mesh
+from nnunet_topo.surfaces import mesh_from_mask
+from nnunet_topo.topology_spec import parse_topology
 
 LABELS = {"background": 0, "A": 1, "B": 2, "I": 3, "O": 4}
 DATASET_JSON = {

@@ -16,9 +16,6 @@ from nnunet_topo.mesh_head import (
     MeshHead,
     Template,
     axis_angle_to_matrix,
-    edge_length_loss,
-    edge_lengths,
-    laplacian_smoothing_loss,
     mesh_edges,
     normalized_adjacency,
     sample_features,
@@ -27,6 +24,7 @@ from nnunet_topo.mesh_head import (
     template_from_masks,
     torus_template,
 )
+from nnunet_topo.losses.mesh_regularisers import edge_length_loss, edge_lengths, laplacian_smoothing_loss
 from nnunet_topo.metrics.mesh import laplacian_smoothness_energy
 from nnunet_topo.metrics.topology import betti_numbers_3d
 
@@ -106,7 +104,7 @@ def test_template_from_masks_sphere(subdivisions):
 
 def _template_dice(t, mask, spacing=(1.0, 1.0, 1.0)):
     """Dice of a template (voxelised by exact winding numbers at the voxel centres, in mm) against a mask."""
-    from nnunet_topo.meshes import normalized_to_index
+    from nnunet_topo.frames import normalized_to_index
     from nnunet_topo.occupancy import winding_number
 
     sp = np.asarray(spacing)
@@ -518,7 +516,7 @@ def test_head_segmentation_guided_placement():
     """The template moves to the centroid, volume and per-axis extent of the segmentation's hard mask (no gradient
     into it), stays put where the structure is absent, and a missing segmentation is a clear error (more in
     test_placement.py)."""
-    from nnunet_topo.mesh_head import signed_volume
+    from nnunet_topo.surfaces import signed_volume
     from nnunet_topo.mesh_head.head import solid_moments
 
     t = sphere_template(3, radius=0.3, name="LV")
@@ -591,7 +589,7 @@ def test_templates_of_synthetic_hearts_are_closed_outward_and_of_the_prior_genus
     closed, outward, the genus of the spec's Betti prior, and no ellipsoid fallback (the RV is a crescent)."""
     from nnunet_topo import synthetic as syn
     from nnunet_topo.mesh_head.label_templates import templates_from_label_maps
-    from nnunet_topo.rules import parse_topology
+    from nnunet_topo.topology_spec import parse_topology
 
     phantoms = [syn.make_phantom("acdc", s) for s in range(4)]
     dj = {"labels": syn.labels_for("acdc"), "topology": syn.topology_block("acdc")}

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 import trimesh
 
-from nnunet_topo.losses.mesh_targets import (critical_point_targets, mesh_for_structure, normalized_to_voxel,
-                                             sample_query_points, voxel_to_normalized)
+from nnunet_topo.frames import normalized_to_voxel, voxel_to_normalized
+from nnunet_topo.losses.mesh_targets import critical_point_targets, mesh_for_structure, sample_query_points
 from nnunet_topo.losses.mie import MIELoss, mix_points
 from nnunet_topo.losses.tpm import TPMLoss, occupancy_loss
-from nnunet_topo.rules import parse_topology
+from nnunet_topo.topology_spec import parse_topology
 
 LABELS = {"background": 0, "LV": 1, "RV": 2, "MYO": 3, "LA": 4}
 MESHES = {"LV_endo": ["LV"], "LV_epi": ["LV", "MYO"], "RV_mesh": ["RV"]}
@@ -42,7 +42,7 @@ def test_voxel_normalized_round_trip_and_corners():
 
 
 def test_mm_frame_round_trip_and_orientation():
-    from nnunet_topo.losses.mesh_targets import mm_to_voxel, normalized_to_mm, voxel_to_mm
+    from nnunet_topo.frames import mm_to_voxel, normalized_to_mm, voxel_to_mm
 
     shape, spacing = (4, 5, 7), (5.0, 1.5, 0.5)
     idx = torch.tensor([[0.0, 0.0, 0.0], [3.0, 4.0, 6.0], [1.5, 2.0, 3.25]])

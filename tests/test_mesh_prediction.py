@@ -11,7 +11,9 @@ import SimpleITK as sitk
 import torch
 import trimesh
 
-from nnunet_topo.meshes import ImageGeometry, index_to_normalized, index_to_world, mesh_from_mask, world_to_index
+from nnunet_topo.frames import ImageGeometry, index_to_normalized, index_to_world, world_to_index
+from nnunet_topo.surfaces import mesh_from_mask
+from nnunet_topo.cli.predict_meshes import predict_meshes_entry
 from nnunet_topo.mesh_prediction import (
     NO_MESH_HEAD,
     EmptyPredictionError,
@@ -21,7 +23,6 @@ from nnunet_topo.mesh_prediction import (
     check_mesh_network,
     mesh_roi,
     predict_meshes_case,
-    predict_meshes_entry,
     predict_meshes_folder,
     preprocessed_shape,
     preprocessed_to_original_index,
@@ -506,7 +507,7 @@ def test_predict_meshes_folder_rois_and_cases_without_mesh(tmp_path, monkeypatch
         assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz"))))) == labels
 
     empty = _constant_label_model(tmp_path / "model_bg", plans, dj, 0)
-    monkeypatch.setattr("nnunet_topo.cli.model_folder_from_args", lambda args: empty)
+    monkeypatch.setattr("nnunet_topo.cli.predict_meshes.model_folder_from_args", lambda args: empty)
     out = tmp_path / "out_bg"
     argv = ["-i", str(inputs), "-o", str(out), "-d", "1", "-c", "3d_fullres", "-device", "cpu"]
     with pytest.raises(SystemExit) as e:
@@ -651,7 +652,7 @@ def test_fold_ensemble_mean_and_spread(tmp_path, monkeypatch):
     """Two folds with different head weights: the ensemble mesh is the per-vertex mean of the single-fold meshes
     (same ROI), the spread is sqrt(mean_k |x_k - mean|^2) of those meshes and reads back from the .vtk point data and
     the .npy sidecar of .ply; default folds = all fold_N with the checkpoint; a missing fold is an error."""
-    from nnunet_topo.meshes import read_mesh, read_point_data
+    from nnunet_topo.mesh_io import read_mesh, read_point_data
     from nnunet_topo.trainers import TRAINER_DIR
 
     monkeypatch.setenv("nnUNet_extTrainer", TRAINER_DIR)
@@ -681,7 +682,7 @@ def test_fold_ensemble_mean_and_spread(tmp_path, monkeypatch):
         assert stats == pytest.approx({"max": spread.max(), "mean": spread.mean()})
 
     # the console entry: -f with several folds, .ply with the spread as a sidecar .npy
-    monkeypatch.setattr("nnunet_topo.cli.model_folder_from_args", lambda args: str(model))
+    monkeypatch.setattr("nnunet_topo.cli.predict_meshes.model_folder_from_args", lambda args: str(model))
     argv = ["-i", str(inputs), "-d", "1", "-c", "3d_fullres", "-device", "cpu"]
     predict_meshes_entry(argv + ["-o", str(tmp_path / "ply"), "-f", "1", "0", "--format", "ply"])  # exit code 0
     listing = json.loads((tmp_path / "ply" / "meshes.json").read_text())
@@ -742,7 +743,7 @@ def test_ensemble_meshes_naive():
 def test_point_data_round_trip(tmp_path, ext):
     """export_mesh(point_data=) writes VTK point data that read_point_data reads back bit for bit, read_mesh still
     reads the geometry; other formats and wrong shapes are refused."""
-    from nnunet_topo.meshes import export_mesh, read_mesh, read_point_data
+    from nnunet_topo.mesh_io import export_mesh, read_mesh, read_point_data
 
     m = trimesh.creation.icosphere(1)
     values = np.random.default_rng(0).random(len(m.vertices))

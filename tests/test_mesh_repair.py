@@ -13,8 +13,8 @@ from conftest import nnunet_cli, run_cli
 from nnunet_topo.mesh_booleans import exact_violating_volume_mm3, mesh_invalid_reason
 from nnunet_topo.mesh_evaluation import mesh_rule_volumes
 from nnunet_topo.mesh_repair import MeshRepairError, repair_case, surface_gap_mm
-from nnunet_topo.meshes import export_mesh, read_mesh, read_point_data
-from nnunet_topo.rules import parse_topology
+from nnunet_topo.mesh_io import export_mesh, read_mesh, read_point_data
+from nnunet_topo.topology_spec import parse_topology
 
 DJ = {"labels": {"background": 0, "RV": 1, "MYO": 2, "LV": 3}, "file_ending": ".nii.gz", "topology": {
     "mesh_structures": {"LV_endo": ["LV"], "LV_epi": ["LV", "MYO"], "RV": ["RV"]},

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 import trimesh
 
-from nnunet_topo.losses.mesh_targets import normalized_to_mm, voxel_to_mm, voxel_to_normalized
+from nnunet_topo.frames import normalized_to_mm, voxel_to_mm, voxel_to_normalized
 from nnunet_topo.losses.tpm import TPMLoss
 from nnunet_topo.mesh_evaluation import evaluate_mesh_case
-from nnunet_topo.meshes import ImageGeometry
+from nnunet_topo.frames import ImageGeometry
 from nnunet_topo.occupancy import winding_number
-from nnunet_topo.rules import (MeshExclusionRule, MeshInclusionRule, TopologySpecError, describe, mesh_rules_in_force,
+from nnunet_topo.topology_spec import (MeshExclusionRule, MeshInclusionRule, TopologySpecError, describe, mesh_rules_in_force,
                                parse_topology)
 from nnunet_topo.synthetic import topology_block
 

@@ -87,7 +87,7 @@ def test_mesh_volume_ratio_is_physical_in_an_anisotropic_patch():
     of half the radius gives ~1/8; a batch item without the structure is left out; none at all gives NaN."""
     import trimesh
 
-    from nnunet_topo.losses.mesh_targets import voxel_to_normalized
+    from nnunet_topo.frames import voxel_to_normalized
     from nnunet_topo.losses.mesh_terms import mesh_volume_ratios
 
     shape, spacing, centre, r = (20, 40, 48), (4.0, 1.0, 0.8), (19.2, 20.0, 40.0), 9.0  # centre (x, y, z) mm

@@ -1,4 +1,5 @@
-"""Tests of nnunet_topo.meshes: coordinate frames, meshes from label maps, export and import.
+"""Tests of nnunet_topo.frames, nnunet_topo.surfaces and nnunet_topo.mesh_io: coordinate frames, meshes from
+label maps, export and import.
 
 Independent references: SimpleITK's own index <-> physical point transforms, what
 ``torch.nn.functional.grid_sample`` actually samples, nnU-Net's image readers for the geometry, and
@@ -20,19 +21,9 @@ import trimesh
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from nnunet_topo.meshes import (
-    SUPPORTED_MESH_EXTENSIONS,
-    ImageGeometry,
-    MeshBuildError,
-    export_mesh,
-    index_to_normalized,
-    index_to_world,
-    mesh_from_mask,
-    normalized_to_index,
-    read_mesh,
-    structure_meshes,
-    world_to_index,
-)
+from nnunet_topo.frames import ImageGeometry, index_to_normalized, index_to_world, normalized_to_index, world_to_index
+from nnunet_topo.mesh_io import SUPPORTED_MESH_EXTENSIONS, export_mesh, read_mesh
+from nnunet_topo.surfaces import MeshBuildError, mesh_from_mask, structure_meshes
 
 IMPROPER = np.diag([1.0, -1.0, 1.0])  # a reflection (det = -1): flips the winding if ignored
 
@@ -420,7 +411,7 @@ def test_mesh_build_errors():
 
 
 def test_non_finite_vertices_raise(monkeypatch):
-    import nnunet_topo.meshes as meshes_mod
+    import nnunet_topo.surfaces as meshes_mod
 
     def broken(ijk, geometry):
         out = ijk[:, ::-1].copy()

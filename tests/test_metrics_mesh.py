@@ -137,7 +137,8 @@ def test_identical_and_shifted_meshes():
 
 def test_mesh_distances_agree_with_voxel_metrics():
     """Meshes of two label masks vs the voxel-based metrics of metrics.geometry (same definitions)."""
-    from nnunet_topo.meshes import ImageGeometry, mesh_from_mask
+    from nnunet_topo.frames import ImageGeometry
+    from nnunet_topo.surfaces import mesh_from_mask
     from nnunet_topo.metrics.geometry import chamfer_distance
 
     g = np.indices((40, 40, 40), dtype=float) - 19.5

@@ -12,7 +12,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from nnunet_topo.mesh_head import MeshHead, signed_volume, sphere_template, torus_template
+from nnunet_topo.mesh_head import MeshHead, sphere_template, torus_template
+from nnunet_topo.surfaces import signed_volume
 from nnunet_topo.mesh_head.head import (
     PLACEMENT_SCALE_RANGE,
     _largest_component_cc3d,

@@ -13,9 +13,10 @@ import trimesh
 from PIL import Image
 
 from nnunet_topo import synthetic as syn
+from nnunet_topo.cli.report import report_entry
 from nnunet_topo.report import (PANEL_W, ReportError, allowed_betti_2d, choose_slices, draw_betti, draw_slices,
-                                penetrating_vertices, render_meshes, report_entry, write_report)
-from nnunet_topo.rules import parse_topology
+                                penetrating_vertices, render_meshes, write_report)
+from nnunet_topo.topology_spec import parse_topology
 from nnunet_topo.summary_io import EvaluationError
 from nnunet_topo.violations import violation_maps_numpy
 
@@ -237,7 +238,7 @@ def test_input_errors(dataset, tmp_path):
 
 
 def test_cli_entries(dataset, tmp_path, capsys):
-    from nnunet_topo.cli import evaluate_folder_entry
+    from nnunet_topo.cli.evaluate_folder import evaluate_folder_entry
 
     out = str(tmp_path / "qc_cli")
     report_entry([dataset["ref"], dataset["pred"], "-djfile", dataset["dj"], "-pfile", dataset["plans"], "-o", out,
@@ -354,7 +355,9 @@ def test_mesh_inclusion_vertices_outside_the_outer_mesh():
 
 def test_report_with_mesh_folder(tmp_path):
     """End to end with a mesh folder: two small box structures, meshes overlapping in one case, apart in the other."""
-    from nnunet_topo.meshes import ImageGeometry, export_mesh, mesh_from_mask
+    from nnunet_topo.frames import ImageGeometry
+    from nnunet_topo.mesh_io import export_mesh
+    from nnunet_topo.surfaces import mesh_from_mask
 
     ref_dir, pred_dir, mesh_dir = (tmp_path / n for n in ("ref", "pred", "meshes"))
     for d in (ref_dir, pred_dir, mesh_dir):
@@ -393,7 +396,7 @@ def test_image_slices_are_the_drawn_slices_of_the_image(dataset, tmp_path):
     slices; an image elsewhere in patient space is refused."""
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
-    from nnunet_topo.evaluation import check_geometry, image_geometry
+    from nnunet_topo.label_maps import check_geometry, image_geometry
     from nnunet_topo.report import _foreground_box, _image_slices, _read
 
     rw = SimpleITKIO()

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 import trimesh
 
-from nnunet_topo.losses.mesh_targets import (critical_point_targets, normalized_to_mm, voxel_to_mm,
-                                             voxel_to_normalized)
+from nnunet_topo.frames import normalized_to_mm, voxel_to_mm, voxel_to_normalized
+from nnunet_topo.losses.mesh_targets import critical_point_targets
 from nnunet_topo.losses.mie import MIELoss
 from nnunet_topo.losses.tpm import TPMLoss, critical_bce
 from nnunet_topo.occupancy import winding_number
-from nnunet_topo.rules import parse_topology, spec_in_patch_frame
+from nnunet_topo.topology_spec import parse_topology, spec_in_patch_frame
 
 LABELS = {"background": 0, "LV": 1, "RV": 2, "MYO": 3}
 SPEC = parse_topology({"labels": LABELS, "topology": {"rules": [{"type": "exclusion", "a": "LV", "b": "RV"}],

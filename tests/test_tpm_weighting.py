@@ -10,7 +10,8 @@ tests/test_tpm_penetration.py.
 import pytest
 import torch
 
-from nnunet_topo.losses.mesh_targets import critical_point_targets, normalized_to_mm, sample_query_points, voxel_to_mm
+from nnunet_topo.frames import normalized_to_mm, voxel_to_mm
+from nnunet_topo.losses.mesh_targets import critical_point_targets, sample_query_points
 from nnunet_topo.losses.mie import MIELoss, mix_points
 from nnunet_topo.losses.tpm import TPMLoss
 from nnunet_topo.occupancy import DEFAULT_EPS, occupancy_bce, winding_number

@@ -15,11 +15,11 @@ import trimesh
 
 from conftest import nnunet_cli
 from nnunet_topo.ftetwild import FTetWildError, _in_child, tetrahedralize
-from nnunet_topo.meshes import export_mesh
+from nnunet_topo.mesh_io import export_mesh
 from nnunet_topo.metrics.tet_quality import (boundary_triangles, tet_dihedral_angles_deg, tet_quality,
                                              tet_signed_volumes)
-from nnunet_topo.volume_mesh import (SURFACE_TAGS, CutPlane, VolumeMeshError, volume_mesh, volume_mesh_entry,
-                                     wall_surface, write_vtu)
+from nnunet_topo.cli.volume_mesh import volume_mesh_entry
+from nnunet_topo.volume_mesh import (SURFACE_TAGS, CutPlane, VolumeMeshError, volume_mesh, wall_surface, write_vtu)
 
 R_OUT, R_IN = 10.0, 7.0
 SHELL = 4 / 3 * math.pi * (R_OUT ** 3 - R_IN ** 3)

@@ -7,10 +7,11 @@ import torch
 import trimesh
 
 import nnunet_topo.voxelize as voxelize_module
-from nnunet_topo.losses.mesh_targets import mesh_violation_masks, voxel_to_mm
+from nnunet_topo.frames import voxel_to_mm
+from nnunet_topo.losses.mesh_targets import mesh_violation_masks
 from nnunet_topo.mesh_evaluation import _ColumnCrossings
 from nnunet_topo.occupancy import winding_number
-from nnunet_topo.rules import MeshExclusionRule, mesh_rule_meshes, mesh_rules_in_force, parse_topology
+from nnunet_topo.topology_spec import MeshExclusionRule, mesh_rule_meshes, mesh_rules_in_force, parse_topology
 from nnunet_topo.voxelize import HOST_SYNC_OPS, HostSyncRecorder, grid_winding_number, voxelize
 
 SHAPE = (11, 16, 14)  # (Z, Y, X)

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 
-from nnunet_topo.losses.mesh_targets import normalized_to_mm
-from nnunet_topo.losses.mesh_terms import (default_smoothing_mm, mesh_regularisers, mesh_volume_ratios,
-                                           template_edge_lengths)
+from nnunet_topo.frames import normalized_to_mm
+from nnunet_topo.losses.mesh_regularisers import mesh_regularisers, template_edge_lengths
+from nnunet_topo.losses.mesh_terms import default_smoothing_mm, mesh_volume_ratios
 from nnunet_topo.losses.tpm import TPMLoss
 from nnunet_topo.mesh_head.label_templates import training_templates
 from nnunet_topo.mesh_head.network import (HEAD_FORMAT_VERSION, TEMPLATES_KEY, head_settings,
@@ -32,7 +32,7 @@ from nnunet_topo.mesh_head.templates import Template
 from nnunet_topo.plans import saved_configuration
 from nnunet_topo.roi_cache import roi_boxes_and_crops
 from nnunet_topo.roi_loader import MeshROISampling
-from nnunet_topo.rules import TopologySpecError
+from nnunet_topo.topology_spec import TopologySpecError
 from nnunet_topo.trainers.nnUNetTrainerTopoBase import nnUNetTrainerTopoBase
 
 

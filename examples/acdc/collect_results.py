@@ -8,10 +8,10 @@ Reads, in the study's work folder (each file is small; nothing else is loaded):
   and of every arm, and on the refined segmentations of the control (``<CONTROL>+refine``);
 * ``eval/<ROW>_mesh.json``: the evaluator with ``--mesh_folder`` on the mesh arms' ``nnUNetv2_topo_predict_meshes``
   output (``meshes_<ROW>/``) and on the marching cubes of the control's segmentations (``<CONTROL>+marching_cubes``,
-  ``python -m nnunet_topo.segmentation_meshes``); ``meshes_<ROW>/meshes.json`` for the cases without mesh;
+  ``python -m nnunet_topo.cli.segmentation_meshes``); ``meshes_<ROW>/meshes.json`` for the cases without mesh;
 * each model's ``fold_0/debug.json`` and ``training_log_*.txt`` (iterations, seed, the sum of nnU-Net's "Epoch time"
   lines = training seconds; the backbone's pseudo Dice per epoch); ``refine_<CONTROL>/refinement_summary.json``;
-* ``eval/external_<ROW>_label_free.json`` (``python -m nnunet_topo.label_free`` on the external LGE predictions);
+* ``eval/external_<ROW>_label_free.json`` (``python -m nnunet_topo.cli.label_free`` on the external LGE predictions);
 * ``logs/stage_seconds.tsv`` (seconds of every stage and step, and the machine).
 
 JSON (``--out``): ``"protocol": "fine-tune"``, the split and configuration, ``"backbone": {"iterations", "seconds",
@@ -68,7 +68,7 @@ ARMS = {
     MESH_CONTINUED: ("nnUNetTrainerMesh", MESH_FT),
 }
 DERIVED = {REFINE: "nnUNetv2_topo_refine of the control's model on the validation images (keep_present)",
-           MARCHING_CUBES: "marching cubes (nnunet_topo.meshes.mesh_from_mask) of the control's validation "
+           MARCHING_CUBES: "marching cubes (nnunet_topo.surfaces.mesh_from_mask) of the control's validation "
                            "segmentations; mesh metrics only"}
 ORDER = list(ARMS) + list(DERIVED)
 TPM_ARMS = ["nnUNetTrainerTPM_acdcFT2", "nnUNetTrainerTPM_acdcFT2_seed2", "nnUNetTrainerTPM_lambda1_acdcFT2"]
@@ -716,7 +716,7 @@ def print_tables(r: dict) -> None:
     ext = r.get("external_lge") or {}
     if ext:
         rules = sorted({k for s in ext.values() for k in s.get("share_cases_violating", {})})
-        print("\nExternal LGE set (no labels; label-free measures, python -m nnunet_topo.label_free):\n")
+        print("\nExternal LGE set (no labels; label-free measures, python -m nnunet_topo.cli.label_free):\n")
         print("| model | cases | meshed | " + " | ".join(f"cases violating {x}" for x in rules)
               + " | slices meeting per-slice priors | cases meeting 3D prior LV_epi | cases lacking RV | "
                 "mesh overlap / mesh volume |")

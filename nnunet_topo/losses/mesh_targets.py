@@ -12,15 +12,13 @@ Consistent Cardiac Mesh Reconstruction* (TPM, arXiv:2503.07874):
   crossings, :mod:`nnunet_topo.voxelize`) — without (b), meshes that penetrate each other over a correct
   segmentation would never be penalised.
 
-Coordinate frames (kept explicit everywhere):
+Coordinate frames (kept explicit everywhere; the conversions live in :mod:`nnunet_topo.frames`):
 
 * *voxel index* ``(z, y, x)`` of a patch of shape ``(Z, Y, X)``; the point functions here return points in this
   frame (integer voxel centres for critical points, continuous indices for sampled points);
 * *normalised patch frame* of ``torch.nn.functional.grid_sample(..., align_corners=True)``: ``(x, y, z)`` in
-  ``[-1, 1]`` with ``x`` along the last array axis; the mesh head predicts in this frame.
-  :func:`voxel_to_normalized` and :func:`normalized_to_voxel` convert;
-* *physical patch frame*: ``(x, y, z)`` in mm, ``index * spacing`` with the axis order reversed
-  (:func:`voxel_to_mm`, :func:`normalized_to_mm`). The losses measure everything here (vertices, query points,
+  ``[-1, 1]`` with ``x`` along the last array axis; the mesh head predicts in this frame;
+* *physical patch frame*: ``(x, y, z)`` in mm, ``index * spacing`` with the axis order reversed. The losses measure everything here (vertices, query points,
   dipole smoothing), because the normalised frame is anisotropic: one normalised unit is half the patch extent,
   50 mm through-plane but ~175 mm in-plane for a 20x256x224 MRI patch at 5x1.56x1.56 mm. The maps between the
   three frames are positive axis scalings (plus the order reversal applied to both points and meshes), so
@@ -33,7 +31,7 @@ rule names (``exclusion(A, B)``: A's and B's; ``inclusion(I in O)``: I's and O's
 mesh. Voxels whose reference is a rule's allowed opening (``may_touch``) or the ignore label are never critical.
 A voxel selected for the same mesh by several rules or both sources appears once.
 
-Source (b) checks the mesh-level rules in force (:func:`nnunet_topo.rules.mesh_rules_in_force`): the spec's
+Source (b) checks the mesh-level rules in force (:func:`nnunet_topo.topology_spec.mesh_rules_in_force`): the spec's
 ``mesh_rules`` (``mesh_exclusion``: inside both meshes; ``mesh_inclusion``: inside the inner mesh and outside the
 outer one) and the voxel rules whose structures are mesh structures, read on the meshes. A critical point of a mesh
 rule is a query point of both its meshes, with the same targets ``[reference label ∈ region(mesh)]``: an RV mesh that
@@ -43,25 +41,18 @@ positives for ``LV_epi``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from nnunet_topo.meshes import index_to_normalized, normalized_to_index
-from nnunet_topo.rules import (ExclusionRule, InclusionRule, MeshExclusionRule, Rule, TopologySpec, mesh_for_structure,
+from nnunet_topo.frames import mm_to_voxel
+from nnunet_topo.topology_spec import (ExclusionRule, InclusionRule, MeshExclusionRule, Rule, TopologySpec, mesh_for_structure,
                                 mesh_rule_meshes, mesh_rules_in_force)
 from nnunet_topo.violations import dilate, rule_violation_map
 from nnunet_topo.voxelize import voxelize
 
 __all__ = [
-    "voxel_to_normalized",
-    "normalized_to_voxel",
-    "voxel_to_mm",
-    "mm_to_voxel",
-    "check_spacing",
-    "normalized_to_mm",
     "mesh_for_structure",
     "rule_meshes",
     "critical_point_masks",
@@ -78,69 +69,6 @@ __all__ = [
 MODES = ("3d", "2d")
 #: where critical points come from: the predicted label map and the predicted meshes (TPM Eq. 6-9, DESIGN §6)
 SOURCES = ("prediction", "meshes")
-
-
-# ---------------------------------------------------------------------------------------------- frames
-def voxel_to_normalized(idx_zyx: Tensor, shape: Sequence[int]) -> Tensor:
-    """Voxel indices ``(z, y, x)`` -> normalised patch coordinates ``(x, y, z)`` in ``[-1, 1]``.
-
-    ``n = 2 * i / (size - 1) - 1`` per axis, order reversed (``grid_sample``, ``align_corners=True``); an axis of
-    size 1 maps to 0. Same as :func:`nnunet_topo.meshes.index_to_normalized`.
-
-    Args:
-        idx_zyx: ``(..., 3)`` continuous or integer voxel indices in array order.
-        shape: the patch shape ``(Z, Y, X)``.
-
-    Returns:
-        ``(..., 3)`` float tensor (float32 for integer input) in ``(x, y, z)`` order.
-    """
-    if len(shape) != 3:
-        raise ValueError(f"shape must be the 3D patch shape (Z, Y, X), got {tuple(shape)}")
-    return index_to_normalized(idx_zyx, shape)
-
-
-def normalized_to_voxel(points_xyz: Tensor, shape: Sequence[int]) -> Tensor:
-    """Normalised patch coordinates ``(x, y, z)`` -> continuous voxel indices ``(z, y, x)``; inverse of
-    :func:`voxel_to_normalized` (``i = (n + 1) / 2 * (size - 1)``)."""
-    if len(shape) != 3:
-        raise ValueError(f"shape must be the 3D patch shape (Z, Y, X), got {tuple(shape)}")
-    return normalized_to_index(points_xyz, shape)
-
-
-def check_spacing(spacing: Optional[Sequence[float]]) -> Optional[Tuple[float, float, float]]:
-    """``spacing`` as a tuple of three positive finite voxel sizes ``(z, y, x)`` in mm (None stays None: 1 mm);
-    ``ValueError`` otherwise."""
-    if spacing is None:
-        return None
-    sp = tuple(float(s) for s in spacing)
-    if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
-        raise ValueError(f"spacing must be three positive voxel sizes (z, y, x) in mm, got {spacing!r}")
-    return sp
-
-
-def _spacing_tensor(spacing: Optional[Sequence[float]], like: Tensor) -> Tensor:
-    sp = check_spacing(spacing) or (1.0, 1.0, 1.0)
-    dtype = like.dtype if like.is_floating_point() else torch.float32
-    # filled on the device (no host-to-device copy, which would wait for the device: torch.tensor(sp, device=...))
-    return torch.stack([torch.full((), s, dtype=dtype, device=like.device) for s in sp])
-
-
-def voxel_to_mm(idx_zyx: Tensor, spacing: Optional[Sequence[float]]) -> Tensor:
-    """Voxel indices ``(z, y, x)`` of a patch -> the patch's physical frame: ``(x, y, z)`` in mm from the centre of
-    voxel 0 (``index * spacing``, order reversed like the normalised frame, so that the map from the normalised
-    frame is a positive scaling and keeps the orientation of meshes). ``spacing`` = ``(z, y, x)`` mm; None: 1 mm."""
-    idx = idx_zyx if idx_zyx.is_floating_point() else idx_zyx.to(torch.float32)
-    return (idx * _spacing_tensor(spacing, idx)).flip(-1)
-
-
-def mm_to_voxel(points_mm: Tensor, spacing: Optional[Sequence[float]]) -> Tensor:
-    """Inverse of :func:`voxel_to_mm`: ``(x, y, z)`` mm -> continuous voxel indices ``(z, y, x)``."""
-    return points_mm.flip(-1) / _spacing_tensor(spacing, points_mm)
-
-
-def normalized_to_mm(points_xyz: Tensor, shape: Sequence[int], spacing: Optional[Sequence[float]]) -> Tensor:
-    """Normalised patch coordinates -> the patch's physical frame (:func:`voxel_to_mm`), e.g. mesh vertices."""
-    return voxel_to_mm(normalized_to_voxel(points_xyz, shape), spacing)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -237,8 +165,8 @@ def critical_point_masks(
     ``mode="2d"`` (MIE) every rule is evaluated slice by slice: a copy of each 3d rule in 2d mode along ``axis``
     (``None``: the rule's own ``axis``). Source ``"meshes"``: the voxels of ``mesh_violations[rule name]``
     (:func:`mesh_violation_masks`: where the predicted *meshes* break the rule), for the voxel rules read on the
-    meshes and for the spec's ``mesh_rules`` (:func:`nnunet_topo.rules.mesh_rules_in_force`). A critical voxel of a
-    rule is a point of **every** mesh the rule names (:func:`rule_meshes`, :func:`nnunet_topo.rules.mesh_rule_meshes`),
+    meshes and for the spec's ``mesh_rules`` (:func:`nnunet_topo.topology_spec.mesh_rules_in_force`). A critical voxel of a
+    rule is a point of **every** mesh the rule names (:func:`rule_meshes`, :func:`nnunet_topo.topology_spec.mesh_rule_meshes`),
     whatever its reference label; voxels whose reference is the rule's ``may_touch`` opening or ``ignore_label`` are
     never critical.
 
@@ -354,7 +282,7 @@ def mesh_violation_masks(
 ) -> Dict[str, Tensor]:
     """Voxel centres where the predicted meshes break a mesh-level rule (source (b) of TPM's critical points).
 
-    The rules are those in force on the meshes (:func:`nnunet_topo.rules.mesh_rules_in_force`: the spec's
+    The rules are those in force on the meshes (:func:`nnunet_topo.topology_spec.mesh_rules_in_force`: the spec's
     ``mesh_rules`` and the voxel rules whose structures are mesh structures), each evaluated when all its meshes are
     among ``mesh_names``. Exclusion: inside both meshes; inclusion: inside the inner mesh and outside the outer one
     (and outside the meshes of its openings ``may_touch`` that were predicted). Inside = exact winding number > 1/2
@@ -364,8 +292,8 @@ def mesh_violation_masks(
     synchronisation.
 
     Args:
-        meshes_mm: ``(B, V_s, 3)`` vertices in the patch's physical frame (:func:`normalized_to_mm`), outward-
-            oriented faces; no gradient flows.
+        meshes_mm: ``(B, V_s, 3)`` vertices in the patch's physical frame
+            (:func:`nnunet_topo.frames.normalized_to_mm`), outward-oriented faces; no gradient flows.
         faces: ``(F_s, 3)`` per mesh; mesh_names: their names (keys of ``spec.mesh_structures``).
         spec: the spec (rules whose meshes are all among ``mesh_names`` are evaluated).
         shape: patch shape ``(Z, Y, X)``; spacing: ``(z, y, x)`` mm of the patch (None: 1 mm).

@@ -26,12 +26,13 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from nnunet_topo.losses.mesh_targets import check_spacing, normalized_to_mm, sample_query_points, voxel_to_mm
+from nnunet_topo.frames import check_spacing, normalized_to_mm, voxel_to_mm
+from nnunet_topo.losses.mesh_targets import sample_query_points
 from nnunet_topo.losses.tpm import (_check_common, _check_count, _check_flag, check_mesh_inputs,
                                    critical_points_both_sources, known_weights)
 from nnunet_topo.metrics.mesh import laplacian_smoothness_energy
 from nnunet_topo.occupancy import DEFAULT_EPS, occupancy_bce
-from nnunet_topo.rules import TopologySpec
+from nnunet_topo.topology_spec import TopologySpec
 
 __all__ = ["mix_points", "MIELoss"]
 

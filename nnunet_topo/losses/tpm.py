@@ -12,7 +12,7 @@ Cardiac Mesh Reconstruction* (TPM, arXiv:2503.07874); DESIGN §6.
   ``argmax(seg_logits)`` (no gradient through the argmax) **and** the voxel centres where the predicted meshes
   break a mesh-level rule (``mesh_critical_points``; every patch voxel against the spec's ``mesh_rules`` and the
   voxel rules read on the meshes,
-  :func:`nnunet_topo.rules.mesh_rules_in_force`; without them, meshes that penetrate each other over a correct
+  :func:`nnunet_topo.topology_spec.mesh_rules_in_force`; without them, meshes that penetrate each other over a correct
   segmentation are never penalised). Each critical point of a rule is a point of every mesh the rule names, target
   ``[reference ∈ region(mesh)]``. Per mesh and batch item ``(Σ_S bce + Σ_C bce) / (|S| + |C|)``, then the mean over
   batch items and meshes (the same means as ``L_occ``). A critical point therefore weighs exactly what a standard
@@ -57,11 +57,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from nnunet_topo.losses.mesh_targets import (SOURCES, check_spacing, critical_point_masks, masks_to_targets,
-                                             mesh_violation_masks, normalized_to_mm, sample_query_points, select_points,
-                                             source_union, targets_at, voxel_to_mm)
+from nnunet_topo.frames import check_spacing, normalized_to_mm, voxel_to_mm
+from nnunet_topo.losses.mesh_targets import (SOURCES, critical_point_masks, masks_to_targets, mesh_violation_masks,
+                                             sample_query_points, select_points, source_union, targets_at)
 from nnunet_topo.occupancy import DEFAULT_EPS, METHODS, occupancy_bce
-from nnunet_topo.rules import TopologySpec
+from nnunet_topo.topology_spec import TopologySpec
 
 __all__ = ["occupancy_loss", "TPMLoss", "check_mesh_inputs", "critical_bce", "critical_points_both_sources",
            "critical_masks_both_sources", "known_weights"]
@@ -122,7 +122,7 @@ def critical_bce(
     """Sum of the occupancy BCE over ragged per-sample point sets, and the number of points.
 
     Args:
-        vertices_mm: ``(B, V, 3)`` in the patch's physical frame (:func:`~.mesh_targets.normalized_to_mm`).
+        vertices_mm: ``(B, V, 3)`` in the patch's physical frame (:func:`nnunet_topo.frames.normalized_to_mm`).
         faces: ``(F, 3)``.
         points_idx: ``B`` tensors ``(N_b, 3)`` of voxel indices ``(z, y, x)``.
         targets: ``B`` tensors ``(N_b,)``.
@@ -232,7 +232,7 @@ class TPMLoss(nn.Module):
 
     Args:
         spec: the topology spec (rules, mesh structures, connectivity), slice axes in the patch's array order
-            (:func:`nnunet_topo.rules.spec_in_patch_frame`).
+            (:func:`nnunet_topo.topology_spec.spec_in_patch_frame`).
         mesh_names: names of ``spec.mesh_structures`` in the order of the mesh head's outputs.
         method: occupancy method, ``"exact"`` or ``"dipole"`` (see the module docstring about gradients).
         lambda_tp: weight of ``L_TPM`` in ``total`` (paper: 0.5 CT, 1.0 MRI).

@@ -2,7 +2,7 @@
 
 Implements the mesh metrics of DESIGN.md section 5 ("Chamfer distance in mm (symmetric mean of
 nearest surface distances), Laplacian smoothness energy of meshes") for predicted meshes, e.g.
-those of the mesh head or of :func:`nnunet_topo.meshes.mesh_from_mask`. The voxel-based twins
+those of the mesh head or of :func:`nnunet_topo.surfaces.mesh_from_mask`. The voxel-based twins
 (``chamfer_distance``, ``hausdorff_distance_95`` on masks) are in ``metrics/geometry.py`` and use the
 same definitions; see ``documentation/meshes.md``.
 
@@ -385,7 +385,7 @@ def mesh_volume(mesh: Any) -> float:
     """Signed enclosed volume of a closed triangle surface, in mm^3 (coordinate unit cubed).
 
     The divergence-theorem sum over faces (``trimesh.Trimesh.volume``). Positive for an
-    outward-oriented closed surface (every mesh of :func:`nnunet_topo.meshes.mesh_from_mask`);
+    outward-oriented closed surface (every mesh of :func:`nnunet_topo.surfaces.mesh_from_mask`);
     negative if its faces are wound inward. A cavity (inward-facing inner shell) subtracts.
 
     Returns:
