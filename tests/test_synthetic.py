@@ -15,6 +15,7 @@ from scipy import ndimage
 from skimage.measure import euler_number
 
 from nnunet_topo import synthetic as syn
+from nnunet_topo.metrics.topology import betti_numbers_2d
 
 S26 = ndimage.generate_binary_structure(3, 3)
 S6 = ndimage.generate_binary_structure(3, 1)
@@ -247,7 +248,7 @@ def test_topology_block_contents():
 
 
 def test_topology_block_parses_with_rules_module():
-    rules = pytest.importorskip("nnunet_topo.rules")
+    rules = pytest.importorskip("nnunet_topo.topology_spec")
     for preset in ("acdc", "wholeheart"):
         spec = rules.parse_topology({"labels": syn.labels_for(preset), "topology": syn.topology_block(preset)})
         assert [r.name for r in spec.rules] == [syn.rule_name(r) for r in syn.topology_block(preset)["rules"]]
@@ -352,7 +353,7 @@ def test_planted_defect_acdc_expected_values():
 def test_planted_defects_agree_with_metrics_and_violations_modules():
     topology = pytest.importorskip("nnunet_topo.metrics.topology")
     violations_mod = pytest.importorskip("nnunet_topo.violations")
-    rules = pytest.importorskip("nnunet_topo.rules")
+    rules = pytest.importorskip("nnunet_topo.topology_spec")
     for preset in ("acdc", "wholeheart"):
         ph = syn.make_phantom(preset, 5, TINY[preset])
         spec = rules.parse_topology({"labels": ph.labels, "topology": syn.topology_block(preset)})
@@ -530,7 +531,7 @@ def test_embedded_phantom_keeps_the_heart_in_world_space(tmp_path):
 
 
 def test_check_reference_honours_exempt_end_slices_like_the_violation_maps():
-    from nnunet_topo.rules import parse_topology
+    from nnunet_topo.topology_spec import parse_topology
     from nnunet_topo.violations import violation_maps_numpy
 
     ph = syn.make_phantom("acdc", 0, TINY["acdc"])
@@ -562,7 +563,7 @@ def test_check_reference_accepts_an_allowed_set_of_per_slice_betti_vectors():
     col = int(np.round(np.flatnonzero((lab[z] == myo).any(axis=0)).mean()))
     band = lab[z, : lab.shape[1] // 2, col - 1:col + 2]
     band[band == myo] = 0
-    assert syn._betti_2d(lab[z] == myo) == (1, 0)  # an open "C"
+    assert betti_numbers_2d(lab[z] == myo) == (1, 0)  # an open "C"
 
     def betti2d_problems(prior):
         topo = syn.topology_block("acdc")
