@@ -65,7 +65,9 @@ import weakref
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from nnunet_topo.occupancy_triton import DET_TOL  # the in-plane tolerance, shared with the Triton kernels
 
 METHODS: tuple[str, ...] = ("exact", "dipole")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
@@ -78,8 +80,6 @@ BACKEND_ENV_VAR: str = "NNUNET_TOPO_OCCUPANCY_BACKEND"
 #: NaN checks of points and vertices without a host synchronisation (``torch._assert_async``: the error surfaces at
 #: the next sync) — None: on accelerators only (on the CPU a ValueError at once); True / False: everywhere / nowhere
 SYNC_FREE_CHECKS: Optional[bool] = None
-# |a.(b x c)| below _DET_TOL * machine eps * |N| * (|a| + mesh radius) counts as "in the face's plane".
-_DET_TOL: float = 8.0
 
 _MeshTensors = tuple[Tensor, ...]
 # kernel(points (b, n, 3), mesh tensors (b, ...), element slice) -> partial winding numbers (b, n)
@@ -121,7 +121,7 @@ def _exact_kernel(faces: Tensor) -> _Kernel:
         den = la * lb * lc + 0.5 * ((sa + sb - e_ab) * lc + (sb + sc - e_bc) * la + (sc + sa - e_ca) * lb)
         # A point in the plane of a face (|det| within its rounding error) sees the face edge-on: principal
         # value Omega = 0, so w = 1/2 on a face and no atan2(0, 0) (NaN gradient) on edges and corners.
-        tol = (_DET_TOL * finfo.eps) * normal2.norm(dim=-1).unsqueeze(-1) * (la + radius)
+        tol = (DET_TOL * finfo.eps) * normal2.norm(dim=-1).unsqueeze(-1) * (la + radius)
         in_plane = det.abs() <= tol
         det = torch.where(in_plane, 0.0, det)
         den = torch.where(in_plane, 1.0, den)
@@ -617,44 +617,3 @@ def occupancy_bce(
     if loss.numel() == 0:
         return loss.sum() * 0.0  # connected to the vertices' graph (winding_number keeps it for N = 0)
     return loss.mean() if reduction == "mean" else loss.sum()
-
-
-class OccupancyBCELoss(nn.Module):
-    """Binary cross-entropy of mesh occupancy (TPM Eq. 10-11), a thin module around :func:`occupancy_bce`.
-
-    Args:
-        method: ``"exact"`` or ``"dipole"`` (see :func:`winding_number`).
-        eps: occupancy clamp margin in (0, 0.5).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        chunk_size: most point-face (or point-vertex) pairs per block.
-        smoothing: smoothed-dipole ``sigma`` in vertex units (``method="dipole"`` only).
-        backend: ``"torch"``, ``"triton"``, ``"auto"`` or ``None`` (see :func:`winding_number`).
-
-    Shapes:
-        points ``(..., N, 3)``, vertices ``(..., V, 3)``, faces ``(F, 3)``, targets ``(..., N)``,
-        optional weights broadcastable to ``(..., N)``; output scalar (``(..., N)`` for ``"none"``).
-    """
-
-    def __init__(self, method: str = "exact", eps: float = DEFAULT_EPS, reduction: str = "mean",
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, smoothing: float = 0.0,
-                 backend: Optional[str] = None) -> None:
-        super().__init__()
-        _check_options(method, chunk_size, smoothing)
-        _check_backend(backend)
-        _check_eps(eps)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        self.method, self.eps, self.reduction = method, float(eps), reduction
-        self.chunk_size, self.smoothing = chunk_size, float(smoothing)
-        self.backend = backend
-
-    def forward(self, points: Tensor, vertices: Union[Tensor, Sequence[Tensor]],
-                faces: Union[Tensor, Sequence[Tensor]], targets: Tensor,
-                weights: Optional[Tensor] = None) -> Tensor:
-        return occupancy_bce(points, vertices, faces, targets, method=self.method, eps=self.eps, weights=weights,
-                             reduction=self.reduction, chunk_size=self.chunk_size, smoothing=self.smoothing,
-                             backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return (f"method={self.method!r}, eps={self.eps}, reduction={self.reduction!r}, "
-                f"chunk_size={self.chunk_size}, smoothing={self.smoothing}, backend={self.backend!r}")

@@ -40,8 +40,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from nnunet_topo.occupancy import _DET_TOL  # the in-plane tolerance of the torch exact kernel
-
 try:  # pragma: no cover - exercised by the import-without-triton test
     import triton
     import triton.language as tl
@@ -50,6 +48,11 @@ except Exception as err:  # ImportError, or a broken installation
     triton = None
     tl = None
     _IMPORT_ERROR = err
+
+#: In-plane tolerance of the exact (solid-angle) kernels, torch (:mod:`nnunet_topo.occupancy`) and Triton alike:
+#: ``|a.(b x c)|`` below ``DET_TOL * machine eps * |N| * (|a| + mesh radius)`` counts as "in the face's plane".
+#: Defined here, where the kernels need nothing from the torch module, which imports it.
+DET_TOL: float = 8.0
 
 # Tile sizes (points x elements, powers of two). Untuned: no GPU has run them yet. Chosen so that
 # ptxas (sm_90a, 4 warps) reports no register spills: dipole 64 x 32 uses 146 (forward), 191 (point
@@ -521,6 +524,6 @@ def exact_winding(points: Tensor, vertices: Tensor, faces: Tensor,
     w = torch.empty(ns, batch, n, device=p.device, dtype=torch.float32)
     with _DeviceGuard(p.device):
         _exact_forward_kernel[(blocks_n, batch, ns)](
-            p, v, f, radius, w, batch, n, nv, nf, per, _DET_TOL * _FLOAT32_EPS, _FLOAT32_TINY, _INV_2PI,
+            p, v, f, radius, w, batch, n, nv, nf, per, DET_TOL * _FLOAT32_EPS, _FLOAT32_TINY, _INV_2PI,
             BLOCK_N=block_n, BLOCK_F=block_f, num_warps=NUM_WARPS)
     return _reduce(w)

@@ -73,6 +73,7 @@ __all__ = [
     "persistence_diagrams",
     "batch_persistence_diagrams",
     "persistence_workers",
+    "check_maxdim",
 ]
 
 # cripser reports essential deaths as DBL_MAX; anything above this counts as infinite.
@@ -134,7 +135,9 @@ def _compute_ph_t(neg: np.ndarray, maxdim: int) -> np.ndarray:
     return cripser.computePH_T(neg, maxdim=maxdim)
 
 
-def _check_maxdim(maxdim: int | None, ndim: int) -> int:
+def check_maxdim(maxdim: int | None, ndim: int) -> int:
+    """The highest homology dimension to compute for an ``ndim``-D map: ``maxdim`` checked to lie in
+    ``[0, ndim - 1]`` (None: ``ndim - 1``); ValueError otherwise."""
     if maxdim is None:
         return ndim - 1
     if isinstance(maxdim, bool) or not isinstance(maxdim, (int, np.integer)) or not 0 <= maxdim < ndim:
@@ -161,7 +164,7 @@ def persistence_pairs(values: np.ndarray, maxdim: int | None = None) -> list[Per
     arr = np.asarray(values, dtype=np.float64)
     if arr.ndim not in (2, 3) or arr.size == 0:
         raise ValueError(f"expected a non-empty 2D (X, Y) or 3D (X, Y, Z) map, got shape {arr.shape}.")
-    maxdim = _check_maxdim(maxdim, arr.ndim)
+    maxdim = check_maxdim(maxdim, arr.ndim)
     return _pairs_from_negated(np.ascontiguousarray(-arr), maxdim)
 
 
@@ -266,7 +269,7 @@ def map_persistence_pairs(
     negs = []
     for a in arrays:
         a = np.asarray(a, dtype=np.float64)
-        _check_maxdim(maxdim, a.ndim)
+        check_maxdim(maxdim, a.ndim)
         negs.append(np.ascontiguousarray(a if negated else -a))
     if not negs:
         return []
@@ -338,7 +341,7 @@ def persistence_diagrams(p: Tensor, maxdim: int | None = None) -> list[Diagram]:
             f"p must be a single 2D (X, Y) or 3D (X, Y, Z) map, got shape {tuple(p.shape)}; use "
             "batch_persistence_diagrams for (B, C, *spatial) batches."
         )
-    maxdim = _check_maxdim(maxdim, p.ndim)
+    maxdim = check_maxdim(maxdim, p.ndim)
     neg = -p.detach().cpu().numpy().astype(np.float64)  # copy in its own dtype, widen on the CPU
     pairs = _pairs_from_negated(np.ascontiguousarray(neg), maxdim)
     return _gather_diagrams(p.reshape(-1), pairs, tuple(p.shape))
@@ -386,7 +389,7 @@ def batch_persistence_diagrams(
         )
     classes = _check_classes(classes, p.shape[1])
     spatial = tuple(p.shape[2:])
-    maxdim = _check_maxdim(maxdim, len(spatial))
+    maxdim = check_maxdim(maxdim, len(spatial))
     neg = -p.detach().cpu().numpy().astype(np.float64)  # copy in its own dtype, widen on the CPU
     jobs = [neg[b, c] for b in range(p.shape[0]) for c in classes]
     pairs = map_persistence_pairs(jobs, maxdim, num_workers, executor, negated=True)

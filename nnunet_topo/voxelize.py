@@ -7,7 +7,7 @@ grid at once, along the grid's **last axis** (X, the ray runs towards ``+x``): f
 every triangle, a 2D point-in-triangle test of the line in the triangle's projection on ``(z, y)`` and, on a hit, the
 crossing's position along the line, which is scattered (``+1`` where the surface leaves along ``+x``, ``-1`` where it
 enters) into the line's cell; a reversed cumulative sum turns the crossings into winding numbers. The lines run
-``_RAY_JITTER`` grid units (an irrational ratio) beside the grid points so that none passes exactly through an edge
+``RAY_JITTER`` grid units (an irrational ratio) beside the grid points so that none passes exactly through an edge
 or a vertex of a mesh, where the 2D test would count a crossing twice or not at all; each edge is evaluated from its
 endpoints in one canonical order, so the two triangles of a shared edge see bitwise opposite values and a line
 close to the edge is counted by exactly one of them (rounding cannot let it slip between them or hit both).
@@ -40,11 +40,11 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["voxelize", "grid_winding_number", "HOST_SYNC_OPS", "HostSyncRecorder", "is_host_sync"]
+__all__ = ["voxelize", "grid_winding_number", "HOST_SYNC_OPS", "HostSyncRecorder", "is_host_sync", "RAY_JITTER"]
 
 #: offset (grid units) of the ray lines from the grid points along the first two axes; irrational ratio, so that no
 #: line passes through an edge or a vertex of a mesh (shared with :class:`nnunet_topo.mesh_evaluation._ColumnCrossings`)
-_RAY_JITTER = (1e-6 * math.sqrt(2.0) / 2, 1e-6 * (math.sqrt(5.0) - 1) / 2)
+RAY_JITTER = (1e-6 * math.sqrt(2.0) / 2, 1e-6 * (math.sqrt(5.0) - 1) / 2)
 
 #: at most this many (batch item x triangle x line) pairs per chunk of faces (at least one face per chunk); their
 #: work buffers (22 bytes a pair) are allocated once per call and reused by every chunk
@@ -159,8 +159,8 @@ def grid_winding_number(vertices_grid: Tensor, faces: Tensor, shape: Sequence[in
     if f.shape[0] == 0 or batch == 0:
         return acc.view(batch, Z, Y, X + 1)[..., 1:].to(torch.int64)
     # the lines (z + jz, y + jy), and the flat accumulator index of each line's cell 0: (B, 1, Z, Y)
-    lz = torch.arange(Z, dtype=torch.float64, device=device) + _RAY_JITTER[0]
-    ly = torch.arange(Y, dtype=torch.float64, device=device) + _RAY_JITTER[1]
+    lz = torch.arange(Z, dtype=torch.float64, device=device) + RAY_JITTER[0]
+    ly = torch.arange(Y, dtype=torch.float64, device=device) + RAY_JITTER[1]
     base = (torch.arange(batch * lines, device=device) * (X + 1)).view(batch, 1, Z, Y)
     chunk = min(f.shape[0], max(1, _MAX_PAIRS // (batch * lines)))
     pairs = batch * chunk * lines  # work buffers, reused by every chunk (fresh allocations cost more on the CPU)

@@ -9,8 +9,9 @@ import torch
 import trimesh
 from skimage.measure import marching_cubes
 
+from occupancy_bce_module import OccupancyBCELoss
+
 from nnunet_topo.occupancy import (
-    OccupancyBCELoss,
     occupancy,
     occupancy_bce,
     winding_number,

@@ -85,7 +85,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nnunet_topo.metrics.topology import betti_numbers_2d, betti_numbers_3d, betti_numbers_per_slice
-from nnunet_topo.persistence import _check_maxdim, map_persistence_pairs
+from nnunet_topo.persistence import check_maxdim, map_persistence_pairs
 
 __all__ = ["betti_prior_loss", "BettiPriorLoss", "betti_downsample_for_patch", "betti_targets_from_labels",
            "max_pool_downsample"]
@@ -324,7 +324,7 @@ def betti_targets_from_labels(
     sd = target.ndim - 2
     ax = _normalise_slice_axis(slice_axis, sd)
     n = 2 if ax is not None else sd
-    md = _check_maxdim(maxdim, n)
+    md = check_maxdim(maxdim, n)
     masks = _pooled_masks(target, ids, downsample, ax).cpu().numpy()
     B, K = masks.shape[:2]
     if ax is not None:
@@ -451,7 +451,7 @@ def _betti_prior_loss(
         spatial = tuple(p.shape[2:])
         ax = _normalise_slice_axis(slice_axis, len(spatial))
         n = 2 if ax is not None else len(spatial)
-        md = _check_maxdim(maxdim, n)
+        md = check_maxdim(maxdim, n)
         length = md + 1
         n_slices = spatial[ax] if ax is not None else None
 

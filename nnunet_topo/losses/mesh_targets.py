@@ -18,11 +18,11 @@ Coordinate frames (kept explicit everywhere; the conversions live in :mod:`nnune
   frame (integer voxel centres for critical points, continuous indices for sampled points);
 * *normalised patch frame* of ``torch.nn.functional.grid_sample(..., align_corners=True)``: ``(x, y, z)`` in
   ``[-1, 1]`` with ``x`` along the last array axis; the mesh head predicts in this frame;
-* *physical patch frame*: ``(x, y, z)`` in mm, ``index * spacing`` with the axis order reversed. The losses measure everything here (vertices, query points,
-  dipole smoothing), because the normalised frame is anisotropic: one normalised unit is half the patch extent,
-  50 mm through-plane but ~175 mm in-plane for a 20x256x224 MRI patch at 5x1.56x1.56 mm. The maps between the
-  three frames are positive axis scalings (plus the order reversal applied to both points and meshes), so
-  inside/outside is the same in each.
+* *physical patch frame*: ``(x, y, z)`` in mm, ``index * spacing`` with the axis order reversed. The losses
+  measure everything here (vertices, query points, dipole smoothing), because the normalised frame is anisotropic:
+  one normalised unit is half the patch extent, 50 mm through-plane but ~175 mm in-plane for a 20x256x224 MRI patch
+  at 5x1.56x1.56 mm. The maps between the three frames are positive axis scalings (plus the order reversal applied
+  to both points and meshes), so inside/outside is the same in each.
 
 Selection (TPM Eq. 7, by the *prediction*): every critical voxel of a rule is a query point of **every** mesh the
 rule names (``exclusion(A, B)``: A's and B's; ``inclusion(I in O)``: I's and O's), with target

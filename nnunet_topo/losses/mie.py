@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from nnunet_topo.frames import check_spacing, normalized_to_mm, voxel_to_mm
 from nnunet_topo.losses.mesh_targets import sample_query_points
-from nnunet_topo.losses.tpm import (_check_common, _check_count, _check_flag, check_mesh_inputs,
-                                   critical_points_both_sources, known_weights)
+from nnunet_topo.losses.mesh_loss_checks import check_count, check_flag, check_mesh_inputs, check_mesh_loss_options
+from nnunet_topo.losses.tpm import critical_points_both_sources, known_weights
 from nnunet_topo.metrics.mesh import laplacian_smoothness_energy
 from nnunet_topo.occupancy import DEFAULT_EPS, occupancy_bce
 from nnunet_topo.topology_spec import TopologySpec
@@ -67,7 +67,7 @@ def mix_points(
     """
     if not 0.0 <= rho <= 1.0:
         raise ValueError(f"rho must lie in [0, 1], got {rho!r}")
-    _check_count("num_points", num_points)
+    check_count("num_points", num_points)
     if random_points.shape[0] < num_points:
         raise ValueError(f"need at least num_points={num_points} random points to fill up, got "
                          f"{random_points.shape[0]}")
@@ -122,7 +122,7 @@ class MIELoss(nn.Module):
                  ignore_label: Optional[int] = None, length_scale: float = 1.0) -> None:
         super().__init__()
         self.spec = spec
-        self.mesh_names = _check_common(spec, mesh_names, method, eps, smoothing)
+        self.mesh_names = check_mesh_loss_options(spec, mesh_names, method, eps, smoothing)
         if not isinstance(rho, (int, float)) or not 0.0 <= rho <= 1.0:
             raise ValueError(f"rho must lie in [0, 1], got {rho!r}")
         if not isinstance(surface_fraction, (int, float)) or not 0.0 <= surface_fraction <= 1.0:
@@ -133,11 +133,11 @@ class MIELoss(nn.Module):
             raise ValueError(f"axis must be None or 0, 1, 2, got {axis!r}")
         if not isinstance(length_scale, (int, float)) or not length_scale > 0:
             raise ValueError(f"length_scale must be a positive length in mm, got {length_scale!r}")
-        self.num_points = _check_count("num_points", num_points, 1)
+        self.num_points = check_count("num_points", num_points, 1)
         self.method, self.rho, self.surface_fraction = method, float(rho), float(surface_fraction)
         self.lambda_lap, self.axis, self.eps, self.smoothing = float(lambda_lap), axis, float(eps), float(smoothing)
         self.spacing = check_spacing(spacing)
-        self.mesh_critical_points = _check_flag("mesh_critical_points", mesh_critical_points)
+        self.mesh_critical_points = check_flag("mesh_critical_points", mesh_critical_points)
         self.ignore_label = None if ignore_label is None else int(ignore_label)
         self.length_scale = float(length_scale)
         self.last_num_critical = 0

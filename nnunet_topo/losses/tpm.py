@@ -51,19 +51,19 @@ step (``float()`` of the values).
 """
 from __future__ import annotations
 
-import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from nnunet_topo.frames import check_spacing, normalized_to_mm, voxel_to_mm
+from nnunet_topo.losses.mesh_loss_checks import check_count, check_flag, check_mesh_inputs, check_mesh_loss_options
 from nnunet_topo.losses.mesh_targets import (SOURCES, critical_point_masks, masks_to_targets, mesh_violation_masks,
                                              sample_query_points, select_points, source_union, targets_at)
-from nnunet_topo.occupancy import DEFAULT_EPS, METHODS, occupancy_bce
+from nnunet_topo.occupancy import DEFAULT_EPS, occupancy_bce
 from nnunet_topo.topology_spec import TopologySpec
 
-__all__ = ["occupancy_loss", "TPMLoss", "check_mesh_inputs", "critical_bce", "critical_points_both_sources",
+__all__ = ["occupancy_loss", "TPMLoss", "critical_bce", "critical_points_both_sources",
            "critical_masks_both_sources", "known_weights"]
 
 
@@ -143,90 +143,6 @@ def critical_bce(
     return total, count
 
 
-def check_mesh_inputs(
-    meshes: Sequence[Tensor],
-    faces: Sequence[Tensor],
-    seg_logits: Tensor,
-    ref_labels: Tensor,
-    num_meshes: int,
-) -> Tensor:
-    """Validate the inputs shared by :class:`TPMLoss` and :class:`~nnunet_topo.losses.mie.MIELoss`.
-
-    Returns:
-        ``ref_labels`` as a ``(B, Z, Y, X)`` long tensor on ``seg_logits``' device.
-    """
-    if not isinstance(seg_logits, Tensor) or seg_logits.ndim != 5:
-        raise ValueError(f"seg_logits must be a (B, C, Z, Y, X) tensor, got "
-                         f"{tuple(seg_logits.shape) if isinstance(seg_logits, Tensor) else type(seg_logits).__name__}")
-    if not isinstance(ref_labels, Tensor) or ref_labels.ndim != 5 or ref_labels.shape[1] != 1:
-        raise ValueError(f"ref_labels must be a (B, 1, Z, Y, X) label map (nnU-Net's target), got "
-                         f"{tuple(ref_labels.shape) if isinstance(ref_labels, Tensor) else type(ref_labels).__name__}")
-    if ref_labels.shape[0] != seg_logits.shape[0] or ref_labels.shape[2:] != seg_logits.shape[2:]:
-        raise ValueError(f"ref_labels {tuple(ref_labels.shape)} does not match seg_logits {tuple(seg_logits.shape)}: "
-                         "same batch size and spatial shape expected")
-    if ref_labels.is_complex() or ref_labels.dtype == torch.bool:
-        raise ValueError(f"ref_labels must hold label ids, got dtype {ref_labels.dtype}")
-    if len(meshes) != num_meshes or len(faces) != num_meshes:
-        raise ValueError(f"expected {num_meshes} meshes and face tensors (one per mesh name, in head order), got "
-                         f"{len(meshes)} meshes and {len(faces)} face tensors")
-    batch = seg_logits.shape[0]
-    for i, (v, f) in enumerate(zip(meshes, faces)):
-        if not isinstance(v, Tensor) or v.ndim != 3 or v.shape[0] != batch or v.shape[2] != 3:
-            raise ValueError(f"meshes[{i}] must be (B={batch}, V, 3) vertices in the normalised patch frame, got "
-                             f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}")
-        if not isinstance(f, Tensor) or f.ndim != 2 or f.shape[1] != 3:
-            raise ValueError(f"faces[{i}] must be an (F, 3) integer tensor, got "
-                             f"{tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__}")
-    labels = ref_labels[:, 0]
-    if labels.is_floating_point():
-        if not bool(torch.equal(labels, labels.round())):
-            raise ValueError("ref_labels is a float tensor with non-integer values; pass a label map")
-    return labels.long().to(seg_logits.device)
-
-
-def _check_common(spec: TopologySpec, mesh_names: Sequence[str], method: str, eps: float,
-                  smoothing: float = 0.0) -> List[str]:
-    if not isinstance(spec, TopologySpec):
-        raise TypeError(f"spec must be a TopologySpec (rules.parse_topology), got {type(spec).__name__}")
-    names = list(mesh_names)
-    if not names:
-        raise ValueError("mesh_names is empty: give the mesh structure names in the order of the mesh head")
-    for n in names:
-        if n not in spec.mesh_structures:
-            raise ValueError(f"unknown mesh name {n!r}; the spec's mesh_structures are "
-                             f"{list(spec.mesh_structures)} (dataset.json topology.mesh_structures)")
-    if len(set(names)) != len(names):
-        raise ValueError(f"mesh_names contains duplicates: {names}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not 0.0 < eps < 0.5:
-        raise ValueError(f"eps must lie in (0, 0.5), got {eps!r}")
-    if not isinstance(smoothing, (int, float)) or isinstance(smoothing, bool) or not smoothing >= 0:
-        raise ValueError(f"smoothing must be a number >= 0 (mm), got {smoothing!r}")
-    if smoothing > 0 and method != "dipole":
-        raise ValueError("smoothing > 0 needs method='dipole' (the smoothed kernel exists for the dipole form only)")
-    if method == "exact":
-        warnings.warn("method='exact': the exact occupancy of a closed mesh is piecewise constant in the vertex "
-                      "positions, so this loss gives (almost) zero vertex gradients. To train a mesh head use "
-                      "method='dipole' with smoothing > 0 (in mm; at least half an edge length).",
-                      UserWarning, stacklevel=3)
-    return names
-
-
-def _check_flag(name: str, value: bool) -> bool:
-    if not isinstance(value, bool):
-        hint = (" (it replaces the count mesh_candidates: every voxel is checked now; its None is False here)"
-                if value is None or isinstance(value, int) else "")
-        raise TypeError(f"{name} must be True or False, got {value!r}{hint}")
-    return value
-
-
-def _check_count(name: str, n: int, minimum: int = 0) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {n!r}")
-    return n
-
-
 class TPMLoss(nn.Module):
     """``L_occ`` and ``L_TPM`` of the TPM paper for a batch of predicted meshes.
 
@@ -265,17 +181,17 @@ class TPMLoss(nn.Module):
                  ignore_label: Optional[int] = None) -> None:
         super().__init__()
         self.spec = spec
-        self.mesh_names = _check_common(spec, mesh_names, method, eps, smoothing)
+        self.mesh_names = check_mesh_loss_options(spec, mesh_names, method, eps, smoothing)
         if not isinstance(lambda_tp, (int, float)) or isinstance(lambda_tp, bool) or lambda_tp < 0:
             raise ValueError(f"lambda_tp must be a number >= 0, got {lambda_tp!r}")
         self.method, self.lambda_tp, self.eps, self.smoothing = method, float(lambda_tp), float(eps), float(smoothing)
-        self.num_uniform = _check_count("num_uniform", num_uniform)
-        self.num_surface = _check_count("num_surface", num_surface)
+        self.num_uniform = check_count("num_uniform", num_uniform)
+        self.num_surface = check_count("num_surface", num_surface)
         if max_critical_points is not None:
-            _check_count("max_critical_points", max_critical_points, 1)
+            check_count("max_critical_points", max_critical_points, 1)
         self.max_critical_points = max_critical_points
         self.spacing = check_spacing(spacing)
-        self.mesh_critical_points = _check_flag("mesh_critical_points", mesh_critical_points)
+        self.mesh_critical_points = check_flag("mesh_critical_points", mesh_critical_points)
         self.ignore_label = None if ignore_label is None else int(ignore_label)
         self.last_counts: Dict[str, Tensor] = {src: torch.zeros((), dtype=torch.long) for src in SOURCES}
 
