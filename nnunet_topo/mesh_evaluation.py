@@ -61,7 +61,7 @@ from nnunet_topo.topology_spec import (InclusionRule, MeshExclusionRule, Topolog
                                 spec_from_dataset_json)
 from nnunet_topo.paths import read_json, reading
 from nnunet_topo.summary_io import ignore_label_of, load_json_arg, mean_and_count, nanmean, to_builtin
-from nnunet_topo.voxelize import _RAY_JITTER  # offset of the ray lines from the grid points (one definition)
+from nnunet_topo.voxelize import RAY_JITTER  # offset of the ray lines from the grid points (one definition)
 
 __all__ = [
     "MeshEvaluationError",
@@ -132,7 +132,7 @@ class _ColumnCrossings:
     ``-1`` where it enters): here the ray along ``+k``. The crossings of every grid line are found by a 2D
     point-in-triangle test of the line's ``(i, j)`` in each triangle's projection (only the lines in its bounding
     box), so the occupancy of the whole grid costs O(grid points + covered lines), not O(points x faces) as the
-    solid-angle sum does. The lines are offset by ``_RAY_JITTER`` grid units (irrational ratio) so that none passes
+    solid-angle sum does. The lines are offset by ``RAY_JITTER`` grid units (irrational ratio) so that none passes
     exactly through an edge or a vertex of a mesh, where the 2D test would count a crossing twice or not at all.
     Integer winding numbers (self-intersecting meshes included) match the exact solid-angle sum
     (tests/test_mesh_evaluation.py). :mod:`nnunet_topo.voxelize` is its torch twin (dense over (triangle, line)
@@ -147,7 +147,7 @@ class _ColumnCrossings:
         area2 = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
         keep = area2 != 0  # triangles parallel to the lines cross none of them (the jitter avoids their edges)
         a, b, c, area2 = a[keep], b[keep], c[keep], area2[keep]
-        ji, jj = _RAY_JITTER
+        ji, jj = RAY_JITTER
         lo = np.ceil(np.minimum(np.minimum(a, b), c)[:, :2] - (ji, jj)).astype(np.int64)
         hi = np.floor(np.maximum(np.maximum(a, b), c)[:, :2] - (ji, jj)).astype(np.int64)
         lo = np.maximum(lo, 0)
