@@ -23,6 +23,10 @@ output:
   through-plane but ~175 mm in-plane for a 20x256x224 MRI patch at 5x1.56x1.56 mm). The maps between the normalised
   and this frame are positive axis scalings (plus the order reversal applied to both points and meshes), so
   inside/outside is the same in each.
+* **preprocessed index** ``(z, y, x)``: continuous indices into nnU-Net's preprocessed array of a case (transposed,
+  cropped to the nonzero box, resampled to the configuration's spacing), the array the network sees;
+  :func:`preprocessed_index_to_original` maps them to array indices of the original image (whose world frame is
+  :meth:`ImageGeometry.from_nnunet_properties`).
 
 No nnU-Net import here.
 """
@@ -51,6 +55,7 @@ __all__ = [
     "mm_to_voxel",
     "normalized_to_mm",
     "normalized_to_mm_scale",
+    "preprocessed_index_to_original",
 ]
 
 
@@ -413,3 +418,41 @@ def normalized_to_mm_scale(shape_zyx: Sequence[int], spacing_zyx: Sequence[float
     :func:`normalized_to_mm` up to a translation (a positive per-axis scaling, which keeps the orientation and the
     enclosed volume's sign of meshes). ``shape_zyx`` and ``spacing_zyx`` in array order; python floats."""
     return tuple((n - 1) / 2.0 * float(sp) for n, sp in zip(tuple(shape_zyx)[::-1], list(spacing_zyx)[::-1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# nnU-Net's preprocessed array <-> the original image array
+# ----------------------------------------------------------------------------------------------
+def preprocessed_index_to_original(points_zyx: np.ndarray, shape_before_resampling: Sequence[int],
+                                   preprocessed_shape_zyx: Sequence[int], crop_start: Sequence[int],
+                                   transpose_forward: Sequence[int]) -> np.ndarray:
+    """Continuous indices of nnU-Net's preprocessed array -> continuous indices of the original image array.
+
+    Undoes, in reverse order, what nnU-Net's ``DefaultPreprocessor.run_case_npy`` (2.8.1) did:
+
+    1. resampling from ``n_orig = shape_before_resampling`` to ``n_new = preprocessed_shape_zyx`` voxels per axis,
+       with nnU-Net's ``align_corners=False`` convention ``i_orig = (i_new + 0.5) * n_orig / n_new - 0.5``;
+    2. cropping: ``+ crop_start[k]`` (the start of ``bbox_used_for_cropping``, in the transposed order);
+    3. ``transpose_forward``: transposed axis ``k`` is original axis ``transpose_forward[k]``.
+
+    Args:
+        points_zyx: ``(N, 3)`` continuous indices into the preprocessed (unpadded) array, array order.
+        shape_before_resampling, preprocessed_shape_zyx, crop_start: per transposed axis (3 each).
+        transpose_forward: the plans' axis permutation.
+
+    Returns:
+        ``(N, 3)`` float64 continuous indices ``(z, y, x)`` into the original image array.
+    """
+    p = np.asarray(points_zyx, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != 3:
+        raise ValueError(f"points_zyx must be (N, 3), got shape {p.shape}")
+    n_orig = np.asarray(shape_before_resampling, dtype=np.float64)
+    n_new = np.asarray(preprocessed_shape_zyx, dtype=np.float64)
+    if n_orig.shape != (3,) or n_new.shape != (3,):
+        raise ValueError(f"3D shapes expected, got {n_orig.tolist()} and {n_new.tolist()}")
+    cropped = (p + 0.5) * (n_orig / n_new) - 0.5
+    transposed = cropped + np.asarray(crop_start, dtype=np.float64)
+    tf = list(transpose_forward)
+    original = np.empty_like(transposed)
+    original[:, tf] = transposed  # original axis tf[k] <- transposed axis k
+    return original
