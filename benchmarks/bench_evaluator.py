@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_metrics import NAMES, SPACING, make_prediction, make_reference  # noqa: E402
 
 from nnunet_topo.evaluation import evaluate_case  # noqa: E402
-from nnunet_topo.rules import parse_topology  # noqa: E402
+from nnunet_topo.topology_spec import parse_topology  # noqa: E402
 
 
 def main() -> None:

@@ -71,8 +71,9 @@ def make_synthetic_entry(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def check_rules_entry(argv: Optional[Sequence[str]] = None) -> None:
-    from nnunet_topo.evaluation import EvaluationError, check_rules_on_folder, format_rule_report
-    from nnunet_topo.rules import TopologySpecError
+    from nnunet_topo.rule_check import check_rules_on_folder, format_rule_report
+    from nnunet_topo.summary_io import EvaluationError
+    from nnunet_topo.topology_spec import TopologySpecError
 
     parser = argparse.ArgumentParser(
         prog="nnUNetv2_topo_check_rules",
@@ -115,7 +116,7 @@ def check_rules_entry(argv: Optional[Sequence[str]] = None) -> None:
 def evaluate_folder_entry(argv: Optional[Sequence[str]] = None) -> None:
     from nnunet_topo.evaluation import (EvaluationError, check_summary_output, compute_topology_metrics_on_folder,
                                         format_table)
-    from nnunet_topo.rules import TopologySpecError
+    from nnunet_topo.topology_spec import TopologySpecError
 
     parser = argparse.ArgumentParser(
         prog="nnUNetv2_topo_evaluate_folder",
@@ -244,7 +245,7 @@ def model_folder_from_args(args) -> str:
 
 def refine_entry(argv: Optional[Sequence[str]] = None) -> None:
     from nnunet_topo.refine import DEFAULT_LAMBDA, RefinementError, format_refinement_summary, refine_folder
-    from nnunet_topo.rules import TopologySpecError
+    from nnunet_topo.topology_spec import TopologySpecError
 
     parser = argparse.ArgumentParser(
         prog="nnUNetv2_topo_refine",

@@ -23,8 +23,8 @@ import os
 import re
 from typing import List, Optional, Sequence, Union
 
-from nnunet_topo.evaluation import _cell, aggregate, compute_topology_metrics_on_folder, format_table
-from nnunet_topo.rules import spec_from_dataset_json
+from nnunet_topo.evaluation import aggregate, compute_topology_metrics_on_folder, format_cell, format_table
+from nnunet_topo.topology_spec import spec_from_dataset_json
 from nnunet_topo.paths import USER_ERRORS, InputReadError, check_output, read_json
 from nnunet_topo.summary_io import load_json_arg, to_builtin, write_json_atomic
 
@@ -208,7 +208,7 @@ def format_cv_table(summary: dict) -> str:
                                  (t.get("betti_error_3d"), tn.get("betti_error_3d"), 10, 2, "betti_error_3d"),
                                  (t.get("topologically_correct"), tn.get("topologically_correct"), 9, 3,
                                   "topologically_correct")):
-            line += _cell(v, w, p, n, total)
+            line += format_cell(v, w, p, n, total)
             if n is not None and total is not None and 0 < n < total:
                 short.append(f"{label} {what}: {n}/{total}")
         return line
@@ -229,7 +229,7 @@ def format_cv_table(summary: dict) -> str:
 
 def summarize_cv_entry(argv: Optional[Sequence[str]] = None) -> None:
     from nnunet_topo.cli import _fail, model_folder_from_args
-    from nnunet_topo.rules import TopologySpecError
+    from nnunet_topo.topology_spec import TopologySpecError
     from nnunet_topo.summary_io import EvaluationError
 
     parser = argparse.ArgumentParser(

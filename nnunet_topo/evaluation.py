@@ -27,13 +27,13 @@ import math
 import multiprocessing
 import os
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from nnunet_topo.label_maps import check_geometry, check_pair, read_label_map
 from nnunet_topo.metrics.geometry import hausdorff_distance_95
 from nnunet_topo.metrics.topology import (
-    allowed_betti_vectors,
     betti_error,
     betti_error_2d,
     betti_numbers_3d,
@@ -41,99 +41,18 @@ from nnunet_topo.metrics.topology import (
     betti_prior_error,
     connected_component_error_2d,
     connected_component_error_3d,
-    meets_betti_prior,
     slice_violation_rate,
 )
-from nnunet_topo.rules import ExclusionRule, TopologySpec, format_betti_set, reference_spec, spec_from_dataset_json
-from nnunet_topo.summary_io import EvaluationError, ignore_label_of, load_json_arg, mean_and_count, nanmean, \
-    to_builtin, write_json_atomic
-from nnunet_topo.paths import OutputPathError, check_label_values, check_output, defined_label_values, reading
+from nnunet_topo.paths import OutputPathError, check_output, defined_label_values, reading
+from nnunet_topo.summary_io import EvaluationError, load_json_arg, mean_and_count, nanmean, to_builtin
+from nnunet_topo.topology_spec import TopologySpec, rule_structures, spec_from_dataset_json
 from nnunet_topo.violations import violation_maps_numpy
-
-
-SPACING_RTOL = 1e-3
-#: origins of prediction and reference may differ by this fraction of the finest voxel spacing (a tenth of a voxel:
-#: a voxel-by-voxel comparison is then off by less than that)
-ORIGIN_TOL_VOXELS = 0.1
-#: direction cosines may differ by this much per entry (about 0.06 degrees)
-DIRECTION_TOL = 1e-3
-
-
-def image_geometry(props: dict) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-    """``(origin mm, direction matrix)`` of an image from nnU-Net's reader properties, or None when the format
-    carries none (PNG, TIFF: spacing only). SimpleITK: ``sitk_stuff``; nibabel: the affine of ``nibabel_stuff``
-    (the reoriented one where present, as :meth:`nnunet_topo.meshes.ImageGeometry.from_nnunet_properties`; its
-    columns normalised by the spacing). Not that method itself: it is 3D only and imports torch, and this check
-    also serves 2D images in the evaluator's spawned workers; both sides of a comparison are read alike, so the
-    frame (RAS or LPS) does not matter here."""
-    if "sitk_stuff" in props:
-        origin = np.asarray(props["sitk_stuff"]["origin"], dtype=np.float64)
-        d = len(origin)
-        return origin, np.asarray(props["sitk_stuff"]["direction"], dtype=np.float64).reshape(d, d)
-    if "nibabel_stuff" in props:
-        stuff = props["nibabel_stuff"]
-        affine = np.asarray(stuff.get("reoriented_affine", stuff.get("original_affine")), dtype=np.float64)
-        rot = affine[:3, :3]
-        return affine[:3, 3], rot / np.linalg.norm(rot, axis=0, keepdims=True)
-    return None
-
-
-def check_geometry(ref_geometry, pred_geometry, spacing: Sequence[float], ref_name: str = "reference",
-                   pred_name: str = "prediction") -> None:
-    """Raise :class:`EvaluationError` unless origin and direction agree (``ORIGIN_TOL_VOXELS`` x the finest spacing;
-    ``DIRECTION_TOL`` per direction cosine). Without geometry on either side (PNG, TIFF) there is nothing to check."""
-    if ref_geometry is None or pred_geometry is None:
-        return
-    (o_r, d_r), (o_p, d_p) = ref_geometry, pred_geometry
-    if o_r.shape != o_p.shape or d_r.shape != d_p.shape:
-        raise EvaluationError(f"geometry mismatch: {ref_name} is {len(o_r)}D, {pred_name} is {len(o_p)}D")
-    tol = ORIGIN_TOL_VOXELS * float(min(spacing))
-    shift = float(np.linalg.norm(o_r - o_p))
-    turn = float(np.max(np.abs(d_r - d_p)))
-    problems = []
-    if shift > tol:
-        problems.append(f"origins differ by {shift:.4g} mm (tolerance {tol:.3g} mm): {ref_name} "
-                        f"{tuple(np.round(o_r, 4))}, {pred_name} {tuple(np.round(o_p, 4))}")
-    if turn > DIRECTION_TOL:
-        problems.append(f"directions differ by up to {turn:.4g} per cosine (tolerance {DIRECTION_TOL}): {ref_name} "
-                        f"{np.round(d_r, 4).tolist()}, {pred_name} {np.round(d_p, 4).tolist()}")
-    if problems:
-        raise EvaluationError(
-            "geometry mismatch: the prediction does not lie where the reference does in patient space, so a "
-            "voxel-by-voxel comparison would be wrong; " + "; ".join(problems) + ". Resample the prediction into "
-            "the reference's geometry (nnUNetv2_predict writes it so), or pass --ignore_geometry "
-            "(ignore_geometry=True) if you are sure the voxels correspond.")
-
-
-def check_pair(ref: np.ndarray, pred: np.ndarray, ref_spacing: Sequence[float], pred_spacing: Sequence[float],
-               ref_name: str = "reference", pred_name: str = "prediction") -> None:
-    """Raise :class:`EvaluationError` unless reference and prediction can be compared voxel by voxel."""
-    if ref.shape != pred.shape:
-        raise EvaluationError(
-            f"shape mismatch: {ref_name} has shape {ref.shape}, {pred_name} has shape {pred.shape}. Predictions must be "
-            "in the geometry of the reference (nnUNetv2_predict writes them so).")
-    if len(ref_spacing) != len(pred_spacing) or not np.allclose(ref_spacing, pred_spacing, rtol=SPACING_RTOL, atol=0):
-        raise EvaluationError(
-            f"spacing mismatch: {ref_name} has spacing {tuple(ref_spacing)}, {pred_name} has {tuple(pred_spacing)} "
-            f"(relative tolerance {SPACING_RTOL}).")
-    for arr, name in ((ref, ref_name), (pred, pred_name)):
-        if np.issubdtype(arr.dtype, np.floating):
-            if not np.all(np.isfinite(arr)):
-                raise EvaluationError(f"{name} contains NaN or inf; a label map must hold integer label ids")
-            if not np.all(arr == np.round(arr)):
-                raise EvaluationError(f"{name} contains non-integer values; a label map must hold integer label ids")
 
 
 def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
     """Length (mm) of the image's diagonal, ``sqrt(sum((n_i * s_i)^2))``: longer than any distance between two voxel
     centres of the image, so it is the worst-case HD95 of a structure that is missed (or invented) entirely."""
     return float(math.sqrt(sum((float(n) * float(sp)) ** 2 for n, sp in zip(shape, spacing))))
-
-
-def _rule_structures(rule) -> list:
-    """The structures whose absence from a prediction makes a rule hold vacuously: both sides of an exclusion, the
-    inner structure of an inclusion (a missing outer one with a present inner one is an ordinary violation)."""
-    return [rule.a, rule.b] if isinstance(rule, ExclusionRule) else [rule.inner]
 
 
 def evaluate_case(reference: np.ndarray, prediction: np.ndarray, spacing: Sequence[float], spec: TopologySpec,
@@ -257,7 +176,7 @@ def evaluate_case(reference: np.ndarray, prediction: np.ndarray, spacing: Sequen
     violating = {name: int(np.count_nonzero(v)) for name, v in vmaps.items()}
     vacuous = {}
     for rule in spec.rules:
-        structs = _rule_structures(rule)
+        structs = rule_structures(rule)
         lost = [s.name for s in structs
                 if not np.isin(prediction, s.label_ids).any() and np.isin(reference, s.label_ids).any()]
         if lost:  # the rule holds only because the prediction lacks a structure the reference has
@@ -298,29 +217,10 @@ def evaluate_case(reference: np.ndarray, prediction: np.ndarray, spacing: Sequen
     return {"metrics": metrics, "topology": topology}
 
 
-def _read(rw, path: str, defined: Optional[Sequence[int]] = None, what: str = "label map"):
-    """``(seg, spacing, geometry)`` of a label map; with ``defined`` (dataset.json's label values), a value outside
-    it is an :class:`~nnunet_topo.paths.UndefinedLabelError`; an unreadable file an
-    :class:`~nnunet_topo.paths.InputReadError`."""
-    if not os.path.isfile(path):
-        raise EvaluationError(f"file not found: {path}")
-    with reading(what, path):
-        seg, props = rw.read_seg(path)
-        seg = np.asarray(seg)
-        spacing = tuple(float(s) for s in props["spacing"])
-    if seg.ndim == 4:
-        if seg.shape[0] != 1:
-            raise EvaluationError(f"{path}: expected a single-channel segmentation, got shape {seg.shape}")
-        seg = seg[0]
-    if defined is not None:
-        check_label_values(seg, defined, path, what)
-    return seg, spacing, image_geometry(props)
-
-
 def _evaluate_file_pair(ref_file: str, pred_file: str, rw, spec: TopologySpec, label_ids, ignore_label,
                         ignore_geometry: bool = False, defined: Optional[Sequence[int]] = None) -> dict:
-    ref, ref_spacing, ref_geometry = _read(rw, ref_file, defined, "reference")
-    pred, pred_spacing, pred_geometry = _read(rw, pred_file, defined, "prediction")
+    ref, ref_spacing, ref_geometry = read_label_map(rw, ref_file, defined, "reference")
+    pred, pred_spacing, pred_geometry = read_label_map(rw, pred_file, defined, "prediction")
     check_pair(ref, pred, ref_spacing, pred_spacing, ref_name=ref_file, pred_name=pred_file)
     try:
         check_geometry(ref_geometry, pred_geometry, ref_spacing, ref_name=ref_file, pred_name=pred_file)
@@ -483,7 +383,7 @@ def compute_topology_metrics_on_folder(folder_ref: str, folder_pred: str,
     return summary
 
 
-def _cell(v, width: int, precision: int, n: Optional[int] = None, total: Optional[int] = None) -> str:
+def format_cell(v, width: int, precision: int, n: Optional[int] = None, total: Optional[int] = None) -> str:
     """A right-aligned number; ``n/a`` when undefined; a ``*`` when the mean was taken over fewer than all cases."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return f"{'n/a':>{width}}"
@@ -510,7 +410,7 @@ def format_table(summary: dict) -> str:
                 ("cce_3d", 9, 2)]
         row = f"{names.get(key, key):<12}"
         for k, w, p in cols:
-            row += _cell(m.get(k), w, p, n.get(k), total)
+            row += format_cell(m.get(k), w, p, n.get(k), total)
             if n.get(k) is not None and 0 < n[k] < total:
                 short.append(f"{names.get(key, key)} {k}: {n[k]}/{total}")
         lines.append(row)
@@ -520,7 +420,7 @@ def format_table(summary: dict) -> str:
         n = tn.get(key) if per_rule is None else tn.get(key, {}).get(per_rule)
         if n is not None and 0 < n < total:
             short.append(f"{key if per_rule is None else f'{key} {per_rule}'}: {n}/{total}")
-        return _cell(v, w, p, n, total).strip()
+        return format_cell(v, w, p, n, total).strip()
 
     lines.append("")
     no_rules = " (no rules)" if not t["TVS_per_rule"] else ""
@@ -544,7 +444,7 @@ def format_table(summary: dict) -> str:
             n = summary.get("mesh_mean_num_cases", {}).get(name, {})
             row = f"{name:<12}"
             for k, w in (("Dice", 8), ("Chamfer_mm", 9), ("HD95_mm", 9), ("laplacian_energy_mm2", 11)):
-                row += _cell(m.get(k), w, 3, n.get(k), mesh_total)
+                row += format_cell(m.get(k), w, 3, n.get(k), mesh_total)
                 if n.get(k) is not None and mesh_total is not None and 0 < n[k] < mesh_total:
                     short.append(f"mesh {name} {k}: {n[k]}/{mesh_total}")
             lines.append(row)
@@ -553,7 +453,7 @@ def format_table(summary: dict) -> str:
         how = (f"  (violating volumes: {exact} exact by mesh booleans, {on_grid} on a {grid} mm world grid, "
                f"{mt.get('cases_with_invalid_meshes', 0)} case(s) with a mesh that is not a valid closed manifold)"
                if exact is not None else f"  (violating volumes on a {grid} mm isotropic world grid)" if grid else "")
-        lines.append(f"mesh TVS {_cell(mt.get('TVS'), 0, 5).strip()}" + how)
+        lines.append(f"mesh TVS {format_cell(mt.get('TVS'), 0, 5).strip()}" + how)
     if short:
         lines.append("")
         lines.append("* mean over fewer cases than evaluated (undefined elsewhere, see documentation/metrics.md): "
@@ -561,228 +461,3 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def check_rules_on_folder(labels_folder: str, dataset_json: Union[str, os.PathLike, dict],
-                          show_progress: bool = True) -> dict:
-    """Check the reference label maps of a dataset against its own topology spec: every rule and every prior.
-
-    For every case: per rule the number of violating voxels and the slice indices (along the rule's axis for
-    2D rules, along ``betti_2d.axis`` for 3D rules) that hold violations; per 3D Betti prior, the reference Betti
-    numbers where they differ from the prior; per per-slice prior (``betti_2d``), the slices whose Betti numbers
-    are none of the allowed vectors (a slice meets an allowed set such as ``[[1, 1], [1, 0]]`` when its Betti
-    vector is any one of them). A rule that reference labels violate cannot be learned: fix the rule, add
-    ``may_touch``, or switch it to ``"mode": "2d"``.
-
-    Sparse references (nnU-Net's ``ignore`` label): an ignored voxel is unknown. A rule violation is counted only
-    where both sides of a contact are annotated (:func:`nnunet_topo.rules.reference_spec`); 3D Betti numbers of a
-    case with ignored voxels are undefined (listed under ``cases_undefined``, not as differing); per-slice priors
-    are checked on fully annotated slices only.
-
-    Returns:
-        ``{"num_cases", "rules": {name: {"cases_violating", "cases": {case: {"voxels", "slices", "slice_axis"}}}},
-        "betti": {structure: {"prior", "cases_differing", "cases": {case: betti}, "cases_undefined": [case]}},
-        "betti_2d": {structure: {"prior", "axis", "cases_differing", "cases": {case: {"slices", "betti"}}}}
-        (``prior``: the list of allowed ``[b0, b1]`` vectors, one entry for a single-vector prior),
-        "notes": [str] (rules or priors on labels that occur in no reference case: they pass untested),
-        "clean": bool}``.
-    """
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
-
-    dataset_json = load_json_arg(dataset_json, "dataset.json")
-    if not os.path.isdir(labels_folder):
-        raise EvaluationError(f"labels folder not found: {labels_folder}")
-    spec = spec_from_dataset_json(dataset_json)
-    ignore_label = ignore_label_of(dataset_json)
-    check_spec = reference_spec(spec, ignore_label)
-    file_ending = dataset_json["file_ending"]
-    files = sorted(f for f in os.listdir(labels_folder) if f.endswith(file_ending))
-    if not files:
-        raise EvaluationError(f"no label files ending in {file_ending!r} in {labels_folder}")
-    with reading("reference", os.path.join(labels_folder, files[0])):
-        rw = determine_reader_writer_from_dataset_json(dataset_json, os.path.join(labels_folder, files[0]))()
-    defined = defined_label_values(dataset_json)
-    axis2d = spec.betti_2d_axis
-    report = {"num_cases": len(files),
-              "rules": {r.name: {"cases_violating": 0, "cases": {}, "cases_excepted": {}} for r in spec.rules},
-              "betti": {name: {"prior": list(p), "cases_differing": 0, "cases": {}, "cases_undefined": []}
-                        for name, p in spec.betti.items()},
-              "betti_2d": {name: {"prior": [list(v) for v in p], "axis": axis2d, "cases_differing": 0, "cases": {}}
-                           for name, p in spec.betti_2d.items()},
-              "notes": []}
-    seen = set()
-    it = files
-    if show_progress:
-        try:
-            from tqdm import tqdm
-            it = tqdm(files, desc="checking rules")
-        except ImportError:  # pragma: no cover
-            pass
-    for f in it:
-        case = f[: -len(file_ending)]
-        seg, _, _ = _read(rw, os.path.join(labels_folder, f), defined, "reference")
-        check_pair(seg, seg, (1, 1, 1), (1, 1, 1), ref_name=f, pred_name=f)
-        seg = seg.astype(np.int32, copy=False)
-        seen.update(int(v) for v in np.unique(seg))
-        ignored = seg == ignore_label if ignore_label is not None else None
-        sparse = ignored is not None and bool(ignored.any())
-        vmaps = violation_maps_numpy(seg, check_spec)
-        for rule in spec.rules:
-            v = vmaps[rule.name]
-            n = int(np.count_nonzero(v))
-            if n:
-                axis = rule.axis if rule.mode == "2d" else axis2d
-                other = tuple(a for a in range(v.ndim) if a != axis)
-                slices = np.nonzero(v.any(axis=other))[0].tolist()
-                entry = report["rules"][rule.name]
-                found = {"voxels": n, "slices": slices, "slice_axis": axis}
-                exception = spec.reference_exception(rule.name, case)
-                if exception is not None:  # the user's data-level exception (topology.reference_exceptions)
-                    entry["cases_excepted"][case] = {**found, "reason": exception.reason}
-                    continue
-                entry["cases_violating"] += 1
-                entry["cases"][case] = found
-        for name, prior in spec.betti.items():
-            if sparse:
-                report["betti"][name]["cases_undefined"].append(case)
-                continue
-            b = betti_numbers_3d(np.isin(seg, spec.betti_structures[name].label_ids))
-            if tuple(b) != tuple(prior):
-                report["betti"][name]["cases_differing"] += 1
-                report["betti"][name]["cases"][case] = list(b)
-        if spec.betti_2d:
-            other = tuple(a for a in range(seg.ndim) if a != axis2d)
-            annotated = ~ignored.any(axis=other) if sparse else np.ones(seg.shape[axis2d], dtype=bool)
-        for name, prior in spec.betti_2d.items():
-            mask = np.isin(seg, spec.betti_structures[name].label_ids)
-            per_slice = betti_numbers_per_slice(mask, axis=axis2d)
-            present = mask.any(axis=other)
-            bad = [int(k) for k in np.nonzero(present & annotated)[0] if not meets_betti_prior(per_slice[k], prior)]
-            if bad:
-                e = report["betti_2d"][name]
-                e["cases_differing"] += 1
-                e["cases"][case] = {"slices": bad, "betti": [per_slice[k].tolist() for k in bad]}
-    report["notes"].extend(_unused_exception_notes(spec, report, [f[: -len(file_ending)] for f in files]))
-    ids_of = {s.name: s.label_ids for s in spec.betti_structures.values()}
-
-    def unseen(ids) -> List[str]:
-        names = {v: k for k, v in spec.labels.items()}
-        return [names.get(int(i), str(i)) for i in ids if int(i) not in seen]
-    for rule in spec.rules:
-        missing = unseen(sorted({i for s in _rule_structures(rule) for i in s.label_ids}))
-        if missing:
-            report["notes"].append(f"rule {rule.name}: label(s) {missing} occur in no reference case, so the rule "
-                                   "passes without being tested")
-    for kind, priors in (("Betti prior", spec.betti), ("per-slice Betti prior", spec.betti_2d)):
-        for name in priors:
-            missing = unseen(ids_of[name])
-            if missing:
-                report["notes"].append(f"{kind} {name}: label(s) {missing} occur in no reference case")
-    report["clean"] = all(e["cases_violating"] == 0 for e in report["rules"].values()) and \
-        all(e["cases_differing"] == 0 for e in report["betti"].values()) and \
-        all(e["cases_differing"] == 0 for e in report["betti_2d"].values())
-    return report
-
-
-def _unused_exception_notes(spec, report: dict, cases: List[str]) -> List[str]:
-    """Notes on ``reference_exceptions`` that except nothing here: a case not in this folder (a typo?), or a case
-    that satisfies the rules it is excepted from (the exception can go)."""
-    notes, present = [], set(cases)
-    for i, e in enumerate(spec.reference_exceptions):
-        for case in e.cases:
-            if case not in present:
-                notes.append(f"topology.reference_exceptions[{i}]: case {case!r} is not among the {len(present)} "
-                             "reference cases checked here")
-                continue
-            rules = e.rules or tuple(report["rules"])
-            unneeded = [r for r in rules if case not in report["rules"][r]["cases_excepted"]]
-            if unneeded:
-                notes.append(f"topology.reference_exceptions[{i}]: case {case!r} satisfies rule(s) "
-                             f"{', '.join(unneeded)}; that exception is not needed")
-    return notes
-
-
-#: part of the cache key: a report written by an older version (other keys, other semantics) is recomputed
-_RULE_CHECK_VERSION = 4
-
-
-def cached_rule_check(labels_folder: str, dataset_json: dict, cache_file: str) -> dict:
-    """:func:`check_rules_on_folder`, cached in ``cache_file`` under a key of the spec, the labels and the files'
-    names and modification times (written atomically; a stale or unreadable cache is recomputed)."""
-    import hashlib
-
-    files = sorted(f for f in os.listdir(labels_folder) if f.endswith(dataset_json["file_ending"]))
-    key = hashlib.sha1(json.dumps([_RULE_CHECK_VERSION, dataset_json.get("topology"), dataset_json["labels"], files,
-                                   [os.path.getmtime(os.path.join(labels_folder, f)) for f in files]],
-                                  sort_keys=True).encode()).hexdigest()
-    if os.path.isfile(cache_file):
-        try:
-            with open(cache_file) as f:
-                cached = json.load(f)
-            if cached.get("key") == key:
-                return cached["report"]
-        except (OSError, ValueError, KeyError):
-            pass
-    report = check_rules_on_folder(labels_folder, dataset_json, show_progress=False)
-    write_json_atomic(cache_file, {"key": key, "report": report})
-    return report
-
-
-def reference_violations_message(report: dict) -> str:
-    """Why a rule check of reference labels forbids training ("" when every rule holds)."""
-    bad = {name: e for name, e in report["rules"].items() if e["cases_violating"]}
-    if not bad:
-        return ""
-    lines = [f"  {name}: violated in {e['cases_violating']}/{report['num_cases']} reference case(s): "
-             + ", ".join(f"{c} ({v['voxels']} voxels, slices {v['slices'][:5]})"
-                         for c, v in list(e["cases"].items())[:10])
-             + (", ..." if len(e["cases"]) > 10 else "") for name, e in bad.items()]
-    snippet = ", ".join(json.dumps({"cases": sorted(e["cases"]), "rules": [name], "reason": "..."})
-                        for name, e in bad.items())
-    return ("the reference labels of this dataset violate topology rules of its dataset.json, so the rules cannot be "
-            "learned:\n" + "\n".join(lines) + "\nFix the rules (add \"may_touch\", use \"mode\": \"2d\"; a 2d rule "
-            "violated only in the first or last slice of its structures: \"exempt_end_slices\": 1) or the "
-            "labels; or, when a few references are imperfect, except those cases from the check in the topology "
-            f"block: \"reference_exceptions\": [{snippet}] (documentation/topology_spec.md). "
-            "nnUNetv2_topo_check_rules -d DATASET reports every case.")
-
-
-def reference_exceptions_message(report: dict) -> str:
-    """One line per case the check skipped because of ``topology.reference_exceptions`` ("" when none did)."""
-    lines = [f"  {name}: {case} ({v['voxels']} voxels, slices {v['slices'][:5]})"
-             + (f": {v['reason']}" if v.get("reason") else "")
-             for name, e in report["rules"].items() for case, v in e.get("cases_excepted", {}).items()]
-    return ("reference cases excepted from the rule check (topology.reference_exceptions); the rules still apply to "
-            "their predictions and training patches:\n" + "\n".join(lines)) if lines else ""
-
-
-def format_rule_report(report: dict) -> str:
-    n = report["num_cases"]
-    lines = [f"{n} reference case(s) checked"]
-    for name, e in report["rules"].items():
-        excepted = e.get("cases_excepted", {})
-        lines.append(f"rule {name}: violated in {e['cases_violating']}/{n} case(s)"
-                     + (f" (and in {len(excepted)} excepted case(s))" if excepted else ""))
-        for case, c in list(e["cases"].items())[:20]:
-            lines.append(f"    {case}: {c['voxels']} voxel(s) in slice(s) {c['slices']} (axis {c['slice_axis']})")
-        for case, c in excepted.items():
-            lines.append(f"    {case}: {c['voxels']} voxel(s) in slice(s) {c['slices']} (axis {c['slice_axis']}), "
-                         "excepted by topology.reference_exceptions" + (f": {c['reason']}" if c["reason"] else ""))
-    for name, e in report["betti"].items():
-        lines.append(f"Betti prior {name} {tuple(e['prior'])}: differs in {e['cases_differing']}/{n} case(s)")
-        for case, b in list(e["cases"].items())[:20]:
-            lines.append(f"    {case}: reference Betti {tuple(b)}")
-        if e.get("cases_undefined"):
-            lines.append(f"    not checked in {len(e['cases_undefined'])} sparse case(s) (ignored voxels: the 3D Betti "
-                         f"numbers of the reference are unknown), e.g. {e['cases_undefined'][:5]}")
-    for name, e in report.get("betti_2d", {}).items():
-        prior = format_betti_set(allowed_betti_vectors(e["prior"]))
-        lines.append(f"per-slice Betti prior {name} {prior} (axis {e['axis']}): differs in "
-                     f"{e['cases_differing']}/{n} case(s)")
-        for case, c in list(e["cases"].items())[:20]:
-            shown = ", ".join(f"{k}: {tuple(b)}" for k, b in list(zip(c["slices"], c["betti"]))[:8])
-            lines.append(f"    {case}: {len(c['slices'])} slice(s) differ ({shown})")
-    for note in report.get("notes", []):
-        lines.append(f"note: {note}")
-    lines.append("all rules and priors hold on the reference labels" if report["clean"] else
-                 "some rules or priors do NOT hold on the reference labels: fix the rules (may_touch, \"mode\": \"2d\") "
-                 "or the priors or the labels before training")
-    return "\n".join(lines)

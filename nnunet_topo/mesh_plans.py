@@ -124,7 +124,7 @@ def mesh_structure_labels(dataset_json: Mapping) -> Tuple[Tuple[str, ...], Tuple
         MeshPlansError: no ``topology`` block or no ``mesh_structures`` in it (the message says what to add).
         TopologySpecError: an invalid ``topology`` block.
     """
-    from nnunet_topo.rules import parse_topology
+    from nnunet_topo.topology_spec import parse_topology
 
     example = '"topology": {"mesh_structures": {"LV_epi": ["LV", "MYO"], "RV": ["RV"]}}'
     if "topology" not in dataset_json:

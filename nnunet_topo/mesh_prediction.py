@@ -387,7 +387,7 @@ def predict_meshes_case(network: nn.Module, data: np.ndarray, properties: Mappin
                         "structures (DESIGN §7), never on the whole case")
     if structures is None:
         raise TypeError("predict_meshes_case needs structures={mesh structure name: label ids}, e.g. "
-                        "{n: s.label_ids for n, s in nnunet_topo.rules.parse_topology(dataset_json)"
+                        "{n: s.label_ids for n, s in nnunet_topo.topology_spec.parse_topology(dataset_json)"
                         ".mesh_structures.items()}")
     _check_structure_names(structures, _structure_names(net), f"case {case}")
     seg = np.asarray(segmentation)
@@ -554,7 +554,7 @@ def _check_format(file_format: str) -> str:
 
 def _mesh_structures_of(dataset_json: Mapping, names: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
     """``{name: label ids}`` of the dataset's ``topology.mesh_structures``, in the order of the templates ``names``."""
-    from nnunet_topo.rules import TopologySpecError, parse_topology
+    from nnunet_topo.topology_spec import TopologySpecError, parse_topology
 
     try:
         mesh = parse_topology(dataset_json).mesh_structures

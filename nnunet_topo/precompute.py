@@ -3,7 +3,7 @@
 A fold job (``nnUNetv2_train D C FOLD -tr T -p P``) builds its trainer, and an nnunet-topo trainer's constructor
 
 * checks the topology rules on the reference labels (``nnUNetTrainerTopoBase._check_rules_on_reference``; cached
-  in the preprocessed folder by :func:`nnunet_topo.evaluation.cached_rule_check`, but five folds starting together
+  in the preprocessed folder by :func:`nnunet_topo.rule_check.cached_rule_check`, but five folds starting together
   would all compute it);
 * for the mesh trainers, streams every preprocessed case to build the templates (unless the model folder's
   ``plans.json`` holds them) and the heart-ROI boxes (``nnUNetTrainerMesh._setup_templates``; the boxes cached by
@@ -198,7 +198,7 @@ def precompute(dataset: str, configuration: str, trainer: str = "nnUNetTrainer",
 
 def precompute_entry(argv: Optional[Sequence[str]] = None) -> None:
     from nnunet_topo.paths import USER_ERRORS
-    from nnunet_topo.rules import TopologySpecError
+    from nnunet_topo.topology_spec import TopologySpecError
 
     parser = argparse.ArgumentParser(
         prog="nnUNetv2_topo_precompute",

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from nnunet_topo.losses.betti import BettiPriorLoss
 from nnunet_topo.metrics.topology import (allowed_betti_vectors, betti_error, betti_numbers_3d, betti_numbers_per_slice,
                                           betti_prior_error)
-from nnunet_topo.rules import label_priors
+from nnunet_topo.topology_spec import label_priors
 
 
 #: default weight of the topology terms (Clough et al. use 0.005-0.02 with the per-voxel fidelity below)
@@ -73,7 +73,7 @@ def fidelity_loss(logits: Tensor, p0: Tensor) -> Tensor:
 def build_prior_losses(priors_3d: Mapping[int, Sequence[int]], priors_2d: Mapping[int, Sequence],
                        slice_axis: Optional[int], downsample: int = 1) -> List[BettiPriorLoss]:
     """The prior-mode Betti losses for the given class-id priors (3D and per slice). A per-slice prior is one
-    vector ``(b0, b1)`` or an allowed set of vectors (:func:`nnunet_topo.rules.label_priors` gives sets)."""
+    vector ``(b0, b1)`` or an allowed set of vectors (:func:`nnunet_topo.topology_spec.label_priors` gives sets)."""
     losses = []
     if priors_3d:
         losses.append(BettiPriorLoss(class_ids=sorted(priors_3d), priors=dict(priors_3d), target="prior",
@@ -260,7 +260,7 @@ def refine_folder(model_folder: str, input_folder: str, output_folder: str, fold
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
-    from nnunet_topo.rules import spec_from_dataset_json, spec_in_patch_frame
+    from nnunet_topo.topology_spec import spec_from_dataset_json, spec_in_patch_frame
 
     from nnunet_topo.paths import check_output
 

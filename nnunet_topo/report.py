@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from nnunet_topo.rules import (MeshExclusionRule, TopologySpec, mesh_rule_meshes, mesh_rules_in_force,
+from nnunet_topo.topology_spec import (MeshExclusionRule, TopologySpec, mesh_rule_meshes, mesh_rules_in_force,
                                 spec_from_dataset_json)
 from nnunet_topo.paths import USER_ERRORS, OutputPathError, check_output, reading
 from nnunet_topo.summary_io import EvaluationError, ignore_label_of, load_json_arg, nanmean, to_builtin
@@ -700,7 +700,7 @@ def penetrating_vertices(meshes: Mapping[str, Any], spec: TopologySpec, tol_mm: 
     (:func:`nnunet_topo.occupancy.winding_number`, the occupancy of the mesh TVS) above 1/2, and a vertex counts
     only when it is more than ``tol_mm`` from the other surface (:func:`nnunet_topo.metrics.mesh.
     point_to_surface_distance`), so surfaces that coincide (an inner and an outer mesh sharing a cap) are not
-    flagged. The rules are the mesh-level rules in force (:func:`nnunet_topo.rules.mesh_rules_in_force`: the
+    flagged. The rules are the mesh-level rules in force (:func:`nnunet_topo.topology_spec.mesh_rules_in_force`: the
     dataset's ``mesh_rules`` and the voxel rules whose structures are mesh structures), as in the mesh evaluation.
 
     Returns ``({rule: {mesh name: bool (V,)}}, {rule: why it was skipped})``.
@@ -1043,7 +1043,7 @@ def write_report_from_summary(summary: dict, ref_folder: str, pred_folder: str,
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_topo import __version__
-    from nnunet_topo.evaluation import check_geometry, image_geometry
+    from nnunet_topo.label_maps import check_geometry, image_geometry
     from nnunet_topo.violations import violation_maps_numpy
 
     if not _checked:
@@ -1180,7 +1180,7 @@ def report_entry(argv: Optional[Sequence[str]] = None) -> None:
 
     from nnunet_topo.cli import _fail
     from nnunet_topo.mesh_evaluation import MeshEvaluationError
-    from nnunet_topo.rules import TopologySpecError
+    from nnunet_topo.topology_spec import TopologySpecError
 
     parser = argparse.ArgumentParser(
         prog="nnUNetv2_topo_report",

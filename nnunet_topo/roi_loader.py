@@ -121,7 +121,7 @@ class MeshROISampling:
 
     def mesh_structure_label_ids(self) -> list:
         """Labels of the union of the topology spec's mesh structures (an error naming the fix when there are none)."""
-        from nnunet_topo.rules import TopologySpecError
+        from nnunet_topo.topology_spec import TopologySpecError
 
         structures = self.topology_spec.mesh_structures
         if not structures:

@@ -28,7 +28,7 @@ import numpy as np
 
 from nnunet_topo.meshes import SUPPORTED_MESH_EXTENSIONS, ImageGeometry, MeshBuildError, export_mesh, \
     structure_meshes
-from nnunet_topo.rules import TopologySpec, spec_from_dataset_json
+from nnunet_topo.topology_spec import TopologySpec, spec_from_dataset_json
 from nnunet_topo.summary_io import load_json_arg
 
 __all__ = ["SegmentationMeshError", "mesh_segmentation_folder", "main"]

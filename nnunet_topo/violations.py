@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor
 
-from nnunet_topo.rules import ExclusionRule, InclusionRule, Rule, Structure, TopologySpec
+from nnunet_topo.topology_spec import ExclusionRule, InclusionRule, Rule, Structure, TopologySpec
 
 __all__ = [
     "dilate",
@@ -410,7 +410,7 @@ def rule_violation_map(seg: Tensor, rule: Rule, *, probabilities: bool, connecti
 
     Args:
         seg: label map ``(B, *spatial)`` (integer) or probability map ``(B, C, *spatial)`` (float, channel = id).
-        rule: an :class:`~nnunet_topo.rules.ExclusionRule` or :class:`~nnunet_topo.rules.InclusionRule`.
+        rule: an :class:`~nnunet_topo.topology_spec.ExclusionRule` or :class:`~nnunet_topo.topology_spec.InclusionRule`.
         probabilities: True if ``seg`` is a probability map (soft result), False for a label map (hard result).
         connectivity: 3D connectivity, 6 or 26; ``mode="2d"`` rules use 4 resp. 8 in plane.
         spatial_dims: 3 for ``(Z, Y, X)`` inputs, 2 for ``(Y, X)`` (2d rules only).

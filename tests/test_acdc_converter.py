@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_topo.evaluation import check_rules_on_folder
-from nnunet_topo.rules import parse_topology
+from nnunet_topo.rule_check import check_rules_on_folder
+from nnunet_topo.topology_spec import parse_topology
 from nnunet_topo.synthetic import make_phantom
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -380,7 +380,7 @@ def test_marching_cubes_folder_in_predict_meshes_layout(seg_folder, tmp_path):
 # ------------------------------------------------------------------------------------------------ label-free
 def test_label_free_case_counts_violations_and_priors():
     from nnunet_topo.label_free import label_free_case
-    from nnunet_topo.rules import spec_from_dataset_json
+    from nnunet_topo.topology_spec import spec_from_dataset_json
 
     spec = spec_from_dataset_json(DJ)
     good = label_free_case(heart(), spec)

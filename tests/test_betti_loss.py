@@ -474,7 +474,7 @@ def test_trainer_passes_ignore_label_and_priors_and_logs_the_counts():
     from types import SimpleNamespace
 
     from nnunet_topo.losses.combined import TopologyLossWrapper
-    from nnunet_topo.rules import default_topology
+    from nnunet_topo.topology_spec import default_topology
 
     nnUNetTrainerBetti = pytest.importorskip("nnunet_topo.trainers.nnUNetTrainerBetti").nnUNetTrainerBetti  # nnunetv2
 

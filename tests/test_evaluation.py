@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_topo.evaluation import (EvaluationError, check_rules_on_folder, compute_topology_metrics_on_folder,
-                                    evaluate_case, format_table)
-from nnunet_topo.rules import parse_topology
+from nnunet_topo.evaluation import EvaluationError, compute_topology_metrics_on_folder, evaluate_case, format_table
+from nnunet_topo.rule_check import check_rules_on_folder
+from nnunet_topo.topology_spec import parse_topology
 
 LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
 TOPOLOGY = {"rules": [{"type": "exclusion", "a": "LV", "b": "RV"},
@@ -145,7 +145,7 @@ def test_nan_label_map_rejected():
 def test_unknown_label_in_rules_is_a_clear_error(folders):
     dj = dict(DJ, topology={"rules": [{"type": "exclusion", "a": "LV", "b": "RA"}]})
     (folders / "dataset.json").write_text(json.dumps(dj))
-    from nnunet_topo.rules import TopologySpecError
+    from nnunet_topo.topology_spec import TopologySpecError
     with pytest.raises(TopologySpecError, match="RA"):
         compute_topology_metrics_on_folder(str(folders / "ref"), str(folders / "pred"), str(folders / "dataset.json"), {})
 
@@ -229,7 +229,7 @@ def ring_and_c_stack():
 
 
 def test_check_rules_per_slice_prior_with_an_allowed_set(tmp_path):
-    from nnunet_topo.evaluation import format_rule_report
+    from nnunet_topo.rule_check import format_rule_report
     from nnunet_topo.metrics.topology import betti_numbers_per_slice
 
     lab = ring_and_c_stack()
@@ -293,7 +293,7 @@ def test_per_slice_prior_metrics_allowed_sets_hand_counted():
 def test_reference_exceptions_let_a_few_imperfect_references_pass_and_are_reported(folders):
     """topology.reference_exceptions: the excepted case is listed with its voxels and reason, not counted; a case
     not in the folder and an exception that is not needed are notes; an un-excepted case still fails the check."""
-    from nnunet_topo.evaluation import format_rule_report, reference_exceptions_message, reference_violations_message
+    from nnunet_topo.rule_check import format_rule_report, reference_exceptions_message, reference_violations_message
 
     def check(exceptions):
         dj = dict(DJ, topology=dict(TOPOLOGY, reference_exceptions=exceptions))

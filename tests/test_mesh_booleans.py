@@ -9,7 +9,7 @@ import trimesh
 from nnunet_topo.mesh_booleans import (MeshNotValidError, exact_violating_volume_mm3, mesh_invalid_reason,
                                        self_intersecting_faces)
 from nnunet_topo.mesh_evaluation import mesh_rule_volumes, violating_volume_mm3
-from nnunet_topo.rules import parse_topology
+from nnunet_topo.topology_spec import parse_topology
 
 
 def sphere(r, centre=(0.0, 0.0, 0.0), sub=4):

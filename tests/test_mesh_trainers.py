@@ -259,7 +259,7 @@ def test_patch_smaller_than_a_case_is_fine_but_not_smaller_than_its_structures(p
 
 
 def test_missing_mesh_structures_is_a_clear_error(pre, env):
-    from nnunet_topo.rules import TopologySpecError
+    from nnunet_topo.topology_spec import TopologySpecError
     from nnunet_topo.trainers.nnUNetTrainerMesh import nnUNetTrainerMesh
 
     plans = _load(pre, PLANS_BIG + ".json")
@@ -273,7 +273,7 @@ def test_mesh_losses_are_in_mm_with_the_patch_frame_spec_and_log_point_sources(p
     """The loss modules measure in the configuration's spacing (mm) and use the spec with axes mapped through the
     plans' transpose_forward (a CT-like plans copy with a non-identity transpose; only the wiring is checked);
     TPM logs how many critical points came from the label map and from the meshes."""
-    from nnunet_topo.rules import spec_in_patch_frame
+    from nnunet_topo.topology_spec import spec_in_patch_frame
 
     plans = _load(pre, PLANS_BIG + ".json")
     plans["plans_name"] = PLANS_BIG + "T"

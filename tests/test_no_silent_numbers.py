@@ -10,14 +10,13 @@ import SimpleITK as sitk
 from nnunet_topo.evaluation import (
     EvaluationError,
     aggregate,
-    check_rules_on_folder,
     compute_topology_metrics_on_folder,
     evaluate_case,
-    format_rule_report,
     format_table,
     image_diagonal_mm,
 )
-from nnunet_topo.rules import parse_topology
+from nnunet_topo.rule_check import check_rules_on_folder, format_rule_report
+from nnunet_topo.topology_spec import parse_topology
 
 IGNORE = 4
 LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3, "ignore": IGNORE}

@@ -91,7 +91,7 @@ def test_planted_defect_in_synthetic_phantom_is_repaired(kind):
     """A synthetic short-axis heart with a planted defect: refinement towards the dataset priors (3D and per
     slice, from the phantom's own topology block) reaches the prior Betti numbers and changes few voxels."""
     from nnunet_topo import synthetic
-    from nnunet_topo.rules import parse_topology
+    from nnunet_topo.topology_spec import parse_topology
 
     labels = synthetic.labels_for("acdc")
     spec = parse_topology({"labels": labels, "topology": synthetic.topology_block("acdc")})

@@ -1,4 +1,4 @@
-"""Tests of nnunet_topo.rules: parsing, defaults, and one error per kind of invalid topology block."""
+"""Tests of nnunet_topo.topology_spec: parsing, defaults, and one error per kind of invalid topology block."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from nnunet_topo.rules import (
+from nnunet_topo.topology_spec import (
     ExclusionRule,
     InclusionRule,
     Structure,
@@ -335,7 +335,7 @@ def test_messages_are_single_readable_sentences():
 def test_rule_names_stay_unambiguous_for_any_label_name():
     """Label names with commas, brackets, '+', '|', spaces or quotes are quoted in rule names, and the names read
     back (parse_rule_name) to the structures they were made from."""
-    from nnunet_topo.rules import parse_rule_name
+    from nnunet_topo.topology_spec import parse_rule_name
 
     odd = ["A,B", "C", "x+y", "x", "y", "in", "left (LV)", 'say "hi"', "may_touch", "v|w", "[2d axis 0]"]
     labels = {"background": 0, **{n: i + 1 for i, n in enumerate(odd)}}
@@ -390,7 +390,7 @@ def test_exempt_end_slices_parsing_keeps_default_names():
 
 
 def test_exempt_end_slices_survives_axis_mapping_and_reference_spec():
-    from nnunet_topo.rules import reference_spec, spec_in_patch_frame
+    from nnunet_topo.topology_spec import reference_spec, spec_in_patch_frame
 
     spec = parse_topology(with_rules({**INCL, "mode": "2d", "axis": 0, "exempt_end_slices": 2},
                                      {**EXCL, "mode": "2d", "axis": 2, "exempt_end_slices": 1}))
@@ -404,7 +404,7 @@ def test_exempt_end_slices_survives_axis_mapping_and_reference_spec():
 
 # ---------------------------------------------------------------------------------------------- betti_2d allowed sets
 def test_betti_2d_allowed_sets_parse_describe_and_survive_frames():
-    from nnunet_topo.rules import label_priors, reference_spec, spec_in_patch_frame
+    from nnunet_topo.topology_spec import label_priors, reference_spec, spec_in_patch_frame
 
     spec = parse_topology(ds({"betti": {"MYO": [1, 1, 0]},
                               "betti_2d": {"axis": 0, "MYO": [[1, 1], [1, 0]], "LV": [1, 0],

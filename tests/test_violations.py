@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_topo.rules import ExclusionRule, InclusionRule, TopologySpec, parse_topology
+from nnunet_topo.topology_spec import ExclusionRule, InclusionRule, TopologySpec, parse_topology
 from nnunet_topo.violations import (
     dilate,
     rule_violation_map,

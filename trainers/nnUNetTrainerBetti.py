@@ -29,7 +29,7 @@ import torch
 from nnunet_topo.losses.betti import DEFAULT_MAX_POOLED_VOXELS, BettiPriorLoss, betti_downsample_for_patch
 from nnunet_topo.losses.combined import EveryKCalls
 from nnunet_topo.patches import center_pad_to, check_whole_volume_in_patch
-from nnunet_topo.rules import label_priors
+from nnunet_topo.topology_spec import label_priors
 from nnunet_topo.trainers.nnUNetTrainerTopoBase import nnUNetTrainerTopoBase
 
 

@@ -4,7 +4,7 @@ What it adds to ``nnUNetTrainer`` (and nothing else):
 
 * the dataset's topology spec (``dataset.json`` key ``topology``, resolved through nnU-Net's label names)
   is loaded and validated when the trainer is built, so a bad rule fails before any preprocessing is read;
-  without a ``topology`` block the defaults of :func:`nnunet_topo.rules.default_topology` are used and the
+  without a ``topology`` block the defaults of :func:`nnunet_topo.topology_spec.default_topology` are used and the
   log says so;
 * ``_build_loss`` keeps nnU-Net's own loss (``super()._build_loss()``, deep supervision untouched) and adds
   the terms a subclass returns from :meth:`build_topology_terms`, on the full-resolution output;
@@ -39,7 +39,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_topo.losses.combined import TopologyLossWrapper
 from nnunet_topo.pretrained import PretrainedWeights
 from nnunet_topo.schedule import TwoPhaseSchedule
-from nnunet_topo.rules import TopologySpecError, default_topology, describe, parse_topology, spec_in_patch_frame
+from nnunet_topo.topology_spec import TopologySpecError, default_topology, describe, parse_topology, spec_in_patch_frame
 
 
 class nnUNetTrainerTopoBase(TwoPhaseSchedule, PretrainedWeights, nnUNetTrainer):
@@ -81,7 +81,7 @@ class nnUNetTrainerTopoBase(TwoPhaseSchedule, PretrainedWeights, nnUNetTrainer):
 
     def _check_rules_on_reference(self) -> None:
         """Check the spec against the reference labels once; the result is cached in the preprocessed folder."""
-        from nnunet_topo.evaluation import (cached_rule_check, reference_exceptions_message,
+        from nnunet_topo.rule_check import (cached_rule_check, reference_exceptions_message,
                                             reference_violations_message)
 
         gt = os.path.join(self.preprocessed_dataset_folder_base, "gt_segmentations")

@@ -335,7 +335,7 @@ def betti_error(pred: Sequence[int], ref: Sequence[int]) -> int:
 
 def allowed_betti_vectors(prior) -> tuple[tuple[int, ...], ...]:
     """A prior as its allowed set: one Betti vector ``(b0, b1)`` gives ``((b0, b1),)``; a set of vectors (a sequence
-    of sequences, e.g. the ``betti_2d`` prior ``((1, 1), (1, 0))`` of :attr:`nnunet_topo.rules.TopologySpec.betti_2d`)
+    of sequences, e.g. the ``betti_2d`` prior ``((1, 1), (1, 0))`` of :attr:`nnunet_topo.topology_spec.TopologySpec.betti_2d`)
     is returned as a tuple of int tuples.
 
     Raises:
