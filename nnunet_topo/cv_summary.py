@@ -17,7 +17,6 @@ nnU-Net's 5-fold cross-validation trains one job per fold; each fold's topology 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -25,7 +24,7 @@ from typing import List, Optional, Sequence, Union
 
 from nnunet_topo.evaluation import aggregate, compute_topology_metrics_on_folder, format_cell, format_table
 from nnunet_topo.topology_spec import spec_from_dataset_json
-from nnunet_topo.paths import USER_ERRORS, InputReadError, check_output, read_json
+from nnunet_topo.paths import InputReadError, check_output, read_json
 from nnunet_topo.summary_io import load_json_arg, to_builtin, write_json_atomic
 
 SUMMARY_NAME = "summary_topology.json"
@@ -225,35 +224,3 @@ def format_cv_table(summary: dict) -> str:
     lines.append("pooled over all validation cases:")
     lines.append(format_table(summary))
     return "\n".join(lines)
-
-
-def summarize_cv_entry(argv: Optional[Sequence[str]] = None) -> None:
-    from nnunet_topo.cli import _fail, model_folder_from_args
-    from nnunet_topo.topology_spec import TopologySpecError
-    from nnunet_topo.summary_io import EvaluationError
-
-    parser = argparse.ArgumentParser(
-        prog="nnUNetv2_topo_summarize_cv",
-        description="Summarize the topology validation of a cross-validation: per fold and pooled over all "
-                    "validation cases of all folds. Reads fold_k/validation/summary_topology.json (computes it "
-                    "where only nnU-Net's validation outputs exist), writes summary_topology_cv.json in the model "
-                    "folder and prints a table.")
-    parser.add_argument("-d", required=True, help="dataset ID or name")
-    parser.add_argument("-tr", required=True, help="trainer, e.g. nnUNetTrainerTPM")
-    parser.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
-    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-    parser.add_argument("-f", type=int, nargs="+", default=None,
-                        help="folds (default: every fold_<k> folder of the model folder)")
-    parser.add_argument("--chill", action="store_true",
-                        help="summarize the folds that have validation outputs, list the others as missing")
-    args = parser.parse_args(argv)
-    try:
-        model_folder = model_folder_from_args(args)
-    except RuntimeError as e:  # dataset not found, nnUNet_results unset
-        _fail(str(e))
-    try:
-        summary = summarize_cv(model_folder, folds=args.f, chill=args.chill)
-    except (CVSummaryError, EvaluationError, TopologySpecError, *USER_ERRORS) as e:
-        _fail(str(e))
-    print(format_cv_table(summary))
-    print(f"wrote {os.path.join(model_folder, CV_SUMMARY_NAME)}")

@@ -17,10 +17,9 @@ written to a temporary name and moved into place when complete.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import zipfile
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 #: per fold folder, relative to it
 TOPOLOGY_FOLD_FILES = ("progress_topology.png", os.path.join("validation", "summary_topology.json"))
@@ -68,27 +67,3 @@ def export_model(dataset: str, output_file: str, configurations: Sequence[str], 
                     added.append(arc)
     os.replace(partial, output_file)
     return added
-
-
-def export_entry(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="nnU-Net's nnUNetv2_export_model_to_zip plus the topology files of the model "
-                    "(progress_topology.png, validation/summary_topology.json, summary_topology_cv.json). Install the "
-                    "archive with nnU-Net's nnUNetv2_install_pretrained_model_from_zip.")
-    parser.add_argument("-d", required=True, help="dataset name or id")
-    parser.add_argument("-o", required=True, help="output .zip file (never replaced without --overwrite)")
-    parser.add_argument("-c", nargs="+", default=["3d_fullres"], help="configurations (default: 3d_fullres)")
-    parser.add_argument("-tr", default="nnUNetTrainer", help="trainer class")
-    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier")
-    parser.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (default 0 1 2 3 4)")
-    parser.add_argument("-chk", nargs="+", default=["checkpoint_final.pth"], help="checkpoints to export")
-    parser.add_argument("--not_strict", action="store_true", help="allow missing configurations")
-    parser.add_argument("--exp_cv_preds", action="store_true", help="also export the cross-validation predictions")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    args = parser.parse_args(argv)
-    try:
-        added = export_model(args.d, args.o, args.c, args.tr, args.p, args.f, args.chk, not args.not_strict,
-                             args.exp_cv_preds, args.overwrite)
-    except (FileExistsError, ValueError) as err:
-        parser.exit(2, f"error: {err}\n")
-    print(f"wrote {args.o} (nnU-Net's export + {len(added)} topology file(s): {', '.join(added) or 'none found'})")

@@ -150,7 +150,7 @@ def aggregate_label_free(cases: List[dict], spec: TopologySpec) -> dict:
 def label_free_folder(pred_folder: str, dataset_json: Union[str, os.PathLike, dict], mesh_folder: Optional[str] = None,
                       output_file: Optional[str] = None, show_progress: bool = True) -> dict:
     """:func:`label_free_case` on every label map ``CASE<file_ending>`` of ``pred_folder``; with ``mesh_folder``
-    (``meshes.json`` of ``nnUNetv2_topo_predict_meshes`` or ``python -m nnunet_topo.segmentation_meshes``) also
+    (``meshes.json`` of ``nnUNetv2_topo_predict_meshes`` or ``python -m nnunet_topo.cli.segmentation_meshes``) also
     :func:`mesh_overlaps_case` of each meshed case (grid step ``min(1 mm, finest spacing of the label map)``, as
     the mesh evaluator's) and ``"meshed"`` / ``"mesh_error"`` per case.
 

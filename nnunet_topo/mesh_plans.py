@@ -55,7 +55,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -69,7 +68,7 @@ from nnunet_topo.summary_io import to_builtin, write_json_atomic
 
 __all__ = ["MeshPlansError", "RoiStatistics", "mesh_structure_labels", "roi_statistics", "roi_voxels",
            "coarsen_spacing", "median_shape_at_spacing", "find_planner_class", "plan_mesh_configuration",
-           "mesh_configuration", "write_mesh_plans", "plan_mesh_entry"]
+           "mesh_configuration", "write_mesh_plans", "round_mm"]
 
 SPACING_INCREASE_FACTOR = 1.03  # nnU-Net's 3d_lowres step (ExperimentPlanner.plan_experiment)
 MAX_SPACING_FACTOR = 8.0  # never coarser than 8x the parent spacing on any axis
@@ -295,20 +294,22 @@ def plan_mesh_configuration(planner: Any, parent_spacing: Sequence[float], roi_s
             if np.all(ps >= n) and (cap is None or np.all(ps <= cap)):
                 return plan
             if verbose:
-                print(f"spacing {_r(spacing)}: ROI {n.tolist()} voxels, planned patch {ps.tolist()}: coarser")
+                print(f"spacing {round_mm(spacing)}: ROI {n.tolist()} voxels, planned patch {ps.tolist()}: coarser")
         spacing = coarsen_spacing(spacing)
     what = f"the patch limit --patch {cap.tolist()}" if cap is not None else "the planned patch"
     if last is not None:
-        tried = (f"; at spacing {_r(last[0])} mm the ROI is {last[1].tolist()} voxels and the planned patch "
+        tried = (f"; at spacing {round_mm(last[0])} mm the ROI is {last[1].tolist()} voxels and the planned patch "
                  f"{last[2].tolist()}")
     else:
-        tried = f"; at spacing {_r(coarsest[0])} mm the ROI is still {coarsest[1].tolist()} voxels"
+        tried = f"; at spacing {round_mm(coarsest[0])} mm the ROI is still {coarsest[1].tolist()} voxels"
     raise MeshPlansError(
-        f"the heart ROI of {_r(size)} mm does not fit {what} at any spacing up to {max_factor:g}x the parent "
-        f"spacing {_r(parent)} mm{tried}. Lower --margin_mm, allow a larger --patch, or raise --gpu_memory_target")
+        f"the heart ROI of {round_mm(size)} mm does not fit {what} at any spacing up to {max_factor:g}x the parent "
+        f"spacing {round_mm(parent)} mm{tried}. Lower --margin_mm, allow a larger --patch, or raise "
+        "--gpu_memory_target")
 
 
-def _r(v: Sequence[float]) -> List[float]:
+def round_mm(v: Sequence[float]) -> List[float]:
+    """Lengths in mm rounded to 3 decimals (µm), for messages."""
     return [round(float(x), 3) for x in v]
 
 
@@ -404,47 +405,3 @@ def write_mesh_plans(dataset: str, configuration: str = "3d_fullres", plans_iden
                            f"{cm.spacing}, not the planned {want['patch_size']} / {want['spacing']}")
     write_json_atomic(dst, new_plans, indent=4)
     return dst
-
-
-def plan_mesh_entry(argv: Optional[List[str]] = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="nnUNetv2_topo_plan_mesh",
-        description="Write a new plans file with a mesh configuration whose patch holds the heart ROI (the largest "
-                    "box of the topology.mesh_structures over the raw training labels, plus a margin) at the finest "
-                    "spacing nnU-Net's planner allows, starting at the parent configuration's spacing. Needs only "
-                    "the fingerprint and plans (nnUNetv2_plan_and_preprocess -d ID --no_pp). The input plans are "
-                    "not modified.")
-    parser.add_argument("-d", required=True, help="dataset ID or name")
-    parser.add_argument("-c", default="3d_fullres", help="parent configuration (default 3d_fullres)")
-    parser.add_argument("-p", default="nnUNetPlans", help="input plans identifier (default nnUNetPlans)")
-    parser.add_argument("-o", default="nnUNetPlansMesh", help="output plans identifier (default nnUNetPlansMesh)")
-    parser.add_argument("--name", default="3d_mesh", help="name of the new configuration (default 3d_mesh)")
-    parser.add_argument("--patch", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
-                        help="largest accepted patch in voxels (nnU-Net's transposed axis order); a coarser spacing "
-                             "is chosen until the ROI fits it")
-    parser.add_argument("--margin_mm", type=float, default=10.0,
-                        help="margin around the largest ROI on each side, mm (default 10: room for the random shift "
-                             "of training patches and for rotation/scaling augmentation)")
-    parser.add_argument("--gpu_memory_target", type=float, default=None,
-                        help="GPU memory target in GB for nnU-Net's planner (default: the planner class default)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output plans file")
-    args = parser.parse_args(argv)
-    try:
-        path = write_mesh_plans(args.d, args.c, args.p, args.o, args.name, args.patch, args.margin_mm,
-                                args.gpu_memory_target, args.overwrite, show_progress=True)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    with open(path) as f:
-        plans = json.load(f)
-    conf = plans["configurations"][args.name]
-    r = conf["mesh_roi"]
-    print(f"wrote {path}: configuration {args.name} (inherits from {args.c})")
-    print(f"  spacing {_r(conf['spacing'])} mm, patch {conf['patch_size']}, batch size {conf['batch_size']}")
-    print(f"  heart ROI {_r(r['size_mm'])} mm = largest extent {_r(r['extent_mm_max'])} mm + 2 x {r['margin_mm']:g} mm "
-          f"({r['num_cases']} cases; without mesh structures: {r['cases_without_structures'] or 'none'})")
-    print("next:")
-    print(f"  nnUNetv2_preprocess -d {args.d} -plans_name {args.o} -c {args.name}")
-    print(f"  nnUNetv2_train {args.d} {args.name} FOLD -tr nnUNetTrainerTPM -p {args.o}")

@@ -27,23 +27,22 @@ Frames (see ``documentation/meshes.md`` and ``documentation/mesh_output.md``):
 
 * normalised crop frame: ``(x, y, z)`` in ``[-1, 1]`` of the ``(1, C, *patch_size)`` network input (the
   ``grid_sample`` frame, ``align_corners=True``; what the head predicts)
-  -> crop index ``(z, y, x)`` (:func:`nnunet_topo.meshes.normalized_to_index` with the patch size)
+  -> crop index ``(z, y, x)`` (:func:`nnunet_topo.frames.normalized_to_index` with the patch size)
   -> preprocessed index (``+ roi.start``; the window may reach outside the array, the map is the same)
   -> original image index (:func:`preprocessed_to_original_index`: undo resampling, add nnU-Net's crop offset
   ``bbox_used_for_cropping``, undo ``transpose_forward``)
-  -> world ``(x, y, z)`` mm, ITK/LPS (:func:`nnunet_topo.meshes.index_to_world` with
-  :meth:`nnunet_topo.meshes.ImageGeometry.from_nnunet_properties`).
+  -> world ``(x, y, z)`` mm, ITK/LPS (:func:`nnunet_topo.frames.index_to_world` with
+  :meth:`nnunet_topo.frames.ImageGeometry.from_nnunet_properties`).
 
 nnU-Net's preprocessing order is transpose -> crop -> resample (``DefaultPreprocessor.run_case_npy``), so the
 crop bounding box, ``shape_after_cropping_and_before_resampling`` and the ROI (start, size, box) are in the
 *transposed* axis order.
 
-nnU-Net glue (``nnunetv2`` is imported inside the functions that need it); :func:`predict_meshes_entry` is the
-console script ``nnUNetv2_topo_predict_meshes``.
+nnU-Net glue (``nnunetv2`` is imported inside the functions that need it); the console script
+``nnUNetv2_topo_predict_meshes`` is :mod:`nnunet_topo.cli.predict_meshes`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -57,8 +56,8 @@ import torch
 import trimesh
 from torch import nn
 
-from nnunet_topo.meshes import SUPPORTED_MESH_EXTENSIONS, ImageGeometry, export_mesh, index_to_world, \
-    normalized_to_index
+from nnunet_topo.frames import ImageGeometry, index_to_world, normalized_to_index, preprocessed_index_to_original
+from nnunet_topo.mesh_io import SUPPORTED_MESH_EXTENSIONS, export_mesh
 from nnunet_topo.roi import Box, RoiError, box_extent_mm, centered_window_start, check_box_fits, crop_to_window, \
     largest_component_box
 
@@ -78,7 +77,6 @@ __all__ = [
     "ensemble_meshes",
     "SPREAD_NAME",
     "predict_meshes_folder",
-    "predict_meshes_entry",
 ]
 
 NO_MESH_HEAD = "this model has no mesh head; train with nnUNetTrainerMesh/TPM/MIE"
@@ -156,15 +154,10 @@ def preprocessed_shape(properties: Mapping[str, Any], plans_manager, configurati
 def preprocessed_to_original_index(points_zyx: np.ndarray, properties: Mapping[str, Any], plans_manager,
                                    configuration_manager,
                                    preprocessed_shape_zyx: Optional[Sequence[int]] = None) -> np.ndarray:
-    """Continuous indices of nnU-Net's preprocessed array -> continuous indices of the original image array.
-
-    Undoes, in reverse order, what ``DefaultPreprocessor.run_case_npy`` (nnU-Net 2.8.1) did:
-
-    1. resampling from ``n_orig = shape_after_cropping_and_before_resampling`` to ``n_new`` voxels per axis,
-       with nnU-Net's ``align_corners=False`` convention ``i_orig = (i_new + 0.5) * n_orig / n_new - 0.5``
-       (``skimage.transform.resize`` and the ``map_coordinates`` path for anisotropic data both use it);
-    2. cropping: ``+ bbox_used_for_cropping[k][0]`` (the box is in the transposed order);
-    3. ``transpose_forward``: transposed axis ``k`` is original axis ``transpose_forward[k]``.
+    """Continuous indices of nnU-Net's preprocessed array -> continuous indices of the original image array
+    (:func:`nnunet_topo.frames.preprocessed_index_to_original`, which undoes nnU-Net's transpose, crop and
+    resampling; ``skimage.transform.resize`` and the ``map_coordinates`` path for anisotropic data both use its
+    ``align_corners=False`` convention), read from the case's properties and the model's plans.
 
     Args:
         points_zyx: ``(N, 3)`` continuous indices into the preprocessed (unpadded) array, array order.
@@ -181,19 +174,11 @@ def preprocessed_to_original_index(points_zyx: np.ndarray, properties: Mapping[s
     p = np.asarray(points_zyx, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != 3:
         raise ValueError(f"points_zyx must be (N, 3), got shape {p.shape}")
-    n_orig = np.asarray(properties["shape_after_cropping_and_before_resampling"], dtype=np.float64)
-    n_new = np.asarray(preprocessed_shape_zyx if preprocessed_shape_zyx is not None else
-                       preprocessed_shape(properties, plans_manager, configuration_manager), dtype=np.float64)
-    if n_orig.shape != (3,) or n_new.shape != (3,):
-        raise ValueError(f"3D shapes expected, got {n_orig.tolist()} and {n_new.tolist()}")
-    cropped = (p + 0.5) * (n_orig / n_new) - 0.5
-    offset = np.asarray([b[0] for b in properties["bbox_used_for_cropping"]], dtype=np.float64)
-    transposed = cropped + offset
-    tf = list(plans_manager.transpose_forward)
-    original = np.empty_like(transposed)
-    original[:, tf] = transposed  # original axis tf[k] <- transposed axis k
-    return original
-
+    n_new = (preprocessed_shape_zyx if preprocessed_shape_zyx is not None else
+             preprocessed_shape(properties, plans_manager, configuration_manager))
+    return preprocessed_index_to_original(p, properties["shape_after_cropping_and_before_resampling"], n_new,
+                                          [b[0] for b in properties["bbox_used_for_cropping"]],
+                                          plans_manager.transpose_forward)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -581,7 +566,7 @@ def predict_meshes_folder(model_folder: str, input_folder: str, output_folder: s
     error before any work.
 
     ``folds``: one fold, several (an ensemble, as ``nnUNetv2_predict -f 0 1 2 3 4``), ``"all"``, or None for every
-    ``fold_N`` folder with ``checkpoint`` (:func:`nnunet_topo.cli.resolve_folds`). With several folds the
+    ``fold_N`` folder with ``checkpoint`` (:func:`nnunet_topo.model_folder.resolve_folds`). With several folds the
     segmentation is nnU-Net's ensemble (the folds' logits averaged by ``predict_logits_from_preprocessed_data``), the
     ROI is that of the ensemble segmentation, every fold's network + head runs on that same ROI crop, and each mesh
     is the per-vertex mean of the folds' world vertices (:func:`ensemble_meshes`; the folds must share the templates,
@@ -629,7 +614,7 @@ def predict_meshes_folder(model_folder: str, input_folder: str, output_folder: s
         raise MeshPredictionError(f"model folder not found: {model_folder} (train first, or check -d/-c/-tr/-p)")
     # never into, above or through a symlink to an input folder (paths resolved)
     check_output(output_folder, {"input folder": input_folder, "--roi_from folder": roi_from}, kind="folder")
-    from nnunet_topo.cli import resolve_folds
+    from nnunet_topo.model_folder import resolve_folds
 
     try:
         folds = resolve_folds(model_folder, folds, checkpoint)
@@ -733,87 +718,3 @@ def predict_meshes_folder(model_folder: str, input_folder: str, output_folder: s
     with open(os.path.join(output_folder, "meshes.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
-
-
-def _set_torch_threads_as_nnunet(device: str) -> None:
-    """``nnUNetv2_predict``'s thread settings (all CPU cores on the CPU, one thread next to a GPU)."""
-    if device == "cpu":
-        import multiprocessing
-
-        torch.set_num_threads(multiprocessing.cpu_count())
-    elif device == "cuda":
-        torch.set_num_threads(1)
-        try:
-            torch.set_num_interop_threads(1)
-        except RuntimeError:  # already set, or parallel work has started in this process
-            pass
-
-
-def predict_meshes_entry(argv: Optional[Sequence[str]] = None) -> None:
-    """Console script ``nnUNetv2_topo_predict_meshes`` (arguments as ``nnUNetv2_predict`` where they apply).
-
-    Exit codes: 0 all cases meshed; 1 everything written, but some cases got no mesh (listed on stderr and in
-    ``meshes.json``); 2 an error before or during the run (message on stderr)."""
-    parser = argparse.ArgumentParser(
-        prog="nnUNetv2_topo_predict_meshes",
-        description="Predict the segmentation (as nnUNetv2_predict) and one surface mesh per mesh structure with a "
-                    "model trained with a mesh head (nnUNetTrainerMesh/TPM/MIE). The head runs once on the "
-                    "patch-size heart ROI centred on the predicted mesh structures. Writes CASE<file_ending>, "
-                    "CASE_<structure>.<format> in patient coordinates (ITK/LPS mm, the image's origin, spacing and "
-                    "direction) and meshes.json to -o. Cases whose predicted structures do not fit the patch, or "
-                    "with none of them, get no mesh (exit code 1 at the end).")
-    from nnunet_topo.cli import add_model_arguments, model_folder_from_args
-
-    add_model_arguments(parser, "nnUNetTrainerMesh", "output folder for the segmentations and meshes (never -i)")
-    parser.add_argument("--format", default="vtk", choices=[e[1:] for e in SUPPORTED_MESH_EXTENSIONS],
-                        help="mesh file format (default vtk)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing mesh and segmentation files in -o")
-    parser.add_argument("--roi_from", default=None, metavar="FOLDER",
-                        help="take the ROI from these label maps (CASE<file ending>, on the images' grids, e.g. "
-                             "corrected segmentations) instead of the model's own segmentation; the network and "
-                             "mesh head still run on the image")
-    parser.add_argument("--repair", default=None, metavar="FOLDER",
-                        help="also repair the meshes (nnUNetv2_topo_repair_meshes: no overlap, inner inside outer, "
-                             "with --gap_mm; exactly verified) into this folder (not -i, not inside -o); the "
-                             "unrepaired meshes stay in -o")
-    parser.add_argument("--gap_mm", type=float, default=None,
-                        help="with --repair: the margin between repaired surfaces in mm (default 0.5)")
-    args = parser.parse_args(argv)
-    from nnunet_topo.paths import USER_ERRORS, check_output
-
-    if args.gap_mm is not None and args.repair is None:
-        parser.error("--gap_mm needs --repair FOLDER")
-    try:  # before the model is looked up or loaded
-        check_output(args.o, {"input folder": args.i, "--roi_from folder": args.roi_from}, kind="folder")
-        if args.repair is not None:
-            check_output(args.repair, {"input folder": args.i, "-o folder": args.o}, kind="folder", option="--repair")
-        model_folder = model_folder_from_args(args)
-        _set_torch_threads_as_nnunet(args.device)
-        summary = predict_meshes_folder(model_folder, args.i, args.o, folds=args.f, checkpoint=args.chk,
-                                        file_format=args.format, device=args.device, overwrite=args.overwrite,
-                                        roi_from=args.roi_from)
-    except (MeshPredictionError, RuntimeError, *USER_ERRORS) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    n, failed = len(summary["cases"]), summary["cases_without_mesh"]
-    print(f"wrote the segmentations of {n} case(s) and the meshes ({', '.join(summary['structures'])}) of "
-          f"{n - len(failed)} to {args.o}")
-    if args.repair is not None and n > len(failed):
-        from nnunet_topo.mesh_repair import DEFAULT_GAP_MM, MeshRepairError, format_repair_table, repair_mesh_folder
-
-        try:
-            result = repair_mesh_folder(args.o, args.repair, os.path.join(model_folder, "dataset.json"),
-                                        DEFAULT_GAP_MM if args.gap_mm is None else args.gap_mm,
-                                        overwrite=args.overwrite)
-        except (MeshRepairError, *USER_ERRORS) as e:
-            print(f"error: --repair: {e}", file=sys.stderr)
-            raise SystemExit(2)
-        print(format_repair_table(result))
-        failed = failed + [c for c in result["cases_not_repaired"] if c not in failed]
-        if result["cases_not_repaired"]:
-            print(f"error: {len(result['cases_not_repaired'])} case(s) could not be repaired: "
-                  f"{', '.join(result['cases_not_repaired'])} (reasons in {args.repair}/repair.json)", file=sys.stderr)
-    if failed:
-        print(f"error: {len(failed)} of {n} case(s) got no mesh: {', '.join(failed)} (reasons above and in "
-              f"{os.path.join(args.o, 'meshes.json')})", file=sys.stderr)
-        raise SystemExit(1)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Iterator, List, Optional, Tuple
 
@@ -126,27 +125,3 @@ def write_whole_volume_plans(dataset: str, configuration: str = "3d_fullres", pl
     plans["plans_name"] = output_identifier
     write_json_atomic(dst, plans, indent=4)
     return dst
-
-
-def whole_volume_plans_entry(argv: Optional[List[str]] = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="nnUNetv2_topo_plan_whole_volume",
-        description="Write a new plans file whose patch covers every preprocessed case of one configuration (for the "
-                    "mesh trainers and nnUNetTrainerBettiSemi), then train with -p <output>. The data is reused; the "
-                    "original plans are not modified.")
-    parser.add_argument("-d", required=True, help="dataset ID or name")
-    parser.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
-    parser.add_argument("-p", default="nnUNetPlans", help="input plans identifier (default nnUNetPlans)")
-    parser.add_argument("-o", default="nnUNetPlansWholeVolume", help="output plans identifier")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        path = write_whole_volume_plans(args.d, args.c, args.p, args.o, args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    with open(path) as f:
-        patch = json.load(f)["configurations"][args.c]["patch_size"]
-    print(f"wrote {path} ({args.c} patch {patch}); train with: nnUNetv2_train {args.d} {args.c} FOLD -tr TRAINER -p {args.o}")

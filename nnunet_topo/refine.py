@@ -248,7 +248,7 @@ def refine_folder(model_folder: str, input_folder: str, output_folder: str, fold
     """Refine every case of ``input_folder`` (nnU-Net raw images) and write segmentations to ``output_folder``.
 
     ``folds``: one fold, several, ``"all"``, or None for every ``fold_N`` folder with ``checkpoint``
-    (:func:`nnunet_topo.cli.resolve_folds`). One fold: :func:`refine_logits` on its network. Several folds: the
+    (:func:`nnunet_topo.model_folder.resolve_folds`). One fold: :func:`refine_logits` on its network. Several folds: the
     ensemble (mean of the folds' logits, as ``nnUNetv2_predict -f 0 1 ...``) is refined, every fold's copy
     fine-tuned jointly (:func:`refine_logits_ensemble`); the written segmentation is the refined ensemble's.
 
@@ -270,7 +270,7 @@ def refine_folder(model_folder: str, input_folder: str, output_folder: str, fold
         raise RefinementError(f"model folder not found: {model_folder} (train first, or check -d/-c/-tr/-p)")
     # never into, above or through a symlink to the input folder (paths resolved)
     check_output(output_folder, {"input folder": input_folder}, kind="folder")
-    from nnunet_topo.cli import resolve_folds
+    from nnunet_topo.model_folder import resolve_folds
 
     try:
         folds = resolve_folds(model_folder, folds, checkpoint)

@@ -3,7 +3,7 @@ a mesh head's: the alternative a user would try before a mesh head (issue 22: wh
 
 For every label map ``CASE<file_ending>`` of the input folder and every mesh structure of the dataset's topology
 block (``mesh_structures``, e.g. ACDC's LV_endo = LV, LV_epi = LV+MYO, RV), the closed surface of the structure's
-voxels by :func:`nnunet_topo.meshes.mesh_from_mask` (Lorensen's marching cubes at level 0.5 on the binary mask, the
+voxels by :func:`nnunet_topo.surfaces.mesh_from_mask` (Lorensen's marching cubes at level 0.5 on the binary mask, the
 surface the mesh evaluator builds of a reference structure; optional Taubin smoothing), in world mm (ITK/LPS, the
 label map's own geometry from nnU-Net's reader). Output: ``CASE_<structure><ext>`` and ``meshes.json`` with the
 ``cases`` table of :func:`nnunet_topo.mesh_prediction.predict_meshes_folder`, so that
@@ -11,13 +11,12 @@ label map's own geometry from nnU-Net's reader). Output: ``CASE_<structure><ext>
 as it reads predicted meshes. A case with an empty mesh structure gets no mesh (``"error"``, ``"files": {}``, listed
 in ``cases_without_mesh``), as a case the mesh head cannot mesh.
 
-    python -m nnunet_topo.segmentation_meshes -i SEGMENTATIONS -o MESHES -djfile dataset.json --format vtp
+    python -m nnunet_topo.cli.segmentation_meshes -i SEGMENTATIONS -o MESHES -djfile dataset.json --format vtp
 
 nnU-Net glue (its reader) in :func:`mesh_segmentation_folder` only.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -26,15 +25,16 @@ from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 
-from nnunet_topo.meshes import SUPPORTED_MESH_EXTENSIONS, ImageGeometry, MeshBuildError, export_mesh, \
-    structure_meshes
+from nnunet_topo.frames import ImageGeometry
+from nnunet_topo.mesh_io import SUPPORTED_MESH_EXTENSIONS, export_mesh
+from nnunet_topo.surfaces import MeshBuildError, structure_meshes
 from nnunet_topo.topology_spec import TopologySpec, spec_from_dataset_json
 from nnunet_topo.summary_io import load_json_arg
 
-__all__ = ["SegmentationMeshError", "mesh_segmentation_folder", "main"]
+__all__ = ["SegmentationMeshError", "mesh_segmentation_folder"]
 
 #: what the meshes are, in meshes.json
-SOURCE = ("marching cubes (nnunet_topo.meshes.mesh_from_mask: Lorensen, level 0.5 on each mesh structure's binary "
+SOURCE = ("marching cubes (nnunet_topo.surfaces.mesh_from_mask: Lorensen, level 0.5 on each mesh structure's binary "
           "mask) of the segmentations")
 
 
@@ -59,7 +59,7 @@ def mesh_segmentation_folder(seg_folder: str, output_folder: str, dataset_json: 
         output_folder: where ``CASE_<structure><ext>`` and ``meshes.json`` go (must differ from ``seg_folder``).
         dataset_json: the dataset's dataset.json (path or dict): labels, ``file_ending``, ``topology``.
         file_format: ``vtp`` (default), ``vtk``, ``ply``, ``obj`` or ``stl``.
-        smoothing_iterations: Taubin step pairs of :func:`nnunet_topo.meshes.mesh_from_mask` (0: the raw marching-
+        smoothing_iterations: Taubin step pairs of :func:`nnunet_topo.surfaces.mesh_from_mask` (0: the raw marching-
             cubes surface, as the evaluator's reference surfaces).
         overwrite: replace existing mesh files (otherwise refused before any work).
 
@@ -132,39 +132,3 @@ def mesh_segmentation_folder(seg_folder: str, output_folder: str, dataset_json: 
     with open(os.path.join(output_folder, "meshes.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m nnunet_topo.segmentation_meshes``. Exit codes as ``nnUNetv2_topo_predict_meshes``: 0 every case
-    meshed, 1 some cases got no mesh (listed on stderr and in meshes.json), 2 bad input."""
-    p = argparse.ArgumentParser(
-        prog="python -m nnunet_topo.segmentation_meshes",
-        description="Marching-cubes surfaces of every mesh structure of every label map in -i, written as "
-                    "nnUNetv2_topo_predict_meshes writes its meshes (CASE_<structure>.<format> in world mm, "
-                    "meshes.json), so nnUNetv2_topo_evaluate_folder --mesh_folder evaluates them.")
-    p.add_argument("-i", required=True, help="folder of label maps CASE<file_ending> (e.g. nnU-Net's predictions)")
-    p.add_argument("-o", required=True, help="output folder for the meshes and meshes.json (not -i)")
-    p.add_argument("-djfile", required=True, help="dataset.json (labels, file_ending, topology.mesh_structures)")
-    p.add_argument("--format", default="vtp", choices=[e[1:] for e in SUPPORTED_MESH_EXTENSIONS],
-                   help="mesh file format (default vtp)")
-    p.add_argument("--smoothing_iterations", type=int, default=0,
-                   help="Taubin smoothing step pairs (default 0: the raw marching-cubes surface)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing mesh files in -o")
-    a = p.parse_args(argv)
-    try:
-        summary = mesh_segmentation_folder(a.i, a.o, a.djfile, file_format=a.format,
-                                           smoothing_iterations=a.smoothing_iterations, overwrite=a.overwrite)
-    except (SegmentationMeshError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    n, failed = len(summary["cases"]), summary["cases_without_mesh"]
-    print(f"wrote the meshes ({', '.join(summary['structures'])}) of {n - len(failed)} of {n} case(s) to {a.o}")
-    if failed:
-        print(f"error: {len(failed)} of {n} case(s) got no mesh: {', '.join(failed)} (in "
-              f"{os.path.join(a.o, 'meshes.json')})", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

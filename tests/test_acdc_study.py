@@ -343,7 +343,8 @@ def seg_folder(tmp_path):
 
 def test_marching_cubes_folder_in_predict_meshes_layout(seg_folder, tmp_path):
     from nnunet_topo.mesh_evaluation import evaluate_mesh_folder
-    from nnunet_topo.segmentation_meshes import SegmentationMeshError, main, mesh_segmentation_folder
+    from nnunet_topo.cli.segmentation_meshes import main
+    from nnunet_topo.segmentation_meshes import SegmentationMeshError, mesh_segmentation_folder
 
     out = tmp_path / "mc"
     summary = mesh_segmentation_folder(str(seg_folder), str(out), str(tmp_path / "dataset.json"), show_progress=False)
@@ -405,7 +406,8 @@ def test_label_free_case_counts_violations_and_priors():
 
 
 def test_label_free_folder_with_meshes(seg_folder, tmp_path):
-    from nnunet_topo.label_free import label_free_folder, main
+    from nnunet_topo.cli.label_free import main
+    from nnunet_topo.label_free import label_free_folder
     from nnunet_topo.segmentation_meshes import mesh_segmentation_folder
 
     mesh_segmentation_folder(str(seg_folder), str(tmp_path / "mc"), DJ, show_progress=False)

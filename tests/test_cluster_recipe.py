@@ -159,7 +159,7 @@ def test_a_failed_precompute_runs_neither_the_folds_nor_the_post_job(env, datase
 @pytest.fixture
 def in_process(env, monkeypatch):
     """Run ``precompute_entry`` in this process with the module's nnU-Net folders: ``(exit code, stdout, stderr)``."""
-    from nnunet_topo.precompute import precompute_entry
+    from nnunet_topo.cli.precompute import precompute_entry
 
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_compile"):
         monkeypatch.setenv(k, env[k])

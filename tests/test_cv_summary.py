@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from nnunet_topo.cv_summary import CVSummaryError, format_cv_table, summarize_cv, summarize_cv_entry
+from nnunet_topo.cli.summarize_cv import summarize_cv_entry
+from nnunet_topo.cv_summary import CVSummaryError, format_cv_table, summarize_cv
 from nnunet_topo.evaluation import compute_topology_metrics_on_folder
 from test_evaluation import DJ as _DJ, TOPOLOGY, heart, write  # the same phantom and writer
 

@@ -66,7 +66,7 @@ def test_non_editable_install_finds_every_trainer_through_nnunet(target, tmp_pat
     script = f"""
 import contextlib, importlib.util, io, json, os, sys
 import nnunet_topo
-from nnunet_topo.cli import trainer_path_entry
+from nnunet_topo.cli.trainer_path import trainer_path_entry
 buf = io.StringIO()
 with contextlib.redirect_stdout(buf):
     trainer_path_entry(["--only"])

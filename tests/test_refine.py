@@ -179,7 +179,7 @@ def test_refine_folder_fold_ensemble(tmp_path, capsys, monkeypatch):
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from test_mesh_prediction import _case, _plans_for
 
-    from nnunet_topo.cli import refine_entry
+    from nnunet_topo.cli.refine import refine_entry
     from nnunet_topo.refine import refine_folder
 
     img_file, _, dj, _ = _case(tmp_path, False)
@@ -209,7 +209,7 @@ def test_refine_folder_fold_ensemble(tmp_path, capsys, monkeypatch):
     assert s1["folds"] == [1]
     with pytest.raises(RefinementError, match="fold 3: no folder"):
         refine_folder(str(model), str(inputs), str(tmp_path / "out3"), folds=[0, 3], device="cpu")
-    monkeypatch.setattr("nnunet_topo.cli.model_folder_from_args", lambda args: str(model))
+    monkeypatch.setattr("nnunet_topo.cli.refine.model_folder_from_args", lambda args: str(model))
     with pytest.raises(SystemExit) as e:
         refine_entry(["-i", str(inputs), "-o", str(tmp_path / "o"), "-d", "1", "-c", "3d_fullres", "-f", "0", "5",
                       "-device", "cpu"])
@@ -264,7 +264,7 @@ def test_refinement_logs_the_clough_fidelity_single_and_ensemble():
 def test_default_lambda_is_cloughs_and_the_cli_passes_it(monkeypatch):
     import inspect
 
-    from nnunet_topo.cli import refine_entry
+    from nnunet_topo.cli.refine import refine_entry
     from nnunet_topo.refine import DEFAULT_LAMBDA, refine_folder
 
     assert DEFAULT_LAMBDA == 0.01
@@ -275,8 +275,8 @@ def test_default_lambda_is_cloughs_and_the_cli_passes_it(monkeypatch):
     def fake_refine_folder(*args, **kwargs):
         seen.update(kwargs)
         return {"cases": {}}
-    monkeypatch.setattr("nnunet_topo.refine.refine_folder", fake_refine_folder)
-    monkeypatch.setattr("nnunet_topo.cli.model_folder_from_args", lambda args: "model")
+    monkeypatch.setattr("nnunet_topo.cli.refine.refine_folder", fake_refine_folder)
+    monkeypatch.setattr("nnunet_topo.cli.refine.model_folder_from_args", lambda args: "model")
     refine_entry(["-i", "in", "-o", "out", "-d", "1", "-c", "3d_fullres", "-device", "cpu"])
     assert seen["lam"] == 0.01
     refine_entry(["-i", "in", "-o", "out", "-d", "1", "-c", "3d_fullres", "-device", "cpu", "--lam", "0.02"])

@@ -397,7 +397,8 @@ def test_image_slices_are_the_drawn_slices_of_the_image(dataset, tmp_path):
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
     from nnunet_topo.label_maps import check_geometry, image_geometry
-    from nnunet_topo.report import _foreground_box, _image_slices, _read
+    from nnunet_topo.report.inputs import (foreground_box as _foreground_box, image_slices as _image_slices,
+                                           read_file as _read)
 
     rw = SimpleITKIO()
     case = dataset["septal"][0]

@@ -20,10 +20,10 @@
 #             --format vtp -> meshes_<ROW>/) and their mesh evaluation (eval/<ROW>_mesh.json); nnUNetv2_topo_refine
 #             of the control (keep_present, STUDY_REFINE_STEPS steps, default 10 -> refine_<CONTROL>/, row
 #             <CONTROL>+refine); marching cubes of the control's validation segmentations (python -m
-#             nnunet_topo.segmentation_meshes -> meshes_<CONTROL>+marching_cubes/) and their mesh evaluation
+#             nnunet_topo.cli.segmentation_meshes -> meshes_<CONTROL>+marching_cubes/) and their mesh evaluation
 #   external  the control (nnUNetv2_predict), its refinement, Mesh, TPM and MIE (nnUNetv2_topo_predict_meshes --format
 #             vtp) on the unlabelled LGE volumes ($STUDY_EXTERNAL_IMAGES, default ../shared/data/external_lge/imagesTs)
-#             -> external_lge_predictions/<ROW>/; label-free measures (python -m nnunet_topo.label_free ->
+#             -> external_lge_predictions/<ROW>/; label-free measures (python -m nnunet_topo.cli.label_free ->
 #             eval/external_<ROW>_label_free.json); documentation/results/external_lge_predictions.tar.gz (< 15 MB)
 #   collect   examples/acdc/collect_results.py: documentation/results/acdc_fold0.json and the tables
 #             (logs/tables.md); runs every time it is named (no done marker)
@@ -150,7 +150,7 @@ predict_meshes() {  # predict_meshes TRAINER IMAGES OUT: exit code 1 (some cases
     --format vtp --overwrite || [ $? -eq 1 ]
 }
 marching_cubes() {  # marching_cubes SEGMENTATIONS OUT: as predict_meshes, exit code 1 is fine
-  python -m nnunet_topo.segmentation_meshes -i "$1" -o "$2" -djfile "$DS/dataset.json" --format vtp --overwrite \
+  python -m nnunet_topo.cli.segmentation_meshes -i "$1" -o "$2" -djfile "$DS/dataset.json" --format vtp --overwrite \
     || [ $? -eq 1 ]
 }
 refine() {  # refine IMAGES OUT: nnUNetv2_topo_refine of the control (keep_present, the default)
@@ -195,7 +195,7 @@ EXT_TAR_MAX_BYTES=$((15 * 1024 * 1024))
 label_free() {  # label_free ROW [--mesh_folder MESHES]: eval/external_ROW_label_free.json unless it exists
   local row="$1"; shift
   [ -f "$WORK/eval/external_${row}_label_free.json" ] && return 0
-  timed "external_label_free_$row" python -m nnunet_topo.label_free "$EXT/$row" -djfile "$DS/dataset.json" "$@" \
+  timed "external_label_free_$row" python -m nnunet_topo.cli.label_free "$EXT/$row" -djfile "$DS/dataset.json" "$@" \
     -o "$WORK/eval/external_${row}_label_free.json" > "$WORK/logs/external_label_free_$row.log" 2>&1
 }
 
@@ -237,7 +237,7 @@ accuracy is measured outside the project. Folders (one per model, named after it
   $CONTROL+refine/     the control refined by nnUNetv2_topo_refine (keep_present, ${STUDY_REFINE_STEPS:-10} steps)
   ${EXT_MESH_ARMS[*]}: segmentation CASE.nii.gz + meshes CASE_<structure>.vtp (world mm, ITK/LPS) + meshes.json
   (a case a model could not mesh is listed there with its reason)
-  label_free/          python -m nnunet_topo.label_free per model: rule violations, Betti priors, cases meshed
+  label_free/          python -m nnunet_topo.cli.label_free per model: rule violations, Betti priors, cases meshed
 TXT
   mkdir -p "$RESULTS_DIR"
   timed external_pack pack_external "$EXT_TAR.tmp"
