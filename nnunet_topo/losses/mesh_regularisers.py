@@ -38,6 +38,15 @@ def _check_vertices(vertices: torch.Tensor) -> torch.Tensor:
     return vertices
 
 
+def _checked_mesh(vertices: torch.Tensor, faces: torch.Tensor):
+    """``(B, V, 3)`` vertices, ``(F, 3)`` long faces on their device, and the graph-connected zero a regulariser returns
+    when there are no faces or no vertices (else None)."""
+    vertices = _check_vertices(vertices)
+    faces = check_faces(faces, vertices.shape[1]).to(vertices.device)
+    empty = faces.numel() == 0 or vertices.numel() == 0
+    return vertices, faces, (vertices.float().sum() * 0.0 if empty else None)
+
+
 def laplacian_smoothing_loss(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Uniform Laplacian smoothing loss ``mean_{b, v} |v - mean_{u in N(v)} u|^2``.
 
@@ -53,10 +62,9 @@ def laplacian_smoothing_loss(vertices: torch.Tensor, faces: torch.Tensor) -> tor
     Returns:
         0-dim float32 tensor; a graph-connected zero if there are no faces or no vertices.
     """
-    vertices = _check_vertices(vertices)
-    faces = check_faces(faces, vertices.shape[1]).to(vertices.device)
-    if faces.numel() == 0 or vertices.numel() == 0:
-        return vertices.float().sum() * 0.0
+    vertices, faces, zero = _checked_mesh(vertices, faces)
+    if zero is not None:
+        return zero
     return laplacian_smoothness_energy(vertices.float(), faces).mean()  # the one uniform Laplacian, per item
 
 
@@ -86,10 +94,9 @@ def edge_length_loss(
     Returns:
         0-dim float32 tensor; a graph-connected zero if there are no faces or no vertices.
     """
-    vertices = _check_vertices(vertices)
-    faces = check_faces(faces, vertices.shape[1]).to(vertices.device)
-    if faces.numel() == 0 or vertices.numel() == 0:
-        return vertices.float().sum() * 0.0
+    vertices, faces, zero = _checked_mesh(vertices, faces)
+    if zero is not None:
+        return zero
     e = mesh_edges(faces)
     lengths = edge_lengths(vertices.float(), e)  # (B, E)
     if reference_lengths is None:
