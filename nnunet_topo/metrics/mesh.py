@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import sparse
 from scipy.spatial import cKDTree
 
 __all__ = [
@@ -294,18 +293,24 @@ def hausdorff_distance_95_mesh(a: Any, b: Any, num_samples: int = 20000, seed: i
     return float(max(np.percentile(d_ab, 95), np.percentile(d_ba, 95)))
 
 
-def _unique_edges_numpy(faces: np.ndarray, num_vertices: int) -> tuple[np.ndarray, np.ndarray]:
-    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], axis=0)
-    e = np.concatenate([e, e[:, ::-1]], axis=0)  # both directions
-    key = np.unique(e[:, 0] * num_vertices + e[:, 1])
-    return key // num_vertices, key % num_vertices
-
-
 def _unique_edges_torch(faces: torch.Tensor, num_vertices: int) -> tuple[torch.Tensor, torch.Tensor]:
     e = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], dim=0)
     e = torch.cat([e, e.flip(1)], dim=0)
     key = torch.unique(e[:, 0] * num_vertices + e[:, 1])
     return torch.div(key, num_vertices, rounding_mode="floor"), key % num_vertices
+
+
+def _uniform_laplacian_energy(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``mean_v |v - mean_{u in N(v)} u|^2`` over the vertices used by a face, per mesh: ``x`` ``(..., V, 3)`` float,
+    ``f`` ``(F, 3)`` long, non-empty and in range. The one uniform Laplacian of the project (metric and loss)."""
+    num_v = int(x.shape[-2])
+    src, dst = _unique_edges_torch(f, num_v)
+    deg = torch.bincount(src, minlength=num_v).to(x.dtype)
+    nbr_sum = torch.zeros_like(x).index_add_(-2, src, x.index_select(-2, dst))
+    used = deg > 0
+    lap = x - nbr_sum / deg.clamp(min=1).unsqueeze(-1)
+    sq = (lap**2).sum(-1)[..., used]
+    return sq.mean(-1)
 
 
 def laplacian_smoothness_energy(
@@ -349,13 +354,7 @@ def laplacian_smoothness_energy(
         f = f.long()
         if int(f.min()) < 0 or int(f.max()) >= num_v:
             raise ValueError(f"face indices must lie in [0, {num_v}).")
-        src, dst = _unique_edges_torch(f, num_v)
-        deg = torch.bincount(src, minlength=num_v).to(x.dtype)
-        nbr_sum = torch.zeros_like(x).index_add_(-2, src, x.index_select(-2, dst))
-        used = deg > 0
-        lap = x - nbr_sum / deg.clamp(min=1).unsqueeze(-1)
-        sq = (lap**2).sum(-1)[..., used]
-        return sq.mean(-1)
+        return _uniform_laplacian_energy(x, f)
     v = np.asarray(vertices, dtype=np.float64)
     if not np.all(np.isfinite(v)):
         raise ValueError("vertices contain NaN or inf.")
@@ -370,14 +369,7 @@ def laplacian_smoothness_energy(
     f = f.astype(np.int64)
     if f.min() < 0 or f.max() >= num_v:
         raise ValueError(f"face indices must lie in [0, {num_v}).")
-    src, dst = _unique_edges_numpy(f, num_v)
-    deg = np.bincount(src, minlength=num_v).astype(np.float64)
-    adjacency = sparse.csr_matrix((np.ones(len(src)), (src, dst)), shape=(num_v, num_v))
-    nbr_sum = adjacency @ v if v.ndim == 2 else np.stack([adjacency @ vb for vb in v])
-    used = deg > 0
-    lap = v - nbr_sum / np.maximum(deg, 1.0)[:, None]
-    sq = (lap**2).sum(-1)[..., used]
-    out = sq.mean(-1)
+    out = _uniform_laplacian_energy(torch.from_numpy(v), torch.from_numpy(f)).numpy()
     return float(out) if v.ndim == 2 else out
 
 
