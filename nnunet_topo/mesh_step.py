@@ -13,8 +13,14 @@ never enters nnU-Net's backward by itself; what the mesh terms may give the back
    ``share * ||∇L_seg||`` of *this* step (both over all of the network's parameters), and added to ``.grad``.
 
 So with ``share = 0`` the network's update is exactly plain nnU-Net's, and at any share the backbone's gradient
-differs from plain nnU-Net's by at most ``share`` times L_seg's own gradient norm, at every step. Plain torch, no
-nnU-Net import (``mesh_train_step`` reads a trainer duck-typed); one device sync per step at most in the arithmetic.
+differs from plain nnU-Net's by at most ``share`` times L_seg's own gradient norm, at every step where the bound is
+exact. Step 3 is a second backward through the network (~0.9x of a plain nnU-Net iteration on the 2-core CPU at the
+heart-ROI configuration, documentation/benchmarks.md), so with ``every = k > 1`` (the trainers'
+``mesh_share_every``) it is exact only on every k-th step (:class:`ShareEstimate`); in between, L_seg and the mesh
+share go through **one** backward (:func:`backward_with_predicted_share`), the factor predicted from the last exact
+step: the network's gain ``||J^T g|| / ||g||`` (J: the features' Jacobian) and ``||∇L_seg||``, applied to this
+step's feature gradient ``g``, with a safety margin (the realised share is then measured, not guaranteed). Plain torch, no nnU-Net import (``mesh_train_step`` reads a trainer duck-typed); one
+device sync per exact step in the arithmetic (whether its estimate is usable), none on predicted steps.
 """
 from __future__ import annotations
 
@@ -23,8 +29,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["add_bounded_feature_gradient", "broadcast_from_rank0_", "grad_norm", "head_backward", "mean_over_ranks",
-           "mesh_train_step"]
+__all__ = ["ShareEstimate", "add_bounded_feature_gradient", "backward_with_predicted_share", "broadcast_from_rank0_",
+           "grad_norm", "head_backward", "mean_over_ranks", "mesh_train_step"]
 
 
 def grad_norm(grads: Sequence[Optional[Tensor]]) -> Tensor:
@@ -70,6 +76,17 @@ def mean_over_ranks(params: Sequence[Tensor], grads: Sequence[Optional[Tensor]])
         out.append(flat[offset:offset + k].view_as(p).to(p.dtype) if n > 0 else None)
         offset += k
     return out
+
+
+def _rms_over_ranks(norm: Tensor) -> Tensor:
+    """The root mean square of a per-rank norm over the DDP processes (unchanged without a process group)."""
+    import torch.distributed as dist
+
+    if not _process_group_ready():
+        return norm
+    sq = norm.detach().float().pow(2).reshape(1).clone()
+    dist.all_reduce(sq)
+    return (sq / dist.get_world_size()).sqrt().reshape(())
 
 
 def broadcast_from_rank0_(module: torch.nn.Module) -> None:
@@ -162,6 +179,64 @@ def add_bounded_feature_gradient(params: Sequence[Tensor], features: Sequence[Te
     return seg_norm, mesh_norm, factor
 
 
+class ShareEstimate:
+    """The state of the predicted share bound (``every = k > 1``): which steps are exact, and what the last exact
+    step measured.
+
+    A step is exact when it is the k-th since the last exact one, or when no usable estimate exists yet (the first
+    steps, and steps whose batch gave no mesh gradient: a head whose last layers start at zero, structures absent).
+    An exact step records ``gain = ||J^T g|| / ||g||`` (the norm of the pulled-back mesh gradient over the norm of
+    the feature gradient ``g``) and ``||∇L_seg||``; a predicted step then scales its own ``g`` by
+    ``min(1, share / margin * ||∇L_seg|| / (gain * ||g||))``. Kept on the trainer, not in the checkpoint: after
+    ``--c`` the first step is exact again.
+
+    ``margin`` (default :attr:`MARGIN`): the prediction errs towards the segmentation. Measured on the ACDC study's
+    fine-tune start (``benchmarks/bench_share_estimate.py``, 30 steps of nnUNetTrainerMesh from the backbone,
+    documentation/benchmarks.md), with every = 5 the realised share of the predicted steps was 0.74x the allowed one
+    (median), 1.09x (90th percentile), 1.2x (max); without the margin 1.10x / 1.64x / 1.81x.
+    """
+
+    MARGIN = 1.5
+
+    def __init__(self, every: int, margin: float = MARGIN):
+        self.every = max(1, int(every))
+        self.margin = float(margin)
+        self.since_exact: Optional[int] = None  # steps since the last exact one with a usable estimate
+        self.gain: Optional[Tensor] = None
+        self.seg_norm: Optional[Tensor] = None
+
+    def exact_due(self) -> bool:
+        return self.every <= 1 or self.since_exact is None or self.since_exact + 1 >= self.every
+
+    def record_exact(self, seg_norm: Tensor, mesh_norm: Tensor, feature_norm: Tensor) -> None:
+        """After an exact step: keep its gain and L_seg norm if they are usable (one host sync)."""
+        gain = mesh_norm / feature_norm.clamp_min(1e-30)
+        ok = bool(((mesh_norm > 0) & (feature_norm > 0) & torch.isfinite(gain) & torch.isfinite(seg_norm)).item())
+        if ok:
+            self.gain, self.seg_norm, self.since_exact = gain.detach(), seg_norm.detach(), 0
+        elif self.since_exact is not None:
+            self.since_exact = self.every  # keep the old estimate, measure again at the next step
+
+    def predicted_factor(self, share: float, feature_norm: Tensor) -> Tensor:
+        """The factor for this predicted step's feature gradient (a tensor; no host sync)."""
+        self.since_exact = (self.since_exact or 0) + 1
+        c = float(share) / self.margin * self.seg_norm / (self.gain * feature_norm).clamp_min(1e-30)
+        c = torch.clamp(c, max=1.0)
+        return torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+
+
+def backward_with_predicted_share(l_seg: Tensor, features: Sequence[Tensor], feature_grads: Sequence[Optional[Tensor]],
+                                  factor: Tensor, loss_scale: Optional[Tensor] = None) -> None:
+    """One backward of ``loss_scale * (L_seg + factor * <features, feature_grads>)`` into the network's ``.grad``
+    (what L_seg's backward plus :func:`add_bounded_feature_gradient` with that factor give, in one pass through the
+    network). ``loss_scale``: nnU-Net's GradScaler scale as a tensor (its ``unscale_`` then divides both parts)."""
+    pairs = [(f, g) for f, g in zip(features, feature_grads) if g is not None and f.requires_grad]
+    s = loss_scale if loss_scale is not None else torch.ones((), device=l_seg.device)
+    roots = [l_seg * s.to(l_seg.dtype)] + [f for f, _ in pairs]
+    grads = [None] + [(g * (factor * s).to(g.device, g.dtype)).to(f.dtype) for f, g in pairs]
+    torch.autograd.backward(roots, grads)
+
+
 def mesh_train_step(trainer, batch: dict):
     """One training step of a mesh trainer (``nnUNetTrainerMesh.train_step``; the one place where nnU-Net's step is
     changed): nnU-Net's step for ``trainer.network`` (its loss, backward, clip 12, GradScaler, optimiser), the head's
@@ -202,12 +277,26 @@ def mesh_train_step(trainer, batch: dict):
     feature_grads = head_backward(data_loss, reg_loss, head_params, inputs, scale)
     if not t.freeze_network:  # the network: L_seg's backward, the bounded mesh share, nnU-Net's clip and step
         net_params = list(t.network.parameters())
-        if t.grad_scaler is not None:
-            t.grad_scaler.scale(l_seg).backward(retain_graph=share > 0)
-            t.grad_scaler.unscale_(t.optimizer)
+        est = getattr(t, "_share_estimate", None)
+        if est is None or est.every != max(1, int(getattr(t, "mesh_share_every", 1))):
+            est = t._share_estimate = ShareEstimate(getattr(t, "mesh_share_every", 1))
+        feature_norm = grad_norm(feature_grads).to(t.device)
+        if share > 0 and not est.exact_due():  # one backward: L_seg + the share predicted from the last exact step
+            factor = est.predicted_factor(share, feature_norm)
+            nnunet_scale = t.grad_scaler.scale(torch.ones((), device=t.device)) if t.grad_scaler is not None else None
+            backward_with_predicted_share(l_seg, feats, feature_grads, factor, nnunet_scale)
+            if t.grad_scaler is not None:
+                t.grad_scaler.unscale_(t.optimizer)
         else:
-            l_seg.backward(retain_graph=share > 0)
-        add_bounded_feature_gradient(net_params, feats, feature_grads, share, ddp=t.is_ddp)
+            if t.grad_scaler is not None:
+                t.grad_scaler.scale(l_seg).backward(retain_graph=share > 0)
+                t.grad_scaler.unscale_(t.optimizer)
+            else:
+                l_seg.backward(retain_graph=share > 0)
+            seg_norm, mesh_norm, _ = add_bounded_feature_gradient(net_params, feats, feature_grads, share,
+                                                                  ddp=t.is_ddp)
+            if share > 0 and est.every > 1:  # under DDP every rank records the same (global) norms
+                est.record_exact(seg_norm, mesh_norm, _rms_over_ranks(feature_norm) if t.is_ddp else feature_norm)
         torch.nn.utils.clip_grad_norm_(net_params, 12)
         if t.grad_scaler is not None:
             t.grad_scaler.step(t.optimizer)

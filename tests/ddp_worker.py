@@ -7,7 +7,9 @@ training steps on real batches of nnU-Net's loader, including the corner cases t
 - step 0: a structure is absent from *this rank's* batch only (rank 1's RV removed from the target),
 - step 1: the topology terms switched off (the first phase of the schedule), on every rank,
 - step 2: the mesh head's inputs detached (``mesh_backbone_grad_share = 0``), and on rank 1 the batch is background
-  only (no structure at all).
+  only (no structure at all),
+- step 3: the share back on; with ``mesh_share_every = 2`` the mesh trainers take the predicted share's single
+  backward (step 1 measured it), which DDP's reducer sees as one backward.
 
 Afterwards nnU-Net's epoch-end logging (all_gather of the losses) runs and every parameter (network and mesh head) is
 gathered from both ranks. The only change to nnU-Net is the device: nnU-Net's DDP path assumes CUDA
@@ -67,15 +69,22 @@ def run_trainer(name: str, dataset: str, plans: str, rank: int) -> dict:
     mesh = hasattr(tr, "mesh_head_settings")
     attrs = dict(num_epochs=2, topology_start_epoch=1)
     if mesh:
-        attrs.update(FEW_POINTS, mesh_backbone_grad_share=0.5)
+        attrs.update(FEW_POINTS, mesh_backbone_grad_share=0.5, mesh_share_every=2)
     for k, v in attrs.items():
         setattr(tr, k, v)
     tr.initialize()
     assert isinstance(tr.network, DistributedDataParallel), type(tr.network)
     tr.on_train_start()
-    result = {"batch_size": tr.batch_size, "losses": []}
+    result = {"batch_size": tr.batch_size, "losses": [], "predicted_steps": 0}
+    from nnunet_topo import mesh_step
+    real = mesh_step.backward_with_predicted_share
+
+    def counted(*a, **k):
+        result["predicted_steps"] += 1
+        return real(*a, **k)
+    mesh_step.backward_with_predicted_share = counted
     tr.on_epoch_start()
-    for step in range(3):
+    for step in range(4):
         tr.current_epoch = 1 if step != 1 else 0  # step 1: the first phase (topology terms off) on every rank
         tr.on_train_epoch_start()
         batch = next(tr.dataloader_train)
@@ -86,9 +95,12 @@ def run_trainer(name: str, dataset: str, plans: str, rank: int) -> dict:
                 tr.mesh_backbone_grad_share = 0.0
             if rank == 1:
                 batch = _without(batch, None)
+        if step == 3 and mesh:
+            tr.mesh_backbone_grad_share = 0.5
         out = tr.train_step(batch)
         result["losses"].append(float(out["loss"]))
         assert math.isfinite(float(out["loss"])), (name, step, out)
+    mesh_step.backward_with_predicted_share = real
     tr.on_train_epoch_end([{"loss": np.array(v)} for v in result["losses"]])
     params = [p for p in tr.network.parameters()]
     head = list(tr.mesh_head.parameters()) if mesh else []

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_topo.mesh_step import add_bounded_feature_gradient, grad_norm, head_backward
+from nnunet_topo.mesh_step import (ShareEstimate, add_bounded_feature_gradient, backward_with_predicted_share,
+                                  grad_norm, head_backward)
 
 
 def _setup(seed=0):
@@ -79,6 +80,78 @@ def test_head_loss_scale_is_undone_for_the_features_and_kept_for_the_head():
     assert torch.allclose(a["g_feat"][0], b["g_feat"][0], rtol=1e-5, atol=1e-9)
     for ga, gb in zip(a["head_grads"], b["head_grads"]):  # GradScaler.unscale_ divides these later
         assert torch.allclose(ga * 1024.0, gb, rtol=1e-5)
+
+
+def _predicted(share, factor=None, loss_scale=None, mesh_scale=50.0):
+    """One predicted step on the toy setup: ``backward_with_predicted_share`` with ``factor`` (default: what an exact
+    step on the same batch and weights measured, through :class:`ShareEstimate`)."""
+    exact = _step(share, mesh_scale=mesh_scale)
+    est = ShareEstimate(every=3, margin=1.0)
+    assert est.exact_due()
+    est.record_exact(exact["seg_norm"], exact["mesh_norm"], grad_norm(exact["g_feat"]))
+    assert not est.exact_due()
+    backbone, seg_head, head, x = _setup()
+    feat = backbone(x)
+    l_seg = seg_head(feat).square().mean()
+    inp = feat.detach().requires_grad_(True)
+    out = head(inp.mean(dim=(2, 3, 4)))
+    g_feat = head_backward(mesh_scale * (out - 1).square().mean(), out.square().sum(), list(head.parameters()),
+                           [inp])
+    c = est.predicted_factor(share, grad_norm(g_feat)) if factor is None else torch.tensor(factor)
+    s = None if loss_scale is None else torch.tensor(loss_scale)
+    backward_with_predicted_share(l_seg, [feat], g_feat, c, s)
+    grads = [p.grad.clone() / (1.0 if loss_scale is None else loss_scale) for p in backbone.parameters()]
+    return exact, c, grads
+
+
+def test_one_backward_with_a_factor_equals_lseg_plus_that_factor_times_plain_autograd():
+    """The predicted step's single backward = L_seg's gradient + factor x the data term's gradient by plain autograd
+    through the undetached features (independent of mesh_step), also under a GradScaler-like loss scale."""
+    backbone, seg_head, _, x = _setup()
+    seg_head(backbone(x)).square().mean().backward()
+    seg = [p.grad.clone() for p in backbone.parameters()]
+    ref = _naive_backbone_mesh_grad()
+    for scale in (None, 512.0):
+        _, _, grads = _predicted(0.3, factor=0.37, loss_scale=scale)
+        for got, a, b in zip(grads, seg, ref):
+            assert torch.allclose(got, a + 0.37 * b, rtol=1e-5, atol=1e-6)
+
+
+def test_predicted_step_on_the_measured_batch_keeps_the_bound_exactly():
+    """Same batch and weights as the exact step: the predicted factor is the exact one, so the backbone's gradient
+    differs from L_seg's by exactly share x ||∇L_seg|| (active bound) -- what the prediction is for."""
+    share = 0.05
+    exact, c, grads = _predicted(share)
+    assert c.item() == pytest.approx(exact["factor"].item(), rel=1e-5) and c.item() < 1.0
+    backbone, seg_head, _, x = _setup()
+    seg_head(backbone(x)).square().mean().backward()
+    diff = grad_norm([g - p.grad for g, p in zip(grads, backbone.parameters())])
+    assert diff.item() == pytest.approx(share * exact["seg_norm"].item(), rel=1e-4)
+    # a feature gradient twice as large on a predicted step gets half the factor (the bound follows ||g||); the
+    # default margin gives the mesh 1/1.5 of that
+    est = ShareEstimate(every=4)
+    est.record_exact(torch.tensor(2.0), torch.tensor(30.0), torch.tensor(3.0))  # gain 10
+    assert est.predicted_factor(0.1, torch.tensor(1.0)).item() == pytest.approx(0.1 / 1.5 * 2.0 / 10.0)
+    assert est.predicted_factor(0.1, torch.tensor(2.0)).item() == pytest.approx(0.1 / 1.5 * 2.0 / 20.0)
+    assert est.predicted_factor(0.1, torch.tensor(1e-6)).item() == 1.0  # never above 1 (a small gradient passes)
+
+
+def test_share_estimate_is_exact_every_k_steps_and_until_it_has_a_usable_measurement():
+    est = ShareEstimate(every=3)
+    pattern = []
+    for step in range(8):
+        due = est.exact_due()
+        pattern.append(due)
+        if due:  # step 0 and 1: no mesh gradient yet (a head whose last layers start at zero): measured again
+            usable = step >= 2
+            est.record_exact(torch.tensor(1.0), torch.tensor(2.0 if usable else 0.0), torch.tensor(1.0))
+        else:
+            est.predicted_factor(0.1, torch.tensor(1.0))
+    assert pattern == [True, True, True, False, False, True, False, False]
+    nan = ShareEstimate(every=3)  # a non-finite L_seg norm (a GradScaler overflow) is not an estimate either
+    nan.record_exact(torch.tensor(float("inf")), torch.tensor(2.0), torch.tensor(1.0))
+    assert nan.exact_due() and nan.gain is None
+    assert ShareEstimate(every=1).exact_due()
 
 
 def test_mesh_volume_ratio_is_physical_in_an_anisotropic_patch():

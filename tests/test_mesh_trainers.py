@@ -338,6 +338,45 @@ def test_with_share_zero_the_network_trains_exactly_as_plain_nnunet(pre, env, na
     assert any(not torch.equal(a, b) for a, b in zip(head0, tr.mesh_head.parameters()))  # the head did learn
 
 
+def test_predicted_share_steps_run_in_the_trainer_and_follow_the_exact_bound(pre, env, monkeypatch):
+    """``mesh_share_every = 2`` against 1 (exact at every step), same start, same batches: steps 1-2 are exact in both
+    (step 1 has no mesh gradient yet, so step 2 measures again), step 3 goes through the one-backward path in the
+    predicted run only, and its network lands close to the exact run's (the factor is predicted from step 2)."""
+    import copy
+
+    from nnunet_topo import mesh_step
+
+    calls = []
+    real = mesh_step.backward_with_predicted_share
+    monkeypatch.setattr(mesh_step, "backward_with_predicted_share", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain, exact, b_plain, b_mesh = _same_start("nnUNetTrainerMesh", mesh_backbone_grad_share=0.5, mesh_share_every=1)
+    pred = _trainer("nnUNetTrainerMesh", **dict(topology_start_epoch=0, num_epochs=1, mesh_backbone_grad_share=0.5,
+                                                mesh_share_every=2, **FEW_POINTS))
+    pred.initialize()
+    pred.network.load_state_dict(plain.network.state_dict())
+    pred.mesh_head.load_state_dict(exact.mesh_head.state_dict())
+    pred.on_train_start()
+    pred.on_epoch_start()
+    pred.on_train_epoch_start()
+    b_pred = copy.deepcopy(b_mesh)
+    for i, (a, b, c) in enumerate(zip(b_plain, b_mesh, b_pred)):
+        plain.train_step(a)
+        torch.manual_seed(i)  # the same query points in both mesh runs
+        exact.train_step(b)
+        torch.manual_seed(i)
+        pred.train_step(c)
+        assert len(calls) == (1 if i == 2 else 0)
+        if i == 1:  # exact in both: the same network
+            assert _dist(pred.network, exact.network) < 1e-6
+    mesh_part = _dist(exact.network, plain.network)
+    assert mesh_part > 1e-7 and _dist(pred.network, plain.network) > 1e-7
+    assert _dist(pred.network, exact.network) < 0.5 * mesh_part
+
+
+def _dist(a, b):
+    return sum((p - q).double().pow(2).sum().item() for p, q in zip(a.parameters(), b.parameters())) ** 0.5
+
+
 def test_with_a_share_the_mesh_terms_move_the_network_and_the_head_uses_its_own_gradscaler(pre, env):
     plain, tr, b_plain, b_mesh = _same_start("nnUNetTrainerMesh", mesh_backbone_grad_share=0.5)
     tr.head_grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)

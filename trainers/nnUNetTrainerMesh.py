@@ -65,6 +65,9 @@ class nnUNetTrainerMesh(MeshHeadPassenger, MeshROISampling, nnUNetTrainerTopoBas
     #: (0: the network trains exactly as plain nnU-Net; mesh_step.py). 0.1 is a first choice, not yet measured on
     #: ACDC (the fine-tune study, issue 22, is where it gets measured; documentation/mesh_trainers.md)
     mesh_backbone_grad_share: float = 0.1
+    #: the share's bound is exact on every k-th step (a second backward through the network); in between it is
+    #: predicted from the last exact step in one backward (mesh_step.ShareEstimate; 1: exact at every step)
+    mesh_share_every: int = 5
     #: train the head only, on top of a trained network that stays exactly as it is (``nnUNetTrainerMesh_headOnly``
     #: with ``-pretrained_weights``): the network runs without gradient and is never stepped
     freeze_network: bool = False
