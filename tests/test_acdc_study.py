@@ -33,7 +33,7 @@ def test_study_script_parses_and_defines_every_default_stage():
     subprocess.run(["bash", "-n", STUDY], check=True)
     text = open(STUDY).read()
     default = text.split('STAGES="${STUDY_STAGES:-', 1)[1].split("}", 1)[0].split()
-    assert default == ["data", "backbone", "finetune", "evaluate", "external", "collect"]
+    assert default == ["data", "backbone", "finetune", "scratch", "evaluate", "external", "collect"]
     for stage in default:
         assert f"stage_{stage}() {{" in text, stage
 
@@ -273,6 +273,30 @@ def test_collector_writes_the_fine_tune_json(tmp_path, capsys):
         assert heading in printed, heading
 
 
+@pytest.mark.parametrize("rv_shift, cce, status", [(-0.005, 1.0, "met"), (-0.05, 1.0, "not met"),
+                                                   (0.0, 2.0, "not met")])
+def test_collector_compares_projpool_from_scratch_with_the_plain_run_only(tmp_path, rv_shift, cce, status):
+    """Issue 27's goal: RV/MYO Dice within 2 points of the same-length plain run and CCE not worse; the scratch rows
+    are compared with each other, not with the fine-tuned control."""
+    work = fake_work(tmp_path)
+    train_folder(work, col.SCRATCH_PLAIN, 10, 100, seed=1)
+    (work / "eval" / f"{col.SCRATCH_PLAIN}_label.json").write_text(json.dumps(label_summary(-0.1)))
+    train_folder(work, col.SCRATCH_PROJPOOL, 10, 100, seed=1)
+    (work / "eval" / f"{col.SCRATCH_PROJPOOL}_label.json").write_text(
+        json.dumps(label_summary(-0.1 + rv_shift, cce=cce)))
+    out = tmp_path / "r.json"
+    assert col.main(["--work", str(work), "--out", str(out), "--no-merge"]) == 0
+    r = strict_json(out)
+    t = r["trainers"][col.SCRATCH_PROJPOOL]
+    assert t["started_from"] == "scratch" and t["finetune_iterations"] == 1000 and "iterations_after_backbone" not in t
+    d = r["differences"]
+    assert col.SCRATCH_PROJPOOL not in d["vs_control"] and col.SCRATCH_PLAIN not in d["vs_control"]
+    assert d["scratch_projpool_vs_plain"]["Dice_RV"]["estimate"] == pytest.approx(rv_shift)
+    assert d["scratch_projpool_vs_plain"]["cce_3d"]["estimate"] == pytest.approx(cce - 1.0)
+    goal = [g for g in r["goals"] if g["goal"].startswith("issue 27")]
+    assert [g["status"] for g in goal] == [status]
+
+
 def test_collector_merges_an_earlier_fine_tune_run_and_moves_only_once(tmp_path):
     out = tmp_path / "acdc_fold0.json"
     assert col.main(["--work", str(fake_work(tmp_path / "a")), "--out", str(out)]) == 0
@@ -480,8 +504,10 @@ def test_study_stages_evaluate_external_collect_with_stubbed_nnunet(seg_folder, 
     arrays = [line for line in text.splitlines() if line.startswith(("FT_FIRST=(", "FT_FROM_MESH=(", "  nnU"))]
     arms = [col.BACKBONE] + [w.strip("()") for line in arrays for w in line.split("=(")[-1].split()
                              if w.strip("()").startswith("nnUNetTrainer")]
-    assert set(col.ARMS) <= set(arms)
-    for tr in arms:
+    scratch = [w.strip("()") for line in text.splitlines() if line.startswith("SCRATCH=(")
+               for w in line.split("=(")[-1].split()]  # stage scratch: trained, so only evaluated here
+    assert set(col.ARMS) <= set(arms + scratch) and col.SCRATCH_PROJPOOL in scratch
+    for tr in arms + scratch:
         val = work / "results" / col.NAME / f"{tr}__{col.PLANS_CONF}" / "fold_0" / "validation"
         val.mkdir(parents=True)
         (val / "summary.json").write_text("{}")
@@ -491,7 +517,7 @@ def test_study_stages_evaluate_external_collect_with_stubbed_nnunet(seg_folder, 
     (tmp_path / "stubs.sh").write_text(STUBS)
     results = tmp_path / "results"
     env = dict(os.environ, NNUNET_TOPO_STUDY_DIR=str(work), STUDY_SKIP_SETUP="1", STUDY_RESULTS_DIR=str(results),
-               STUDY_STAGES="evaluate external collect", STUDY_EXTERNAL_IMAGES=str(tmp_path / "lge"), FAKE=str(fake),
+               STUDY_STAGES="scratch evaluate external collect", STUDY_EXTERNAL_IMAGES=str(tmp_path / "lge"), FAKE=str(fake),
                STUB_LOG=str(tmp_path / "stub.log"))
     cmd = f"source {tmp_path / 'stubs.sh'} && bash {STUDY}"
     p = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True, timeout=900)
@@ -499,7 +525,7 @@ def test_study_stages_evaluate_external_collect_with_stubbed_nnunet(seg_folder, 
     calls = (tmp_path / "stub.log").read_text().splitlines()
     mesh_arms = [a for a in arms if a.startswith(("nnUNetTrainerMesh_", "nnUNetTrainerTPM", "nnUNetTrainerMIE"))]
     assert len([c for c in calls if c.startswith("predict_meshes")]) == len(mesh_arms) + 3  # + 3 external
-    assert len([c for c in calls if c.startswith("evaluate")]) == len(arms) + len(mesh_arms) + 2  # + refine, MC
+    assert len([c for c in calls if c.startswith("evaluate")]) == len(arms + scratch) + len(mesh_arms) + 2  # refine, MC
     assert all("--chill" in c for c in calls if c.startswith("evaluate") and "--mesh_folder" in c)
     assert len([c for c in calls if c.startswith("refine")]) == 2
     assert len([c for c in calls if c.startswith("predict ")]) == 1

@@ -37,8 +37,7 @@ class nnUNetTrainerProjPool_demo(_ShortRunMixin, nnUNetTrainerProjPool):
 
 
 #: the CPU study (examples/study_tpm_vs_mesh.sh): 15 epochs x 20 iterations, 512 occupancy query points per mesh
-#: (512 MIE points),
-#: the topology terms on after 5 epochs at the latest (100 iterations)
+#: (512 MIE points), the topology terms on after 5 epochs at the latest (100 iterations)
 CPU_STUDY = dict(num_epochs=15, num_iterations_per_epoch=20, num_val_iterations_per_epoch=2, occ_num_uniform=256,
                  occ_num_surface=256, max_critical_points=512, topology_start_epoch=5)
 
@@ -56,16 +55,14 @@ class nnUNetTrainerMIE_cpuStudy(_ShortRunMixin, nnUNetTrainerMIE):
 
 
 # ---------------------------------------------------------------------------------------------------- ACDC study
-#: the ACDC study (examples/acdc/study.sh, documentation/results.md): the same training length for every trainer
-#: (epochs x iterations at batch size 2; the study's CPU budget), nnU-Net's defaults otherwise. TPM switches on after
-#: its default warm-up (10 % of the epochs).
+#: the first ACDC study (documentation/results.md): the same training length for every trainer (epochs x iterations
+#: at batch size 2; the study's CPU budget), nnU-Net's defaults otherwise.
 ACDC_STUDY = dict(num_epochs=20, num_iterations_per_epoch=20, num_val_iterations_per_epoch=2)
 
 
 class _NoTTAMixin:
-    """Inference without mirroring (test-time augmentation), for every trainer of a CPU study alike: nnU-Net's
-    validation and ``nnUNetv2_predict`` read ``inference_allowed_mirroring_axes`` from the trainer / checkpoint.
-    Training augmentation is unchanged."""
+    """Inference without mirroring (test-time augmentation), for every trainer of a CPU study alike (nnU-Net's
+    validation and ``nnUNetv2_predict`` read ``inference_allowed_mirroring_axes``); training augmentation unchanged."""
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         out = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
@@ -106,14 +103,11 @@ class nnUNetTrainerTPM_acdcStudy_warmup10(_NoTTAMixin, _ShortRunMixin, nnUNetTra
 
 
 # ----------------------------------------------------------------------------- ACDC fine-tune study (issue 22)
-#: stage 1 of examples/acdc/study.sh: the backbone every arm is fine-tuned from (checkpoint_latest every 2 epochs,
-#: so that --c after a lost session resumes near where it stopped; nnU-Net's default is every 50). At most 4000
-#: iterations at the plans' batch size (40 epochs x 100; the issue's bound), 10 validation iterations per epoch;
-#: stopped earlier when the Dice goals are met (the issue: "until ... at least LV 0.85 / MYO 0.70 / RV 0.70 or 4000
-#: iterations, whichever comes first"). The goals are checked on nnU-Net's online pseudo Dice of the fold-0
-#: validation patches, with a 0.05 margin, averaged over the last 2 epochs; results.md reports nnU-Net's full-case
-#: validation Dice of the stopped model. The lr at the stop does not matter downstream: every stage-2 arm starts at
-#: nnU-Net's initial lr with -pretrained_weights.
+#: stage 1 of examples/acdc/study.sh: the backbone every arm is fine-tuned from (checkpoint_latest every 2 epochs, so
+#: that --c after a lost session resumes near where it stopped). At most 4000 iterations (40 epochs x 100, the issue's
+#: bound), stopped earlier when the Dice goals are met (LV 0.85 / MYO 0.70 / RV 0.70, + 0.05 margin, on nnU-Net's
+#: pseudo Dice averaged over the last 2 epochs; results.md reports nnU-Net's full-case validation Dice). The lr at the
+#: stop does not matter downstream: every stage-2 arm starts at nnU-Net's initial lr with -pretrained_weights.
 ACDC_BACKBONE = dict(num_epochs=40, num_iterations_per_epoch=100, num_val_iterations_per_epoch=10, save_every=2)
 ACDC_BACKBONE_GOALS = {"LV": 0.85 + 0.05, "MYO": 0.70 + 0.05, "RV": 0.70 + 0.05}
 
@@ -224,3 +218,13 @@ class nnUNetTrainerTPM_acdcFT2_seed2(nnUNetTrainerTPM_acdcFT2):
 
 class nnUNetTrainerTPM_lambda1_acdcFT2(_SeedMixin, _ShortRunMixin, nnUNetTrainerTPM_lambda1_finetune):
     short_run = ACDC_FT2
+
+
+#: issue 27: from scratch, ProjPool with its default two-phase schedule (plain for epochs 0-4, its term from epoch 5)
+#: against the same-length plain run, 1000 iterations each (examples/acdc/study.sh, stage "scratch")
+class nnUNetTrainerMeshROI_acdcScratch(_SeedMixin, _ShortRunMixin, nnUNetTrainerMeshROI):
+    short_run = ACDC_FT
+
+
+class nnUNetTrainerProjPool_acdcScratch(_SeedMixin, MeshROISampling, _ShortRunMixin, nnUNetTrainerProjPool):
+    short_run = ACDC_FT

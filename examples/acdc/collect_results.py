@@ -67,6 +67,11 @@ ARMS = {
     "nnUNetTrainerTPM_lambda1_acdcFT2": ("nnUNetTrainerTPM_lambda1_finetune", MESH_FT),
     MESH_CONTINUED: ("nnUNetTrainerMesh", MESH_FT),
 }
+#: issue 27 (stage "scratch"): ProjPool from scratch with its default two-phase schedule against the same-length plain
+#: run; compared with each other only (``differences["scratch_projpool_vs_plain"]``)
+SCRATCH_PLAIN, SCRATCH_PROJPOOL = "nnUNetTrainerMeshROI_acdcScratch", "nnUNetTrainerProjPool_acdcScratch"
+ARMS.update({SCRATCH_PLAIN: ("nnUNetTrainerMeshROI", "scratch"),
+             SCRATCH_PROJPOOL: ("nnUNetTrainerProjPool (default schedule)", "scratch")})
 DERIVED = {REFINE: "nnUNetv2_topo_refine of the control's model on the validation images (keep_present)",
            MARCHING_CUBES: "marching cubes (nnunet_topo.surfaces.mesh_from_mask) of the control's validation "
                            "segmentations; mesh metrics only"}
@@ -298,14 +303,19 @@ def _compare(cols_a, cols_b, keys, relative_keys=()) -> dict:
 def differences(per_case: Dict[str, dict]) -> dict:
     """The paired intervals of issue 22 from the per-case columns of every row (``{row: {"label": cols, "mesh":
     cols}}``)."""
-    out: dict = {"vs_control": {}, "tpm_vs_mesh_continued": {}, "head_vs_marching_cubes": {}, "seed_repeats": {}}
+    out: dict = {"vs_control": {}, "tpm_vs_mesh_continued": {}, "head_vs_marching_cubes": {}, "seed_repeats": {},
+                 "scratch_projpool_vs_plain": {}}
     ctl = per_case.get(CONTROL, {}).get("label")
     label_keys = ["TVS", "betti_error_3d", "betti_error_2d", "cce_3d", "topologically_correct_2d"]
     if ctl:
         keys = [k for k in ctl if k.startswith("Dice_")] + label_keys
         for row, pc in per_case.items():
-            if row != CONTROL and pc.get("label"):
+            if row not in (CONTROL, SCRATCH_PLAIN, SCRATCH_PROJPOOL) and pc.get("label"):
                 out["vs_control"][row] = _compare(pc["label"], ctl, keys)
+    plain = per_case.get(SCRATCH_PLAIN, {}).get("label")
+    if plain and per_case.get(SCRATCH_PROJPOOL, {}).get("label"):
+        keys = [k for k in plain if k.startswith("Dice_")] + label_keys
+        out["scratch_projpool_vs_plain"] = _compare(per_case[SCRATCH_PROJPOOL]["label"], plain, keys)
     # the second seed against the first (the noise a difference must be read against): label, and mesh where present
     for row, pc in per_case.items():
         first = per_case.get(row[: -len("_seed2")]) if row.endswith("_seed2") else None
@@ -416,6 +426,19 @@ def goals(r: dict) -> List[dict]:
         d = diff["vs_control"].get(arm, {}).get(key)
         add(g, arm, _fd(d, 1, 2) if d else "-",
             "not measured" if not d else _status(_hi(d) < 0, _est(d) < 0))
+    g = ("issue 27: ProjPool from scratch, default two-phase schedule, against the same-length plain run: RV and MYO "
+         "Dice within 2 points, CCE not worse")
+    d = diff.get("scratch_projpool_vs_plain")
+    if d:
+        dice = {k[5:]: d[k] for k in ("Dice_RV", "Dice_MYO") if k in d}
+        cce = d.get("cce_3d")
+        # "not worse": the CCE estimate (a count per case) at or below the plain run's; Dice by its interval
+        ok_i = all(_lo(v) >= -0.02 for v in dice.values()) and _est(cce) <= 0
+        ok_e = all(_est(v) >= -0.02 for v in dice.values()) and _est(cce) <= 0
+        add(g, SCRATCH_PROJPOOL, "; ".join(f"{s} {_fd(v, 100, 1)}" for s, v in dice.items()) + f"; CCE {_fd(cce, 1, 2)}",
+            _status(ok_i, ok_e))
+    else:
+        add(g, SCRATCH_PROJPOOL, "-", "not measured")
     g = "learned mesh head beats marching cubes of the control's segmentation on mesh TVS and Chamfer"
     for arm in MESH_ARMS:
         d = diff["head_vs_marching_cubes"].get(arm)

@@ -15,6 +15,10 @@
 #             variants of trainers/nnUNetTrainer_shortRuns.py): the plain-loss control (two seeds), ProjPool, Betti,
 #             Mesh, MIE; then TPM (λ 0.5, two seeds; λ 1) from the Mesh fine-tune's checkpoint for 500 more iterations
 #             against Mesh continued for the same 500 (*_acdcFT2). Two trainings at once (STUDY_PARALLEL, default 2).
+#   scratch   issue 27: nnUNetTrainerProjPool_acdcScratch (ProjPool from scratch with its default two-phase schedule,
+#             plain for 500 iterations, then its term for 500) against nnUNetTrainerMeshROI_acdcScratch (the same 1000
+#             plain), both from nnU-Net's random initialisation, two at once; their label evaluation
+#             (eval/<ROW>_label.json; the collector compares the two)
 #   evaluate  nnUNetv2_topo_evaluate_folder on nnU-Net's fold-0 validation outputs of the backbone and every arm
 #             (eval/<ROW>_label.json); the mesh arms' meshes of the validation images (nnUNetv2_topo_predict_meshes
 #             --format vtp -> meshes_<ROW>/) and their mesh evaluation (eval/<ROW>_mesh.json); nnUNetv2_topo_refine
@@ -39,7 +43,7 @@ export PATH="$REPO/.venv/bin:$PATH"
 H5="${NNUNET_TOPO_ACDC_H5:-$REPO/../shared/data/acdc}"
 WORK="${NNUNET_TOPO_STUDY_DIR:-$REPO/acdc_study_output}"
 DEVICE="${STUDY_DEVICE:-cpu}"
-STAGES="${STUDY_STAGES:-data backbone finetune evaluate external collect}"
+STAGES="${STUDY_STAGES:-data backbone finetune scratch evaluate external collect}"
 RESULTS_DIR="${STUDY_RESULTS_DIR:-$REPO/documentation/results}"
 if [ -e "$WORK" ] && [ ! -f "$WORK/.nnunet_topo_study" ]; then
   echo "error: $WORK exists and was not created by this study; set NNUNET_TOPO_STUDY_DIR" >&2; exit 2
@@ -141,6 +145,7 @@ stage_finetune() {
 }
 
 CONTROL=nnUNetTrainerMeshROI_acdcFT
+SCRATCH=(nnUNetTrainerMeshROI_acdcScratch nnUNetTrainerProjPool_acdcScratch)
 EVAL_ARGS=(-djfile "$DS/dataset.json" -pfile "$PP/$PLANS.json" -np 2)
 is_mesh_arm() {  # the arms with a mesh head (nnUNetTrainerMeshROI, the control, has none)
   case "$1" in nnUNetTrainerMesh_*|nnUNetTrainerTPM*|nnUNetTrainerMIE*) return 0 ;; esac; return 1
@@ -163,6 +168,16 @@ evaluate() {  # evaluate ROW KIND PREDICTIONS [--mesh_folder MESHES]: eval/ROW_K
   # --chill for meshes: a case without mesh is left out of the mesh means (the collector counts it)
   timed "eval_${row}_$kind" nnUNetv2_topo_evaluate_folder "$WORK/val_labels" "$pred" "${EVAL_ARGS[@]}" \
     -o "$WORK/eval/${row}_$kind.json" "$@" > "$WORK/logs/eval_${row}_$kind.log" 2>&1
+}
+
+stage_scratch() {
+  local tr
+  for tr in "${SCRATCH[@]}"; do timed "train_$tr" train "$tr" & done
+  wait
+  for tr in "${SCRATCH[@]}"; do
+    [ -f "$(model_dir "$tr")/validation/summary.json" ] || { echo "error: $tr did not finish" >&2; exit 1; }
+    evaluate "$tr" label "$(model_dir "$tr")/validation"
+  done
 }
 
 stage_evaluate() {
