@@ -381,21 +381,29 @@ def test_mie_forward_backward(method, smoothing):
 
 
 def test_rho_mix_counts():
+    """round(rho N) critical points first (distinct voxels of the mask, target [ref ∈ region]), random points after;
+    an item with fewer critical voxels takes them all and fills up with random points."""
     g = torch.Generator().manual_seed(0)
-    crit = torch.randint(0, 5, (500, 3))
-    crit_t = torch.ones(500)
-    rnd = torch.rand(300, 3)
-    rnd_t = torch.zeros(300)
+    mask = torch.zeros(2, 6, 8, 8, dtype=torch.bool)
+    mask[0, 1:5, 2:7, 1:7] = True  # 120 critical voxels
+    mask[1, 2, 3, 3:8] = True  # 5
+    ref = torch.zeros(2, 6, 8, 8, dtype=torch.long)
+    ref[:, :, :, :4] = 1  # target 1 where x < 4
+    rnd = torch.rand(2, 300, 3, generator=g) * 5
+    rnd_t = torch.full((2, 300), 0.5)  # random targets 0.5: tell them apart
     for n, rho in [(100, 0.2), (256, 0.2), (37, 0.2), (100, 0.0), (100, 1.0)]:
-        p, t, k = mix_points(crit, crit_t, rnd, rnd_t, n, rho, g)
-        assert k == round(rho * n) and p.shape == (n, 3) and t.shape == (n,)
-        assert float(t.sum()) == k  # critical targets are 1, random ones 0 here
-    p, t, k = mix_points(crit[:5], crit_t[:5], rnd, rnd_t, 100, 0.2, g)  # not enough critical points
-    assert k == 5 and p.shape == (100, 3) and float(t.sum()) == 5
+        p, t, k = mix_points(mask, ref, [1], rnd[:, :n], rnd_t[:, :n], rho, g)
+        want = round(rho * n)
+        assert p.shape == (2, n, 3) and t.shape == (2, n) and k.tolist() == [min(want, 120), min(want, 5)]
+        for b in range(2):
+            is_crit = t[b, :want] != 0.5  # the first round(rho N) slots: critical, or random where none is left
+            crit = p[b, :want][is_crit].long()
+            assert int(is_crit.sum()) == int(k[b]) and len({tuple(q) for q in crit.tolist()}) == int(k[b])
+            assert bool(mask[b][tuple(crit.T)].all())
+            assert torch.equal(t[b, :want][is_crit], (crit[:, 2] < 4).float())  # [ref ∈ region] there
+            assert bool((t[b, want:] == 0.5).all())  # the rest are random points
     with pytest.raises(ValueError, match="rho"):
-        mix_points(crit, crit_t, rnd, rnd_t, 100, 1.5)
-    with pytest.raises(ValueError, match="random points"):
-        mix_points(crit, crit_t, rnd, rnd_t, 301, 0.2)
+        mix_points(mask, ref, [1], rnd, rnd_t, 1.5)
 
 
 @pytest.mark.filterwarnings("ignore:method='exact'")

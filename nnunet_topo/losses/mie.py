@@ -16,6 +16,13 @@ mm² divided by ``length_scale²``) weighted by ``lambda_lap``. The critical poi
 come from both sources of TPM (the label map, detected slice-wise, and the meshes, checked against the mesh-level
 rules in force: the spec's ``mesh_rules`` and the voxel rules read on the meshes; :mod:`.mesh_targets`).
 
+Host synchronisation (issue 26, item 3): the critical points are a fixed-size selection from the masks of both
+sources (:func:`mix_points`, :func:`~nnunet_topo.losses.mesh_targets.select_points`), the random order is drawn on
+the device, and the count stays a 0-d tensor (``last_num_critical``) until logged; tests/test_tpm_weighting.py
+records the aten ops of a forward and backward. Still synchronising: the Laplacian term
+(:func:`nnunet_topo.metrics.mesh.laplacian_smoothness_energy` range-checks the faces and builds the unique edges at
+every call), the same as the mesh trainers' shape regularisers.
+
 Frame: the meshes arrive in the normalised patch frame and every length is measured in the patch's physical frame
 (mm, ``spacing``), as in :class:`~nnunet_topo.losses.tpm.TPMLoss`.
 """
@@ -27,9 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from nnunet_topo.frames import check_spacing, normalized_to_mm, voxel_to_mm
-from nnunet_topo.losses.mesh_targets import sample_query_points
+from nnunet_topo.losses.mesh_targets import sample_query_points, select_points, source_union, targets_at
 from nnunet_topo.losses.mesh_loss_checks import check_count, check_flag, check_mesh_inputs, check_mesh_loss_options
-from nnunet_topo.losses.tpm import critical_points_both_sources, known_weights
+from nnunet_topo.losses.tpm import critical_masks_both_sources, known_weights
 from nnunet_topo.metrics.mesh import laplacian_smoothness_energy
 from nnunet_topo.occupancy import DEFAULT_EPS, occupancy_bce
 from nnunet_topo.topology_spec import TopologySpec
@@ -38,51 +45,50 @@ __all__ = ["mix_points", "MIELoss"]
 
 
 def mix_points(
-    critical_points: Tensor,
-    critical_targets: Tensor,
+    critical_mask: Tensor,
+    ref_labels: Tensor,
+    label_ids: Sequence[int],
     random_points: Tensor,
     random_targets: Tensor,
-    num_points: int,
     rho: float = 0.2,
     generator: Optional[torch.Generator] = None,
-) -> Tuple[Tensor, Tensor, int]:
-    """Mix critical and random points: ``round(rho * num_points)`` critical ones, random ones for the rest.
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Mix critical and random points per batch item: ``round(rho * N)`` critical ones, random ones for the rest,
+    as fixed-size tensors with no host synchronisation (issue 26).
 
-    Critical points are drawn without replacement; when fewer than ``round(rho * num_points)`` exist all are
-    taken. Random points fill up to ``num_points`` (the first ones of ``random_points``, which must hold at
-    least ``num_points`` rows so any shortage of critical points can be filled).
+    The critical points are a uniformly random subset without replacement of each item's ``critical_mask`` voxels
+    (:func:`~nnunet_topo.losses.mesh_targets.select_points`), all of them when there are fewer; a slot without a
+    critical point takes a random point (the last ones of ``random_points``, which are in random order): the first
+    ``round(rho * N)`` rows are the critical slots (in no particular order), the rest the first random points.
 
     Args:
-        critical_points: ``(K, 3)`` voxel indices (any dtype; returned as float32).
-        critical_targets: ``(K,)``.
-        random_points: ``(M, 3)`` continuous voxel indices, ``M >= num_points``.
-        random_targets: ``(M,)``.
-        num_points: total number of points.
+        critical_mask: ``(B, Z, Y, X)`` bool, the mesh's critical voxels.
+        ref_labels: ``(B, Z, Y, X)``; the critical points' targets are ``[ref ∈ label_ids]``.
+        label_ids: the mesh's region.
+        random_points: ``(B, N, 3)`` continuous voxel indices, in random order.
+        random_targets: ``(B, N)``.
         rho: fraction of critical points in [0, 1].
-        generator: optional ``torch.Generator`` for the choice of critical points.
+        generator: for the choice of critical points (used where it lives on the mask's device).
 
     Returns:
-        ``(points (num_points, 3) float32, targets (num_points,) float32, number of critical points)``, critical
-        points first.
+        ``(points (B, N, 3) float32, targets (B, N) float32, number of critical points (B,) long)``.
     """
     if not 0.0 <= rho <= 1.0:
         raise ValueError(f"rho must lie in [0, 1], got {rho!r}")
-    check_count("num_points", num_points)
-    if random_points.shape[0] < num_points:
-        raise ValueError(f"need at least num_points={num_points} random points to fill up, got "
-                         f"{random_points.shape[0]}")
-    k = min(int(round(rho * num_points)), int(critical_points.shape[0]))
-    device = random_points.device
-    if k < critical_points.shape[0]:
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        keep = torch.randperm(critical_points.shape[0], generator=generator, device=gen_device)[:k]
-        keep = keep.to(critical_points.device)
-        critical_points, critical_targets = critical_points[keep], critical_targets[keep]
-    points = torch.cat([critical_points.to(device=device, dtype=torch.float32),
-                        random_points[: num_points - k].to(torch.float32)])
-    targets = torch.cat([critical_targets.to(device=device, dtype=torch.float32),
-                         random_targets[: num_points - k].to(torch.float32)])
-    return points, targets, k
+    n = random_points.shape[1]
+    rnd_p, rnd_t = random_points.to(torch.float32), random_targets.to(torch.float32)
+    k = min(int(round(rho * n)), n)
+    if k == 0:
+        return rnd_p, rnd_t, torch.zeros(rnd_p.shape[0], dtype=torch.long, device=rnd_p.device)
+    idx, valid = select_points(critical_mask, k, generator)  # (B, k', 3), k' = min(k, Z*Y*X)
+    k = idx.shape[1]
+    crit_p = idx.to(device=rnd_p.device, dtype=torch.float32)
+    crit_t = targets_at(idx, ref_labels, label_ids).to(rnd_p.device)
+    valid = valid.to(rnd_p.device)
+    head_p = torch.where(valid[..., None], crit_p, rnd_p[:, n - k:])
+    head_t = torch.where(valid, crit_t, rnd_t[:, n - k:])
+    return (torch.cat([head_p, rnd_p[:, : n - k]], dim=1), torch.cat([head_t, rnd_t[:, : n - k]], dim=1),
+            valid.sum(dim=1))
 
 
 class MIELoss(nn.Module):
@@ -111,7 +117,7 @@ class MIELoss(nn.Module):
         meshes: list of ``(B, V_s, 3)`` (normalised patch frame); faces: list of ``(F_s, 3)``;
         seg_logits: ``(B, C, Z, Y, X)``; ref_labels: ``(B, 1, Z, Y, X)``.
         Returns ``{"mie": BCE, "laplacian": energy (unweighted), "total": mie + lambda_lap * laplacian}``;
-        the number of critical points used by the last call is kept in ``last_num_critical`` and the critical
+        the number of critical points used by the last call is kept in ``last_num_critical`` (0-d tensor) and the critical
         voxels per source in ``last_counts`` (for logging).
     """
 
@@ -140,7 +146,7 @@ class MIELoss(nn.Module):
         self.mesh_critical_points = check_flag("mesh_critical_points", mesh_critical_points)
         self.ignore_label = None if ignore_label is None else int(ignore_label)
         self.length_scale = float(length_scale)
-        self.last_num_critical = 0
+        self.last_num_critical: Tensor = torch.zeros((), dtype=torch.long)
         self.last_counts: Dict[str, int] = {}
 
     def forward(self, meshes: Sequence[Tensor], faces: Sequence[Tensor], seg_logits: Tensor, ref_labels: Tensor,
@@ -148,36 +154,29 @@ class MIELoss(nn.Module):
         ref = check_mesh_inputs(meshes, faces, seg_logits, ref_labels, len(self.mesh_names))
         shape = tuple(ref.shape[1:])
         meshes_mm = [normalized_to_mm(v, shape, self.spacing) for v in meshes]
-        critical, self.last_counts = critical_points_both_sources(
+        masks, self.last_counts = critical_masks_both_sources(
             meshes_mm, faces, self.mesh_names, self.spec, seg_logits, ref, self.spacing, self.mesh_critical_points,
             self.ignore_label, mode="2d", axis=self.axis)
         num_surface = int(round(self.surface_fraction * self.num_points))
         num_uniform = self.num_points - num_surface
-        bce_terms, lap_terms = [], []
-        n_crit = 0
+        bce_terms, lap_terms, n_crit = [], [], []
         for name, v, f in zip(self.mesh_names, meshes_mm, faces):
             ids = self.spec.mesh_structures[name].label_ids
             rnd_p, rnd_t = sample_query_points(ref, ids, num_uniform, num_surface, generator)
             # random points in random order, so that filling up with the first ones keeps the uniform/surface mix
-            gen_device = generator.device if generator is not None else torch.device("cpu")
-            perm = torch.randperm(self.num_points, generator=generator, device=gen_device).to(rnd_p.device)
-            rnd_p, rnd_t = rnd_p[:, perm], rnd_t[:, perm]
-            pts, tgts = [], []
-            for b in range(len(critical)):
-                cp, ct = critical[b][name]
-                p, t, k = mix_points(cp, ct, rnd_p[b], rnd_t[b], self.num_points, self.rho, generator)
-                pts.append(p)
-                tgts.append(t)
-                n_crit += k
-            pts = torch.stack(pts)
+            gen = generator if generator is not None and generator.device == rnd_p.device else None
+            perm = torch.randperm(self.num_points, generator=gen, device=rnd_p.device)
+            pts, tgts, k = mix_points(source_union(masks, name), ref, ids, rnd_p[:, perm], rnd_t[:, perm], self.rho,
+                                      generator)
+            n_crit.append(k.sum())
             w = known_weights(ref, pts, self.ignore_label)
             pm = voxel_to_mm(pts, self.spacing).to(v.dtype)
-            bce_terms.append(occupancy_bce(pm, v, f, torch.stack(tgts), method=self.method, eps=self.eps,
+            bce_terms.append(occupancy_bce(pm, v, f, tgts, method=self.method, eps=self.eps,
                                            weights=w, reduction="mean", smoothing=self.smoothing))
             lap_terms.append(laplacian_smoothness_energy(v, f).mean() / self.length_scale ** 2)
         mie = torch.stack(bce_terms).mean()
         lap = torch.stack(lap_terms).mean()
-        self.last_num_critical = n_crit
+        self.last_num_critical = torch.stack(n_crit).sum()  # a 0-d tensor, read only when logged
         return {"mie": mie, "laplacian": lap, "total": mie + self.lambda_lap * lap}
 
     def extra_repr(self) -> str:
