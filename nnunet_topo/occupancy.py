@@ -61,12 +61,12 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from nnunet_topo.faces_cache import once_per_faces
 from nnunet_topo.occupancy_triton import DET_TOL  # the in-plane tolerance, shared with the Triton kernels
 
 METHODS: tuple[str, ...] = ("exact", "dipole")
@@ -383,11 +383,6 @@ def _require(ok: Tensor, message: str) -> None:
         raise ValueError(message)
 
 
-#: faces tensors already checked against a vertex count (template faces are checked once, not every step: the
-#: min/max check reads two numbers back from the device)
-_CHECKED_FACES: dict = {}  # id(faces) -> (weak reference, (vertex count, version, device))
-
-
 def _check_faces(faces: Tensor, num_vertices: int, device: torch.device) -> Tensor:
     if not isinstance(faces, Tensor):
         raise TypeError(f"faces must be an integer torch.Tensor of shape (F, 3), got {type(faces).__name__}")
@@ -397,16 +392,14 @@ def _check_faces(faces: Tensor, num_vertices: int, device: torch.device) -> Tens
         raise TypeError(f"faces must hold integer vertex indices, got dtype {faces.dtype}")
     if faces.shape[0] == 0:
         raise ValueError("faces is empty: a mesh needs at least one triangle")
-    key = (num_vertices, faces._version, device)
-    ref, checked = _CHECKED_FACES.get(id(faces), (None, None))
-    if ref is None or ref() is not faces or checked != key:
+    def check_range():  # template faces are checked once, not every step: min/max read two numbers back
         lo, hi = int(faces.min()), int(faces.max())
         if lo < 0 or hi >= num_vertices:
             raise ValueError(f"faces index vertices in [{lo}, {hi}] but there are {num_vertices} vertices "
                              f"(valid indices 0..{num_vertices - 1})")
-        if ref is None or ref() is not faces:
-            weakref.finalize(faces, _CHECKED_FACES.pop, id(faces), None)
-        _CHECKED_FACES[id(faces)] = (weakref.ref(faces), key)
+        return True
+
+    once_per_faces(faces, "range", num_vertices, check_range)
     return faces.to(device=device, dtype=torch.long)
 
 

@@ -267,3 +267,28 @@ def test_mesh_volume():
     open_box = trimesh.Trimesh(box.vertices, box.faces[:-1], process=False)
     assert math.isnan(mesh_volume(open_box))
     assert math.isnan(mesh_volume(trimesh.Trimesh(np.zeros((0, 3)), np.zeros((0, 3), int), process=False)))
+
+
+def test_laplacian_edge_structure_is_cached_per_faces_tensor_and_rebuilt_after_a_change():
+    """laplacian_smoothness_energy builds the faces' edge structure once per faces tensor (nnunet_topo.faces_cache);
+    an in-place change of the faces rebuilds it (and range-checks again); a freed tensor leaves no entry."""
+    import gc
+
+    from nnunet_topo import faces_cache
+
+    ico = trimesh.creation.icosphere(subdivisions=1)
+    v = torch.tensor(ico.vertices, dtype=torch.float32) * 3.0
+    f = torch.tensor(ico.faces)
+    v_np, f_np = ico.vertices * 3.0, ico.faces
+    a = laplacian_smoothness_energy(v, f)
+    assert (id(f), "laplacian") in faces_cache._CACHE
+    assert float(a) == pytest.approx(float(laplacian_smoothness_energy(v_np, f_np)), rel=1e-6)
+    f[[0, 1]] = f[[1, 0]]  # the same triangles, reordered in place: the same energy, recomputed
+    assert float(laplacian_smoothness_energy(v, f)) == pytest.approx(float(a), rel=1e-6)
+    f[0, 0] = v.shape[0]  # now out of range: checked again
+    with pytest.raises(ValueError, match="face indices"):
+        laplacian_smoothness_energy(v, f)
+    key = (id(f), "laplacian")
+    del f
+    gc.collect()
+    assert key not in faces_cache._CACHE

@@ -133,12 +133,12 @@ def test_no_gradient_requested_keeps_nothing_and_matches():
 
 
 def test_faces_are_checked_once_and_again_after_an_in_place_change():
-    from nnunet_topo import occupancy
+    from nnunet_topo import faces_cache
 
     v, f = _random_mesh(10, torch.float32, subdivisions=0, radius=1.0)
     pts = torch.zeros(1, 3)
     winding_number(pts, v, f, method="dipole", smoothing=0.5)
-    assert id(f) in occupancy._CHECKED_FACES
+    assert (id(f), "range") in faces_cache._CACHE
     f[0, 0] = v.shape[0] + 3  # the same tensor, changed: checked again
     with pytest.raises(ValueError, match="faces index vertices"):
         winding_number(pts, v, f, method="dipole", smoothing=0.5)

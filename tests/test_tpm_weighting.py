@@ -222,15 +222,12 @@ def test_tpm_critical_selection_has_no_host_sync(monkeypatch):
 
 def test_whole_mie_loss_step_has_no_host_sync(monkeypatch):
     """MIELoss forward + backward with both sources (slice-wise label-map points over a missing septum, mesh points of
-    overlapping meshes): the fixed-size mix reads nothing back; the count stays a tensor. The Laplacian term is
-    replaced here: metrics.mesh.laplacian_smoothness_energy still range-checks the faces and builds the unique edges
-    at every call (host syncs; documented in mie.py, left for a per-faces cache)."""
+    overlapping meshes) and its Laplacian term: after the first call (the template faces' range check and edge
+    structure, once per faces tensor) nothing is read back; the count stays a tensor."""
     from nnunet_topo import occupancy
-    from nnunet_topo.losses import mie
     from nnunet_topo.voxelize import HostSyncRecorder
 
     monkeypatch.setattr(occupancy, "SYNC_FREE_CHECKS", True)
-    monkeypatch.setattr(mie, "laplacian_smoothness_energy", lambda v, f: v.square().mean(dim=(-2, -1)))
     ref = reference()
     meshes, faces = meshes_at(10.0, 14.0, radius=6.0)
     logits, target = logits_of(missing_septum(ref)), ref[:, None]
@@ -242,6 +239,26 @@ def test_whole_mie_loss_step_has_no_host_sync(monkeypatch):
     assert rec.syncs == [], rec.syncs
     assert int(loss.last_num_critical) == 2 * round(0.2 * 64)  # 2 meshes, 1 item, enough critical voxels
     assert int(loss.last_counts["prediction"]) > 0 and int(loss.last_counts["meshes"]) > 0
+
+
+def test_shape_regularisers_have_no_host_sync_after_the_first_step():
+    """The mesh trainers' Laplacian and edge terms (losses/mesh_regularisers.py) on the same template faces: the
+    first call checks the faces and builds their edges; later steps read nothing back, and give the same values as
+    a fresh computation on a copy of the faces (no stale cache)."""
+    from nnunet_topo.losses.mesh_regularisers import mesh_regularisers, template_edge_lengths  # noqa: F401
+    from nnunet_topo.voxelize import HostSyncRecorder
+
+    meshes, faces = meshes_at(10.0, 14.0, radius=6.0)
+    mm = [normalized_to_mm(v, SHAPE, SPACING).detach().requires_grad_() for v in meshes]
+    refs = [torch.ones(int(f.shape[0] * 3 / 2)) for f in faces]  # closed meshes: E = 3F/2
+    first = mesh_regularisers(mm, faces, refs)
+    with HostSyncRecorder() as rec:
+        again = mesh_regularisers(mm, faces, refs)
+        (again["laplacian"] + again["edge"]).backward()
+    assert rec.syncs == [], rec.syncs
+    fresh = mesh_regularisers(mm, [f.clone() for f in faces], refs)
+    for k in ("laplacian", "edge"):
+        assert float(first[k]) == float(again[k]) == float(fresh[k])
 
 
 def test_whole_tpm_loss_step_has_no_host_sync(monkeypatch):

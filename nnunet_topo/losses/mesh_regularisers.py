@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from nnunet_topo.faces_cache import once_per_faces
 from nnunet_topo.frames import normalized_to_mm
 from nnunet_topo.mesh_head.graph import check_faces, mesh_edges
 from nnunet_topo.mesh_head.templates import Template
@@ -42,7 +43,12 @@ def _checked_mesh(vertices: torch.Tensor, faces: torch.Tensor):
     """``(B, V, 3)`` vertices, ``(F, 3)`` long faces on their device, and the graph-connected zero a regulariser returns
     when there are no faces or no vertices (else None)."""
     vertices = _check_vertices(vertices)
-    faces = check_faces(faces, vertices.shape[1]).to(vertices.device)
+    num_v = vertices.shape[1]
+    if isinstance(faces, torch.Tensor):  # the range check (it reads numbers back) once per faces tensor
+        once_per_faces(faces, "range", num_v, lambda: check_faces(faces, num_v) is not None)
+    else:
+        check_faces(faces, num_v)
+    faces = check_faces(faces).to(vertices.device)  # dtype and shape only
     empty = faces.numel() == 0 or vertices.numel() == 0
     return vertices, faces, (vertices.float().sum() * 0.0 if empty else None)
 
@@ -97,7 +103,7 @@ def edge_length_loss(
     vertices, faces, zero = _checked_mesh(vertices, faces)
     if zero is not None:
         return zero
-    e = mesh_edges(faces)
+    e = once_per_faces(faces, "edges", str(faces.device), lambda: mesh_edges(faces))  # unique: once per faces
     lengths = edge_lengths(vertices.float(), e)  # (B, E)
     if reference_lengths is None:
         return (lengths**2).mean()

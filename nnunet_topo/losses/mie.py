@@ -18,10 +18,9 @@ rules in force: the spec's ``mesh_rules`` and the voxel rules read on the meshes
 
 Host synchronisation (issue 26, item 3): the critical points are a fixed-size selection from the masks of both
 sources (:func:`mix_points`, :func:`~nnunet_topo.losses.mesh_targets.select_points`), the random order is drawn on
-the device, and the count stays a 0-d tensor (``last_num_critical``) until logged; tests/test_tpm_weighting.py
-records the aten ops of a forward and backward. Still synchronising: the Laplacian term
-(:func:`nnunet_topo.metrics.mesh.laplacian_smoothness_energy` range-checks the faces and builds the unique edges at
-every call), the same as the mesh trainers' shape regularisers.
+the device, the Laplacian's edge structure is built once per faces tensor (:mod:`nnunet_topo.faces_cache`), and the
+count stays a 0-d tensor (``last_num_critical``) until logged; tests/test_tpm_weighting.py records the aten ops of a
+forward and backward after the first call.
 
 Frame: the meshes arrive in the normalised patch frame and every length is measured in the patch's physical frame
 (mm, ``spacing``), as in :class:`~nnunet_topo.losses.tpm.TPMLoss`.

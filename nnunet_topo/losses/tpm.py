@@ -44,10 +44,11 @@ asynchronous on accelerators), the mesh source (:func:`~.mesh_targets.mesh_viola
 ray crossings, :mod:`nnunet_topo.voxelize`, rules as boolean algebra), the union of the sources, the capped
 selection (:func:`~.mesh_targets.select_points`: top-k of random scores over each mask, fixed size, a validity
 weight in the BCE and in its 1/N), and the counts per source, kept as 0-d tensors until the trainer logs them
-(tests/test_tpm_weighting.py records every aten op under :class:`nnunet_topo.voxelize.HostSyncRecorder`). Still
-synchronising: ``max_critical_points=None`` (the points as ``nonzero`` index lists), MIE's slice points
-(:mod:`nnunet_topo.losses.mie`), label-map rules that count connected components, and what the trainers log per
-step (``float()`` of the values).
+(tests/test_tpm_weighting.py records every aten op under :class:`nnunet_topo.voxelize.HostSyncRecorder`; MIE and
+the shape regularisers likewise, their faces' range checks and edges once per faces tensor,
+:mod:`nnunet_topo.faces_cache`). Still synchronising: ``max_critical_points=None`` (the points as ``nonzero`` index
+lists), label-map rules that count connected components, and what the trainers log per step (``float()`` of the
+values).
 """
 from __future__ import annotations
 

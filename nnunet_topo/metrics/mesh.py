@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
+from nnunet_topo.faces_cache import once_per_faces
 
 __all__ = [
     "sample_surface",
@@ -300,16 +301,25 @@ def _unique_edges_torch(faces: torch.Tensor, num_vertices: int) -> tuple[torch.T
     return torch.div(key, num_vertices, rounding_mode="floor"), key % num_vertices
 
 
-def _uniform_laplacian_energy(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """``mean_v |v - mean_{u in N(v)} u|^2`` over the vertices used by a face, per mesh: ``x`` ``(..., V, 3)`` float,
-    ``f`` ``(F, 3)`` long, non-empty and in range. The one uniform Laplacian of the project (metric and loss)."""
-    num_v = int(x.shape[-2])
+def _laplacian_graph(f: torch.Tensor, num_v: int) -> tuple:
+    """``(src, dst, degree, used vertex indices)`` of the uniform Laplacian of faces ``f`` ``(F, 3)`` long, in range
+    (``torch.unique`` and the used-vertex list read sizes back from the device: built once per template faces
+    tensor in training, :func:`laplacian_smoothness_energy`)."""
     src, dst = _unique_edges_torch(f, num_v)
-    deg = torch.bincount(src, minlength=num_v).to(x.dtype)
+    deg = torch.bincount(src, minlength=num_v)
+    return src, dst, deg, torch.nonzero(deg > 0).squeeze(1)
+
+
+def _uniform_laplacian_energy(x: torch.Tensor, f: torch.Tensor, graph: tuple | None = None) -> torch.Tensor:
+    """``mean_v |v - mean_{u in N(v)} u|^2`` over the vertices used by a face, per mesh: ``x`` ``(..., V, 3)`` float,
+    ``f`` ``(F, 3)`` long, non-empty and in range (``graph``: its :func:`_laplacian_graph`, if already built). The one
+    uniform Laplacian of the project (metric and loss)."""
+    num_v = int(x.shape[-2])
+    src, dst, deg, used = graph if graph is not None else _laplacian_graph(f, num_v)
+    deg = deg.to(x.dtype)
     nbr_sum = torch.zeros_like(x).index_add_(-2, src, x.index_select(-2, dst))
-    used = deg > 0
     lap = x - nbr_sum / deg.clamp(min=1).unsqueeze(-1)
-    sq = (lap**2).sum(-1)[..., used]
+    sq = (lap**2).sum(-1).index_select(-1, used)
     return sq.mean(-1)
 
 
@@ -352,9 +362,15 @@ def laplacian_smoothness_energy(
         if f.numel() == 0:
             return x.sum(dim=(-2, -1)) * 0.0
         f = f.long()
-        if int(f.min()) < 0 or int(f.max()) >= num_v:
-            raise ValueError(f"face indices must lie in [0, {num_v}).")
-        return _uniform_laplacian_energy(x, f)
+
+        def checked_graph():
+            if int(f.min()) < 0 or int(f.max()) >= num_v:
+                raise ValueError(f"face indices must lie in [0, {num_v}).")
+            return _laplacian_graph(f, num_v)
+        # the range check and the edge structure once per faces tensor (template faces: the same tensor every step)
+        graph = once_per_faces(faces, "laplacian", (num_v, str(f.device)), checked_graph) \
+            if isinstance(faces, torch.Tensor) else checked_graph()
+        return _uniform_laplacian_energy(x, f, graph)
     v = np.asarray(vertices, dtype=np.float64)
     if not np.all(np.isfinite(v)):
         raise ValueError("vertices contain NaN or inf.")
