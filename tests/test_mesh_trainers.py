@@ -338,6 +338,32 @@ def test_with_share_zero_the_network_trains_exactly_as_plain_nnunet(pre, env, na
     assert any(not torch.equal(a, b) for a, b in zip(head0, tr.mesh_head.parameters()))  # the head did learn
 
 
+@pytest.mark.parametrize("name", ["nnUNetTrainerTPM", "nnUNetTrainerMIE"])
+def test_a_trainers_mesh_terms_read_nothing_back_from_the_device(pre, env, monkeypatch, name):
+    """Issue 26, item 3: a real trainer's mesh terms (``mesh_losses``: occupancy, L_TPM with both sources and the
+    trainers' cap / L_MIE, the shape regularisers), forward and backward on the head's meshes of a real batch, after
+    one training step: no aten op that reads a device value back (HostSyncRecorder; the occupancy's data checks in
+    their asynchronous form, as on a GPU)."""
+    from nnunet_topo import occupancy
+    from nnunet_topo.losses.combined import full_resolution
+    from nnunet_topo.voxelize import HostSyncRecorder
+
+    monkeypatch.setattr(occupancy, "SYNC_FREE_CHECKS", True)
+    _, tr, _, batches = _same_start(name)
+    tr.train_step(batches[0])  # the template faces are range-checked and their edges built once
+    with tr.mesh_model.capture() as captured:
+        output = tr.network(batches[1]["data"])
+    logits, tgt = full_resolution(output), full_resolution(batches[1]["target"])
+    feats, bottleneck = tr.mesh_model.head_inputs(captured)
+    meshes = tr.mesh_head([f.detach() for f in feats], bottleneck.detach(), logits.detach())
+    faces = [tr.mesh_head.template_faces(s) for s in range(len(meshes))]
+    with HostSyncRecorder() as rec:
+        data_loss, reg_loss, values = tr.mesh_losses(meshes, faces, logits, tgt)
+        (data_loss + reg_loss).backward()
+    assert rec.syncs == [], rec.syncs
+    assert torch.isfinite(data_loss) and ("tpm" in values or "mie" in values), values
+
+
 def test_predicted_share_steps_run_in_the_trainer_and_follow_the_exact_bound(pre, env, monkeypatch):
     """``mesh_share_every = 2`` against 1 (exact at every step), same start, same batches: steps 1-2 are exact in both
     (step 1 has no mesh gradient yet, so step 2 measures again), step 3 goes through the one-backward path in the
