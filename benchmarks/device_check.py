@@ -608,7 +608,7 @@ class DeviceCheck:
         if not res:
             raise StepFailed("sync_step: no result line", tail(out))
         if res.get("syncs"):
-            raise StepFailed(f"TPMLoss forward+backward synchronised with the host: {res['syncs']}", tail(out))
+            raise StepFailed(f"mesh terms' forward+backward synchronised with the host: {res['syncs']}", tail(out))
         return res
 
     def s_smoke(self, trainer: str, plans: str, rec: dict) -> dict:
@@ -859,10 +859,11 @@ def render_markdown(res: dict) -> str:
         lines.append(f"No numbers: {rec['status']}. {_note(rec)}")
 
     rec = steps["sync_step"]
-    lines += ["", "### Host synchronisation in a TPMLoss step (issue 26)", ""]
+    lines += ["", "### Host synchronisation in a step's mesh terms (issue 26)", ""]
     if rec.get("mode"):
-        lines.append(f"{rec['mode']} on {rec['device']}: {len(rec.get('syncs') or [])} synchronising op(s); critical "
-                     f"points {rec.get('critical_points')}.")
+        lines.append(f"{rec['mode']} on {rec['device']}, {', '.join(rec.get('terms') or ['tpm'])}: "
+                     f"{len(rec.get('syncs') or [])} synchronising op(s); critical points {rec.get('critical_points')}"
+                     f", MIE {rec.get('mie_critical_points')}.")
     else:
         lines.append(f"No result: {rec['status']}. {_note(rec)}")
 
@@ -1001,8 +1002,8 @@ def worker_betti_cost(args) -> dict:
 
 
 def worker_sync_step(args) -> dict:
-    """One TPMLoss forward + backward (both sources of critical points, the trainers' cap) on two balls pushed into
-    each other over a missing septum, after a warm-up: under ``torch.cuda.set_sync_debug_mode("error")`` on a GPU
+    """One TPMLoss, MIELoss and shape-regulariser forward + backward each (both sources of critical points, the
+    trainers' cap) on two balls pushed into each other over a missing septum, after a warm-up: under ``torch.cuda.set_sync_debug_mode("error")`` on a GPU
     (a synchronising op raises), under :class:`nnunet_topo.voxelize.HostSyncRecorder` on the CPU (issue 26 item 3)."""
     import numpy as np
     import torch
@@ -1010,6 +1011,9 @@ def worker_sync_step(args) -> dict:
 
     from nnunet_topo import occupancy
     from nnunet_topo.frames import voxel_to_normalized
+    from nnunet_topo.frames import normalized_to_mm
+    from nnunet_topo.losses.mesh_regularisers import mesh_regularisers
+    from nnunet_topo.losses.mie import MIELoss
     from nnunet_topo.losses.tpm import TPMLoss
     from nnunet_topo.topology_spec import parse_topology
     from nnunet_topo.voxelize import HostSyncRecorder
@@ -1041,23 +1045,32 @@ def worker_sync_step(args) -> dict:
         meshes.append(v[None].to(device).requires_grad_())
         faces.append(torch.tensor(ico.faces, device=device))
     loss = TPMLoss(spec, ["LV", "RV"], method="dipole", smoothing=1.5, spacing=spacing)
-    loss(meshes, faces, logits, ref[:, None])["total"].backward()  # warm-up: faces range-checked once
+    mie = MIELoss(spec, ["LV", "RV"], method="dipole", smoothing=1.5, spacing=spacing, num_points=256)
+    mm = [normalized_to_mm(v, shape, spacing) for v in meshes]
+    edge_refs = [torch.ones(f.shape[0] * 3 // 2, device=device) for f in faces]  # closed meshes: E = 3F/2
+    terms = {"tpm": lambda: loss(meshes, faces, logits, ref[:, None])["total"],
+             "mie": lambda: mie(meshes, faces, logits, ref[:, None])["total"],
+             "regularisers": lambda: sum(mesh_regularisers(mm, faces, edge_refs).values())}
     syncs: list = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            loss(meshes, faces, logits, ref[:, None])["total"].backward()
-        except RuntimeError as err:
-            syncs.append(str(err).splitlines()[0])
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    else:
-        with HostSyncRecorder() as rec:
-            loss(meshes, faces, logits, ref[:, None])["total"].backward()
-        syncs = rec.syncs
+    for name, term in terms.items():
+        term().backward(retain_graph=True)  # warm-up: faces range-checked and edges built once per faces tensor
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                term().backward(retain_graph=True)
+            except RuntimeError as err:
+                syncs.append(f"{name}: {str(err).splitlines()[0]}")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        else:
+            with HostSyncRecorder() as rec:
+                term().backward(retain_graph=True)
+            syncs += [f"{name}: {op}" for op in rec.syncs]
     return {"device": str(device), "mode": "set_sync_debug_mode('error')" if device.type == "cuda" else
-            "HostSyncRecorder", "syncs": syncs, "critical_points": {k: int(v) for k, v in loss.last_counts.items()}}
+            "HostSyncRecorder", "terms": list(terms), "syncs": syncs,
+            "critical_points": {k: int(v) for k, v in loss.last_counts.items()},
+            "mie_critical_points": int(mie.last_num_critical)}
 
 
 WORKERS = {"machine": worker_machine, "splits": worker_splits, "betti_cost": worker_betti_cost,
