@@ -174,6 +174,11 @@ def fake_work(tmp_path, with_betti=True):
     (ev / f"{col.MESH_FT}_mesh.json").write_text(json.dumps(mesh_summary(0.10, skip={CASES[3]})))
     (work / f"meshes_{col.MESH_FT}").mkdir()
     (work / f"meshes_{col.MESH_FT}" / "meshes.json").write_text(json.dumps({"cases_without_mesh": [CASES[3]]}))
+    (work / f"repaired_{col.MESH_FT}").mkdir()  # the repair moved LV_endo by 1.0 / 3.0 mm (max) in 2 cases, 1 failed
+    (work / f"repaired_{col.MESH_FT}" / "repair.json").write_text(json.dumps({"gap_mm": 0.5, "cases": {
+        CASES[0]: {"meshes": {"LV_endo": {"max_displacement_mm": 1.0, "mean_displacement_mm": 0.1, "moved_vertices": 10}}},
+        CASES[1]: {"meshes": {"LV_endo": {"max_displacement_mm": 3.0, "mean_displacement_mm": 0.3, "moved_vertices": 30}}},
+        CASES[2]: {"error": "case x: not repaired"}}, "cases_not_repaired": [CASES[2]]}))
     train_folder(work, "nnUNetTrainerTPM_acdcFT2", 5, 100)  # no seed in debug.json: from the name (1)
     (ev / "nnUNetTrainerTPM_acdcFT2_label.json").write_text(json.dumps(label_summary(-0.004)))
     (ev / "nnUNetTrainerTPM_acdcFT2_mesh.json").write_text(json.dumps(mesh_summary(0.005, dice=0.79)))
@@ -232,6 +237,12 @@ def test_collector_writes_the_fine_tune_json(tmp_path, capsys):
     # 3 of 4 cases meshed, the unmeshed one counts outside the range; RV ratio 1.3 is outside everywhere
     assert m["volume_ratio_share_in_0.85_1.15"] == pytest.approx({"LV_endo": 0.75, "LV_epi": 0.75, "RV": 0.0})
     assert m["cases_without_mesh"] == [CASES[3]]
+    rep = t[col.MESH_FT]["repair"]
+    assert rep["cases_repaired"] == 2 and rep["cases_not_repaired"] == [CASES[2]] and rep["gap_mm"] == 0.5
+    assert rep["max_displacement_mm"]["LV_endo"] == pytest.approx(2.0)
+    assert rep["max_displacement_mm_worst_case"]["LV_endo"] == 3.0
+    assert rep["mean_displacement_mm"]["LV_endo"] == pytest.approx(0.2)
+    assert "repair" not in t[col.MESH_CONTINUED]
     assert t[col.REFINE]["refinement"]["keep_present"] is True and "label" in t[col.REFINE]
     assert "mesh" in t[col.MARCHING_CUBES] and "label" not in t[col.MARCHING_CUBES]
     assert "nnUNetTrainerMIE_acdcFT" in r["missing"] and col.CONTROL not in r["missing"]
@@ -269,7 +280,7 @@ def test_collector_writes_the_fine_tune_json(tmp_path, capsys):
     assert pc["label"]["case"] == CASES and len(pc["mesh"]["case"]) == 3
     printed = capsys.readouterr().out
     for heading in ("| backbone |", "| row | ft iters", "Δ Dice RV", "Second seed", "TPM Table 2", "marching cubes",
-                    "| goal |", "External LGE"):
+                    "| goal |", "External LGE", "Repair (nnUNetv2_topo_repair_meshes"):
         assert heading in printed, heading
 
 
@@ -549,6 +560,9 @@ def test_study_stages_evaluate_external_collect_with_stubbed_nnunet(seg_folder, 
     assert r["protocol"] == "fine-tune" and r["missing"] == []
     assert r["trainers"][col.MARCHING_CUBES]["mesh"]["cases_without_mesh"] == ["case1"]
     assert r["trainers"]["nnUNetTrainerMesh_acdcFT"]["mesh"]["volume_ratio_share_in_0.85_1.15"]["RV"] == 0.5
+    for arm in mesh_arms:  # the real repair ran on every mesh arm's meshes (the marching-cubes meshes here)
+        rep = r["trainers"][arm]["repair"]
+        assert rep["cases_repaired"] + len(rep["cases_not_repaired"]) == len(mc["cases"]) - 1, (arm, rep)  # case1: none
     assert r["differences"]["vs_control"][col.REFINE]["Dice_LV"]["ci95"] == [0.0, 0.0]
     assert set(r["external_lge"]) == {col.CONTROL, col.REFINE, "nnUNetTrainerMesh_acdcFT",
                                       "nnUNetTrainerTPM_acdcFT2", "nnUNetTrainerMIE_acdcFT"}

@@ -478,7 +478,28 @@ def _row(work: str, row: str) -> Optional[dict]:
         listing = _load(os.path.join(work, f"meshes_{row}", "meshes.json")) or {}
         out["mesh"] = mesh_block(mesh, listing.get("cases_without_mesh", []))
         pc["mesh"] = mesh_per_case(mesh)
+    rep = _load(os.path.join(work, f"repaired_{row}", "repair.json"))
+    if rep is not None:
+        out["repair"] = repair_block(rep)
     return {"row": out, "per_case": pc}
+
+
+def repair_block(rep: dict) -> dict:
+    """How far ``nnUNetv2_topo_repair_meshes`` had to move a model's meshes (issue 25: the repair's displacement per
+    trainer): per structure the mean over the repaired cases of each case's maximum and mean vertex displacement,
+    the worst case's maximum, and the cases it could not repair."""
+    ok = {c: r for c, r in rep.get("cases", {}).items() if "error" not in r}
+    structures = sorted({s for r in ok.values() for s in r.get("meshes", {})})
+
+    def values(s, key):
+        return [r["meshes"][s][key] for r in ok.values() if s in r.get("meshes", {})]
+    return {"gap_mm": rep.get("gap_mm"), "cases_repaired": len(ok),
+            "cases_not_repaired": list(rep.get("cases_not_repaired", [])),
+            "max_displacement_mm": {s: _nanmean(values(s, "max_displacement_mm")) for s in structures},
+            "max_displacement_mm_worst_case": {s: max(values(s, "max_displacement_mm"), default=math.nan)
+                                               for s in structures},
+            "mean_displacement_mm": {s: _nanmean(values(s, "mean_displacement_mm")) for s in structures},
+            "moved_vertices": {s: _nanmean(values(s, "moved_vertices")) for s in structures}}
 
 
 def backbone_block(work: str) -> dict:
@@ -692,6 +713,19 @@ def print_tables(r: dict) -> None:
                   f"{_f(m['laplacian_energy_mm2'].get('LV_epi'), 2)} | {_f(m['TVS'], 4)} | "
                   + " | ".join(_f(m['volume_ratio'].get(s), 2) for s in s3) + " | "
                   + " | ".join(_f(m[VOLUME_KEY].get(s), 2) for s in s3) + f" | {len(m['cases_without_mesh'])} |")
+    repair_rows = [n for n in rows if "repair" in r["trainers"][n]]
+    if repair_rows:
+        print("\nRepair (nnUNetv2_topo_repair_meshes, gap "
+              f"{r['trainers'][repair_rows[0]]['repair']['gap_mm']} mm): how far each model's meshes had to move "
+              "(mean over the repaired cases of each case's maximum / mean vertex displacement, mm; worst case)\n")
+        print("| row | repaired | not repaired | max LV_endo | LV_epi | RV | worst RV | mean LV_endo | LV_epi | RV |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for n in repair_rows:
+            x = r["trainers"][n]["repair"]
+            print(f"| {n} | {x['cases_repaired']} | {len(x['cases_not_repaired'])} | "
+                  + " | ".join(_f(x["max_displacement_mm"].get(s), 2) for s in ("LV_endo", "LV_epi", "RV")) + " | "
+                  + f"{_f(x['max_displacement_mm_worst_case'].get('RV'), 2)} | "
+                  + " | ".join(_f(x["mean_displacement_mm"].get(s), 3) for s in ("LV_endo", "LV_epi", "RV")) + " |")
     d = r["differences"]
     if d["vs_control"]:
         print(f"\nDifferences against the control ({CONTROL}), paired bootstrap 95 % intervals over the validation "

@@ -23,7 +23,8 @@
 #             (eval/<ROW>_label.json); the mesh arms' meshes of the validation images (nnUNetv2_topo_predict_meshes
 #             --format vtp -> meshes_<ROW>/) and their mesh evaluation (eval/<ROW>_mesh.json); nnUNetv2_topo_refine
 #             of the control (keep_present, STUDY_REFINE_STEPS steps, default 10 -> refine_<CONTROL>/, row
-#             <CONTROL>+refine); marching cubes of the control's validation segmentations (python -m
+#             <CONTROL>+refine); nnUNetv2_topo_repair_meshes of every mesh arm's meshes (repaired_<ROW>/repair.json:
+#             how far each model's meshes must move, issue 25); marching cubes of the control's validation segmentations (python -m
 #             nnunet_topo.cli.segmentation_meshes -> meshes_<CONTROL>+marching_cubes/) and their mesh evaluation
 #   external  the control (nnUNetv2_predict), its refinement, Mesh, TPM and MIE (nnUNetv2_topo_predict_meshes --format
 #             vtp) on the unlabelled LGE volumes ($STUDY_EXTERNAL_IMAGES, default ../shared/data/external_lge/imagesTs)
@@ -158,6 +159,9 @@ marching_cubes() {  # marching_cubes SEGMENTATIONS OUT: as predict_meshes, exit 
   python -m nnunet_topo.cli.segmentation_meshes -i "$1" -o "$2" -djfile "$DS/dataset.json" --format vtp --overwrite \
     || [ $? -eq 1 ]
 }
+repair() {  # repair MESHES OUT: nnUNetv2_topo_repair_meshes; exit code 1 (cases not repaired, in repair.json) is fine
+  nnUNetv2_topo_repair_meshes -i "$1" -o "$2" -djfile "$DS/dataset.json" --overwrite || [ $? -eq 1 ]
+}
 refine() {  # refine IMAGES OUT: nnUNetv2_topo_refine of the control (keep_present, the default)
   nnUNetv2_topo_refine -i "$1" -o "$2" -d $ID -c $CONF -tr $CONTROL -p $PLANS -f 0 -device "$DEVICE" \
     --steps "${STUDY_REFINE_STEPS:-10}" --overwrite
@@ -189,6 +193,9 @@ stage_evaluate() {
       [ -f "$WORK/meshes_$tr/meshes.json" ] || timed "meshes_$tr" predict_meshes "$tr" "$WORK/val_images" \
         "$WORK/meshes_$tr" > "$WORK/logs/meshes_$tr.log" 2>&1
       evaluate "$tr" mesh "$WORK/meshes_$tr" --mesh_folder "$WORK/meshes_$tr" --chill
+      # issue 25: how far the repair must move this model's meshes (repaired_<ROW>/repair.json, the collector)
+      [ -f "$WORK/repaired_$tr/repair.json" ] || timed "repair_$tr" repair "$WORK/meshes_$tr" "$WORK/repaired_$tr" \
+        > "$WORK/logs/repair_$tr.log" 2>&1
     fi
   done
   if [ -f "$(model_dir $CONTROL)/validation/summary.json" ]; then
