@@ -58,13 +58,17 @@ nnUNetv2_topo_evaluate_folder "$nnUNet_raw/Dataset501_SynthACDC/labelsTs" "$WORK
 # meshes (exactly 0 wherever a case could be repaired; documentation/mesh_output.md)
 nnUNetv2_topo_repair_meshes -i "$WORK/meshes_tpm" -o "$WORK/meshes_tpm_repaired" \
   -djfile "$nnUNet_raw/Dataset501_SynthACDC/dataset.json" || echo "some cases could not be repaired (see above)"
-nnUNetv2_topo_evaluate_folder "$nnUNet_raw/Dataset501_SynthACDC/labelsTs" "$WORK/meshes_tpm" \
-  -djfile "$nnUNet_raw/Dataset501_SynthACDC/dataset.json" \
-  -pfile "$nnUNet_preprocessed/Dataset501_SynthACDC/nnUNetPlansMesh.json" --mesh_folder "$WORK/meshes_tpm_repaired" \
-  -o "$WORK/summary_topology_repaired.json"
-# a tetrahedral mesh of the LV myocardium (the wall between LV_endo and LV_epi) of every repaired case, for simulation
-nnUNetv2_topo_volume_mesh -i "$WORK/meshes_tpm_repaired" -o "$WORK/volume_meshes" \
-  -djfile "$nnUNet_raw/Dataset501_SynthACDC/dataset.json" --structures --walls --edge_mm 2 \
-  || echo "no volume mesh written (see above)"
+if compgen -G "$WORK/meshes_tpm_repaired/*_LV_endo.vtk" > /dev/null; then
+  nnUNetv2_topo_evaluate_folder "$nnUNet_raw/Dataset501_SynthACDC/labelsTs" "$WORK/meshes_tpm" \
+    -djfile "$nnUNet_raw/Dataset501_SynthACDC/dataset.json" \
+    -pfile "$nnUNet_preprocessed/Dataset501_SynthACDC/nnUNetPlansMesh.json" \
+    --mesh_folder "$WORK/meshes_tpm_repaired" --chill -o "$WORK/summary_topology_repaired.json"
+  # a tetrahedral mesh of the LV myocardium (the wall between LV_endo and LV_epi) of every repaired case
+  nnUNetv2_topo_volume_mesh -i "$WORK/meshes_tpm_repaired" -o "$WORK/volume_meshes" \
+    -djfile "$nnUNet_raw/Dataset501_SynthACDC/dataset.json" --structures --walls --edge_mm 2 \
+    || echo "no volume mesh written (see above)"
+else  # e.g. meshes of a briefly trained model that fold through themselves (documentation/mesh_output.md)
+  echo "no case could be repaired (reasons in $WORK/meshes_tpm_repaired/repair.json): no repaired-mesh evaluation and no volume mesh"
+fi
 set +x
 echo "QC report: $WORK/qc_report/index.html (open it in a browser; no server needed)"
