@@ -27,20 +27,23 @@ from bench_trainer_speed import _setup_env, build_trainer  # noqa: E402
 
 
 def replay(records, every: int, share: float, margin: float = 1.0):
-    """The predicted scheme on recorded exact steps: ``(realised share / share, factor / exact factor)`` per
-    predicted step. ``records``: dicts with ``seg``, ``mesh``, ``feat``, ``factor`` (floats) per step."""
+    """The predicted scheme on recorded exact steps, through the trainers' own :class:`ShareEstimate` (which steps
+    are exact, what they record, the predicted factor): ``(realised share / share, factor / exact factor)`` per
+    predicted step with a mesh gradient. ``records``: dicts with ``seg``, ``mesh``, ``feat``, ``factor`` (floats)."""
+    import torch
+
+    from nnunet_topo.mesh_step import ShareEstimate
+
+    est = ShareEstimate(every, margin)
     out = []
-    last = None
-    for t, r in enumerate(records):
-        usable = r["mesh"] > 0 and r["feat"] > 0
-        if last is None or t - last["t"] >= every:
-            if usable:
-                last = dict(t=t, gain=r["mesh"] / r["feat"], seg=r["seg"])
+    for r in records:
+        seg, mesh, feat = (torch.tensor(r[k], dtype=torch.float64) for k in ("seg", "mesh", "feat"))
+        if est.exact_due():
+            est.record_exact(seg, mesh, feat)
             continue
-        if not usable or r["seg"] <= 0:
-            continue
-        c = min(1.0, share / margin * last["seg"] / max(last["gain"] * r["feat"], 1e-30))
-        out.append((c * r["mesh"] / (share * r["seg"]), c / r["factor"] if r["factor"] > 0 else float("nan")))
+        c = float(est.predicted_factor(share, feat))
+        if r["mesh"] > 0 and r["feat"] > 0 and r["seg"] > 0:
+            out.append((c * r["mesh"] / (share * r["seg"]), c / r["factor"] if r["factor"] > 0 else float("nan")))
     return out
 
 
@@ -105,8 +108,9 @@ def main(argv=None) -> None:
         ratio = sorted(y for _, y in rows if y == y)
         p90 = real_share[min(len(real_share) - 1, int(0.9 * len(real_share)))]
         over = sum(x > 1.1 for x in real_share) / len(real_share)
-        print(f"{k:>6} {margin:>7} {len(rows):>10} {statistics.median(real_share):>24.3f} {p90:>7.3f} {max(real_share):>7.3f} "
-              f"{over:>7.0%}   {statistics.median(ratio):.3f} ({min(ratio):.3f}..{max(ratio):.3f})")
+        print(f"{k:>6} {margin:>7} {len(rows):>10} {statistics.median(real_share):>24.3f} {p90:>7.3f} "
+              f"{max(real_share):>7.3f} {over:>7.0%}   {statistics.median(ratio):.3f} "
+              f"({min(ratio):.3f}..{max(ratio):.3f})")
 
 
 if __name__ == "__main__":

@@ -1003,8 +1003,9 @@ def worker_betti_cost(args) -> dict:
 
 def worker_sync_step(args) -> dict:
     """One TPMLoss, MIELoss and shape-regulariser forward + backward each (both sources of critical points, the
-    trainers' cap) on two balls pushed into each other over a missing septum, after a warm-up: under ``torch.cuda.set_sync_debug_mode("error")`` on a GPU
-    (a synchronising op raises), under :class:`nnunet_topo.voxelize.HostSyncRecorder` on the CPU (issue 26 item 3)."""
+    trainers' cap) on two balls pushed into each other over a missing septum, after a warm-up: under
+    ``torch.cuda.set_sync_debug_mode("error")`` on a GPU (a synchronising op raises), under
+    :class:`nnunet_topo.voxelize.HostSyncRecorder` on the CPU (issue 26 item 3)."""
     import numpy as np
     import torch
     import trimesh

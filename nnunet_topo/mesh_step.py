@@ -19,8 +19,9 @@ heart-ROI configuration, documentation/benchmarks.md), so with ``every = k > 1``
 ``mesh_share_every``) it is exact only on every k-th step (:class:`ShareEstimate`); in between, L_seg and the mesh
 share go through **one** backward (:func:`backward_with_predicted_share`), the factor predicted from the last exact
 step: the network's gain ``||J^T g|| / ||g||`` (J: the features' Jacobian) and ``||∇L_seg||``, applied to this
-step's feature gradient ``g``, with a safety margin (the realised share is then measured, not guaranteed). Plain torch, no nnU-Net import (``mesh_train_step`` reads a trainer duck-typed); one
-device sync per exact step in the arithmetic (whether its estimate is usable), none on predicted steps.
+step's feature gradient ``g``, with a safety margin (the realised share is then measured, not guaranteed). Plain
+torch, no nnU-Net import (``mesh_train_step`` reads a trainer duck-typed); one device sync per exact step in the
+arithmetic (whether its estimate is usable), none on predicted steps.
 """
 from __future__ import annotations
 
@@ -277,10 +278,11 @@ def mesh_train_step(trainer, batch: dict):
     feature_grads = head_backward(data_loss, reg_loss, head_params, inputs, scale)
     if not t.freeze_network:  # the network: L_seg's backward, the bounded mesh share, nnU-Net's clip and step
         net_params = list(t.network.parameters())
+        every = max(1, int(getattr(t, "mesh_share_every", 1)))
         est = getattr(t, "_share_estimate", None)
-        if est is None or est.every != max(1, int(getattr(t, "mesh_share_every", 1))):
-            est = t._share_estimate = ShareEstimate(getattr(t, "mesh_share_every", 1))
-        feature_norm = grad_norm(feature_grads).to(t.device)
+        if est is None or est.every != every:
+            est = t._share_estimate = ShareEstimate(every)
+        feature_norm = grad_norm(feature_grads).to(t.device) if share > 0 else None
         if share > 0 and not est.exact_due():  # one backward: L_seg + the share predicted from the last exact step
             factor = est.predicted_factor(share, feature_norm)
             nnunet_scale = t.grad_scaler.scale(torch.ones((), device=t.device)) if t.grad_scaler is not None else None

@@ -176,8 +176,10 @@ def fake_work(tmp_path, with_betti=True):
     (work / f"meshes_{col.MESH_FT}" / "meshes.json").write_text(json.dumps({"cases_without_mesh": [CASES[3]]}))
     (work / f"repaired_{col.MESH_FT}").mkdir()  # the repair moved LV_endo by 1.0 / 3.0 mm (max) in 2 cases, 1 failed
     (work / f"repaired_{col.MESH_FT}" / "repair.json").write_text(json.dumps({"gap_mm": 0.5, "cases": {
-        CASES[0]: {"meshes": {"LV_endo": {"max_displacement_mm": 1.0, "mean_displacement_mm": 0.1, "moved_vertices": 10}}},
-        CASES[1]: {"meshes": {"LV_endo": {"max_displacement_mm": 3.0, "mean_displacement_mm": 0.3, "moved_vertices": 30}}},
+        CASES[0]: {"meshes": {"LV_endo": {"max_displacement_mm": 1.0, "mean_displacement_mm": 0.1,
+                                          "moved_vertices": 10}}},
+        CASES[1]: {"meshes": {"LV_endo": {"max_displacement_mm": 3.0, "mean_displacement_mm": 0.3,
+                                          "moved_vertices": 30}}},
         CASES[2]: {"error": "case x: not repaired"}}, "cases_not_repaired": [CASES[2]]}))
     train_folder(work, "nnUNetTrainerTPM_acdcFT2", 5, 100)  # no seed in debug.json: from the name (1)
     (ev / "nnUNetTrainerTPM_acdcFT2_label.json").write_text(json.dumps(label_summary(-0.004)))
@@ -528,7 +530,8 @@ def test_study_stages_evaluate_external_collect_with_stubbed_nnunet(seg_folder, 
     (tmp_path / "stubs.sh").write_text(STUBS)
     results = tmp_path / "results"
     env = dict(os.environ, NNUNET_TOPO_STUDY_DIR=str(work), STUDY_SKIP_SETUP="1", STUDY_RESULTS_DIR=str(results),
-               STUDY_STAGES="scratch evaluate external collect", STUDY_EXTERNAL_IMAGES=str(tmp_path / "lge"), FAKE=str(fake),
+               STUDY_STAGES="scratch evaluate external collect", STUDY_EXTERNAL_IMAGES=str(tmp_path / "lge"),
+               FAKE=str(fake),
                STUB_LOG=str(tmp_path / "stub.log"))
     cmd = f"source {tmp_path / 'stubs.sh'} && bash {STUDY}"
     p = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True, timeout=900)

@@ -435,8 +435,8 @@ def goals(r: dict) -> List[dict]:
         # "not worse": the CCE estimate (a count per case) at or below the plain run's; Dice by its interval
         ok_i = all(_lo(v) >= -0.02 for v in dice.values()) and _est(cce) <= 0
         ok_e = all(_est(v) >= -0.02 for v in dice.values()) and _est(cce) <= 0
-        add(g, SCRATCH_PROJPOOL, "; ".join(f"{s} {_fd(v, 100, 1)}" for s, v in dice.items()) + f"; CCE {_fd(cce, 1, 2)}",
-            _status(ok_i, ok_e))
+        measured = "; ".join(f"{s} {_fd(v, 100, 1)}" for s, v in dice.items()) + f"; CCE {_fd(cce, 1, 2)}"
+        add(g, SCRATCH_PROJPOOL, measured, _status(ok_i, ok_e))
     else:
         add(g, SCRATCH_PROJPOOL, "-", "not measured")
     g = "learned mesh head beats marching cubes of the control's segmentation on mesh TVS and Chamfer"

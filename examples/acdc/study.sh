@@ -24,8 +24,9 @@
 #             --format vtp -> meshes_<ROW>/) and their mesh evaluation (eval/<ROW>_mesh.json); nnUNetv2_topo_refine
 #             of the control (keep_present, STUDY_REFINE_STEPS steps, default 10 -> refine_<CONTROL>/, row
 #             <CONTROL>+refine); nnUNetv2_topo_repair_meshes of every mesh arm's meshes (repaired_<ROW>/repair.json:
-#             how far each model's meshes must move, issue 25); marching cubes of the control's validation segmentations (python -m
-#             nnunet_topo.cli.segmentation_meshes -> meshes_<CONTROL>+marching_cubes/) and their mesh evaluation
+#             how far each model's meshes must move, issue 25); marching cubes of the control's validation
+#             segmentations (python -m nnunet_topo.cli.segmentation_meshes -> meshes_<CONTROL>+marching_cubes/) and
+#             their mesh evaluation
 #   external  the control (nnUNetv2_predict), its refinement, Mesh, TPM and MIE (nnUNetv2_topo_predict_meshes --format
 #             vtp) on the unlabelled LGE volumes ($STUDY_EXTERNAL_IMAGES, default ../shared/data/external_lge/imagesTs)
 #             -> external_lge_predictions/<ROW>/; label-free measures (python -m nnunet_topo.cli.label_free ->

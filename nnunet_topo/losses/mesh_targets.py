@@ -58,6 +58,7 @@ __all__ = [
     "critical_point_masks",
     "critical_point_targets",
     "masks_to_targets",
+    "generator_on",
     "select_points",
     "source_union",
     "targets_at",
@@ -123,6 +124,12 @@ def _slice_rule(rule: Rule, mode: str, axis: Optional[int]) -> Rule:
     return rule
 
 
+def generator_on(generator: Optional[torch.Generator], device: torch.device) -> Optional[torch.Generator]:
+    """``generator`` if it lives on ``device``, else None (torch's default generator of that device): random numbers
+    drawn where they are used, never on another device and copied over."""
+    return generator if generator is not None and generator.device == device else None
+
+
 def select_points(mask: Tensor, k: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
     """At most ``k`` voxels of each batch item's ``mask`` ``(B, Z, Y, X)``, a uniformly random subset without
     replacement (all of them when there are at most ``k``), as a fixed-size selection with no host synchronisation:
@@ -133,8 +140,7 @@ def select_points(mask: Tensor, k: int, generator: Optional[torch.Generator] = N
     default generator of that device (a CPU generator for a CUDA mask would mean a copy of B x Z*Y*X scores)."""
     flat = mask.flatten(1)
     kk = min(int(k), flat.shape[1])
-    gen = generator if generator is not None and generator.device == flat.device else None
-    scores = torch.rand(flat.shape, generator=gen, device=flat.device)
+    scores = torch.rand(flat.shape, generator=generator_on(generator, flat.device), device=flat.device)
     scores = torch.where(flat, scores, -1.0)
     vals, lin = scores.topk(kk, dim=1, sorted=False)
     _, y, x = mask.shape[1:]

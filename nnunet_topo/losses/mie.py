@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from nnunet_topo.frames import check_spacing, normalized_to_mm, voxel_to_mm
-from nnunet_topo.losses.mesh_targets import sample_query_points, select_points, source_union, targets_at
+from nnunet_topo.losses.mesh_targets import (generator_on, sample_query_points, select_points, source_union,
+                                             targets_at)
 from nnunet_topo.losses.mesh_loss_checks import check_count, check_flag, check_mesh_inputs, check_mesh_loss_options
 from nnunet_topo.losses.tpm import critical_masks_both_sources, known_weights
 from nnunet_topo.metrics.mesh import laplacian_smoothness_energy
@@ -116,8 +117,8 @@ class MIELoss(nn.Module):
         meshes: list of ``(B, V_s, 3)`` (normalised patch frame); faces: list of ``(F_s, 3)``;
         seg_logits: ``(B, C, Z, Y, X)``; ref_labels: ``(B, 1, Z, Y, X)``.
         Returns ``{"mie": BCE, "laplacian": energy (unweighted), "total": mie + lambda_lap * laplacian}``;
-        the number of critical points used by the last call is kept in ``last_num_critical`` (0-d tensor) and the critical
-        voxels per source in ``last_counts`` (for logging).
+        the number of critical points used by the last call is kept in ``last_num_critical`` (0-d tensor) and the
+        critical voxels per source in ``last_counts`` (for logging).
     """
 
     def __init__(self, spec: TopologySpec, mesh_names: Sequence[str], method: str = "exact", rho: float = 0.2,
@@ -163,8 +164,7 @@ class MIELoss(nn.Module):
             ids = self.spec.mesh_structures[name].label_ids
             rnd_p, rnd_t = sample_query_points(ref, ids, num_uniform, num_surface, generator)
             # random points in random order, so that filling up with the first ones keeps the uniform/surface mix
-            gen = generator if generator is not None and generator.device == rnd_p.device else None
-            perm = torch.randperm(self.num_points, generator=gen, device=rnd_p.device)
+            perm = torch.randperm(self.num_points, generator=generator_on(generator, rnd_p.device), device=rnd_p.device)
             pts, tgts, k = mix_points(source_union(masks, name), ref, ids, rnd_p[:, perm], rnd_t[:, perm], self.rho,
                                       generator)
             n_crit.append(k.sum())

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
+
 from nnunet_topo.faces_cache import once_per_faces
 
 __all__ = [
