@@ -39,6 +39,7 @@ import trimesh
 from nnunet_topo.mesh_booleans import (common_origin, exact_violating_volume_mm3, manifold_of, mesh_invalid_reason,
                                        self_intersecting_faces)
 from nnunet_topo.metrics.mesh import closest_points_on_surface
+from nnunet_topo.remesh import RemeshError, remesh_enclosed_volume, transfer_point_data
 from nnunet_topo.topology_spec import MeshExclusionRule, TopologySpec, mesh_rule_meshes, mesh_rules_in_force
 
 __all__ = ["MeshRepairError", "DEFAULT_GAP_MM", "format_repair_table", "repair_case", "repair_mesh_folder",
@@ -124,14 +125,16 @@ def _harmonic_extension(adj, moved: np.ndarray, disp: np.ndarray, rings: int, it
     return out
 
 
-def _poke_displacements(v: np.ndarray, faces: np.ndarray, fixed: trimesh.Trimesh, gap: float) -> np.ndarray:
+def _poke_displacements(v: np.ndarray, faces: np.ndarray, fixed: trimesh.Trimesh, gap: float,
+                        tol: float) -> np.ndarray:
     """Per vertex of the moving mesh ``(v, faces)``, the mean displacement that moves the faces the fixed mesh's
     vertices poke (inside the moving mesh, or closer than ``gap`` to it from the wrong side) ``gap`` beyond them:
-    against the moving mesh's outward direction at the poked point, by the depth plus the gap."""
+    against the moving mesh's outward direction at the poked point, by the depth plus the gap (a fixed vertex
+    short of it by ``tol`` or less is clear)."""
     moving = trimesh.Trimesh(v, faces, process=False)
     _, sd, out, face = _signed_side(np.asarray(fixed.vertices, np.float64), moving, with_face=True)
     need = gap - sd  # the fixed vertices must stay outside the moving mesh by the gap
-    hit = need > 1e-6 * gap
+    hit = need > tol
     total = np.zeros_like(v)
     count = np.zeros(len(v))
     if hit.any():
@@ -201,8 +204,12 @@ def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], excl
     untangled, max_untangles = 0, 5
     edge = float(np.mean(moving.edges_unique_length)) if len(moving.edges_unique) else 1.0
     last = "no iteration ran"
+    # vertices are placed slightly beyond the gap (the overshoot) and count as clear within a tolerance below it,
+    # so that the loop does not creep towards the gap by ever smaller steps (closest points change faces as
+    # vertices move); the exact verification accepts a gap of gap * (1 - 1e-3)
+    overshoot, tol = 2e-3 * gap, 1e-3 * gap
     for it in range(1, max_iterations + 1):
-        target_gap = gap + extra
+        target_gap = gap + overshoot + extra
         closest, sd, out = _signed_side(v, fixed[0])
         if exclusion:
             need = target_gap - sd  # sd > 0 outside the fixed mesh
@@ -215,8 +222,8 @@ def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], excl
                 need = np.where(-sd_o >= gap, -np.inf, need)
         # the other way round: a vertex of the fixed mesh inside the moving mesh, or nearer than the gap to its
         # surface from the wrong side, pokes between the moving mesh's vertices; the face it pokes moves away
-        poke = _poke_displacements(v, faces, fixed[0], gap) if len(fixed) == 1 else np.zeros_like(v)
-        moved = (need > 1e-6 * gap) | (np.linalg.norm(poke, axis=1) > 1e-6 * gap)
+        poke = _poke_displacements(v, faces, fixed[0], gap + overshoot, tol) if len(fixed) == 1 else np.zeros_like(v)
+        moved = (need > tol) | (np.linalg.norm(poke, axis=1) > tol)
         if not moved.any():
             m = trimesh.Trimesh(v, faces, process=False)
             volume, got_gap, self_cross = _verify(m, fixed, exclusion, gap)
@@ -240,7 +247,7 @@ def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], excl
         # tangentially (vertex spacing evened out, no shrinking) so that the rim of the patch does not fold
         last = (f"{int(moved.sum())} vertices still to move, up to {float(max(need.max(), 0.0)):.3g} mm, after {it} "
                 "iteration(s)")
-        disp = np.where((need > 1e-6 * gap)[:, None], target - v, 0.0)
+        disp = np.where((need > tol)[:, None], target - v, 0.0)
         disp = np.where((np.linalg.norm(poke, axis=1) > np.linalg.norm(disp, axis=1))[:, None], poke, disp)
         size = np.linalg.norm(disp, axis=1)
         disp *= (np.minimum(size, 0.5 * edge) / np.maximum(size, 1e-12))[:, None]
@@ -254,7 +261,8 @@ def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], excl
 # ------------------------------------------------------------------------------------------------ one case
 def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_mm: float = DEFAULT_GAP_MM,
                 rings: int = 2, max_iterations: int = 200, max_rounds: int = 4, case: str = "case",
-                max_violating_share: float = 0.5) -> Tuple[Dict[str, trimesh.Trimesh], dict]:
+                max_violating_share: float = 0.5,
+                tangled: str = "remesh") -> Tuple[Dict[str, trimesh.Trimesh], dict]:
     """Repair one case's meshes for every mesh rule in force (module docstring).
 
     Args:
@@ -265,13 +273,19 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
         max_iterations, max_rounds: iterations per rule and round, rounds over all rules.
         max_violating_share: a rule whose violating volume exceeds this share of the moving mesh's volume is not
             repaired (an error: not a local defect).
+        tangled: a mesh that still crosses itself after untangling is ``"remesh"``-ed as the boundary of the
+            volume it encloses (:func:`nnunet_topo.remesh.remesh_enclosed_volume`; its vertex order is lost) or
+            ``"refuse"``-d (an error).
         case: name used in messages.
 
     Returns:
-        ``(repaired meshes (same vertex order and faces; unchanged meshes are copies), report)``, report =
-        ``{"gap_mm", "rounds", "meshes": {structure: {"moved_vertices", "max_displacement_mm",
-        "mean_displacement_mm" (over all vertices), "mean_moved_displacement_mm"}}, "rules": {rule: {"moved_mesh",
+        ``(repaired meshes (same vertex order and faces, except re-meshed ones; unchanged meshes are copies),
+        report)``, report = ``{"gap_mm", "rounds", "meshes": {structure: {"self_crossing_face_pairs_before",
+        "moved_vertices", "max_displacement_mm", "mean_displacement_mm" (over all vertices),
+        "mean_moved_displacement_mm", "remeshed": null | remesh report}}, "rules": {rule: {"moved_mesh",
         "violating_volume_mm3_before", "violating_volume_mm3_after", "gap_mm_after", "method": "exact"}}}``.
+        For a re-meshed mesh every vertex counts as moved and its displacement is the distance of each output
+        vertex to the input surface (the remesh report adds the other direction: how much of a fold was cut).
 
     Raises:
         MeshRepairError: an invalid input mesh (open, inside out, self-intersecting beyond untangling), a mesh a
@@ -279,7 +293,10 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
     """
     if not (gap_mm > 0 and math.isfinite(gap_mm)):
         raise MeshRepairError(f"gap_mm must be a positive number of mm, got {gap_mm!r}")
-    work, crossings = {}, {}
+    if tangled not in ("remesh", "refuse"):
+        raise MeshRepairError(f"tangled must be 'remesh' or 'refuse', got {tangled!r}")
+    work, crossings, remeshed = {}, {}, {}
+    rings_of = {name: rings for name in meshes}
     for name, m in meshes.items():
         v, f = np.array(m.vertices, np.float64), np.array(m.faces)
         reason = mesh_invalid_reason(m)
@@ -287,9 +304,22 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
             crossings[name] = int(len(self_intersecting_faces(v, f)))
             v = _untangle(v, f, rings)
             reason = mesh_invalid_reason(trimesh.Trimesh(v, f, process=False))
+            if reason and tangled == "remesh":  # still folded: the boundary of the volume it encloses
+                try:
+                    new, remeshed[name] = remesh_enclosed_volume(m)
+                except RemeshError as e:
+                    reason = f"{reason}; re-meshing its enclosed volume failed: {e}"
+                else:
+                    v, f, reason = np.asarray(new.vertices, np.float64), np.asarray(new.faces), None
+                    # the smoothing neighbourhood keeps its width in mm on the finer re-meshed surface
+                    ratio = float(np.mean(m.edges_unique_length) / np.mean(new.edges_unique_length))
+                    rings_of[name] = max(rings, int(math.ceil(rings * ratio)))
+                    remeshed[name]["rings"] = rings_of[name]
         if reason:
+            how = " even after untangling its folds" if name in crossings else ""
+            how += " (--tangled remesh re-meshes it)" if name in crossings and tangled == "refuse" else ""
             raise MeshRepairError(f"case {case}: mesh {name} cannot be repaired, it is not a valid closed surface"
-                                  f"{' even after untangling its folds' if name in crossings else ''}: {reason}")
+                                  f"{how}: {reason}")
         work[name] = trimesh.Trimesh(v, f, process=False)
     in_force, _ = mesh_rules_in_force(spec)
     rules = []
@@ -321,7 +351,8 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
         for r in rules:
             mv, fx, excl = parts(r)
             try:
-                v, iterations, *verified[r.name] = _repair_rule(work[mv], [work[f] for f in fx], excl, gap_mm, rings,
+                v, iterations, *verified[r.name] = _repair_rule(work[mv], [work[f] for f in fx], excl, gap_mm,
+                                                                rings_of[mv],
                                                                 max_iterations)
             except MeshRepairError as e:
                 raise MeshRepairError(f"case {case}, rule {r.name} (moving {mv}): {e}") from None
@@ -338,12 +369,17 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
                              "method": "exact"} for r in rules}
     report_meshes = {}
     for n, m in meshes.items():
-        d = np.linalg.norm(np.asarray(work[n].vertices) - np.asarray(m.vertices, np.float64), axis=1)
-        moved = d > 1e-9
+        if n in remeshed:  # no vertex correspondence: each output vertex's distance to the input surface
+            d = closest_points_on_surface(np.asarray(work[n].vertices), m)[1]
+            moved = np.ones(len(d), bool)
+        else:
+            d = np.linalg.norm(np.asarray(work[n].vertices) - np.asarray(m.vertices, np.float64), axis=1)
+            moved = d > 1e-9
         report_meshes[n] = {"self_crossing_face_pairs_before": crossings.get(n, 0),
                             "moved_vertices": int(moved.sum()), "max_displacement_mm": float(d.max(initial=0.0)),
                             "mean_displacement_mm": float(d.mean()) if len(d) else 0.0,
-                            "mean_moved_displacement_mm": float(d[moved].mean()) if moved.any() else 0.0}
+                            "mean_moved_displacement_mm": float(d[moved].mean()) if moved.any() else 0.0,
+                            "remeshed": remeshed.get(n)}
     return work, {"gap_mm": gap_mm, "rounds": rounds, "meshes": report_meshes, "rules": report_rules}
 
 
@@ -371,13 +407,15 @@ def _cases_of_folder(folder: str, structures: Sequence[str]) -> Tuple[Dict[str, 
 
 
 def repair_mesh_folder(input_folder: str, output_folder: str, dataset_json, gap_mm: float = DEFAULT_GAP_MM,
-                       rings: int = 2, overwrite: bool = False, show_progress: bool = False) -> dict:
+                       rings: int = 2, overwrite: bool = False, show_progress: bool = False,
+                       tangled: str = "remesh") -> dict:
     """Repair every case of a mesh folder (``nnUNetv2_topo_predict_meshes`` output, or ``CASE_<structure><ext>``
     files) into ``output_folder``: the same file names and formats, per-vertex data of ``.vtk``/``.vtp`` files
-    (an ensemble's ``spread_mm``) and ``_spread.npy`` sidecars carried over (vertex order is kept), a
+    (an ensemble's ``spread_mm``) and ``_spread.npy`` sidecars carried over (vertex order is kept; a mesh
+    re-meshed because it crossed itself, ``tangled="remesh"``, takes each value from the nearest input vertex), a
     ``meshes.json`` listing the repaired files, and ``repair.json``::
 
-        {"input_folder", "gap_mm", "rings", "cases": {CASE: repair_case report | {"error": message}},
+        {"input_folder", "gap_mm", "rings", "tangled", "cases": {CASE: repair_case report | {"error": message}},
          "cases_not_repaired": [CASE, ...]}
 
     A case that cannot be repaired gets no files and its reason; the others go on. The input folder is never
@@ -421,7 +459,8 @@ def repair_mesh_folder(input_folder: str, output_folder: str, dataset_json, gap_
             if os.path.exists(os.path.join(output_folder, f)):
                 raise MeshRepairError(f"{os.path.join(output_folder, f)} exists; pass --overwrite to replace it")
     os.makedirs(output_folder, exist_ok=True)
-    result = {"input_folder": os.path.abspath(input_folder), "gap_mm": gap_mm, "rings": rings, "cases": {},
+    result = {"input_folder": os.path.abspath(input_folder), "gap_mm": gap_mm, "rings": rings, "tangled": tangled,
+              "cases": {},
               "cases_not_repaired": []}
     out_listing = {k: v for k, v in listing.items() if k not in ("cases", "cases_without_mesh")}
     out_listing.update({"repaired_from": os.path.abspath(input_folder), "repair": "repair.json", "cases": {},
@@ -438,7 +477,7 @@ def repair_mesh_folder(input_folder: str, output_folder: str, dataset_json, gap_
                 meshes[s] = read_mesh(path)
                 point_data[s] = read_point_data(path) if path.endswith((".vtk", ".vtp")) else {}
         try:
-            repaired, report = repair_case(meshes, spec, gap_mm, rings, case=case)
+            repaired, report = repair_case(meshes, spec, gap_mm, rings, case=case, tangled=tangled)
         except MeshRepairError as e:
             result["cases"][case] = {"error": str(e)}
             result["cases_not_repaired"].append(case)
@@ -447,11 +486,23 @@ def repair_mesh_folder(input_folder: str, output_folder: str, dataset_json, gap_
             continue
         entry = dict(listing.get("cases", {}).get(case, {}))
         entry.pop("segmentation", None)  # the segmentation stays in the input folder (not repaired)
+        remeshed = {s for s, m in report["meshes"].items() if m["remeshed"]}
         for s, path in files.items():
+            data = point_data[s]
+            if s in remeshed and data:
+                data = transfer_point_data(meshes[s].vertices, repaired[s].vertices, data)
             export_mesh(repaired[s], os.path.join(output_folder, os.path.basename(path)), overwrite=True,
-                        point_data=point_data[s] or None)
-        for f in sidecars[case].values():
-            shutil.copyfile(os.path.join(input_folder, f), os.path.join(output_folder, f))
+                        point_data=data or None)
+        for s, f in sidecars[case].items():
+            if s in remeshed:
+                spread = np.load(os.path.join(input_folder, f))
+                if len(spread) != len(meshes[s].vertices):
+                    raise MeshRepairError(f"{os.path.join(input_folder, f)} has {len(spread)} values, its mesh "
+                                          f"{len(meshes[s].vertices)} vertices")
+                moved = transfer_point_data(meshes[s].vertices, repaired[s].vertices, {"spread": spread})
+                np.save(os.path.join(output_folder, f), moved["spread"])
+            else:
+                shutil.copyfile(os.path.join(input_folder, f), os.path.join(output_folder, f))
         entry["files"] = {s: os.path.basename(p) for s, p in files.items()}
         out_listing["cases"][case] = entry
         result["cases"][case] = {**report, "seconds": round(time.time() - t0, 2)}

@@ -94,8 +94,8 @@ def test_meshes_that_already_hold_the_rules_are_not_moved():
                                                    sphere(8.0, (15, 0, 0)).faces[1:], process=False)),
      GAP, r"mesh RV cannot be repaired.*not a closed 2-manifold"),
     ("self-intersecting beyond untangling", None, GAP,
-     r"mesh RV cannot be repaired, it is not a valid closed surface even after untangling its folds: intersects "
-     r"itself"),
+     r"mesh RV cannot be repaired, it is not a valid closed surface even after untangling its folds \(--tangled "
+     r"remesh re-meshes it\): intersects itself"),
     ("RV entirely inside LV_epi", dict(heart(), RV=sphere(2.0, (0, 5.0, 0))), GAP,
      r"case c1, rule mesh_exclusion\(RV,LV_epi\): 100% of RV's volume violates the rule .*not a local defect"),
     ("zero gap", heart(), 0.0, r"gap_mm must be a positive"),
@@ -103,13 +103,87 @@ def test_meshes_that_already_hold_the_rules_are_not_moved():
      r"case c1: no mesh for \['LV_endo'\], which rule mesh_inclusion\(LV_endo in LV_epi\) needs"),
 ])
 def test_error_paths_name_the_case_and_the_problem(what, meshes, gap, pattern):
+    kwargs = {}
     if meshes is None:  # a vertex pulled far through the sphere and out the other side: no local relaxation helps
         bad = sphere(8.0, (15, 0, 0))
         v = np.array(bad.vertices)
         v[0] = np.array([15.0, 0, 0]) - 3.0 * (v[0] - np.array([15.0, 0, 0]))
         meshes = dict(heart(), RV=trimesh.Trimesh(v, bad.faces, process=False))
+        kwargs = {"tangled": "refuse"}  # (the default re-meshes it: the next tests)
     with pytest.raises(MeshRepairError, match=pattern):
-        repair_case(meshes, SPEC, gap, max_iterations=15, case="c1")
+        repair_case(meshes, SPEC, gap, max_iterations=15, case="c1", **kwargs)
+
+
+def dented(r, centre, sub=2):
+    """An icosphere whose top cap is pushed down through its own bottom: a surface that crosses itself in dozens
+    of faces, which no small relaxation untangles (a deep fold of a deformed template)."""
+    m = trimesh.creation.icosphere(sub, radius=r)
+    v = np.array(m.vertices)
+    cap = v[:, 2] > 0.4 * r
+    v[cap, 2] = 0.4 * r - 2.5 * (v[cap, 2] - 0.4 * r)
+    return trimesh.Trimesh(v + np.asarray(centre, float), m.faces, process=False)
+
+
+def test_remesh_of_a_self_crossing_mesh_is_the_boundary_of_its_enclosed_volume():
+    import torch
+
+    from nnunet_topo.occupancy import winding_number
+    from nnunet_topo.remesh import remesh_enclosed_volume
+
+    tangled = dented(10.0, (0, 0, 0), sub=3)
+    assert "intersects itself" in mesh_invalid_reason(tangled)
+    out, report = remesh_enclosed_volume(tangled)
+    assert mesh_invalid_reason(out) is None and report["smoothed"]
+    # the enclosed volume (winding number > 1/2) by Monte Carlo with the solid-angle winding number, independent of
+    # the ray-crossing grid the re-meshing uses
+    rng = np.random.default_rng(0)
+    lo, hi = np.asarray(tangled.vertices).min(0) - 1, np.asarray(tangled.vertices).max(0) + 1
+    p = rng.uniform(lo, hi, (100_000, 3))
+    w = winding_number(torch.tensor(p), torch.tensor(np.asarray(tangled.vertices)), torch.tensor(tangled.faces))
+    enclosed = float((w > 0.5).double().mean()) * float(np.prod(hi - lo))
+    assert abs(tangled.volume - enclosed) > 0.01 * enclosed  # the crossing surface's signed volume is not it
+    assert report["volume_mm3_before"] == pytest.approx(enclosed, rel=0.02)  # the grid's occupancy
+    assert out.volume == pytest.approx(enclosed, rel=0.06)  # after smoothing (thin walls shrink a little)
+    # every output vertex lies on the input surface up to the grid spacing
+    assert report["max_output_to_input_mm"] <= report["grid_mm"]
+    assert report["max_input_to_output_mm"] > 2.0  # the fold's inside-out sheet is cut away, as intended
+
+
+def spiked(r, centre, sub=2):
+    """An icosphere whose top vertex is pulled through the sphere and 2r out of its bottom: a spike whose faces
+    cross the sphere's, far from the septum, which no small relaxation untangles."""
+    m = sphere(r, centre, sub)
+    v = np.array(m.vertices)
+    k = int(np.argmax(v[:, 2]))
+    v[k] = np.asarray(centre, float) - 3.0 * (v[k] - np.asarray(centre, float))
+    return trimesh.Trimesh(v, m.faces, process=False)
+
+
+def test_a_mesh_folded_through_itself_is_remeshed_repaired_and_keeps_its_point_data(tmp_path):
+    from nnunet_topo.mesh_repair import repair_mesh_folder
+
+    meshes = dict(heart(), RV=spiked(8.0, (15, 0, 0)))
+    assert "intersects itself" in mesh_invalid_reason(meshes["RV"])
+    inp = tmp_path / "meshes"
+    inp.mkdir()
+    for s, m in meshes.items():
+        export_mesh(m, str(inp / f"c1_{s}.vtp"), point_data={"spread_mm": np.arange(len(m.vertices), dtype=float)})
+    before = _digest(inp)
+    result = repair_mesh_folder(str(inp), str(tmp_path / "out"), DJ)
+    assert _digest(inp) == before and result["cases_not_repaired"] == []
+    rv_report = result["cases"]["c1"]["meshes"]["RV"]
+    assert rv_report["remeshed"] and rv_report["self_crossing_face_pairs_before"] > 0
+    assert result["cases"]["c1"]["meshes"]["LV_epi"]["remeshed"] is None
+    out = {s: read_mesh(str(tmp_path / "out" / f"c1_{s}.vtp")) for s in meshes}
+    assert len(out["RV"].faces) == rv_report["remeshed"]["faces_after"] != len(meshes["RV"].faces)
+    assert rv_report["max_displacement_mm"] <= 3.0 + GAP + SLACK  # the push through LV_epi, as for a template mesh
+    for m in out.values():
+        assert mesh_invalid_reason(m) is None
+    assert exact_violating_volume_mm3(out["RV"], [out["LV_epi"]], True) == 0.0
+    assert surface_gap_mm(out["RV"], [out["LV_epi"]], True, 2 * GAP + 1) >= GAP * (1 - 1e-3)
+    spread = read_point_data(str(tmp_path / "out" / "c1_RV.vtp"))["spread_mm"]
+    assert len(spread) == len(out["RV"].vertices)  # carried over from the nearest input vertex
+    assert set(np.unique(spread)) <= set(range(len(meshes["RV"].vertices)))
 
 
 def _digest(folder):

@@ -31,12 +31,18 @@ def repair_meshes_entry(argv: Optional[Sequence[str]] = None) -> None:
                         help=f"margin between repaired surfaces in mm (default {DEFAULT_GAP_MM})")
     parser.add_argument("--rings", type=int, default=2,
                         help="neighbourhood (edges) over which a vertex's displacement is smoothed out (default 2)")
+    parser.add_argument("--tangled", choices=("remesh", "refuse"), default="remesh",
+                        help="a mesh that crosses itself and cannot be untangled by small moves: 'remesh' rebuilds "
+                             "it as the boundary of the volume it encloses (winding number > 0; its vertex order "
+                             "and count change, per-vertex data come from the nearest input vertex), 'refuse' "
+                             "reports its case as not repaired (default remesh)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files in -o")
     args = parser.parse_args(argv)
     with exit_on_user_errors(MeshRepairError, TopologySpecError, EvaluationError):
         if not os.path.isfile(args.djfile):
             raise MeshRepairError(f"dataset.json not found: {args.djfile}")
-        result = repair_mesh_folder(args.i, args.o, args.djfile, args.gap_mm, args.rings, args.overwrite)
+        result = repair_mesh_folder(args.i, args.o, args.djfile, args.gap_mm, args.rings, args.overwrite,
+                                    tangled=args.tangled)
     print(format_repair_table(result))
     failed = result["cases_not_repaired"]
     if failed:
