@@ -208,6 +208,12 @@ def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], excl
     # so that the loop does not creep towards the gap by ever smaller steps (closest points change faces as
     # vertices move); the exact verification accepts a gap of gap * (1 - 1e-3)
     overshoot, tol = 2e-3 * gap, 1e-3 * gap
+    # a few vertices can also trade tiny moves for ever (a push off one fixed face nudges a neighbour towards
+    # another, a poked face moves a vertex another rule point needs): after `stall_after` iterations in a row whose
+    # moves are all below a tenth of the gap the exact check runs (the vertex criterion is stricter than it); if it
+    # fails, the target gap of the vertices still moving and their neighbours grows by gap / 8, and so does the gap
+    # poked faces keep, so that they land clear of the oscillation (at most `max_unstalls` times)
+    small_steps, stall_after, unstalled, max_unstalls = 0, 10, 0, 8
     for it in range(1, max_iterations + 1):
         target_gap = gap + overshoot + extra
         closest, sd, out = _signed_side(v, fixed[0])
@@ -222,13 +228,16 @@ def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], excl
                 need = np.where(-sd_o >= gap, -np.inf, need)
         # the other way round: a vertex of the fixed mesh inside the moving mesh, or nearer than the gap to its
         # surface from the wrong side, pokes between the moving mesh's vertices; the face it pokes moves away
-        poke = _poke_displacements(v, faces, fixed[0], gap + overshoot, tol) if len(fixed) == 1 else np.zeros_like(v)
+        poke_gap = gap + overshoot + unstalled * gap / 8
+        poke = _poke_displacements(v, faces, fixed[0], poke_gap, tol) if len(fixed) == 1 else np.zeros_like(v)
         moved = (need > tol) | (np.linalg.norm(poke, axis=1) > tol)
-        if not moved.any():
+        stalled = small_steps >= stall_after
+        if not moved.any() or stalled:  # the loop's criterion is stricter than the exact check, which decides
             m = trimesh.Trimesh(v, faces, process=False)
             volume, got_gap, self_cross = _verify(m, fixed, exclusion, gap)
             if volume <= 1e-9 * max(abs(float(m.volume)), 1.0) and got_gap >= gap * (1 - 1e-3) and self_cross is None:
                 return v, it, volume, got_gap
+            small_steps = 0
             if self_cross is not None:  # a fold where moved and resting vertices meet: relax it, then push again
                 untangled += 1
                 if untangled > max_untangles:
@@ -236,13 +245,18 @@ def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], excl
                                           "better prediction needed)")
                 v = _untangle(v, faces, rings + 1, attempts=1)
                 continue
-            last = f"violating volume {volume:.4g} mm³, gap {got_gap:.4g} mm after {it} iteration(s)"
-            widened += 1
-            if widened > max_widenings:  # the vertices are all clear and yet the volumes overlap: not a local fix
-                break
-            near = np.abs(sd) < gap + extra + edge  # the chord case: widen the gap where the surfaces are close
-            extra[near] += gap / 4
-            continue
+            if moved.any():  # stalled and not yet verified: lift the oscillating vertices clear, then go on
+                if unstalled < max_unstalls:
+                    extra[_grow(adj, moved, 1)] += gap / 8
+                    unstalled += 1
+            else:
+                last = f"violating volume {volume:.4g} mm³, gap {got_gap:.4g} mm after {it} iteration(s)"
+                widened += 1
+                if widened > max_widenings:  # all vertices clear and yet the volumes overlap: not a local fix
+                    break
+                near = np.abs(sd) < gap + extra + edge  # the chord case: widen the gap where the surfaces are close
+                extra[near] += gap / 4
+                continue
         # a step of at most half an edge, so that no vertex jumps over its neighbours; then the moved patch relaxes
         # tangentially (vertex spacing evened out, no shrinking) so that the rim of the patch does not fold
         last = (f"{int(moved.sum())} vertices still to move, up to {float(max(need.max(), 0.0)):.3g} mm, after {it} "
@@ -250,12 +264,14 @@ def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], excl
         disp = np.where((need > tol)[:, None], target - v, 0.0)
         disp = np.where((np.linalg.norm(poke, axis=1) > np.linalg.norm(disp, axis=1))[:, None], poke, disp)
         size = np.linalg.norm(disp, axis=1)
+        small_steps = small_steps + 1 if size.max() < 0.1 * gap else 0
         disp *= (np.minimum(size, 0.5 * edge) / np.maximum(size, 1e-12))[:, None]
         v = v + _harmonic_extension(adj, moved, disp, rings)
         if size.max() > 0.5 * edge:  # large moves: keep the patch untangled (the last small ones converge)
             v = _relax(v, faces, adj, _grow(adj, moved, rings), iterations=2)
     raise MeshRepairError(f"not repaired ({last}; the gap was widened {widened} time(s), at most {max_widenings}, "
-                          f"and {max_iterations} iterations are allowed)")
+                          f"locally against oscillation {unstalled} time(s), and {max_iterations} iterations are "
+                          "allowed)")
 
 
 # ------------------------------------------------------------------------------------------------ one case
