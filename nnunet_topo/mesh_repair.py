@@ -275,6 +275,26 @@ def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], excl
 
 
 # ------------------------------------------------------------------------------------------------ one case
+def _rings_for(old: trimesh.Trimesh, new: trimesh.Trimesh, rings: int) -> int:
+    """Smoothing rings on a re-meshed surface that keep the neighbourhood's width in mm (finer edges, more rings)."""
+    ratio = float(np.mean(old.edges_unique_length) / np.mean(new.edges_unique_length))
+    return max(rings, int(math.ceil(rings * ratio)))
+
+
+def _carving(name: str, meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap: float) -> dict:
+    """``remesh_enclosed_volume`` keywords that carve a re-meshed mesh by the rules in which it moves: outside
+    the second mesh of its exclusions, inside the outer mesh of its inclusions (not where openings are allowed),
+    each by the gap (the meshes as given; a tangled one still encloses a volume)."""
+    out, inside = [], []
+    for r in mesh_rules_in_force(spec)[0]:
+        if isinstance(r, MeshExclusionRule):
+            if r.a == name and r.b in meshes:
+                out.append((meshes[r.b], gap))
+        elif r.inner == name and r.outer in meshes and not any(m in meshes for m in r.may_touch):
+            inside.append((meshes[r.outer], gap))
+    return {"outside_of": out, "inside_of": inside}
+
+
 def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_mm: float = DEFAULT_GAP_MM,
                 rings: int = 2, max_iterations: int = 200, max_rounds: int = 4, case: str = "case",
                 max_violating_share: float = 0.5,
@@ -320,23 +340,22 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
             crossings[name] = int(len(self_intersecting_faces(v, f)))
             v = _untangle(v, f, rings)
             reason = mesh_invalid_reason(trimesh.Trimesh(v, f, process=False))
-            if reason and tangled == "remesh":  # still folded: the boundary of the volume it encloses
+            if reason and tangled == "remesh":  # still folded: the boundary of the volume it encloses, carved
                 try:
-                    new, remeshed[name] = remesh_enclosed_volume(m)
+                    new, remeshed[name] = remesh_enclosed_volume(m, **_carving(name, meshes, spec, gap_mm))
                 except RemeshError as e:
                     reason = f"{reason}; re-meshing its enclosed volume failed: {e}"
                 else:
                     v, f, reason = np.asarray(new.vertices, np.float64), np.asarray(new.faces), None
-                    # the smoothing neighbourhood keeps its width in mm on the finer re-meshed surface
-                    ratio = float(np.mean(m.edges_unique_length) / np.mean(new.edges_unique_length))
-                    rings_of[name] = max(rings, int(math.ceil(rings * ratio)))
-                    remeshed[name]["rings"] = rings_of[name]
+                    remeshed[name]["why"] = "it crosses itself beyond untangling"
+                    rings_of[name] = _rings_for(m, new, rings)
         if reason:
             how = " even after untangling its folds" if name in crossings else ""
             how += " (--tangled remesh re-meshes it)" if name in crossings and tangled == "refuse" else ""
             raise MeshRepairError(f"case {case}: mesh {name} cannot be repaired, it is not a valid closed surface"
                                   f"{how}: {reason}")
         work[name] = trimesh.Trimesh(v, f, process=False)
+    remeshed_on_input = list(remeshed)
     in_force, _ = mesh_rules_in_force(spec)
     rules = []
     for r in in_force:
@@ -367,9 +386,24 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
         for r in rules:
             mv, fx, excl = parts(r)
             try:
-                v, iterations, *verified[r.name] = _repair_rule(work[mv], [work[f] for f in fx], excl, gap_mm,
-                                                                rings_of[mv],
-                                                                max_iterations)
+                try:
+                    v, iterations, *verified[r.name] = _repair_rule(work[mv], [work[f] for f in fx], excl, gap_mm,
+                                                                    rings_of[mv], max_iterations)
+                except MeshRepairError as e:
+                    # the vertex loop folds the mesh (a thin part pushed through itself): with --tangled remesh,
+                    # the mesh is re-meshed from its enclosed volume, carved by its rules, and the rule tried again
+                    if tangled != "remesh" or mv in remeshed or "intersects itself" not in str(e):
+                        raise
+                    try:
+                        new, remeshed[mv] = remesh_enclosed_volume(work[mv], **_carving(mv, work, spec, gap_mm))
+                    except RemeshError as e2:
+                        raise MeshRepairError(f"{e}; re-meshing it failed: {e2}") from None
+                    remeshed[mv]["why"] = f"moving it for rule {r.name} folded it: {e}"
+                    rings_of[mv] = _rings_for(work[mv], new, rings)
+                    work[mv] = new
+                    v, iterations, *verified[r.name] = _repair_rule(work[mv], [work[f] for f in fx], excl, gap_mm,
+                                                                    rings_of[mv], max_iterations)
+                    iterations = max(iterations, 2)  # the mesh changed
             except MeshRepairError as e:
                 raise MeshRepairError(f"case {case}, rule {r.name} (moving {mv}): {e}") from None
             if iterations > 1:
@@ -382,7 +416,13 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
     # the last round moved nothing, so each rule's verification in it is of the final meshes
     report_rules = {r.name: {"moved_mesh": parts(r)[0], "violating_volume_mm3_before": before[r.name],
                              "violating_volume_mm3_after": verified[r.name][0], "gap_mm_after": verified[r.name][1],
-                             "method": "exact"} for r in rules}
+                             "method": "exact",
+                             # a mesh crossing itself on input has no exact volume: "before" is of its re-meshed,
+                             # carved surface (its remeshed block gives the carved volume)
+                             "before_measured_on": sorted(set(mesh_rule_meshes(r)) & set(remeshed_on_input))
+                             or "input meshes"} for r in rules}
+    for n in remeshed:
+        remeshed[n]["rings"] = rings_of[n]
     report_meshes = {}
     for n, m in meshes.items():
         if n in remeshed:  # no vertex correspondence: each output vertex's distance to the input surface

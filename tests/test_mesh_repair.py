@@ -173,6 +173,7 @@ def test_a_mesh_folded_through_itself_is_remeshed_repaired_and_keeps_its_point_d
     assert _digest(inp) == before and result["cases_not_repaired"] == []
     rv_report = result["cases"]["c1"]["meshes"]["RV"]
     assert rv_report["remeshed"] and rv_report["self_crossing_face_pairs_before"] > 0
+    assert rv_report["remeshed"]["carved_mm3"] > 0  # the part within the gap of LV_epi, cut before meshing
     assert result["cases"]["c1"]["meshes"]["LV_epi"]["remeshed"] is None
     out = {s: read_mesh(str(tmp_path / "out" / f"c1_{s}.vtp")) for s in meshes}
     assert len(out["RV"].faces) == rv_report["remeshed"]["faces_after"] != len(meshes["RV"].faces)
