@@ -229,3 +229,31 @@ def test_cli_repairs_a_folder_keeps_point_data_and_never_touches_the_input(tmp_p
         proc = run_cli(args, dict(os.environ), check=False)
         assert proc.returncode == 2 and msg in proc.stderr, (args, proc.stderr)
     assert _digest(inp) == before
+
+
+def test_a_mesh_the_vertex_loop_folds_is_remeshed_carved_and_verified(monkeypatch):
+    """The fallback when pushing a thin part folds a valid mesh through itself (seen on the demo's LV_endo): the
+    first vertex-loop attempt on the RV is made to fail as it does then; the re-meshing, the carving and the
+    second attempt are real, and the result is checked exactly here."""
+    import nnunet_topo.mesh_repair as mr
+
+    real, calls = mr._repair_rule, []
+
+    def folding_once(moving, fixed, exclusion, gap, rings, max_iterations):
+        calls.append(len(moving.vertices))
+        if len(calls) == 1:
+            raise MeshRepairError("the moved mesh intersects itself (3 pair(s) of crossing faces)")
+        return real(moving, fixed, exclusion, gap, rings, max_iterations)
+
+    monkeypatch.setattr(mr, "_repair_rule", folding_once)
+    meshes = heart()
+    repaired, report = repair_case(meshes, SPEC, GAP)
+    rv = report["meshes"]["RV"]["remeshed"]
+    assert rv and "folded it" in rv["why"] and rv["carved_mm3"] > 0 and calls[1] != calls[0]
+    assert report["rules"]["mesh_exclusion(RV,LV_epi)"]["before_measured_on"] == "input meshes"
+    assert mesh_invalid_reason(repaired["RV"]) is None
+    assert exact_violating_volume_mm3(repaired["RV"], [repaired["LV_epi"]], True) == 0.0
+    assert surface_gap_mm(repaired["RV"], [repaired["LV_epi"]], True, 2 * GAP + 1) >= GAP * (1 - 1e-3)
+    with pytest.raises(MeshRepairError, match="intersects itself"):  # --tangled refuse: no re-meshing
+        calls.clear()
+        repair_case(meshes, SPEC, GAP, tangled="refuse")
