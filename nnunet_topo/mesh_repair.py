@@ -22,9 +22,13 @@ the voxel rules read on meshes) the repair moves the vertices of one mesh of the
   overlap, e.g. one mesh swallowed by the other, is no local defect and is reported as not repairable).
 
 Rules are repaired in order, in rounds (a mesh moved by one rule may be the fixed mesh of another), until every
-rule passes the exact check in the same round, or :class:`MeshRepairError` names the case and rule. A mesh that crosses itself on input (a fold of a deformed template; predicted meshes often have a few) is
-untangled first: the neighbourhood of its crossing faces is relaxed tangentially until no face crosses another
-(its vertices count as moved). Open or non-manifold meshes are errors. The input meshes are never touched; per case
+rule passes the exact check in the same round, or :class:`MeshRepairError` names the case and rule. A mesh that
+crosses itself on input (a fold of a deformed template; predicted meshes often have a few) is untangled first: the
+neighbourhood of its crossing faces is relaxed tangentially until no face crosses another (its vertices count as
+moved). With ``tangled="remesh"`` (the default), a mesh still crossing itself then, or one the vertex loop folds
+while pushing it, is re-meshed as the boundary of the volume it encloses, carved by the rules it moves in
+(:func:`nnunet_topo.remesh.remesh_enclosed_volume`; its vertex correspondence is lost). Open or non-manifold
+meshes are errors. The input meshes are never touched; per case
 and mesh the self-crossing face pairs found on input, the maximum and mean vertex displacement, the number of moved
 vertices and, per rule, the violating volume before/after and the gap after are reported.
 """
@@ -51,6 +55,10 @@ DEFAULT_GAP_MM = 0.5
 
 class MeshRepairError(ValueError):
     """A case the repair cannot fix (the message names the case, the rule and why)."""
+
+
+class _FoldedError(MeshRepairError):
+    """The vertex loop made the moving mesh cross itself and untangling did not undo it."""
 
 
 # ------------------------------------------------------------------------------------------------ geometry
@@ -241,8 +249,8 @@ def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], excl
             if self_cross is not None:  # a fold where moved and resting vertices meet: relax it, then push again
                 untangled += 1
                 if untangled > max_untangles:
-                    raise MeshRepairError(f"the moved mesh {self_cross} (more smoothing rings, a smaller gap, or a "
-                                          "better prediction needed)")
+                    raise _FoldedError(f"the moved mesh {self_cross} (more smoothing rings, a smaller gap, or a "
+                                       "better prediction needed)")
                 v = _untangle(v, faces, rings + 1, attempts=1)
                 continue
             if moved.any():  # stalled and not yet verified: lift the oscillating vertices clear, then go on
@@ -275,16 +283,12 @@ def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], excl
 
 
 # ------------------------------------------------------------------------------------------------ one case
-def _rings_for(old: trimesh.Trimesh, new: trimesh.Trimesh, rings: int) -> int:
-    """Smoothing rings on a re-meshed surface that keep the neighbourhood's width in mm (finer edges, more rings)."""
-    ratio = float(np.mean(old.edges_unique_length) / np.mean(new.edges_unique_length))
-    return max(rings, int(math.ceil(rings * ratio)))
-
-
-def _carving(name: str, meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap: float) -> dict:
-    """``remesh_enclosed_volume`` keywords that carve a re-meshed mesh by the rules in which it moves: outside
-    the second mesh of its exclusions, inside the outer mesh of its inclusions (not where openings are allowed),
-    each by the gap (the meshes as given; a tangled one still encloses a volume)."""
+def _remesh_carved(name: str, meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap: float, rings: int,
+                   why: str) -> Tuple[trimesh.Trimesh, dict]:
+    """``meshes[name]`` re-meshed from the volume it encloses, carved by the rules in which it moves: outside the
+    second mesh of its exclusions, inside the outer mesh of its inclusions (not where openings are allowed), each by
+    the gap (the other meshes as given; a tangled one still encloses a volume). The report adds ``why`` and the
+    smoothing ``rings`` that keep the neighbourhood's width in mm on the finer surface. Raises :class:`RemeshError`."""
     out, inside = [], []
     for r in mesh_rules_in_force(spec)[0]:
         if isinstance(r, MeshExclusionRule):
@@ -292,7 +296,10 @@ def _carving(name: str, meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpe
                 out.append((meshes[r.b], gap))
         elif r.inner == name and r.outer in meshes and not any(m in meshes for m in r.may_touch):
             inside.append((meshes[r.outer], gap))
-    return {"outside_of": out, "inside_of": inside}
+    new, report = remesh_enclosed_volume(meshes[name], outside_of=out, inside_of=inside)
+    ratio = float(np.mean(meshes[name].edges_unique_length) / np.mean(new.edges_unique_length))
+    report.update(why=why, rings=max(rings, int(math.ceil(rings * ratio))))
+    return new, report
 
 
 def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_mm: float = DEFAULT_GAP_MM,
@@ -309,9 +316,10 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
         max_iterations, max_rounds: iterations per rule and round, rounds over all rules.
         max_violating_share: a rule whose violating volume exceeds this share of the moving mesh's volume is not
             repaired (an error: not a local defect).
-        tangled: a mesh that still crosses itself after untangling is ``"remesh"``-ed as the boundary of the
-            volume it encloses (:func:`nnunet_topo.remesh.remesh_enclosed_volume`; its vertex order is lost) or
-            ``"refuse"``-d (an error).
+        tangled: a mesh that still crosses itself after untangling, or that the vertex loop folds, is
+            ``"remesh"``-ed as the boundary of the volume it encloses, carved by its rules
+            (:func:`nnunet_topo.remesh.remesh_enclosed_volume`; its vertex order is lost) or ``"refuse"``-d (an
+            error).
         case: name used in messages.
 
     Returns:
@@ -332,7 +340,10 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
     if tangled not in ("remesh", "refuse"):
         raise MeshRepairError(f"tangled must be 'remesh' or 'refuse', got {tangled!r}")
     work, crossings, remeshed = {}, {}, {}
-    rings_of = {name: rings for name in meshes}
+
+    def rings_of(name: str) -> int:  # a re-meshed surface is finer: more rings for the same width in mm
+        return remeshed[name]["rings"] if name in remeshed else rings
+
     for name, m in meshes.items():
         v, f = np.array(m.vertices, np.float64), np.array(m.faces)
         reason = mesh_invalid_reason(m)
@@ -342,13 +353,12 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
             reason = mesh_invalid_reason(trimesh.Trimesh(v, f, process=False))
             if reason and tangled == "remesh":  # still folded: the boundary of the volume it encloses, carved
                 try:
-                    new, remeshed[name] = remesh_enclosed_volume(m, **_carving(name, meshes, spec, gap_mm))
+                    new, remeshed[name] = _remesh_carved(name, meshes, spec, gap_mm, rings,
+                                                         "it crosses itself beyond untangling")
                 except RemeshError as e:
                     reason = f"{reason}; re-meshing its enclosed volume failed: {e}"
                 else:
                     v, f, reason = np.asarray(new.vertices, np.float64), np.asarray(new.faces), None
-                    remeshed[name]["why"] = "it crosses itself beyond untangling"
-                    rings_of[name] = _rings_for(m, new, rings)
         if reason:
             how = " even after untangling its folds" if name in crossings else ""
             how += " (--tangled remesh re-meshes it)" if name in crossings and tangled == "refuse" else ""
@@ -388,21 +398,19 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
             try:
                 try:
                     v, iterations, *verified[r.name] = _repair_rule(work[mv], [work[f] for f in fx], excl, gap_mm,
-                                                                    rings_of[mv], max_iterations)
-                except MeshRepairError as e:
+                                                                    rings_of(mv), max_iterations)
+                except _FoldedError as e:
                     # the vertex loop folds the mesh (a thin part pushed through itself): with --tangled remesh,
                     # the mesh is re-meshed from its enclosed volume, carved by its rules, and the rule tried again
-                    if tangled != "remesh" or mv in remeshed or "intersects itself" not in str(e):
+                    if tangled != "remesh" or mv in remeshed:
                         raise
                     try:
-                        new, remeshed[mv] = remesh_enclosed_volume(work[mv], **_carving(mv, work, spec, gap_mm))
+                        work[mv], remeshed[mv] = _remesh_carved(mv, work, spec, gap_mm, rings,
+                                                                f"moving it for rule {r.name} folded it: {e}")
                     except RemeshError as e2:
                         raise MeshRepairError(f"{e}; re-meshing it failed: {e2}") from None
-                    remeshed[mv]["why"] = f"moving it for rule {r.name} folded it: {e}"
-                    rings_of[mv] = _rings_for(work[mv], new, rings)
-                    work[mv] = new
                     v, iterations, *verified[r.name] = _repair_rule(work[mv], [work[f] for f in fx], excl, gap_mm,
-                                                                    rings_of[mv], max_iterations)
+                                                                    rings_of(mv), max_iterations)
                     iterations = max(iterations, 2)  # the mesh changed
             except MeshRepairError as e:
                 raise MeshRepairError(f"case {case}, rule {r.name} (moving {mv}): {e}") from None
@@ -421,8 +429,6 @@ def repair_case(meshes: Mapping[str, trimesh.Trimesh], spec: TopologySpec, gap_m
                              # carved surface (its remeshed block gives the carved volume)
                              "before_measured_on": sorted(set(mesh_rule_meshes(r)) & set(remeshed_on_input))
                              or "input meshes"} for r in rules}
-    for n in remeshed:
-        remeshed[n]["rings"] = rings_of[n]
     report_meshes = {}
     for n, m in meshes.items():
         if n in remeshed:  # no vertex correspondence: each output vertex's distance to the input surface
@@ -551,12 +557,12 @@ def repair_mesh_folder(input_folder: str, output_folder: str, dataset_json, gap_
                         point_data=data or None)
         for s, f in sidecars[case].items():
             if s in remeshed:
-                spread = np.load(os.path.join(input_folder, f))
-                if len(spread) != len(meshes[s].vertices):
-                    raise MeshRepairError(f"{os.path.join(input_folder, f)} has {len(spread)} values, its mesh "
-                                          f"{len(meshes[s].vertices)} vertices")
-                moved = transfer_point_data(meshes[s].vertices, repaired[s].vertices, {"spread": spread})
-                np.save(os.path.join(output_folder, f), moved["spread"])
+                spread = {f: np.load(os.path.join(input_folder, f))}
+                try:
+                    np.save(os.path.join(output_folder, f),
+                            transfer_point_data(meshes[s].vertices, repaired[s].vertices, spread)[f])
+                except RemeshError as e:
+                    raise MeshRepairError(f"{os.path.join(input_folder, f)}: {e}") from None
             else:
                 shutil.copyfile(os.path.join(input_folder, f), os.path.join(output_folder, f))
         entry["files"] = {s: os.path.basename(p) for s, p in files.items()}

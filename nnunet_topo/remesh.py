@@ -109,12 +109,13 @@ def remesh_enclosed_volume(mesh: trimesh.Trimesh, grid_mm: Optional[float] = Non
     geometry = ImageGeometry((h, h, h), tuple(float(x) for x in lo), np.eye(3))
     try:
         out = mesh_from_mask(mask, geometry, smoothing_iterations=SMOOTHING_ITERATIONS)
-        smoothed = mesh_invalid_reason(out) is None
+        reason = mesh_invalid_reason(out)
+        smoothed = reason is None
         if not smoothed:
             out = mesh_from_mask(mask, geometry)
+            reason = mesh_invalid_reason(out)
     except MeshBuildError as e:
         raise RemeshError(f"marching cubes of the enclosed volume failed: {e}") from None
-    reason = mesh_invalid_reason(out)
     if reason:
         raise RemeshError(f"the re-meshed surface is not valid: {reason}")
     to_in = closest_points_on_surface(np.asarray(out.vertices), mesh)[1]
@@ -132,9 +133,17 @@ def remesh_enclosed_volume(mesh: trimesh.Trimesh, grid_mm: Optional[float] = Non
 def transfer_point_data(old_vertices: np.ndarray, new_vertices: np.ndarray,
                         arrays: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Per-vertex arrays of a mesh carried over to new vertices: each new vertex takes the values of the nearest
-    old vertex (scipy k-d tree). Arrays whose first axis is not the old vertex count are left out."""
+    old vertex (scipy k-d tree).
+
+    Raises:
+        RemeshError: an array whose first axis is not the old vertex count (named; nothing is dropped silently).
+    """
     from scipy.spatial import cKDTree
 
     old = np.asarray(old_vertices, dtype=np.float64)
+    for k, a in arrays.items():
+        if np.ndim(a) < 1 or len(a) != len(old):
+            raise RemeshError(f"per-vertex data {k!r} has {len(a) if np.ndim(a) else 0} values, its mesh {len(old)} "
+                              "vertices")
     idx = cKDTree(old).query(np.asarray(new_vertices, dtype=np.float64))[1]
-    return {k: np.asarray(a)[idx] for k, a in arrays.items() if np.ndim(a) >= 1 and len(a) == len(old)}
+    return {k: np.asarray(a)[idx] for k, a in arrays.items()}

@@ -242,7 +242,7 @@ def test_a_mesh_the_vertex_loop_folds_is_remeshed_carved_and_verified(monkeypatc
     def folding_once(moving, fixed, exclusion, gap, rings, max_iterations):
         calls.append(len(moving.vertices))
         if len(calls) == 1:
-            raise MeshRepairError("the moved mesh intersects itself (3 pair(s) of crossing faces)")
+            raise mr._FoldedError("the moved mesh intersects itself (3 pair(s) of crossing faces)")
         return real(moving, fixed, exclusion, gap, rings, max_iterations)
 
     monkeypatch.setattr(mr, "_repair_rule", folding_once)
@@ -257,3 +257,12 @@ def test_a_mesh_the_vertex_loop_folds_is_remeshed_carved_and_verified(monkeypatc
     with pytest.raises(MeshRepairError, match="intersects itself"):  # --tangled refuse: no re-meshing
         calls.clear()
         repair_case(meshes, SPEC, GAP, tangled="refuse")
+
+
+def test_point_data_of_the_wrong_length_is_an_error_not_dropped():
+    from nnunet_topo.remesh import RemeshError, transfer_point_data
+
+    old, new = np.zeros((4, 3)), np.ones((2, 3))
+    assert transfer_point_data(old, new, {"a": np.arange(4.0)})["a"].shape == (2,)
+    with pytest.raises(RemeshError, match=r"per-vertex data 'b' has 3 values, its mesh 4 vertices"):
+        transfer_point_data(old, new, {"a": np.arange(4.0), "b": np.arange(3.0)})
