@@ -153,7 +153,9 @@ class MeshAugmentedNetwork(nn.Module):
         if "bottleneck" not in captured or missing:
             raise RuntimeError(
                 "MeshAugmentedNetwork: the forward hooks did not capture the bottleneck/decoder stages "
-                f"{missing}; the wrapped network must call .encoder and every .decoder.stages[i]."
+                f"{missing}; the wrapped network must call .encoder and every .decoder.stages[i] (under torch.compile"
+                ", the hooks must be registered before the compiled network's first call; nnUNet_compile=f turns "
+                "compilation off)."
             )
         return [captured[i] for i in self.decoder_stage_indices], captured["bottleneck"]
 

@@ -23,15 +23,33 @@ from nnunet_topo.mesh_step import broadcast_from_rank0_, mesh_train_step
 __all__ = ["MeshHeadPassenger"]
 
 
+def _no_donated_buffers() -> None:
+    """Turn off AOTAutograd's donated buffers (an inductor memory saving in the backward) for this process: the
+    bounded mesh share's exact steps go back through the network's graph twice (L_seg's backward with
+    ``retain_graph``, then the features' pull-back), which a compiled backward with donated buffers refuses. Only
+    matters where nnU-Net compiles the network; set before its first call, when the graph is compiled."""
+    import torch._functorch.config as functorch_config
+
+    if getattr(functorch_config, "donated_buffer", False):
+        functorch_config.donated_buffer = False
+
+
 class MeshHeadPassenger:
     """Trainer mixin: the mesh head beside nnU-Net's network (module docstring)."""
 
     # ------------------------------------------------------------------ network (nnU-Net's), head (a passenger)
     def initialize(self):
         """nnU-Net's ``initialize`` (network, nnU-Net's optimiser, loss), then the head beside the network: hooks on
-        the network's encoder and decoder stages, the head's optimiser, poly schedule and GradScaler."""
+        the network's encoder and decoder stages, the head's optimiser, poly schedule and GradScaler.
+
+        nnU-Net compiles its network where it decides to (``_do_i_compile``: CUDA, unless ``nnUNet_compile`` is off);
+        the head stays eager. ``torch.compile`` is lazy: the hooks below are registered on the compiled network's
+        own modules before its first call, so dynamo traces them into the graph (one graph with the capture on, one
+        without; hooks registered after a first compiled call would be ignored). documentation/mesh_trainers.md."""
         if self.was_initialized:
             return super().initialize()
+        if self.mesh_backbone_grad_share > 0:
+            _no_donated_buffers()
         super().initialize()
         net = unwrap_network(self.network)
         self.mesh_model = mesh_network_from_configuration(net, self.configuration_manager.configuration)
@@ -42,13 +60,6 @@ class MeshHeadPassenger:
         self.head_optimizer = torch.optim.Adam(self.mesh_head.parameters(), lr=self.head_lr)
         self.head_lr_scheduler = PolyLRScheduler(self.head_optimizer, self.head_lr, self.num_epochs)
         self.head_grad_scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None
-
-    def _do_i_compile(self) -> bool:
-        # the head's forward hooks sit on the network's own modules and are registered after nnU-Net's initialize;
-        # hooks registered after torch.compile are ignored, so the network is not compiled (mesh_trainers.md)
-        if os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t"):
-            self.print_to_log_file("INFO: torch.compile disabled for the mesh trainers (the head's hooks).")
-        return False
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()

@@ -455,3 +455,80 @@ def test_first_phase_of_the_schedule_is_plain_nnunet(pre, env):
     assert math.isfinite(out["train_projpool"])
     assert any(not torch.allclose(p, q, rtol=0, atol=1e-6) for p, q in zip(plain.network.parameters(),
                                                                            tr.network.parameters()))
+
+
+# ------------------------------------------------------------------ torch.compile: network compiled, head eager (issue 21)
+def _cpp_compiler():
+    import shutil
+
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+
+
+@pytest.mark.skipif(_cpp_compiler() is None, reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
+def test_compiled_network_trains_as_the_eager_one_and_the_head_keeps_its_features(pre, env, monkeypatch):
+    """Issue 21, item 6. nnU-Net compiles its network on CUDA (never on the CPU); here ``_do_i_compile`` is forced on
+    the CPU, where inductor runs. The mesh trainer's network is then nnU-Net's compiled module while the head stays
+    eager: the hooks (registered after ``torch.compile()``, before the first call) are traced, so from the same
+    weights and batches the compiled trainer's losses equal the eager trainer's and its network lands where the
+    eager one does, the bounded mesh share included (it reaches the backbone only through the captured features,
+    and its exact step goes through the compiled graph twice: donated buffers off); validation runs; the
+    checkpoint holds nnU-Net's keys; and a predictor with ``nnUNet_compile=1`` (which compiles on any device) gives
+    mesh prediction a network whose state dict loads strictly."""
+    import copy
+
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from nnunet_topo.mesh_head.network import unwrap_network
+    from nnunet_topo.mesh_prediction import check_mesh_network, mesh_model_from_checkpoints
+
+    torch._dynamo.reset()
+    attrs = dict(topology_start_epoch=0, num_epochs=1, mesh_backbone_grad_share=0.5, mesh_share_every=1,
+                 **FEW_POINTS)
+    plain, eager, b_plain, b_eager = _same_start("nnUNetTrainerMesh", **attrs)
+    head0 = _params(eager.mesh_head)
+    comp = _trainer("nnUNetTrainerMesh", **attrs)
+    comp._do_i_compile = lambda: True
+    comp.initialize()
+    assert isinstance(comp.network, OptimizedModule) and not isinstance(comp.mesh_head, OptimizedModule)
+    net = unwrap_network(comp.network)
+    net.load_state_dict(eager.network.state_dict())
+    comp.mesh_head.load_state_dict(eager.mesh_head.state_dict())
+    comp.on_train_start()
+    comp.on_epoch_start()
+    comp.on_train_epoch_start()
+    b_comp = copy.deepcopy(b_eager)
+    for i in range(2):  # step 1: the head's last layers start at 0 (no feature gradient); step 2: the mesh share
+        plain.train_step(b_plain[i])
+        torch.manual_seed(i)  # the same query points
+        ref = eager.train_step(b_eager[i])
+        torch.manual_seed(i)
+        out = comp.train_step(b_comp[i])
+        # the head read the same features from the compiled network: the same losses (Adam's first steps turn
+        # float-noise gradients of ~0 into full-size updates, so the head's parameters are not compared)
+        assert out["loss"] == pytest.approx(ref["loss"], rel=1e-4)
+        assert out["train_occ"] == pytest.approx(ref["train_occ"], rel=1e-4)
+    assert any(not torch.equal(a, b) for a, b in zip(head0, comp.mesh_head.parameters()))
+    mesh_part = _dist(eager.network, plain.network)  # what the mesh share added to the backbone
+    assert mesh_part > 1e-7 and _dist(net, eager.network) < 0.1 * mesh_part
+
+    comp.on_validation_epoch_start()
+    val = comp.validation_step(copy.deepcopy(b_comp[2]))
+    assert np.isfinite(val["loss"]) and math.isfinite(val["val_occ"])
+    path = os.path.join(comp.output_folder, "checkpoint_compiled.pth")
+    comp.save_checkpoint(path)
+    assert torch.load(path, weights_only=False)["network_weights"].keys() == net.state_dict().keys()
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    monkeypatch.setenv("nnUNet_compile", "1")
+    predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False)
+    predictor.initialize_from_trained_model_folder(comp.output_folder_base, use_folds=(0,),
+                                                   checkpoint_name="checkpoint_compiled.pth")
+    assert isinstance(predictor.network, OptimizedModule)
+    network, params = mesh_model_from_checkpoints(predictor, comp.output_folder_base, [0], "checkpoint_compiled.pth")
+    mnet = check_mesh_network(network)
+    mnet.load_state_dict(params[0], strict=True)
+    mnet.eval()
+    with torch.no_grad():
+        _, meshes = mnet.forward_with_meshes(b_comp[2]["data"][:1])
+    assert len(meshes) == 3 and all(torch.isfinite(m).all() for m in meshes)
