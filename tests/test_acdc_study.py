@@ -310,6 +310,28 @@ def test_collector_compares_projpool_from_scratch_with_the_plain_run_only(tmp_pa
     assert [g["status"] for g in goal] == [status]
 
 
+def test_collector_head_only_row_starts_from_the_control_and_measures_the_mesh_share(tmp_path, capsys):
+    """The head alone on the control's frozen network (share 0) is a mesh row started from the control (its
+    iterations after the backbone count the control's), and Mesh (default share) is compared with it per case."""
+    work = fake_work(tmp_path)
+    train_folder(work, col.HEAD_ONLY, 10, 100, seed=1)
+    (work / "eval" / f"{col.HEAD_ONLY}_label.json").write_text(json.dumps(label_summary()))
+    (work / "eval" / f"{col.HEAD_ONLY}_mesh.json").write_text(json.dumps(mesh_summary(0.02, dice=0.75, chamfer=3.5)))
+    out = tmp_path / "r.json"
+    assert col.main(["--work", str(work), "--out", str(out)]) == 0
+    r = strict_json(out)
+    t = r["trainers"][col.HEAD_ONLY]
+    assert t["started_from"] == col.CONTROL and t["iterations_after_backbone"] == 2000
+    assert "volume_ratio" in t["mesh"]
+    share = r["differences"]["mesh_share_vs_head_only"]
+    # Mesh (dice 0.8, Chamfer 3.0, TVS 0.10; case 3 unmeshed) minus head-only (0.75, 3.5, 0.02), paired on 3 cases
+    assert share["mesh_Dice_RV"]["estimate"] == pytest.approx(0.05) and share["mesh_Dice_RV"]["n"] == 3
+    assert share["Chamfer_mean"]["estimate"] == pytest.approx(-0.5)
+    assert share["mesh_TVS"]["estimate"] == pytest.approx(0.08)
+    assert col.HEAD_ONLY in r["differences"]["head_vs_marching_cubes"]
+    assert "The mesh share:" in capsys.readouterr().out
+
+
 def test_collector_merges_an_earlier_fine_tune_run_and_moves_only_once(tmp_path):
     out = tmp_path / "acdc_fold0.json"
     assert col.main(["--work", str(fake_work(tmp_path / "a")), "--out", str(out)]) == 0
@@ -581,7 +603,7 @@ def test_study_stages_evaluate_external_collect_with_stubbed_nnunet(seg_folder, 
 
 
 def test_backbone_dice_goals_on_pseudo_dice_history():
-    from nnunet_topo.trainers.nnUNetTrainer_shortRuns import ACDC_BACKBONE_GOALS, pseudo_dice_goals_met
+    from nnunet_topo.trainers.nnUNetTrainer_acdcFinetune import ACDC_BACKBONE_GOALS, pseudo_dice_goals_met
 
     index = {"RV": 0, "MYO": 1, "LV": 2}
     met = [0.80, 0.80, 0.95]

@@ -33,7 +33,7 @@ SHORT_TRAINERS = textwrap.dedent('''
     from nnunet_topo.trainers.nnUNetTrainerMeshROI import nnUNetTrainerMeshROI
     from nnunet_topo.trainers.nnUNetTrainerProjPool import nnUNetTrainerProjPool
     from nnunet_topo.trainers.nnUNetTrainerTPM import nnUNetTrainerTPM_finetune
-    from nnunet_topo.trainers.nnUNetTrainer_shortRuns import _StopAtDiceGoals
+    from nnunet_topo.trainers.nnUNetTrainer_acdcFinetune import _StopAtDiceGoals
 
     SHORT = dict(num_epochs=1, num_iterations_per_epoch=2, num_val_iterations_per_epoch=1, occ_num_uniform=64,
                  occ_num_surface=64, max_critical_points=64, mie_num_points=128)
@@ -161,7 +161,7 @@ def test_projpool_schedule_nan_then_on_and_resumes_across_the_switch(env):
 
 
 def test_backbone_stops_at_its_dice_goals_through_nnunet_train(env):
-    """The ACDC backbone's rule (trainers/nnUNetTrainer_shortRuns.py): nnU-Net's own end of training (checkpoint_final,
+    """The ACDC backbone's rule (trainers/nnUNetTrainer_acdcFinetune.py): nnU-Net's own end of training (checkpoint_final,
     'Training done.') after the epoch where the goals are met, not after num_epochs."""
     out = _train(env, "nnUNetTrainerMeshROI_stopTest").stdout
     assert "Dice goals" in out and "after epoch 1: training ends here" in out and "Training done." in out

@@ -52,6 +52,8 @@ BACKBONE = "nnUNetTrainerMeshROI_acdcBackbone"
 CONTROL = "nnUNetTrainerMeshROI_acdcFT"
 MESH_FT = "nnUNetTrainerMesh_acdcFT"
 MESH_CONTINUED = "nnUNetTrainerMesh_acdcFT2"
+#: the head alone on the control's final checkpoint (network frozen): the mesh share at 0 against MESH_FT's default
+HEAD_ONLY = "nnUNetTrainerMesh_headOnly_acdcFT"
 REFINE = CONTROL + "+refine"
 MARCHING_CUBES = CONTROL + "+marching_cubes"
 #: the arms of examples/acdc/study.sh (FT_FIRST, FT_FROM_MESH): row (= trainer class) -> (what it fine-tunes, from)
@@ -62,6 +64,7 @@ ARMS = {
     "nnUNetTrainerBetti_acdcFT": ("nnUNetTrainerBetti_finetune", BACKBONE),
     MESH_FT: ("nnUNetTrainerMesh", BACKBONE),
     "nnUNetTrainerMIE_acdcFT": ("nnUNetTrainerMIE_finetune", BACKBONE),
+    HEAD_ONLY: ("nnUNetTrainerMesh_headOnly", CONTROL),
     "nnUNetTrainerTPM_acdcFT2": ("nnUNetTrainerTPM_finetune", MESH_FT),
     "nnUNetTrainerTPM_acdcFT2_seed2": ("nnUNetTrainerTPM_finetune", MESH_FT),
     "nnUNetTrainerTPM_lambda1_acdcFT2": ("nnUNetTrainerTPM_lambda1_finetune", MESH_FT),
@@ -80,7 +83,7 @@ TPM_ARMS = ["nnUNetTrainerTPM_acdcFT2", "nnUNetTrainerTPM_acdcFT2_seed2", "nnUNe
 #: the arms a topology term trains (issue 22: label Dice within 1 point of the control's)
 TOPOLOGY_ARMS = ["nnUNetTrainerProjPool_acdcFT", "nnUNetTrainerBetti_acdcFT", MESH_FT, "nnUNetTrainerMIE_acdcFT"] \
     + TPM_ARMS + [MESH_CONTINUED]
-MESH_ARMS = [MESH_FT, "nnUNetTrainerMIE_acdcFT"] + TPM_ARMS + [MESH_CONTINUED]
+MESH_ARMS = [MESH_FT, "nnUNetTrainerMIE_acdcFT", HEAD_ONLY] + TPM_ARMS + [MESH_CONTINUED]
 BACKBONE_DICE_GOALS = {"LV": 0.85, "MYO": 0.70, "RV": 0.70}
 VOLUME_RANGE = (0.85, 1.15)
 VOLUME_KEY = f"volume_ratio_share_in_{VOLUME_RANGE[0]}_{VOLUME_RANGE[1]}"
@@ -304,7 +307,7 @@ def differences(per_case: Dict[str, dict]) -> dict:
     """The paired intervals of issue 22 from the per-case columns of every row (``{row: {"label": cols, "mesh":
     cols}}``)."""
     out: dict = {"vs_control": {}, "tpm_vs_mesh_continued": {}, "head_vs_marching_cubes": {}, "seed_repeats": {},
-                 "scratch_projpool_vs_plain": {}}
+                 "scratch_projpool_vs_plain": {}, "mesh_share_vs_head_only": {}}
     ctl = per_case.get(CONTROL, {}).get("label")
     label_keys = ["TVS", "betti_error_3d", "betti_error_2d", "cce_3d", "topologically_correct_2d"]
     if ctl:
@@ -333,6 +336,11 @@ def differences(per_case: Dict[str, dict]) -> dict:
         for row in TPM_ARMS:
             if per_case.get(row, {}).get("mesh"):
                 out["tpm_vs_mesh_continued"][row] = _compare(per_case[row]["mesh"], mesh_c, keys, ["mesh_TVS"])
+    # the mesh share (MESH_FT, default mesh_backbone_grad_share) against 0 (HEAD_ONLY: the control's network, frozen)
+    ho, mf = per_case.get(HEAD_ONLY, {}), per_case.get(MESH_FT, {})
+    if ho.get("mesh") and mf.get("mesh"):
+        keys = [k for k in ho["mesh"] if k.startswith(("mesh_Dice_", "Chamfer_"))] + ["mesh_TVS"]
+        out["mesh_share_vs_head_only"] = _compare(mf["mesh"], ho["mesh"], keys)
     mc = per_case.get(MARCHING_CUBES, {}).get("mesh")
     if mc:
         keys = ["mesh_TVS", "Chamfer_mean"] + [k for k in mc if k.startswith("Chamfer_") and k != "Chamfer_mean"]
@@ -764,6 +772,15 @@ def print_tables(r: dict) -> None:
             print(f"| {n} | {_fd(x.get('mesh_TVS'), 1, 4)} | {_fd(x.get('Chamfer_mean'), 1, 2)} | "
                   f"{_fd(x.get('Chamfer_LV_endo'), 1, 2)} | {_fd(x.get('Chamfer_LV_epi'), 1, 2)} | "
                   f"{_fd(x.get('Chamfer_RV'), 1, 2)} |")
+    if d.get("mesh_share_vs_head_only"):
+        x = d["mesh_share_vs_head_only"]
+        print(f"\nThe mesh share: {MESH_FT} (mesh terms reach the backbone, bounded) against {HEAD_ONLY} (the head "
+              "alone on the control's frozen network: share 0), same intervals; mesh Dice in points:\n")
+        print("| Δ mesh Dice LV_endo | Δ mesh Dice LV_epi | Δ mesh Dice RV | Δ Chamfer mean (mm) | Δ mesh TVS |")
+        print("|---|---|---|---|---|")
+        print(f"| {_fd(x.get('mesh_Dice_LV_endo'), 100, 1)} | {_fd(x.get('mesh_Dice_LV_epi'), 100, 1)} | "
+              f"{_fd(x.get('mesh_Dice_RV'), 100, 1)} | {_fd(x.get('Chamfer_mean'), 1, 2)} | "
+              f"{_fd(x.get('mesh_TVS'), 1, 4)} |")
     print("\nGoals of issue 22 (met: the paired interval is on the goal's side; estimate only: the estimate is, the "
           "interval is not):\n")
     print("| goal | row | measured | status |")

@@ -12,9 +12,11 @@
 #             augmentation), until its Dice goals (pseudo Dice, see ACDC_BACKBONE) or 4000 iterations; its checkpoint
 #             path is written to $WORK/backbone_checkpoint.txt
 #   finetune  stage 2: every arm from the backbone with -pretrained_weights, 1000 iterations each (the *_acdcFT
-#             variants of trainers/nnUNetTrainer_shortRuns.py): the plain-loss control (two seeds), ProjPool, Betti,
-#             Mesh, MIE; then TPM (λ 0.5, two seeds; λ 1) from the Mesh fine-tune's checkpoint for 500 more iterations
-#             against Mesh continued for the same 500 (*_acdcFT2). Two trainings at once (STUDY_PARALLEL, default 2).
+#             variants of trainers/nnUNetTrainer_acdcFinetune.py): the plain-loss control (two seeds), ProjPool, Betti,
+#             Mesh, MIE; the head alone on the control's final checkpoint (nnUNetTrainerMesh_headOnly_acdcFT, network
+#             frozen: the mesh share at 0, and "add meshes to the nnU-Net you already trained"); then TPM (λ 0.5,
+#             two seeds; λ 1) from the Mesh fine-tune's checkpoint for 500 more iterations against Mesh continued for
+#             the same 500 (*_acdcFT2). Two trainings at once (STUDY_PARALLEL, default 2).
 #   scratch   issue 27: nnUNetTrainerProjPool_acdcScratch (ProjPool from scratch with its default two-phase schedule,
 #             plain for 500 iterations, then its term for 500) against nnUNetTrainerMeshROI_acdcScratch (the same 1000
 #             plain), both from nnU-Net's random initialisation, two at once; their label evaluation
@@ -126,6 +128,7 @@ stage_backbone() {
 
 FT_FIRST=(nnUNetTrainerMeshROI_acdcFT nnUNetTrainerMeshROI_acdcFT_seed2 nnUNetTrainerProjPool_acdcFT
   nnUNetTrainerBetti_acdcFT nnUNetTrainerMesh_acdcFT nnUNetTrainerMIE_acdcFT)
+FT_FROM_CONTROL=(nnUNetTrainerMesh_headOnly_acdcFT)
 FT_FROM_MESH=(nnUNetTrainerTPM_acdcFT2 nnUNetTrainerMesh_acdcFT2 nnUNetTrainerTPM_lambda1_acdcFT2
   nnUNetTrainerTPM_acdcFT2_seed2)
 parallel_train() {  # parallel_train CHECKPOINT TRAINER...: STUDY_PARALLEL trainings at a time, each -pretrained_weights
@@ -140,8 +143,9 @@ parallel_train() {  # parallel_train CHECKPOINT TRAINER...: STUDY_PARALLEL train
 stage_finetune() {
   local backbone; backbone="$(cat "$WORK/backbone_checkpoint.txt")"
   parallel_train "$backbone" "${FT_FIRST[@]}"
+  parallel_train "$(model_dir $CONTROL)/checkpoint_final.pth" "${FT_FROM_CONTROL[@]}"
   parallel_train "$(model_dir nnUNetTrainerMesh_acdcFT)/checkpoint_final.pth" "${FT_FROM_MESH[@]}"
-  for tr in "${FT_FIRST[@]}" "${FT_FROM_MESH[@]}"; do
+  for tr in "${FT_FIRST[@]}" "${FT_FROM_CONTROL[@]}" "${FT_FROM_MESH[@]}"; do
     [ -f "$(model_dir "$tr")/validation/summary.json" ] || { echo "error: $tr did not finish" >&2; exit 1; }
   done
 }
@@ -187,7 +191,7 @@ stage_scratch() {
 
 stage_evaluate() {
   local tr missing=() mc="$WORK/meshes_${CONTROL}+marching_cubes"
-  for tr in $BACKBONE_TR "${FT_FIRST[@]}" "${FT_FROM_MESH[@]}"; do
+  for tr in $BACKBONE_TR "${FT_FIRST[@]}" "${FT_FROM_CONTROL[@]}" "${FT_FROM_MESH[@]}"; do
     if [ ! -f "$(model_dir "$tr")/validation/summary.json" ]; then missing+=("$tr"); continue; fi
     evaluate "$tr" label "$(model_dir "$tr")/validation"
     if is_mesh_arm "$tr"; then
