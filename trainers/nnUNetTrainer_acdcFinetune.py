@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from nnunet_topo.roi_loader import MeshROISampling
-from nnunet_topo.trainers.nnUNetTrainer_shortRuns import _ShortRunMixin
+from nnunet_topo.trainers.nnUNetTrainer_shortRuns import ShortRunMixin
 from nnunet_topo.trainers.nnUNetTrainerBetti import nnUNetTrainerBetti_finetune
 from nnunet_topo.trainers.nnUNetTrainerMesh import nnUNetTrainerMesh
 from nnunet_topo.trainers.nnUNetTrainerMesh_headOnly import nnUNetTrainerMesh_headOnly
@@ -69,7 +69,7 @@ class _StopAtDiceGoals:
             self.on_train_end()
 
 
-class nnUNetTrainerMeshROI_acdcBackbone(_StopAtDiceGoals, _ShortRunMixin, nnUNetTrainerMeshROI):
+class nnUNetTrainerMeshROI_acdcBackbone(_StopAtDiceGoals, ShortRunMixin, nnUNetTrainerMeshROI):
     short_run = ACDC_BACKBONE
     dice_goals = ACDC_BACKBONE_GOALS
 
@@ -95,7 +95,7 @@ class _SeedMixin:
         super().__init__(plans, configuration, fold, dataset_json, device)
 
 
-class nnUNetTrainerMeshROI_acdcFT(_SeedMixin, _ShortRunMixin, nnUNetTrainerMeshROI):
+class nnUNetTrainerMeshROI_acdcFT(_SeedMixin, ShortRunMixin, nnUNetTrainerMeshROI):
     short_run = ACDC_FT
 
 
@@ -103,34 +103,34 @@ class nnUNetTrainerMeshROI_acdcFT_seed2(nnUNetTrainerMeshROI_acdcFT):
     seed = 2
 
 
-class nnUNetTrainerProjPool_acdcFT(_SeedMixin, MeshROISampling, _ShortRunMixin, nnUNetTrainerProjPool_finetune):
+class nnUNetTrainerProjPool_acdcFT(_SeedMixin, MeshROISampling, ShortRunMixin, nnUNetTrainerProjPool_finetune):
     short_run = ACDC_FT
 
 
-class nnUNetTrainerBetti_acdcFT(_SeedMixin, MeshROISampling, _ShortRunMixin, nnUNetTrainerBetti_finetune):
+class nnUNetTrainerBetti_acdcFT(_SeedMixin, MeshROISampling, ShortRunMixin, nnUNetTrainerBetti_finetune):
     short_run = ACDC_FT
 
 
-class nnUNetTrainerMesh_acdcFT(_SeedMixin, _ShortRunMixin, nnUNetTrainerMesh):
+class nnUNetTrainerMesh_acdcFT(_SeedMixin, ShortRunMixin, nnUNetTrainerMesh):
     short_run = ACDC_FT
 
 
-class nnUNetTrainerMIE_acdcFT(_SeedMixin, _ShortRunMixin, nnUNetTrainerMIE_finetune):
+class nnUNetTrainerMIE_acdcFT(_SeedMixin, ShortRunMixin, nnUNetTrainerMIE_finetune):
     short_run = ACDC_FT
 
 
-class nnUNetTrainerMesh_headOnly_acdcFT(_SeedMixin, _ShortRunMixin, nnUNetTrainerMesh_headOnly):
+class nnUNetTrainerMesh_headOnly_acdcFT(_SeedMixin, ShortRunMixin, nnUNetTrainerMesh_headOnly):
     """The head alone on the control's final checkpoint (its network frozen, exactly the control): "add meshes to the
     nnU-Net you already trained" on ACDC, and the mesh share at 0 against nnUNetTrainerMesh_acdcFT's default."""
 
     short_run = ACDC_FT
 
 
-class nnUNetTrainerMesh_acdcFT2(_SeedMixin, _ShortRunMixin, nnUNetTrainerMesh):
+class nnUNetTrainerMesh_acdcFT2(_SeedMixin, ShortRunMixin, nnUNetTrainerMesh):
     short_run = ACDC_FT2
 
 
-class nnUNetTrainerTPM_acdcFT2(_SeedMixin, _ShortRunMixin, nnUNetTrainerTPM_finetune):
+class nnUNetTrainerTPM_acdcFT2(_SeedMixin, ShortRunMixin, nnUNetTrainerTPM_finetune):
     short_run = ACDC_FT2
 
 
@@ -138,15 +138,15 @@ class nnUNetTrainerTPM_acdcFT2_seed2(nnUNetTrainerTPM_acdcFT2):
     seed = 2
 
 
-class nnUNetTrainerTPM_lambda1_acdcFT2(_SeedMixin, _ShortRunMixin, nnUNetTrainerTPM_lambda1_finetune):
+class nnUNetTrainerTPM_lambda1_acdcFT2(_SeedMixin, ShortRunMixin, nnUNetTrainerTPM_lambda1_finetune):
     short_run = ACDC_FT2
 
 
 #: issue 27: from scratch, ProjPool with its default two-phase schedule (plain for epochs 0-4, its term from epoch 5)
 #: against the same-length plain run, 1000 iterations each (examples/acdc/study.sh, stage "scratch")
-class nnUNetTrainerMeshROI_acdcScratch(_SeedMixin, _ShortRunMixin, nnUNetTrainerMeshROI):
+class nnUNetTrainerMeshROI_acdcScratch(_SeedMixin, ShortRunMixin, nnUNetTrainerMeshROI):
     short_run = ACDC_FT
 
 
-class nnUNetTrainerProjPool_acdcScratch(_SeedMixin, MeshROISampling, _ShortRunMixin, nnUNetTrainerProjPool):
+class nnUNetTrainerProjPool_acdcScratch(_SeedMixin, MeshROISampling, ShortRunMixin, nnUNetTrainerProjPool):
     short_run = ACDC_FT

@@ -16,7 +16,7 @@ from nnunet_topo.trainers.nnUNetTrainerProjPool import nnUNetTrainerProjPool
 from nnunet_topo.trainers.nnUNetTrainerTPM import nnUNetTrainerTPM
 
 
-class _ShortRunMixin:
+class ShortRunMixin:
     """Sets the attributes of ``short_run`` after the trainer's own ``__init__``."""
 
     short_run: Dict[str, Any] = {}
@@ -28,7 +28,7 @@ class _ShortRunMixin:
             setattr(self, name, value)
 
 
-class nnUNetTrainerProjPool_demo(_ShortRunMixin, nnUNetTrainerProjPool):
+class nnUNetTrainerProjPool_demo(ShortRunMixin, nnUNetTrainerProjPool):
     """A short run for trying the plugin on a CPU (README demo): 10 epochs x 20 iterations."""
 
     short_run = dict(num_epochs=10, num_iterations_per_epoch=20, num_val_iterations_per_epoch=5)
@@ -40,15 +40,15 @@ CPU_STUDY = dict(num_epochs=15, num_iterations_per_epoch=20, num_val_iterations_
                  occ_num_surface=256, max_critical_points=512, topology_start_epoch=5)
 
 
-class nnUNetTrainerMesh_cpuStudy(_ShortRunMixin, nnUNetTrainerMesh):
+class nnUNetTrainerMesh_cpuStudy(ShortRunMixin, nnUNetTrainerMesh):
     short_run = CPU_STUDY
 
 
-class nnUNetTrainerTPM_cpuStudy(_ShortRunMixin, nnUNetTrainerTPM):
+class nnUNetTrainerTPM_cpuStudy(ShortRunMixin, nnUNetTrainerTPM):
     short_run = CPU_STUDY
 
 
-class nnUNetTrainerMIE_cpuStudy(_ShortRunMixin, nnUNetTrainerMIE):
+class nnUNetTrainerMIE_cpuStudy(ShortRunMixin, nnUNetTrainerMIE):
     short_run = dict(CPU_STUDY, mie_num_points=512)
 
 
@@ -68,31 +68,31 @@ class _NoTTAMixin:
         return out
 
 
-class nnUNetTrainer_acdcStudy(_NoTTAMixin, _ShortRunMixin, nnUNetTrainer):
+class nnUNetTrainer_acdcStudy(_NoTTAMixin, ShortRunMixin, nnUNetTrainer):
     short_run = ACDC_STUDY
 
 
-class nnUNetTrainerProjPool_acdcStudy(_NoTTAMixin, _ShortRunMixin, nnUNetTrainerProjPool):
+class nnUNetTrainerProjPool_acdcStudy(_NoTTAMixin, ShortRunMixin, nnUNetTrainerProjPool):
     short_run = ACDC_STUDY
 
 
-class nnUNetTrainerBetti_acdcStudy(_NoTTAMixin, _ShortRunMixin, nnUNetTrainerBetti):
+class nnUNetTrainerBetti_acdcStudy(_NoTTAMixin, ShortRunMixin, nnUNetTrainerBetti):
     short_run = ACDC_STUDY
 
 
-class nnUNetTrainerMesh_acdcStudy(_NoTTAMixin, _ShortRunMixin, nnUNetTrainerMesh):
+class nnUNetTrainerMesh_acdcStudy(_NoTTAMixin, ShortRunMixin, nnUNetTrainerMesh):
     short_run = ACDC_STUDY
 
 
-class nnUNetTrainerTPM_acdcStudy(_NoTTAMixin, _ShortRunMixin, nnUNetTrainerTPM):
+class nnUNetTrainerTPM_acdcStudy(_NoTTAMixin, ShortRunMixin, nnUNetTrainerTPM):
     short_run = ACDC_STUDY
 
 
-class nnUNetTrainerMIE_acdcStudy(_NoTTAMixin, _ShortRunMixin, nnUNetTrainerMIE):
+class nnUNetTrainerMIE_acdcStudy(_NoTTAMixin, ShortRunMixin, nnUNetTrainerMIE):
     short_run = ACDC_STUDY
 
 
-class nnUNetTrainerTPM_acdcStudy_warmup10(_NoTTAMixin, _ShortRunMixin, nnUNetTrainerTPM):
+class nnUNetTrainerTPM_acdcStudy_warmup10(_NoTTAMixin, ShortRunMixin, nnUNetTrainerTPM):
     """TPM with L_TPM switched on after 10 of the 20 epochs (half the budget) instead of 2: measured on ACDC
     (documentation/results.md), L_TPM switched on at epoch 2, while the meshes are still near their templates (~1200
     mesh critical points per step), separated the meshes but ruined their fit and the shared segmentation."""
