@@ -536,7 +536,8 @@ def test_study_stages_evaluate_external_collect_with_stubbed_nnunet(seg_folder, 
     raw.mkdir(parents=True)
     (raw / "dataset.json").write_text(json.dumps(DJ))
     text = open(STUDY).read()
-    arrays = [line for line in text.splitlines() if line.startswith(("FT_FIRST=(", "FT_FROM_MESH=(", "  nnU"))]
+    starts = ("FT_FIRST=(", "FT_FROM_CONTROL=(", "FT_FROM_MESH=(", "  nnU")
+    arrays = [line for line in text.splitlines() if line.startswith(starts)]
     arms = [col.BACKBONE] + [w.strip("()") for line in arrays for w in line.split("=(")[-1].split()
                              if w.strip("()").startswith("nnUNetTrainer")]
     scratch = [w.strip("()") for line in text.splitlines() if line.startswith("SCRATCH=(")

@@ -375,6 +375,8 @@ def test_predicted_share_steps_run_in_the_trainer_and_follow_the_exact_bound(pre
     calls = []
     real = mesh_step.backward_with_predicted_share
     monkeypatch.setattr(mesh_step, "backward_with_predicted_share", lambda *a, **k: calls.append(1) or real(*a, **k))
+    np.random.seed(0)  # the same batches whatever ran before (the loader samples with numpy's global generator)
+    torch.manual_seed(0)
     plain, exact, b_plain, b_mesh = _same_start("nnUNetTrainerMesh", mesh_backbone_grad_share=0.5, mesh_share_every=1)
     pred = _trainer("nnUNetTrainerMesh", **dict(topology_start_epoch=0, num_epochs=1, mesh_backbone_grad_share=0.5,
                                                 mesh_share_every=2, **FEW_POINTS))
@@ -457,7 +459,7 @@ def test_first_phase_of_the_schedule_is_plain_nnunet(pre, env):
                                                                            tr.network.parameters()))
 
 
-# ------------------------------------------------------------------ torch.compile: network compiled, head eager (issue 21)
+# ------------------------------------------------------------ torch.compile: network compiled, head eager (issue 21)
 def _cpp_compiler():
     import shutil
 
