@@ -198,7 +198,9 @@ def templates_from_configuration(configuration: dict) -> list[Template]:
 def mesh_network_from_configuration(network: nn.Module, configuration: dict) -> MeshAugmentedNetwork:
     """Wrap a built nnU-Net network in a :class:`MeshAugmentedNetwork` with the templates and head settings that a
     plans configuration dict stores (:data:`TEMPLATES_KEY`, :data:`HEAD_KEY`), so inference rebuilds the head of
-    training exactly."""
+    training exactly. A DDP or ``torch.compile`` wrapper is looked through (:func:`unwrap_network`): the hooks sit on
+    nnU-Net's own modules and the state dict keys stay ``network.<nnU-Net keys>``."""
+    network = unwrap_network(network)
     templates = templates_from_configuration(configuration)
     head = configuration.get(HEAD_KEY) or {}
     return MeshAugmentedNetwork(network, templates, decoder_stages=head.get("decoder_stages"),

@@ -17,7 +17,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
 from nnunet_topo.losses.combined import full_resolution
 from nnunet_topo.mesh_checkpoint import add_head_entry, head_entry, load_pretrained_head, refuse_older_mesh_model
-from nnunet_topo.mesh_head.network import mesh_network_from_configuration, unwrap_network
+from nnunet_topo.mesh_head.network import mesh_network_from_configuration
 from nnunet_topo.mesh_step import broadcast_from_rank0_, mesh_train_step
 
 __all__ = ["MeshHeadPassenger"]
@@ -51,8 +51,7 @@ class MeshHeadPassenger:
         if self.mesh_backbone_grad_share > 0:
             _no_donated_buffers()
         super().initialize()
-        net = unwrap_network(self.network)
-        self.mesh_model = mesh_network_from_configuration(net, self.configuration_manager.configuration)
+        self.mesh_model = mesh_network_from_configuration(self.network, self.configuration_manager.configuration)
         self.mesh_model.mesh_head.to(self.device)
         self.mesh_head = self.mesh_model.mesh_head
         if self.is_ddp:  # every rank starts from rank 0's head, as DDP does for the network it wraps

@@ -410,7 +410,7 @@ def mesh_model_from_checkpoints(predictor, model_folder: str, folds: Sequence[An
             model folder's plans.json.
     """
     from nnunet_topo.mesh_checkpoint import head_entry
-    from nnunet_topo.mesh_head.network import HEAD_KEY, HEAD_STATE_KEY, mesh_network_from_configuration, unwrap_network
+    from nnunet_topo.mesh_head.network import HEAD_KEY, HEAD_STATE_KEY, mesh_network_from_configuration
 
     conf = predictor.configuration_manager.configuration
     params = []
@@ -425,10 +425,9 @@ def mesh_model_from_checkpoints(predictor, model_folder: str, folds: Sequence[An
             raise MeshPredictionError(str(e)) from e
         params.append({**{f"network.{k}": v for k, v in net_weights.items()},
                        **{f"mesh_head.{k}": v for k, v in entry["state_dict"].items()}})
-    try:  # nnU-Net's network itself, not a torch.compile wrapper of it (nnUNet_compile=1): the state dict keys stay
-        # ``network.<nnU-Net keys>``; the one forward per case that makes the meshes runs eager, nnU-Net's
-        # sliding window its compiled network (the same modules and weights)
-        network = mesh_network_from_configuration(unwrap_network(predictor.network), conf)
+    try:  # composed with nnU-Net's network itself, not its torch.compile wrapper (nnUNet_compile=1): the one forward
+        # per case that makes the meshes runs eager, nnU-Net's sliding window its compiled network (same weights)
+        network = mesh_network_from_configuration(predictor.network, conf)
     except RuntimeError as e:
         raise MeshPredictionError(f"{NO_MESH_HEAD} ({e})") from e
     return network, params
