@@ -105,18 +105,29 @@ def test_ct_like_cases_larger_than_the_patch_end_to_end(env):
     info = json.load(open(os.path.join(meshes, "meshes.json")))
     (case, entry), = info["cases"].items()
     assert "error" not in entry, entry
-    img = sitk.ReadImage(str(raw / "imagesTs" / f"{case}_0000.nii.gz"))
-    size = np.asarray(img.GetSize()) - 1
-    # the image's physical extent as a parallelepiped: continuous indices of the mesh vertices within [-0.5, size+0.5]
-    for name in ("LV_endo", "LV_epi", "RV"):
-        m = read_mesh(os.path.join(meshes, entry["files"][name]))
-        assert m.is_watertight and m.volume > 0, name
-        idx = np.asarray([img.TransformPhysicalPointToContinuousIndex([float(x) for x in v]) for v in m.vertices])
-        assert np.all(idx >= -0.5) and np.all(idx <= size + 0.5), (name, idx.min(0), idx.max(0))
     # the ROI window holds the reference heart (preprocessed frame, recorded in meshes.json)
     lo, hi = entry["roi"]["box"]
     start, win = entry["roi"]["start"], entry["roi"]["size"]
     assert all(s <= a and b <= s + w for s, w, a, b in zip(start, win, lo, hi))
+    # The frame, checked with SimpleITK and nnU-Net's documented preprocessing instead of the package's own mapping:
+    # physical point -> continuous image index -> numpy axis order -> transpose_forward -> resampled index
+    # (skimage's resize: pixel centres scale with the shape ratio). The placement puts each template at a weighted
+    # mean of window voxels, so each mesh's centroid lies in the ROI window (the heart sits in a corner of the image:
+    # a mirrored or permuted axis moves it out). Single vertices are not bounded: a head trained for 8 iterations may
+    # push some beyond the window, even beyond the image's field of view; meshes are not clipped to it.
+    img = sitk.ReadImage(str(raw / "imagesTs" / f"{case}_0000.nii.gz"))
+    arr = sitk.GetArrayFromImage(img)
+    assert np.all(arr != 0)  # nnU-Net's crop to the nonzero region is the identity on this case
+    shape_t = np.asarray(arr.shape, float)[tf]
+    spacing_t = np.asarray(img.GetSpacing()[::-1], float)[tf]
+    new_shape = np.round(shape_t * spacing_t / np.asarray(cm.spacing, float))
+    for name in ("LV_endo", "LV_epi", "RV"):
+        m = read_mesh(os.path.join(meshes, entry["files"][name]))
+        assert m.is_watertight and m.volume > 0, name
+        idx = np.asarray(img.TransformPhysicalPointToContinuousIndex([float(x) for x in m.vertices.mean(0)]))
+        centre = (idx[::-1][tf] + 0.5) * new_shape / shape_t - 0.5  # in the preprocessed frame
+        assert np.all(centre >= np.asarray(start) - 1) and np.all(centre <= np.asarray(start) + np.asarray(win)), \
+            (name, centre, start, win)
     assert list(win) == list(cm.patch_size)
     seg_file = os.path.join(meshes, f"{case}.nii.gz")
     assert os.path.isfile(seg_file)  # the segmentation, as nnUNetv2_predict writes it
