@@ -536,10 +536,7 @@ def test_study_stages_evaluate_external_collect_with_stubbed_nnunet(seg_folder, 
     raw.mkdir(parents=True)
     (raw / "dataset.json").write_text(json.dumps(DJ))
     text = open(STUDY).read()
-    starts = ("FT_FIRST=(", "FT_FROM_CONTROL=(", "FT_FROM_MESH=(", "  nnU")
-    arrays = [line for line in text.splitlines() if line.startswith(starts)]
-    arms = [col.BACKBONE] + [w.strip("()") for line in arrays for w in line.split("=(")[-1].split()
-                             if w.strip("()").startswith("nnUNetTrainer")]
+    arms = [col.BACKBONE] + [trainer for trainer, _ in ft_queue()]
     scratch = [w.strip("()") for line in text.splitlines() if line.startswith("SCRATCH=(")
                for w in line.split("=(")[-1].split()]  # stage scratch: trained, so only evaluated here
     assert set(col.ARMS) <= set(arms + scratch) and col.SCRATCH_PROJPOOL in scratch
@@ -601,6 +598,202 @@ def test_study_stages_evaluate_external_collect_with_stubbed_nnunet(seg_folder, 
     assert p.returncode == 0, p.stderr[-3000:]
     assert "stage evaluate: done" in p.stdout and "stage external: done" in p.stdout
     assert (tmp_path / "stub.log").read_text().splitlines() == calls
+
+
+def ft_queue():
+    """study.sh's FT_QUEUE as (trainer, parent) pairs."""
+    text = open(STUDY).read()
+    block = text.split("FT_QUEUE=(", 1)[1].split(")", 1)[0]
+    return [tuple(w.split(":")) for w in block.split()]
+
+
+# a trainer's fold folder after nnUNetv2_train: a checkpoint of random weights, validation outputs; FAIL names the
+# trainers that fail; "start"/"end" lines (with the -pretrained_weights argument) show the schedule
+TRAIN_STUBS = r'''
+nnUNetv2_train() {
+  local tr pw d; tr=$(_arg -tr "$@"); pw=$(_arg -pretrained_weights "$@")
+  d="$nnUNet_results/Dataset127_ACDCh5/${tr}__nnUNetPlansMesh4.5mm__3d_mesh/fold_0"
+  stub_log "start $tr ${pw:-none}"
+  case " ${FAIL:-} " in *" $tr "*) stub_log "fail $tr"; return 1 ;; esac
+  mkdir -p "$d/validation"
+  python -c "import sys, torch; torch.manual_seed(len(sys.argv[2])); torch.save({'network_weights': {'a.weight': \
+torch.randn(4, 3) * 3, 'a.num_batches': torch.tensor(7)}, 'trainer_name': sys.argv[2], 'init_args': {}, \
+'current_epoch': 12, 'optimizer_state': {'big': torch.zeros(10)}}, sys.argv[1])" "$d/checkpoint_final.pth" "$tr"
+  cp "$FAKE"/seg/*.nii.gz "$d/validation/"; echo '{}' > "$d/validation/summary.json"
+  stub_log "end $tr"
+}
+nnUNetv2_topo_repair_meshes() {
+  stub_log "repair $*"; local o; o=$(_arg -o "$@"); mkdir -p "$o"; echo '{"gap_mm": 0.5, "cases": {}}' > "$o/repair.json"
+}
+export -f nnUNetv2_train nnUNetv2_topo_repair_meshes
+'''
+
+
+def stub_work(tmp_path, name, seg_folder, done=("data",)):
+    """A work folder of study.sh after the given stages, and the fake outputs the stubs copy."""
+    fake = tmp_path / "fake"
+    if not fake.exists():
+        fake.mkdir()
+        os.rename(seg_folder, fake / "seg")
+        (fake / "meshes").mkdir()
+        (fake / "meshes" / "meshes.json").write_text(json.dumps({"cases": {}, "cases_without_mesh": []}))
+        (fake / "label_summary.json").write_text(json.dumps(label_summary()))
+        (fake / "mesh_summary.json").write_text(json.dumps(mesh_summary(0.01)))
+        (tmp_path / "stubs.sh").write_text(STUBS + TRAIN_STUBS)
+    work = tmp_path / name
+    (work / "logs").mkdir(parents=True)
+    (work / "val_images").mkdir()
+    (work / ".nnunet_topo_study").touch()
+    for stage in done:
+        (work / "logs" / f"stage_{stage}.done").touch()
+    raw = work / "raw" / col.NAME
+    raw.mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps(DJ))
+    return work
+
+
+def run_study(tmp_path, work, stages, **extra):
+    env = dict(os.environ, NNUNET_TOPO_STUDY_DIR=str(work), STUDY_SKIP_SETUP="1", STUDY_STAGES=stages,
+               STUDY_RESULTS_DIR=str(tmp_path / "results"), FAKE=str(tmp_path / "fake"),
+               STUB_LOG=str(work / "stub.log"))
+    env.update(extra)
+    p = subprocess.run(["bash", "-c", f"source {tmp_path / 'stubs.sh'} && bash {STUDY}"], env=env,
+                       capture_output=True, text=True, timeout=900)
+    calls = (work / "stub.log").read_text().splitlines() if (work / "stub.log").exists() else []
+    return p, calls
+
+
+@pytest.mark.slow
+def test_study_archives_the_backbone_and_schedules_each_arm_after_its_parent(seg_folder, tmp_path):
+    """Stages backbone and finetune with nnUNetv2_train (and the model commands) stubbed: the backbone is archived in
+    float16 and restored, not retrained, in a new work folder; every arm starts from its parent's final checkpoint
+    after the parent ended, two at a time, and its row is in the results JSON; a failed parent stops only its
+    children."""
+    import torch
+
+    archive = tmp_path / "results" / "acdc_backbone_fp16.pt"
+    work = stub_work(tmp_path, "work", seg_folder)
+    p, calls = run_study(tmp_path, work, "backbone finetune")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    # the backbone: trained once, archived, every arm starts from its rounded weights (named in backbone_checkpoint)
+    start = work / "backbone_start.pth"
+    assert (work / "backbone_checkpoint.txt").read_text().strip() == str(start)
+    trained = torch.load(work / "results" / col.NAME / f"{col.BACKBONE}__{col.PLANS_CONF}" / "fold_0" /
+                         "checkpoint_final.pth", weights_only=False)["network_weights"]
+    got = torch.load(start, weights_only=False)
+    assert got["network_weights"]["a.weight"].dtype == torch.float32
+    assert torch.equal(got["network_weights"]["a.weight"], trained["a.weight"].half().float())
+    assert not torch.equal(got["network_weights"]["a.weight"], trained["a.weight"])  # rounded, not copied
+    assert got["current_epoch"] == 12 and "optimizer_state" not in got
+    sha = (work / "backbone_id.txt").read_text().strip()
+    assert torch.load(archive, weights_only=False)["sha256"] == sha
+    assert [c for c in calls if c.startswith("predict ")] and "-chk checkpoint_fp16.pth" in \
+        next(c for c in calls if c.startswith("predict "))  # the rounded backbone's own validation
+    # the schedule: parents end before their children start, from the parent's checkpoint; two at a time
+    queue = ft_queue()
+    assert [q[0] for q in queue[:2]] == [col.CONTROL, col.MESH_FT]
+    starts = {c.split()[1]: (i, c.split()[2]) for i, c in enumerate(calls) if c.startswith("start ")}
+    ends = {c.split()[1]: i for i, c in enumerate(calls) if c.startswith("end ")}
+    for tr, parent in queue:
+        want = str(start) if parent == "backbone" else \
+            str(work / "results" / col.NAME / f"{parent}__{col.PLANS_CONF}" / "fold_0" / "checkpoint_final.pth")
+        assert starts[tr][1] == want, tr
+        assert ends[parent if parent != "backbone" else col.BACKBONE] < starts[tr][0], tr
+    running = peak = 0
+    for c in calls:
+        running += c.startswith("start ") - c.startswith("end ")
+        peak = max(peak, running)
+    assert peak == 2
+    r = strict_json(tmp_path / "results" / "acdc_fold0.json")
+    assert set(r["trainers"]) == {tr for tr, _ in queue}
+    assert r["backbone"]["weights_sha256"] == sha and "label_fp16_start" in r["backbone"]
+    assert sum(c.startswith("repair ") for c in calls) == sum(col.ARMS[tr][0] != "nnUNetTrainerMeshROI" and
+                                                             tr.startswith(("nnUNetTrainerMesh_", "nnUNetTrainerTPM",
+                                                                            "nnUNetTrainerMIE")) for tr, _ in queue)
+
+    # a new work folder (the machine is gone): the archive is restored, no backbone trained, the same weights
+    again = stub_work(tmp_path, "again", seg_folder)
+    p, calls = run_study(tmp_path, again, "backbone")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert not [c for c in calls if c.startswith("start ")]
+    assert (again / "backbone_id.txt").read_text().strip() == sha
+    assert torch.equal(torch.load(again / "backbone_start.pth", weights_only=False)["network_weights"]["a.weight"],
+                       got["network_weights"]["a.weight"])
+    assert strict_json(tmp_path / "results" / "acdc_fold0.json")["trainers"].keys() == r["trainers"].keys()
+
+    # a parent that fails: its children never start, the others run, the stage fails naming the children
+    failing = stub_work(tmp_path, "failing", seg_folder, done=("data",))
+    p, calls = run_study(tmp_path, failing, "backbone finetune", FAIL=col.MESH_FT,
+                         STUDY_RESULTS_DIR=str(tmp_path / "results_failing"),
+                         STUDY_BACKBONE_ARCHIVE=str(archive))
+    assert p.returncode == 1
+    children = [tr for tr, parent in queue if parent == col.MESH_FT]
+    assert children and all(tr in p.stderr for tr in children)
+    started = {c.split()[1] for c in calls if c.startswith("start ")}
+    assert not started & set(children)
+    ended = {c.split()[1] for c in calls if c.startswith("end ")}
+    assert ended == {tr for tr, parent in queue if col.MESH_FT not in (tr, parent)}
+
+
+def test_collector_keeps_earlier_rows_only_from_the_same_backbone(tmp_path):
+    out = tmp_path / "acdc_fold0.json"
+    a = fake_work(tmp_path / "a")
+    (a / col.BACKBONE_ID_FILE).write_text("aa" * 32 + "\n")
+    assert col.main(["--work", str(a), "--out", str(out)]) == 0
+    b = fake_work(tmp_path / "b", with_betti=False)
+    (b / col.BACKBONE_ID_FILE).write_text("bb" * 32 + "\n")  # another backbone: the Betti row is not comparable
+    assert col.main(["--work", str(b), "--out", str(out)]) == 0
+    r = strict_json(out)
+    assert "nnUNetTrainerBetti_acdcFT" not in r["trainers"] and r["backbone"]["weights_sha256"] == "bb" * 32
+    (b / col.BACKBONE_ID_FILE).write_text("aa" * 32 + "\n")
+    assert col.main(["--work", str(a), "--out", str(out)]) == 0
+    c = fake_work(tmp_path / "c", with_betti=False)
+    (c / col.BACKBONE_ID_FILE).write_text("aa" * 32 + "\n")
+    assert col.main(["--work", str(c), "--out", str(out)]) == 0  # same backbone: kept, marked
+    assert strict_json(out)["trainers"]["nnUNetTrainerBetti_acdcFT"]["from_earlier_run"] is True
+
+
+def test_backbone_archive_round_trip_loads_with_nnunets_own_loader(tmp_path):
+    """examples/acdc/backbone_archive.py on a real nnU-Net network: save -> restore gives the float16-rounded weights
+    that nnU-Net's load_pretrained_weights puts into a fresh network; a damaged archive is refused."""
+    import torch
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    arc = _module("backbone_archive_t", "examples", "acdc", "backbone_archive.py")
+
+    def net():
+        return PlainConvUNet(1, 3, (8, 16, 32), torch.nn.Conv3d, 3, (1, 2, 2), 2, 4, 2, conv_bias=True,
+                             norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"affine": True},
+                             nonlin=torch.nn.LeakyReLU)
+    torch.manual_seed(0)
+    trained = net()
+    with torch.no_grad():
+        for prm in trained.parameters():
+            prm.add_(torch.randn_like(prm) * 0.3)
+    ckpt = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": trained.state_dict(), "optimizer_state": {}, "trainer_name": "T",
+                "init_args": {"fold": 0}, "current_epoch": 3, "inference_allowed_mirroring_axes": None}, ckpt)
+    sha = arc.save(str(ckpt), str(tmp_path / "a" / "arch.pt"), str(tmp_path / "w1" / "start.pth"))
+    assert arc.restore(str(tmp_path / "a" / "arch.pt"), str(tmp_path / "w2" / "start.pth")) == sha
+    assert (tmp_path / "w2" / arc.ID_FILE).read_text().strip() == sha
+    assert os.path.getsize(tmp_path / "a" / "arch.pt") < 0.7 * os.path.getsize(ckpt)
+    fresh = net()
+    load_pretrained_weights(fresh, str(tmp_path / "w2" / "start.pth"))  # nnU-Net's own -pretrained_weights loader
+    for k, v in trained.state_dict().items():
+        if ".seg_layers." in k:  # nnU-Net re-initialises them (the topology trainers reload them, pretrained.py)
+            continue
+        want = v.half().float() if v.is_floating_point() else v
+        assert torch.equal(fresh.state_dict()[k], want), k
+        if v.is_floating_point() and v.numel() > 8:
+            assert (want - v).abs().max() <= v.abs().max() * 2 ** -11 + 6e-8, k
+    assert arc.main(["id", str(tmp_path / "w1" / "start.pth")]) == 0
+    damaged = torch.load(tmp_path / "a" / "arch.pt", weights_only=False)
+    key = next(k for k, v in damaged["network_weights_fp16"].items() if v.is_floating_point())
+    damaged["network_weights_fp16"][key].view(-1)[0] += 1
+    torch.save(damaged, tmp_path / "damaged.pt")
+    with pytest.raises(ValueError, match="damaged"):
+        arc.restore(str(tmp_path / "damaged.pt"), str(tmp_path / "w3" / "start.pth"))
 
 
 def test_backbone_dice_goals_on_pseudo_dice_history():

@@ -54,6 +54,8 @@ MESH_FT = "nnUNetTrainerMesh_acdcFT"
 MESH_CONTINUED = "nnUNetTrainerMesh_acdcFT2"
 #: the head alone on the control's final checkpoint (network frozen): the mesh share at 0 against MESH_FT's default
 HEAD_ONLY = "nnUNetTrainerMesh_headOnly_acdcFT"
+#: written by examples/acdc/backbone_archive.py beside the start checkpoint: sha256 of the weights every arm starts from
+BACKBONE_ID_FILE = "backbone_id.txt"
 REFINE = CONTROL + "+refine"
 MARCHING_CUBES = CONTROL + "+marching_cubes"
 #: the arms of examples/acdc/study.sh (FT_FIRST, FT_FROM_MESH): row (= trainer class) -> (what it fine-tunes, from)
@@ -517,6 +519,12 @@ def backbone_block(work: str) -> dict:
     ckpt = os.path.join(work, "backbone_checkpoint.txt")
     if os.path.exists(ckpt):
         b["checkpoint"] = open(ckpt).read().strip()
+    sha = os.path.join(work, BACKBONE_ID_FILE)  # examples/acdc/backbone_archive.py: the rounded start weights
+    if os.path.exists(sha):
+        b["weights_sha256"] = open(sha).read().strip()
+    rounded = _load(os.path.join(work, "eval", f"{BACKBONE}+fp16_label.json"))
+    if rounded is not None:  # the start checkpoint every arm uses: the backbone's weights rounded to float16
+        b["label_fp16_start"] = {"Dice": label_block(rounded)["Dice"]}
     b["dice_goals"] = BACKBONE_DICE_GOALS
     label = _load(os.path.join(work, "eval", f"{BACKBONE}_label.json"))
     if label is not None:
@@ -579,7 +587,15 @@ def collect(work: str) -> dict:
 
 def merge_earlier(new: dict, old: dict) -> dict:
     """``new`` plus the rows (and per-case values) of an earlier fine-tune ``old`` that ``new`` lacks, marked
-    ``from_earlier_run``."""
+    ``from_earlier_run``; the backbone's entries ``new`` lacks (a restored backbone has no training folder). Rows
+    fine-tuned from another backbone (``weights_sha256`` differs) are not kept: they are not comparable."""
+    sha_new, sha_old = new["backbone"].get("weights_sha256"), old.get("backbone", {}).get("weights_sha256")
+    if sha_new and sha_old and sha_new != sha_old:
+        print(f"the earlier JSON's rows come from another backbone ({sha_old[:12]} != {sha_new[:12]}): not kept",
+              file=sys.stderr)
+        return new
+    for key, value in old.get("backbone", {}).items():
+        new["backbone"].setdefault(key, value)
     for row, entry in old.get("trainers", {}).items():
         if row not in new["trainers"]:
             new["trainers"][row] = dict(entry, from_earlier_run=True)

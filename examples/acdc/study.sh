@@ -9,20 +9,25 @@
 # Stages (each skips what is done; an interrupted training continues with --c):
 #   data      convert the h5 volumes, check the rules, plan (nnU-Net's planner + nnUNetv2_topo_plan_mesh), preprocess
 #   backbone  stage 1: nnUNetTrainerMeshROI_acdcBackbone (nnU-Net's loss, the mesh trainers' heart-ROI sampling and
-#             augmentation), until its Dice goals (pseudo Dice, see ACDC_BACKBONE) or 4000 iterations; its checkpoint
-#             path is written to $WORK/backbone_checkpoint.txt
+#             augmentation), until its Dice goals (pseudo Dice, see ACDC_BACKBONE) or 4000 iterations; evaluated, then
+#             archived in float16 into $RESULTS_DIR/acdc_backbone_fp16.pt (examples/acdc/backbone_archive.py; 11 MB,
+#             committed), and every arm starts from the rounded weights ($WORK/backbone_start.pth, named in
+#             $WORK/backbone_checkpoint.txt; their sha256 in $WORK/backbone_id.txt). A new work folder (the machine
+#             that had the old one is gone) restores the archive instead of training a new backbone.
 #   finetune  stage 2: every arm from the backbone with -pretrained_weights, 1000 iterations each (the *_acdcFT
 #             variants of trainers/nnUNetTrainer_acdcFinetune.py): the plain-loss control (two seeds), ProjPool, Betti,
 #             Mesh, MIE; the head alone on the control's final checkpoint (nnUNetTrainerMesh_headOnly_acdcFT, network
-#             frozen: the mesh share at 0, and "add meshes to the nnU-Net you already trained"); then TPM (λ 0.5,
-#             two seeds; λ 1) from the Mesh fine-tune's checkpoint for 500 more iterations against Mesh continued for
-#             the same 500 (*_acdcFT2). Two trainings at once (STUDY_PARALLEL, default 2).
+#             frozen: the mesh share at 0, and "add meshes to the nnU-Net you already trained"); TPM (λ 0.5, two
+#             seeds; λ 1) from the Mesh fine-tune's checkpoint for 500 more iterations against Mesh continued for the
+#             same 500 (*_acdcFT2). FT_QUEUE orders them; an arm starts as soon as its parent is trained, two at once
+#             (STUDY_PARALLEL), and is evaluated (as stage evaluate does) and collected right after its training, so
+#             $RESULTS_DIR/acdc_fold0.json holds every finished arm's row and per-case values (commit it).
 #   scratch   issue 27: nnUNetTrainerProjPool_acdcScratch (ProjPool from scratch with its default two-phase schedule,
 #             plain for 500 iterations, then its term for 500) against nnUNetTrainerMeshROI_acdcScratch (the same 1000
 #             plain), both from nnU-Net's random initialisation, two at once; their label evaluation
-#             (eval/<ROW>_label.json; the collector compares the two)
-#   evaluate  nnUNetv2_topo_evaluate_folder on nnU-Net's fold-0 validation outputs of the backbone and every arm
-#             (eval/<ROW>_label.json); the mesh arms' meshes of the validation images (nnUNetv2_topo_predict_meshes
+#             (eval/<ROW>_label.json; the collector compares the two), then the collector
+#   evaluate  (what stage finetune did per arm is skipped) nnUNetv2_topo_evaluate_folder on nnU-Net's fold-0
+#             validation outputs of the backbone and every arm (eval/<ROW>_label.json); the mesh arms' meshes of the validation images (nnUNetv2_topo_predict_meshes
 #             --format vtp -> meshes_<ROW>/) and their mesh evaluation (eval/<ROW>_mesh.json); nnUNetv2_topo_refine
 #             of the control (keep_present, STUDY_REFINE_STEPS steps, default 10 -> refine_<CONTROL>/, row
 #             <CONTROL>+refine); nnUNetv2_topo_repair_meshes of every mesh arm's meshes (repaired_<ROW>/repair.json:
@@ -37,7 +42,8 @@
 #             (logs/tables.md); runs every time it is named (no done marker)
 # Data: $NNUNET_TOPO_ACDC_H5 (default ../shared/data/acdc). Work dir: $NNUNET_TOPO_STUDY_DIR (default
 # ./acdc_study_output); only a folder this script created is ever written into. STUDY_DEVICE: cpu (default) or cuda.
-# STUDY_RESULTS_DIR: where the JSON and the external archive go (default documentation/results).
+# STUDY_RESULTS_DIR: where the JSON and the external archive go (default documentation/results);
+# STUDY_BACKBONE_ARCHIVE: the archived backbone (default $STUDY_RESULTS_DIR/acdc_backbone_fp16.pt).
 # The seconds of every stage and step go to $WORK/logs/stage_seconds.tsv (step, seconds, host/cores/device, date).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -49,6 +55,7 @@ WORK="${NNUNET_TOPO_STUDY_DIR:-$REPO/acdc_study_output}"
 DEVICE="${STUDY_DEVICE:-cpu}"
 STAGES="${STUDY_STAGES:-data backbone finetune scratch evaluate external collect}"
 RESULTS_DIR="${STUDY_RESULTS_DIR:-$REPO/documentation/results}"
+BACKBONE_ARCHIVE="${STUDY_BACKBONE_ARCHIVE:-$RESULTS_DIR/acdc_backbone_fp16.pt}"
 if [ -e "$WORK" ] && [ ! -f "$WORK/.nnunet_topo_study" ]; then
   echo "error: $WORK exists and was not created by this study; set NNUNET_TOPO_STUDY_DIR" >&2; exit 2
 fi
@@ -63,6 +70,11 @@ timed() {  # timed NAME COMMAND...: run, append the seconds to stage_seconds.tsv
   local name="$1"; shift; local t0=$SECONDS
   "$@"
   printf '%s\t%s\t%s\t%s\n' "$name" $((SECONDS - t0)) "$(hostname)/$(nproc)cpu/$DEVICE" "$(date -Is)" >> "$WORK/logs/stage_seconds.tsv"
+}
+collect_now() {  # the collector (documentation/results/acdc_fold0.json, logs/tables.md), one at a time
+  mkdir -p "$RESULTS_DIR"
+  flock "$WORK/logs/collect.lock" python examples/acdc/collect_results.py --work "$WORK" \
+    --out "$RESULTS_DIR/acdc_fold0.json" > "$WORK/logs/tables.md"
 }
 train() {  # train TRAINER [extra nnUNetv2_train args]: resumes with --c when a checkpoint exists
   local tr="$1"; shift; local out; out="$(model_dir "$tr")"
@@ -120,32 +132,73 @@ PY
 }
 
 stage_backbone() {
-  train $BACKBONE_TR
-  local ckpt; ckpt="$(model_dir $BACKBONE_TR)/checkpoint_final.pth"
-  [ -f "$ckpt" ] || { echo "error: the backbone has no $ckpt; see $WORK/logs/train_$BACKBONE_TR.log" >&2; exit 1; }
-  echo "$ckpt" > "$WORK/backbone_checkpoint.txt"
+  local start="$WORK/backbone_start.pth" ckpt
+  ckpt="$(model_dir $BACKBONE_TR)/checkpoint_final.pth"
+  if [ ! -f "$start" ] && [ ! -f "$ckpt" ] && [ -f "$BACKBONE_ARCHIVE" ]; then
+    # a new work folder (its machine is gone): the archived backbone, not a new one, so earlier rows stay comparable
+    python examples/acdc/backbone_archive.py restore "$BACKBONE_ARCHIVE" "$start"
+  elif [ ! -f "$start" ]; then
+    train $BACKBONE_TR
+    [ -f "$ckpt" ] || { echo "error: the backbone has no $ckpt; see $WORK/logs/train_$BACKBONE_TR.log" >&2; exit 1; }
+    evaluate $BACKBONE_TR label "$(model_dir $BACKBONE_TR)/validation"
+    python examples/acdc/backbone_archive.py save "$ckpt" "$BACKBONE_ARCHIVE.tmp" "$start"
+    mv "$BACKBONE_ARCHIVE.tmp" "$BACKBONE_ARCHIVE"
+    # what the float16 rounding does to the backbone's own validation (eval/<BACKBONE>+fp16_label.json)
+    cp "$start" "$(model_dir $BACKBONE_TR)/checkpoint_fp16.pth"
+    [ -f "$WORK/eval/$BACKBONE_TR+fp16_label.json" ] || timed "predict_${BACKBONE_TR}_fp16" nnUNetv2_predict \
+      -i "$WORK/val_images" -o "$WORK/backbone_fp16_validation" -d $ID -c $CONF -tr $BACKBONE_TR -p $PLANS -f 0 \
+      -chk checkpoint_fp16.pth -device "$DEVICE" -npp 1 -nps 1 --disable_progress_bar \
+      > "$WORK/logs/predict_backbone_fp16.log" 2>&1
+    evaluate "$BACKBONE_TR+fp16" label "$WORK/backbone_fp16_validation"
+  fi
+  echo "$start" > "$WORK/backbone_checkpoint.txt"
+  collect_now
 }
 
-FT_FIRST=(nnUNetTrainerMeshROI_acdcFT nnUNetTrainerMeshROI_acdcFT_seed2 nnUNetTrainerProjPool_acdcFT
-  nnUNetTrainerBetti_acdcFT nnUNetTrainerMesh_acdcFT nnUNetTrainerMIE_acdcFT)
-FT_FROM_CONTROL=(nnUNetTrainerMesh_headOnly_acdcFT)
-FT_FROM_MESH=(nnUNetTrainerTPM_acdcFT2 nnUNetTrainerMesh_acdcFT2 nnUNetTrainerTPM_lambda1_acdcFT2
-  nnUNetTrainerTPM_acdcFT2_seed2)
-parallel_train() {  # parallel_train CHECKPOINT TRAINER...: STUDY_PARALLEL trainings at a time, each -pretrained_weights
-  local ckpt="$1"; shift; local n="${STUDY_PARALLEL:-2}" tr
-  for tr in "$@"; do
-    while [ "$(jobs -rp | wc -l)" -ge "$n" ]; do wait -n; done
-    timed "train_$tr" train "$tr" -pretrained_weights "$ckpt" &
-  done
-  wait
+# Stage 2's arms, "TRAINER:PARENT" (backbone, or the trainer whose final checkpoint it starts from), in the order of
+# what they decide first (issue 21's evidence: control, Mesh, head-only, TPM against Mesh continued); a trainer starts
+# as soon as its parent is trained, STUDY_PARALLEL (default 2) at a time, and is evaluated and collected at once
+# (documentation/results/acdc_fold0.json keeps its row when the work folder is lost)
+FT_QUEUE=(nnUNetTrainerMeshROI_acdcFT:backbone nnUNetTrainerMesh_acdcFT:backbone
+  nnUNetTrainerMesh_headOnly_acdcFT:nnUNetTrainerMeshROI_acdcFT
+  nnUNetTrainerTPM_acdcFT2:nnUNetTrainerMesh_acdcFT nnUNetTrainerMesh_acdcFT2:nnUNetTrainerMesh_acdcFT
+  nnUNetTrainerMeshROI_acdcFT_seed2:backbone nnUNetTrainerTPM_acdcFT2_seed2:nnUNetTrainerMesh_acdcFT
+  nnUNetTrainerProjPool_acdcFT:backbone nnUNetTrainerBetti_acdcFT:backbone nnUNetTrainerMIE_acdcFT:backbone
+  nnUNetTrainerTPM_lambda1_acdcFT2:nnUNetTrainerMesh_acdcFT)
+FT_ARMS=("${FT_QUEUE[@]%%:*}")
+parent_checkpoint() {  # parent_checkpoint PARENT: the checkpoint its children start from; fails while not trained
+  if [ "$1" = backbone ]; then cat "$WORK/backbone_checkpoint.txt"; return; fi
+  [ -f "$(model_dir "$1")/validation/summary.json" ] && echo "$(model_dir "$1")/checkpoint_final.pth"
+}
+finetune_arm() {  # finetune_arm TRAINER CHECKPOINT: train with -pretrained_weights, evaluate, collect
+  timed "train_$1" train "$1" -pretrained_weights "$2"
+  evaluate_arm "$1"
+  collect_now
 }
 
 stage_finetune() {
-  local backbone; backbone="$(cat "$WORK/backbone_checkpoint.txt")"
-  parallel_train "$backbone" "${FT_FIRST[@]}"
-  parallel_train "$(model_dir $CONTROL)/checkpoint_final.pth" "${FT_FROM_CONTROL[@]}"
-  parallel_train "$(model_dir nnUNetTrainerMesh_acdcFT)/checkpoint_final.pth" "${FT_FROM_MESH[@]}"
-  for tr in "${FT_FIRST[@]}" "${FT_FROM_CONTROL[@]}" "${FT_FROM_MESH[@]}"; do
+  local n="${STUDY_PARALLEL:-2}" item ckpt started tr
+  local pending=("${FT_QUEUE[@]}") rest
+  while [ ${#pending[@]} -gt 0 ]; do
+    started=0; rest=()
+    for item in "${pending[@]}"; do
+      if [ $started -eq 0 ] && [ "$(jobs -rp | wc -l)" -lt "$n" ] && ckpt="$(parent_checkpoint "${item#*:}")"; then
+        finetune_arm "${item%%:*}" "$ckpt" &
+        started=1
+      else
+        rest+=("$item")
+      fi
+    done
+    pending=(${rest[@]+"${rest[@]}"})
+    if [ $started -eq 0 ]; then
+      if [ "$(jobs -rp | wc -l)" -eq 0 ]; then
+        echo "error: their parents did not finish: ${pending[*]}" >&2; exit 1
+      fi
+      wait -n || true
+    fi
+  done
+  wait
+  for tr in "${FT_ARMS[@]}"; do
     [ -f "$(model_dir "$tr")/validation/summary.json" ] || { echo "error: $tr did not finish" >&2; exit 1; }
   done
 }
@@ -187,21 +240,30 @@ stage_scratch() {
     [ -f "$(model_dir "$tr")/validation/summary.json" ] || { echo "error: $tr did not finish" >&2; exit 1; }
     evaluate "$tr" label "$(model_dir "$tr")/validation"
   done
+  collect_now
+}
+
+evaluate_arm() {  # evaluate_arm TRAINER: label evaluation; a mesh arm's meshes, their evaluation and repair
+  local tr="$1"
+  evaluate "$tr" label "$(model_dir "$tr")/validation"
+  if is_mesh_arm "$tr"; then
+    [ -f "$WORK/meshes_$tr/meshes.json" ] || timed "meshes_$tr" predict_meshes "$tr" "$WORK/val_images" \
+      "$WORK/meshes_$tr" > "$WORK/logs/meshes_$tr.log" 2>&1
+    evaluate "$tr" mesh "$WORK/meshes_$tr" --mesh_folder "$WORK/meshes_$tr" --chill
+    # issue 25: how far the repair must move this model's meshes (repaired_<ROW>/repair.json, the collector)
+    [ -f "$WORK/repaired_$tr/repair.json" ] || timed "repair_$tr" repair "$WORK/meshes_$tr" "$WORK/repaired_$tr" \
+      > "$WORK/logs/repair_$tr.log" 2>&1
+  fi
 }
 
 stage_evaluate() {
   local tr missing=() mc="$WORK/meshes_${CONTROL}+marching_cubes"
-  for tr in $BACKBONE_TR "${FT_FIRST[@]}" "${FT_FROM_CONTROL[@]}" "${FT_FROM_MESH[@]}"; do
-    if [ ! -f "$(model_dir "$tr")/validation/summary.json" ]; then missing+=("$tr"); continue; fi
-    evaluate "$tr" label "$(model_dir "$tr")/validation"
-    if is_mesh_arm "$tr"; then
-      [ -f "$WORK/meshes_$tr/meshes.json" ] || timed "meshes_$tr" predict_meshes "$tr" "$WORK/val_images" \
-        "$WORK/meshes_$tr" > "$WORK/logs/meshes_$tr.log" 2>&1
-      evaluate "$tr" mesh "$WORK/meshes_$tr" --mesh_folder "$WORK/meshes_$tr" --chill
-      # issue 25: how far the repair must move this model's meshes (repaired_<ROW>/repair.json, the collector)
-      [ -f "$WORK/repaired_$tr/repair.json" ] || timed "repair_$tr" repair "$WORK/meshes_$tr" "$WORK/repaired_$tr" \
-        > "$WORK/logs/repair_$tr.log" 2>&1
+  for tr in $BACKBONE_TR "${FT_ARMS[@]}"; do
+    if [ ! -f "$(model_dir "$tr")/validation/summary.json" ]; then
+      [ "$tr" = $BACKBONE_TR ] || missing+=("$tr")  # a restored backbone has no training folder here
+      continue
     fi
+    evaluate_arm "$tr"
   done
   if [ -f "$(model_dir $CONTROL)/validation/summary.json" ]; then
     [ -f "$WORK/refine_$CONTROL/refinement_summary.json" ] || timed "refine_$CONTROL" refine "$WORK/val_images" \
@@ -276,8 +338,8 @@ TXT
 }
 
 stage_collect() {
-  python examples/acdc/collect_results.py --work "$WORK" --out "$RESULTS_DIR/acdc_fold0.json" \
-    | tee "$WORK/logs/tables.md"
+  collect_now
+  cat "$WORK/logs/tables.md"
 }
 
 for STAGE in $STAGES; do
