@@ -133,10 +133,11 @@ def mesh_summary(tvs, dice=0.8, chamfer=3.0, ratios=(1.0, 1.1, 1.3), skip=()):
     return s
 
 
-def train_folder(work, tr, epochs, iters, seed=None, epoch_s=10.0, pseudo=None):
+def train_folder(work, tr, epochs, iters, seed=None, epoch_s=10.0, pseudo=None, planned=None):
+    """A trained fold: nnU-Net's debug.json (``planned`` epochs, default ``epochs``) and a log of ``epochs``."""
     fold = work / "results" / col.NAME / f"{tr}__{col.PLANS_CONF}" / "fold_0"
     fold.mkdir(parents=True)
-    dbg = {"num_epochs": str(epochs), "num_iterations_per_epoch": str(iters), "batch_size": "2"}
+    dbg = {"num_epochs": str(planned or epochs), "num_iterations_per_epoch": str(iters), "batch_size": "2"}
     if seed is not None:
         dbg["seed"] = str(seed)
     (fold / "debug.json").write_text(json.dumps(dbg))
@@ -159,8 +160,9 @@ def fake_work(tmp_path, with_betti=True):
     (work / "raw" / col.NAME).mkdir(parents=True)
     (work / "raw" / col.NAME / "dataset.json").write_text(json.dumps({"spacing_assumed_mm": [10, 1.5, 1.5]}))
     ev = work / "eval"
-    # backbone: 2 epochs x 100; pseudo Dice meets the goals (RV, MYO >= 0.70, LV >= 0.85) from epoch 1 on
-    train_folder(work, col.BACKBONE, 2, 100, pseudo=[[0.6, 0.7, 0.9], [0.72, 0.71, 0.86]])
+    # backbone: 2 epochs x 100 of 40 planned (stopped at its goals); pseudo Dice meets the goals (RV, MYO >= 0.70,
+    # LV >= 0.85) from epoch 1 on
+    train_folder(work, col.BACKBONE, 2, 100, pseudo=[[0.6, 0.7, 0.9], [0.72, 0.71, 0.86]], planned=40)
     (ev / f"{col.BACKBONE}_label.json").write_text(json.dumps(label_summary()))
     train_folder(work, col.CONTROL, 10, 100, seed=1)
     (ev / f"{col.CONTROL}_label.json").write_text(json.dumps(label_summary()))
@@ -219,7 +221,8 @@ def test_collector_writes_the_fine_tune_json(tmp_path, capsys):
     assert r["protocol"] == "fine-tune" and "nnUNetTrainer" not in r["trainers"]
     assert r["num_validation_cases"] == 4
     b = r["backbone"]
-    assert b["iterations"] == 200 and b["seconds"] == 20.0
+    assert b["iterations"] == 200 and b["seconds"] == 20.0 and b["iterations_bound"] == 4000
+    assert b["stopped_by"].startswith("Dice goals")
     assert b["label"]["Dice"]["LV"] == pytest.approx(np.mean([0.90, 0.89, 0.88, 0.87]))
     assert b["dice_goals_met"] == {"LV": True, "MYO": True, "RV": True}
     assert b["first_epoch_pseudo_dice_meets_goals"] == 1

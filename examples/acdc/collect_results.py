@@ -516,6 +516,11 @@ def backbone_block(work: str) -> dict:
     fold = os.path.join(work, "results", NAME, f"{BACKBONE}__{PLANS_CONF}", "fold_0")
     b: dict = {"trainer": BACKBONE}
     b.update(training_budget(fold))
+    logged, planned = b.get("epochs_logged"), b.get("epochs")
+    if logged and planned and logged < planned:  # stopped at its Dice goals: what it ran, not the bound
+        per_epoch = b["iterations"] // planned
+        b.update(iterations_bound=b["iterations"], epochs_bound=planned, iterations=logged * per_epoch,
+                 epochs=logged, stopped_by="Dice goals (pseudo Dice)")
     ckpt = os.path.join(work, "backbone_checkpoint.txt")
     if os.path.exists(ckpt):
         b["checkpoint"] = open(ckpt).read().strip()
