@@ -542,9 +542,9 @@ def backbone_block(work: str) -> dict:
                       all(v >= BACKBONE_DICE_GOALS.get(n, 0) for n, v in zip(names, row))), None)
         b["pseudo_dice_last_epoch"] = dict(zip(names, pseudo[-1])) if pseudo else None
         b["first_epoch_pseudo_dice_meets_goals"] = first
-        b["note"] = ("label Dice: the evaluator on the validation volumes after the full iteration bound (nnU-Net's "
-                     "poly schedule reaches lr 0 only at the last epoch); pseudo Dice: nnU-Net's per-epoch value on "
-                     "validation patches (progress.png)")
+        b["note"] = ("label Dice: the evaluator on nnU-Net's validation of the final checkpoint (after the Dice goals "
+                     "stopped the training, or after the iteration bound); pseudo Dice: nnU-Net's per-epoch value on "
+                     "validation patches (progress.png), which the stop reads")
     return b
 
 
