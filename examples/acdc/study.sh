@@ -22,13 +22,15 @@
 #             same 500 (*_acdcFT2). FT_QUEUE orders them; an arm starts as soon as its parent is trained, two at once
 #             (STUDY_PARALLEL), and is evaluated (as stage evaluate does) and collected right after its training, so
 #             $RESULTS_DIR/acdc_fold0.json holds every finished arm's row and per-case values (commit it).
-#   scratch   issue 27: nnUNetTrainerProjPool_acdcScratch (ProjPool from scratch with its default two-phase schedule,
+#   scratch   (FT_QUEUE trains this pair after the first five arms; this stage then only checks) issue 27:
+#             nnUNetTrainerProjPool_acdcScratch (ProjPool from scratch with its default two-phase schedule,
 #             plain for 500 iterations, then its term for 500) against nnUNetTrainerMeshROI_acdcScratch (the same 1000
 #             plain), both from nnU-Net's random initialisation, two at once; their label evaluation
 #             (eval/<ROW>_label.json; the collector compares the two), then the collector
 #   evaluate  (what stage finetune did per arm is skipped) nnUNetv2_topo_evaluate_folder on nnU-Net's fold-0
-#             validation outputs of the backbone and every arm (eval/<ROW>_label.json); the mesh arms' meshes of the validation images (nnUNetv2_topo_predict_meshes
-#             --format vtp -> meshes_<ROW>/) and their mesh evaluation (eval/<ROW>_mesh.json); nnUNetv2_topo_refine
+#             validation outputs of the backbone and every arm (eval/<ROW>_label.json); the mesh arms' meshes of
+#             the validation images (nnUNetv2_topo_predict_meshes --format vtp -> meshes_<ROW>/) and their mesh
+#             evaluation (eval/<ROW>_mesh.json); nnUNetv2_topo_refine
 #             of the control (keep_present, STUDY_REFINE_STEPS steps, default 10 -> refine_<CONTROL>/, row
 #             <CONTROL>+refine); nnUNetv2_topo_repair_meshes of every mesh arm's meshes (repaired_<ROW>/repair.json:
 #             how far each model's meshes must move, issue 25); marching cubes of the control's validation
@@ -155,23 +157,26 @@ stage_backbone() {
   collect_now
 }
 
-# Stage 2's arms, "TRAINER:PARENT" (backbone, or the trainer whose final checkpoint it starts from), in the order of
-# what they decide first (issue 21's evidence: control, Mesh, head-only, TPM against Mesh continued); a trainer starts
-# as soon as its parent is trained, STUDY_PARALLEL (default 2) at a time, and is evaluated and collected at once
-# (documentation/results/acdc_fold0.json keeps its row when the work folder is lost)
+# Stage 2's arms, "TRAINER:PARENT" (backbone; scratch: nnU-Net's random initialisation, issue 27's pair; or the
+# trainer whose final checkpoint it starts from), in the order of what they decide first: issue 21's evidence
+# (control, Mesh, head-only, TPM against Mesh continued), issue 27's pair, then the rest of issue 22's rows. A trainer
+# starts as soon as its parent is trained, STUDY_PARALLEL (default 2) at a time, and is evaluated and collected at
+# once (documentation/results/acdc_fold0.json keeps its row when the work folder is lost)
 FT_QUEUE=(nnUNetTrainerMeshROI_acdcFT:backbone nnUNetTrainerMesh_acdcFT:backbone
   nnUNetTrainerMesh_headOnly_acdcFT:nnUNetTrainerMeshROI_acdcFT
   nnUNetTrainerTPM_acdcFT2:nnUNetTrainerMesh_acdcFT nnUNetTrainerMesh_acdcFT2:nnUNetTrainerMesh_acdcFT
+  nnUNetTrainerProjPool_acdcScratch:scratch nnUNetTrainerMeshROI_acdcScratch:scratch
   nnUNetTrainerMeshROI_acdcFT_seed2:backbone nnUNetTrainerTPM_acdcFT2_seed2:nnUNetTrainerMesh_acdcFT
   nnUNetTrainerProjPool_acdcFT:backbone nnUNetTrainerBetti_acdcFT:backbone nnUNetTrainerMIE_acdcFT:backbone
   nnUNetTrainerTPM_lambda1_acdcFT2:nnUNetTrainerMesh_acdcFT)
 FT_ARMS=("${FT_QUEUE[@]%%:*}")
 parent_checkpoint() {  # parent_checkpoint PARENT: the checkpoint its children start from; fails while not trained
+  if [ "$1" = scratch ]; then echo ""; return; fi
   if [ "$1" = backbone ]; then cat "$WORK/backbone_checkpoint.txt"; return; fi
   [ -f "$(model_dir "$1")/validation/summary.json" ] && echo "$(model_dir "$1")/checkpoint_final.pth"
 }
-finetune_arm() {  # finetune_arm TRAINER CHECKPOINT: train with -pretrained_weights, evaluate, collect
-  timed "train_$1" train "$1" -pretrained_weights "$2"
+finetune_arm() {  # finetune_arm TRAINER CHECKPOINT: train (from CHECKPOINT unless empty), evaluate, collect
+  if [ -n "$2" ]; then timed "train_$1" train "$1" -pretrained_weights "$2"; else timed "train_$1" train "$1"; fi
   evaluate_arm "$1"
   collect_now
 }
