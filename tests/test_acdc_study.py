@@ -586,7 +586,12 @@ def test_study_stages_evaluate_external_collect_with_stubbed_nnunet(seg_folder, 
     assert r["protocol"] == "fine-tune" and r["missing"] == []
     assert r["trainers"][col.MARCHING_CUBES]["mesh"]["cases_without_mesh"] == ["case1"]
     assert r["trainers"]["nnUNetTrainerMesh_acdcFT"]["mesh"]["volume_ratio_share_in_0.85_1.15"]["RV"] == 0.5
-    for arm in mesh_arms:  # the real repair ran on every mesh arm's meshes (the marching-cubes meshes here)
+    repair_arms = repair_arms_of_study()
+    assert repair_arms and set(repair_arms) < set(mesh_arms)
+    for arm in mesh_arms:  # the real repair ran on REPAIR_ARMS' meshes (the marching-cubes meshes here), only there
+        if arm not in repair_arms:
+            assert "repair" not in r["trainers"][arm], arm
+            continue
         rep = r["trainers"][arm]["repair"]
         assert rep["cases_repaired"] + len(rep["cases_not_repaired"]) == len(mc["cases"]) - 1, (arm, rep)  # case1: none
     assert r["differences"]["vs_control"][col.REFINE]["Dice_LV"]["ci95"] == [0.0, 0.0]
@@ -601,6 +606,12 @@ def test_study_stages_evaluate_external_collect_with_stubbed_nnunet(seg_folder, 
     assert p.returncode == 0, p.stderr[-3000:]
     assert "stage evaluate: done" in p.stdout and "stage external: done" in p.stdout
     assert (tmp_path / "stub.log").read_text().splitlines() == calls
+
+
+def repair_arms_of_study():
+    """study.sh's REPAIR_ARMS."""
+    block = open(STUDY).read().split("REPAIR_ARMS=(", 1)[1].split(")", 1)[0]
+    return block.split()
 
 
 def ft_queue():
@@ -626,7 +637,8 @@ torch.randn(4, 3) * 3, 'a.num_batches': torch.tensor(7)}, 'trainer_name': sys.ar
   stub_log "end $tr"
 }
 nnUNetv2_topo_repair_meshes() {
-  stub_log "repair $*"; local o; o=$(_arg -o "$@"); mkdir -p "$o"; echo '{"gap_mm": 0.5, "cases": {}}' > "$o/repair.json"
+  stub_log "repair $*"; local o; o=$(_arg -o "$@"); mkdir -p "$o"
+  echo '{"gap_mm": 0.5, "cases": {}}' > "$o/repair.json"
 }
 export -f nnUNetv2_train nnUNetv2_topo_repair_meshes
 '''
@@ -714,9 +726,8 @@ def test_study_archives_the_backbone_and_schedules_each_arm_after_its_parent(seg
     r = strict_json(tmp_path / "results" / "acdc_fold0.json")
     assert set(r["trainers"]) == {tr for tr, _ in queue}
     assert r["backbone"]["weights_sha256"] == sha and "label_fp16_start" in r["backbone"]
-    assert sum(c.startswith("repair ") for c in calls) == sum(col.ARMS[tr][0] != "nnUNetTrainerMeshROI" and
-                                                             tr.startswith(("nnUNetTrainerMesh_", "nnUNetTrainerTPM",
-                                                                            "nnUNetTrainerMIE")) for tr, _ in queue)
+    repaired = sorted(c.split(" -i ")[1].split()[0].rsplit("meshes_", 1)[1] for c in calls if c.startswith("repair "))
+    assert repaired == sorted(repair_arms_of_study())
 
     # a new work folder (the machine is gone): the archive is restored, no backbone trained, the same weights
     again = stub_work(tmp_path, "again", seg_folder)

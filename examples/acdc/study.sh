@@ -32,7 +32,7 @@
 #             the validation images (nnUNetv2_topo_predict_meshes --format vtp -> meshes_<ROW>/) and their mesh
 #             evaluation (eval/<ROW>_mesh.json); nnUNetv2_topo_refine
 #             of the control (keep_present, STUDY_REFINE_STEPS steps, default 10 -> refine_<CONTROL>/, row
-#             <CONTROL>+refine); nnUNetv2_topo_repair_meshes of every mesh arm's meshes (repaired_<ROW>/repair.json:
+#             <CONTROL>+refine); nnUNetv2_topo_repair_meshes of REPAIR_ARMS' meshes (repaired_<ROW>/repair.json:
 #             how far each model's meshes must move, issue 25); marching cubes of the control's validation
 #             segmentations (python -m nnunet_topo.cli.segmentation_meshes -> meshes_<CONTROL>+marching_cubes/) and
 #             their mesh evaluation
@@ -214,6 +214,12 @@ EVAL_ARGS=(-djfile "$DS/dataset.json" -pfile "$PP/$PLANS.json" -np 2)
 is_mesh_arm() {  # the arms with a mesh head (nnUNetTrainerMeshROI, the control, has none)
   case "$1" in nnUNetTrainerMesh_*|nnUNetTrainerTPM*|nnUNetTrainerMIE*) return 0 ;; esac; return 1
 }
+# issue 25's displacement per trainer: the repair (30-160 s per case on 2 cores, 40 cases) of the arms that answer
+# "how far must a Mesh model's meshes move, how far a TPM model's" (Mesh continued against TPM: the same iterations),
+# and of the first Mesh arm and the head alone; the other mesh arms are not repaired (hours of CPU for no new question)
+REPAIR_ARMS=(nnUNetTrainerMesh_acdcFT nnUNetTrainerMesh_acdcFT2 nnUNetTrainerTPM_acdcFT2
+  nnUNetTrainerMesh_headOnly_acdcFT)
+is_repair_arm() { local a; for a in "${REPAIR_ARMS[@]}"; do [ "$a" = "$1" ] && return 0; done; return 1; }
 predict_meshes() {  # predict_meshes TRAINER IMAGES OUT: exit code 1 (some cases without mesh, in meshes.json) is fine
   nnUNetv2_topo_predict_meshes -i "$2" -o "$3" -d $ID -c $CONF -tr "$1" -p $PLANS -f 0 -device "$DEVICE" \
     --format vtp --overwrite || [ $? -eq 1 ]
@@ -255,9 +261,10 @@ evaluate_arm() {  # evaluate_arm TRAINER: label evaluation; a mesh arm's meshes,
     [ -f "$WORK/meshes_$tr/meshes.json" ] || timed "meshes_$tr" predict_meshes "$tr" "$WORK/val_images" \
       "$WORK/meshes_$tr" > "$WORK/logs/meshes_$tr.log" 2>&1
     evaluate "$tr" mesh "$WORK/meshes_$tr" --mesh_folder "$WORK/meshes_$tr" --chill
-    # issue 25: how far the repair must move this model's meshes (repaired_<ROW>/repair.json, the collector)
-    [ -f "$WORK/repaired_$tr/repair.json" ] || timed "repair_$tr" repair "$WORK/meshes_$tr" "$WORK/repaired_$tr" \
-      > "$WORK/logs/repair_$tr.log" 2>&1
+  fi
+  # issue 25: how far the repair must move this model's meshes (repaired_<ROW>/repair.json, the collector)
+  if is_repair_arm "$tr" && [ ! -f "$WORK/repaired_$tr/repair.json" ]; then
+    timed "repair_$tr" repair "$WORK/meshes_$tr" "$WORK/repaired_$tr" > "$WORK/logs/repair_$tr.log" 2>&1
   fi
 }
 
