@@ -75,7 +75,8 @@ timed() {  # timed NAME COMMAND...: run, append the seconds to stage_seconds.tsv
 }
 collect_now() {  # the collector (documentation/results/acdc_fold0.json, logs/tables.md), one at a time
   mkdir -p "$RESULTS_DIR"
-  flock "$WORK/logs/collect.lock" python examples/acdc/collect_results.py --work "$WORK" \
+  local lock=(); command -v flock > /dev/null && lock=(flock "$WORK/logs/collect.lock")  # util-linux; else unlocked
+  ${lock[@]+"${lock[@]}"} python examples/acdc/collect_results.py --work "$WORK" \
     --out "$RESULTS_DIR/acdc_fold0.json" > "$WORK/logs/tables.md"
 }
 train() {  # train TRAINER [extra nnUNetv2_train args]: resumes with --c when a checkpoint exists
