@@ -538,10 +538,8 @@ def test_study_stages_evaluate_external_collect_with_stubbed_nnunet(seg_folder, 
     raw = work / "raw" / col.NAME
     raw.mkdir(parents=True)
     (raw / "dataset.json").write_text(json.dumps(DJ))
-    text = open(STUDY).read()
     arms = [col.BACKBONE] + [trainer for trainer, parent in ft_queue() if parent != "scratch"]
-    scratch = [w.strip("()") for line in text.splitlines() if line.startswith("SCRATCH=(")
-               for w in line.split("=(")[-1].split()]  # stage scratch: trained, so only evaluated here
+    scratch = [trainer for trainer, parent in ft_queue() if parent == "scratch"]  # trained, so only evaluated here
     assert set(col.ARMS) <= set(arms + scratch) and col.SCRATCH_PROJPOOL in scratch
     for tr in arms + scratch:
         val = work / "results" / col.NAME / f"{tr}__{col.PLANS_CONF}" / "fold_0" / "validation"

@@ -25,7 +25,6 @@ import os
 import sys
 from typing import Dict
 
-import numpy as np
 import torch
 
 #: the checkpoint entries kept beside the weights (what nnU-Net and the trainers read from a pretrained checkpoint)
@@ -39,7 +38,7 @@ def weights_sha256(weights: Dict[str, torch.Tensor]) -> str:
     for k in sorted(weights):
         a = weights[k].detach().cpu().contiguous().numpy()
         h.update(f"{k}|{a.dtype}|{a.shape}|".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
+        h.update(a.tobytes())
     return h.hexdigest()
 
 
@@ -69,9 +68,11 @@ def _atomic_save(obj, path: str) -> None:
 
 
 def write_start(archive: dict, start: str) -> str:
-    """The float32 start checkpoint of ``archive`` at ``start`` and its id beside it; returns the id."""
+    """The float32 start checkpoint of ``archive`` at ``start`` and its id beside it; returns the id. An archive
+    without ``sha256`` (being saved) gets it; one with it (restored) must match it."""
     weights = _start_weights(archive["network_weights_fp16"])
     sha = weights_sha256(weights)
+    archive.setdefault("sha256", sha)
     if sha != archive["sha256"]:
         raise ValueError(f"the archived backbone's weights do not match its sha256 ({sha} != {archive['sha256']}): "
                          "the file is damaged")
@@ -91,10 +92,10 @@ def save(checkpoint: str, archive_path: str, start: str) -> str:
     if bad:  # float16 overflows beyond 65504: a weight that large would not survive the rounding
         raise ValueError(f"{checkpoint}: weights not finite in float16: {bad[:5]}")
     archive = {"network_weights_fp16": half, "meta": {k: ck[k] for k in META_KEYS if k in ck},
-               "sha256": weights_sha256(_start_weights(half)), "source": os.path.abspath(checkpoint),
-               "logging": ck.get("logging")}
+               "source": os.path.abspath(checkpoint), "logging": ck.get("logging")}
+    sha = write_start(archive, start)  # casts and hashes once, and sets archive["sha256"]
     _atomic_save(archive, archive_path)
-    return write_start(archive, start)
+    return sha
 
 
 def restore(archive_path: str, start: str) -> str:

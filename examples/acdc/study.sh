@@ -210,7 +210,8 @@ stage_finetune() {
 }
 
 CONTROL=nnUNetTrainerMeshROI_acdcFT
-SCRATCH=(nnUNetTrainerMeshROI_acdcScratch nnUNetTrainerProjPool_acdcScratch)
+SCRATCH=()  # issue 27's pair: FT_QUEUE's arms whose parent is "scratch"
+for item in "${FT_QUEUE[@]}"; do [ "${item#*:}" = scratch ] && SCRATCH+=("${item%%:*}"); done
 EVAL_ARGS=(-djfile "$DS/dataset.json" -pfile "$PP/$PLANS.json" -np 2)
 is_mesh_arm() {  # the arms with a mesh head (nnUNetTrainerMeshROI, the control, has none)
   case "$1" in nnUNetTrainerMesh_*|nnUNetTrainerTPM*|nnUNetTrainerMIE*) return 0 ;; esac; return 1
@@ -244,15 +245,13 @@ evaluate() {  # evaluate ROW KIND PREDICTIONS [--mesh_folder MESHES]: eval/ROW_K
     -o "$WORK/eval/${row}_$kind.json" "$@" > "$WORK/logs/eval_${row}_$kind.log" 2>&1
 }
 
-stage_scratch() {
+stage_scratch() {  # what FT_QUEUE did for the pair is skipped (train and evaluate skip what is done)
   local tr
-  for tr in "${SCRATCH[@]}"; do timed "train_$tr" train "$tr" & done
+  for tr in "${SCRATCH[@]}"; do finetune_arm "$tr" "" & done
   wait
   for tr in "${SCRATCH[@]}"; do
     [ -f "$(model_dir "$tr")/validation/summary.json" ] || { echo "error: $tr did not finish" >&2; exit 1; }
-    evaluate "$tr" label "$(model_dir "$tr")/validation"
   done
-  collect_now
 }
 
 evaluate_arm() {  # evaluate_arm TRAINER: label evaluation; a mesh arm's meshes, their evaluation and repair
