@@ -151,6 +151,22 @@ def train_folder(work, tr, epochs, iters, seed=None, epoch_s=10.0, pseudo=None, 
     (fold / "training_log_2026_12_6_16_15_18.txt").write_text("\n".join(lines) + "\n")
 
 
+def test_training_budget_reports_the_sum_and_a_median_a_paused_epoch_does_not_move(tmp_path):
+    # the control's real log of 2026-12-07: its first epoch held a 30-minute pause for the test suite
+    fold = tmp_path / "fold_0"
+    fold.mkdir()
+    (fold / "debug.json").write_text(json.dumps({"num_epochs": "4", "num_iterations_per_epoch": "100",
+                                                 "batch_size": "2", "seed": "1"}))
+    times = [2323.0, 151.7, 144.5, 160.0]
+    (fold / "training_log_2026_12_7_15_33_07.txt").write_text(
+        "".join(f"2026-12-07 16:00:00.0: Epoch {e}\n2026-12-07 16:00:01.0: Epoch time: {t} s\n"
+                for e, t in enumerate(times)))
+    b = col.training_budget(str(fold))
+    assert b["seconds"] == pytest.approx(sum(times)) and b["epochs_logged"] == 4
+    assert b["epoch_seconds_median"] == pytest.approx(155.8)  # (151.7 + 160.0) / 2, not pulled up by the pause
+    assert b["iterations"] == 400 and b["seed"] == 1
+
+
 def fake_work(tmp_path, with_betti=True):
     work = tmp_path / "work"
     (work / "eval").mkdir(parents=True)
@@ -726,6 +742,16 @@ def test_study_archives_the_backbone_and_schedules_each_arm_after_its_parent(seg
     assert r["backbone"]["weights_sha256"] == sha and "label_fp16_start" in r["backbone"]
     repaired = sorted(c.split(" -i ")[1].split()[0].rsplit("meshes_", 1)[1] for c in calls if c.startswith("repair "))
     assert repaired == sorted(repair_arms_of_study())
+
+    # run again (a new session): nothing is trained again, and no arm gets a second, 0-second training record
+    tsv = work / "logs" / "stage_seconds.tsv"
+    trained_steps = [ln.split("\t")[0] for ln in tsv.read_text().splitlines() if ln.startswith("train_")]
+    assert sorted(trained_steps) == sorted(f"train_{tr}" for tr, _ in queue)
+    before = len(calls)
+    p, calls = run_study(tmp_path, work, "backbone finetune")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert not [c for c in calls[before:] if c.startswith("start ")]  # the stub log is appended to
+    assert [ln.split("\t")[0] for ln in tsv.read_text().splitlines() if ln.startswith("train_")] == trained_steps
 
     # a new work folder (the machine is gone): the archive is restored, no backbone trained, the same weights
     again = stub_work(tmp_path, "again", seg_folder)

@@ -110,8 +110,10 @@ def _seed_from_name(row: str) -> int:
 
 # ------------------------------------------------------------------------------------------------ training budget
 def training_budget(model_fold: str) -> dict:
-    """``{"epochs", "iterations", "batch_size", "seed", "seconds", "epochs_logged"}`` of a trained fold (nnU-Net's
-    debug.json, whose values are strings, and the sum of the training logs' "Epoch time" lines)."""
+    """``{"epochs", "iterations", "batch_size", "seed", "seconds", "epochs_logged", "epoch_seconds_median"}`` of a
+    trained fold (nnU-Net's debug.json, whose values are strings, and the training logs' "Epoch time" lines: their sum,
+    which includes any time the training was paused (SIGSTOP while the test suite ran), and their median, which an
+    occasional paused epoch does not move)."""
     out: dict = {}
     dbg = _load(os.path.join(model_fold, "debug.json"))
     if dbg:
@@ -123,7 +125,8 @@ def training_budget(model_fold: str) -> dict:
     for log in sorted(glob.glob(os.path.join(model_fold, "training_log_*.txt"))):
         times += [float(t) for t in re.findall(r"Epoch time: ([0-9.]+) s", open(log).read())]
     if times:
-        out.update(seconds=round(sum(times), 1), epochs_logged=len(times))
+        out.update(seconds=round(sum(times), 1), epochs_logged=len(times),
+                   epoch_seconds_median=round(float(np.median(times)), 1))
     return out
 
 
@@ -712,9 +715,9 @@ def print_tables(r: dict) -> None:
               f"{'met' if all(b['dice_goals_met'].values()) else 'not met'} | "
               f"{_v(b.get('first_epoch_pseudo_dice_meets_goals'), 'never' if b.get('pseudo_dice_last_epoch') else '-')}"
               " |\n")
-    print("| row | ft iters | after backbone | seed | train s | Dice RV | Dice MYO | Dice LV | HD95 LV mm | TVS | VR | "
+    print("| row | ft iters | after backbone | seed | train s | s/epoch (median) | Dice RV | Dice MYO | Dice LV | HD95 LV mm | TVS | VR | "
           "Betti err 3D | Betti err 2D | topo. correct 3D | topo. correct 2D | slices meeting prior | CCE 3D |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in rows:
         t = r["trainers"][n]
         lab = t.get("label")
@@ -722,7 +725,8 @@ def print_tables(r: dict) -> None:
             continue
         mark = " (earlier run)" if t.get("from_earlier_run") else ""
         print(f"| {n}{mark} | {_v(t.get('finetune_iterations'))} | {_v(t.get('iterations_after_backbone'))} | "
-              f"{_v(t.get('seed'))} | {_v(t.get('seconds'))} | {_f(lab['Dice'].get('RV'))} | "
+              f"{_v(t.get('seed'))} | {_v(t.get('seconds'))} | {_v(t.get('epoch_seconds_median'))} | "
+              f"{_f(lab['Dice'].get('RV'))} | "
               f"{_f(lab['Dice'].get('MYO'))} | {_f(lab['Dice'].get('LV'))} | {_f(lab['HD95_mm'].get('LV'), 1)} | "
               f"{_f(lab['TVS'], 4)} | {_f(lab['VR'], 3)} | {_f(lab['betti_error_3d'], 2)} | "
               f"{_f(lab['betti_error_2d'], 2)} | {_f(lab['topologically_correct'], 3)} | "

@@ -177,7 +177,8 @@ parent_checkpoint() {  # parent_checkpoint PARENT: the checkpoint its children s
   [ -f "$(model_dir "$1")/validation/summary.json" ] && echo "$(model_dir "$1")/checkpoint_final.pth"
 }
 finetune_arm() {  # finetune_arm TRAINER CHECKPOINT: train (from CHECKPOINT unless empty), evaluate, collect
-  if [ -n "$2" ]; then timed "train_$1" train "$1" -pretrained_weights "$2"; else timed "train_$1" train "$1"; fi
+  if [ -f "$(model_dir "$1")/validation/summary.json" ]; then :  # trained before: no 0-second record
+  elif [ -n "$2" ]; then timed "train_$1" train "$1" -pretrained_weights "$2"; else timed "train_$1" train "$1"; fi
   evaluate_arm "$1"
   collect_now
 }
