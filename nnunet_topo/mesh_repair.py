@@ -243,8 +243,9 @@ def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], excl
         # surface from the wrong side, pokes between the moving mesh's vertices; the face it pokes moves away
         poke_gap = gap + overshoot + unstalled * gap / 8
         poke = _poke_displacements(v, faces, fixed[0], poke_gap, tol) if len(fixed) == 1 else np.zeros_like(v)
-        moved = (need > tol) | (np.linalg.norm(poke, axis=1) > tol)
-        residual = max(float(need.max(initial=0.0)), float(np.linalg.norm(poke, axis=1).max(initial=0.0)))
+        poke_size = np.linalg.norm(poke, axis=1)
+        moved = (need > tol) | (poke_size > tol)
+        residual = max(float(need.max(initial=0.0)), float(poke_size.max(initial=0.0)))
         if residual < 0.5 * best:
             best, it_best = residual, it
         stalled = small_steps >= stall_after or it - it_best >= stall_after
@@ -280,7 +281,7 @@ def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], excl
         last = (f"{int(moved.sum())} vertices still to move, up to {float(max(need.max(), 0.0)):.3g} mm, after {it} "
                 "iteration(s)")
         disp = np.where((need > tol)[:, None], target - v, 0.0)
-        disp = np.where((np.linalg.norm(poke, axis=1) > np.linalg.norm(disp, axis=1))[:, None], poke, disp)
+        disp = np.where((poke_size > np.linalg.norm(disp, axis=1))[:, None], poke, disp)
         size = np.linalg.norm(disp, axis=1)
         small_steps = small_steps + 1 if size.max() < 0.1 * gap else 0
         disp *= (np.minimum(size, 0.5 * edge) / np.maximum(size, 1e-12))[:, None]
