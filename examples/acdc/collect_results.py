@@ -715,8 +715,8 @@ def print_tables(r: dict) -> None:
               f"{'met' if all(b['dice_goals_met'].values()) else 'not met'} | "
               f"{_v(b.get('first_epoch_pseudo_dice_meets_goals'), 'never' if b.get('pseudo_dice_last_epoch') else '-')}"
               " |\n")
-    print("| row | ft iters | after backbone | seed | train s | s/epoch (median) | Dice RV | Dice MYO | Dice LV | HD95 LV mm | TVS | VR | "
-          "Betti err 3D | Betti err 2D | topo. correct 3D | topo. correct 2D | slices meeting prior | CCE 3D |")
+    print("| row | ft iters | after backbone | seed | train s | s/epoch (median) | Dice RV | Dice MYO | Dice LV | "
+          "HD95 LV mm | TVS | VR | Betti err 3D | Betti err 2D | topo. correct 3D | topo. correct 2D | slices meeting prior | CCE 3D |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in rows:
         t = r["trainers"][n]

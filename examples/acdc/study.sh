@@ -79,9 +79,12 @@ collect_now() {  # the collector (documentation/results/acdc_fold0.json, logs/ta
   ${lock[@]+"${lock[@]}"} python examples/acdc/collect_results.py --work "$WORK" \
     --out "$RESULTS_DIR/acdc_fold0.json" > "$WORK/logs/tables.md"
 }
+trained() {  # trained TRAINER: trained and validated by nnU-Net (its fold-0 validation summary exists)
+  [ -f "$(model_dir "$1")/validation/summary.json" ]
+}
 train() {  # train TRAINER [extra nnUNetv2_train args]: resumes with --c when a checkpoint exists
   local tr="$1"; shift; local out; out="$(model_dir "$tr")"
-  [ -f "$out/validation/summary.json" ] && return 0
+  trained "$tr" && return 0
   if [ -f "$out/checkpoint_final.pth" ]; then  # trained (or stopped at its Dice goals), not yet validated
     nnUNetv2_train $ID $CONF 0 -tr "$tr" -p $PLANS -device "$DEVICE" --val > "$WORK/logs/train_$tr.log" 2>&1
   elif [ -f "$out/checkpoint_latest.pth" ] || [ -f "$out/checkpoint_best.pth" ]; then
@@ -174,10 +177,10 @@ FT_ARMS=("${FT_QUEUE[@]%%:*}")
 parent_checkpoint() {  # parent_checkpoint PARENT: the checkpoint its children start from; fails while not trained
   if [ "$1" = scratch ]; then echo ""; return; fi
   if [ "$1" = backbone ]; then cat "$WORK/backbone_checkpoint.txt"; return; fi
-  [ -f "$(model_dir "$1")/validation/summary.json" ] && echo "$(model_dir "$1")/checkpoint_final.pth"
+  trained "$1" && echo "$(model_dir "$1")/checkpoint_final.pth"
 }
 finetune_arm() {  # finetune_arm TRAINER CHECKPOINT: train (from CHECKPOINT unless empty), evaluate, collect
-  if [ -f "$(model_dir "$1")/validation/summary.json" ]; then :  # trained before: no 0-second record
+  if trained "$1"; then :  # trained before: no 0-second record
   elif [ -n "$2" ]; then timed "train_$1" train "$1" -pretrained_weights "$2"; else timed "train_$1" train "$1"; fi
   evaluate_arm "$1"
   collect_now
@@ -206,7 +209,7 @@ stage_finetune() {
   done
   wait
   for tr in "${FT_ARMS[@]}"; do
-    [ -f "$(model_dir "$tr")/validation/summary.json" ] || { echo "error: $tr did not finish" >&2; exit 1; }
+    trained "$tr" || { echo "error: $tr did not finish" >&2; exit 1; }
   done
 }
 
@@ -251,7 +254,7 @@ stage_scratch() {  # what FT_QUEUE did for the pair is skipped (train and evalua
   for tr in "${SCRATCH[@]}"; do finetune_arm "$tr" "" & done
   wait
   for tr in "${SCRATCH[@]}"; do
-    [ -f "$(model_dir "$tr")/validation/summary.json" ] || { echo "error: $tr did not finish" >&2; exit 1; }
+    trained "$tr" || { echo "error: $tr did not finish" >&2; exit 1; }
   done
 }
 
@@ -272,13 +275,13 @@ evaluate_arm() {  # evaluate_arm TRAINER: label evaluation; a mesh arm's meshes,
 stage_evaluate() {
   local tr missing=() mc="$WORK/meshes_${CONTROL}+marching_cubes"
   for tr in $BACKBONE_TR "${FT_ARMS[@]}"; do
-    if [ ! -f "$(model_dir "$tr")/validation/summary.json" ]; then
+    if ! trained "$tr"; then
       [ "$tr" = $BACKBONE_TR ] || missing+=("$tr")  # a restored backbone has no training folder here
       continue
     fi
     evaluate_arm "$tr"
   done
-  if [ -f "$(model_dir $CONTROL)/validation/summary.json" ]; then
+  if trained $CONTROL; then
     [ -f "$WORK/refine_$CONTROL/refinement_summary.json" ] || timed "refine_$CONTROL" refine "$WORK/val_images" \
       "$WORK/refine_$CONTROL" > "$WORK/logs/refine_$CONTROL.log" 2>&1
     evaluate "$CONTROL+refine" label "$WORK/refine_$CONTROL"
