@@ -199,6 +199,40 @@ def _verify(moving, fixed, exclusion: bool, gap: float) -> Tuple[float, float, O
     return volume, surface_gap_mm(moving, fixed, exclusion, 2 * gap + 1.0), mesh_invalid_reason(moving)
 
 
+class _StallWatch:
+    """When the vertex loop of :func:`_repair_rule` stops making progress, so that the exact check runs and the
+    oscillating vertices are lifted clear (a stall) instead of trading moves until the iterations run out.
+
+    A few vertices can trade tiny moves for ever (a push off one fixed face nudges a neighbour towards another, a
+    poked face moves a vertex another rule point needs): ``after`` iterations in a row whose moves are all below a
+    tenth of the gap are a stall. Or two sets of vertices trade moves that shrink too slowly (measured on ACDC, a
+    head-only model's RV against LV_epi: the RV faces LV_epi's vertices poke and the RV vertices pushed off LV_epi
+    alternate, the residual falling ~1.4 % per iteration, 0.6 mm to 0.044 mm in 200): no halving of the largest
+    residual move within ``after`` iterations is a stall too, counted again from each stall."""
+
+    def __init__(self, gap: float, after: int = 10):
+        self.small, self.after = 0.1 * gap, after
+        self.small_steps, self.it, self.best, self.it_best = 0, 0, math.inf, 0
+
+    def stalled(self, residual: float) -> bool:
+        """One iteration's largest residual move (mm, before the step): is the loop stalled?"""
+        self.it += 1
+        if residual < 0.5 * self.best:
+            self.best, self.it_best = residual, self.it
+        out = self.small_steps >= self.after or self.it - self.it_best >= self.after
+        if out:
+            self.best, self.it_best = residual, self.it
+        return out
+
+    def checked(self) -> None:
+        """The exact check ran (and failed): the run of small steps starts again."""
+        self.small_steps = 0
+
+    def step(self, size: float) -> None:
+        """The largest move the iteration made (mm)."""
+        self.small_steps = self.small_steps + 1 if size < self.small else 0
+
+
 def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], exclusion: bool, gap: float,
                  rings: int, max_iterations: int = 200) -> Tuple[np.ndarray, int, float, float]:
     """New vertices of ``moving`` that satisfy the rule with the gap, the iterations used, and the exact violating
@@ -216,17 +250,10 @@ def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], excl
     # so that the loop does not creep towards the gap by ever smaller steps (closest points change faces as
     # vertices move); the exact verification accepts a gap of gap * (1 - 1e-3)
     overshoot, tol = 2e-3 * gap, 1e-3 * gap
-    # a few vertices can also trade tiny moves for ever (a push off one fixed face nudges a neighbour towards
-    # another, a poked face moves a vertex another rule point needs): after `stall_after` iterations in a row whose
-    # moves are all below a tenth of the gap the exact check runs (the vertex criterion is stricter than it); if it
-    # fails, the target gap of the vertices still moving and their neighbours grows by gap / 8, and so does the gap
-    # poked faces keep, so that they land clear of the oscillation (at most `max_unstalls` times)
-    # Or two sets of vertices trade moves that shrink too slowly (measured on ACDC, a head-only model's RV against
-    # LV_epi: the RV faces LV_epi's vertices poke and the RV vertices pushed off LV_epi alternate, the residual
-    # falling ~1.4 % per iteration, 0.6 mm to 0.044 mm in 200): no halving of the largest residual move within
-    # `stall_after` iterations counts as a stall too
-    small_steps, stall_after, unstalled, max_unstalls = 0, 10, 0, 8
-    best, it_best = math.inf, 0
+    # stalls (oscillating vertices): :class:`_StallWatch`; after one the exact check runs, and if it fails the target
+    # gap of the vertices still moving and their neighbours grows by gap / 8, and so does the gap poked faces keep,
+    # so that they land clear of the oscillation (at most `max_unstalls` times)
+    watch, unstalled, max_unstalls = _StallWatch(gap), 0, 8
     for it in range(1, max_iterations + 1):
         target_gap = gap + overshoot + extra
         closest, sd, out = _signed_side(v, fixed[0])
@@ -245,18 +272,13 @@ def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], excl
         poke = _poke_displacements(v, faces, fixed[0], poke_gap, tol) if len(fixed) == 1 else np.zeros_like(v)
         poke_size = np.linalg.norm(poke, axis=1)
         moved = (need > tol) | (poke_size > tol)
-        residual = max(float(need.max(initial=0.0)), float(poke_size.max(initial=0.0)))
-        if residual < 0.5 * best:
-            best, it_best = residual, it
-        stalled = small_steps >= stall_after or it - it_best >= stall_after
-        if stalled:  # the next stall is counted from here
-            best, it_best = residual, it
+        stalled = watch.stalled(max(float(need.max(initial=0.0)), float(poke_size.max(initial=0.0))))
         if not moved.any() or stalled:  # the loop's criterion is stricter than the exact check, which decides
             m = trimesh.Trimesh(v, faces, process=False)
             volume, got_gap, self_cross = _verify(m, fixed, exclusion, gap)
             if volume <= 1e-9 * max(abs(float(m.volume)), 1.0) and got_gap >= gap * (1 - 1e-3) and self_cross is None:
                 return v, it, volume, got_gap
-            small_steps = 0
+            watch.checked()
             if self_cross is not None:  # a fold where moved and resting vertices meet: relax it, then push again
                 untangled += 1
                 if untangled > max_untangles:
@@ -283,7 +305,7 @@ def _repair_rule(moving: trimesh.Trimesh, fixed: Sequence[trimesh.Trimesh], excl
         disp = np.where((need > tol)[:, None], target - v, 0.0)
         disp = np.where((poke_size > np.linalg.norm(disp, axis=1))[:, None], poke, disp)
         size = np.linalg.norm(disp, axis=1)
-        small_steps = small_steps + 1 if size.max() < 0.1 * gap else 0
+        watch.step(float(size.max()))
         disp *= (np.minimum(size, 0.5 * edge) / np.maximum(size, 1e-12))[:, None]
         v = v + _harmonic_extension(adj, moved, disp, rings)
         if size.max() > 0.5 * edge:  # large moves: keep the patch untangled (the last small ones converge)

@@ -266,3 +266,40 @@ def test_point_data_of_the_wrong_length_is_an_error_not_dropped():
     assert transfer_point_data(old, new, {"a": np.arange(4.0)})["a"].shape == (2,)
     with pytest.raises(RemeshError, match=r"per-vertex data 'b' has 3 values, its mesh 4 vertices"):
         transfer_point_data(old, new, {"a": np.arange(4.0), "b": np.arange(3.0)})
+
+
+#: the largest residual move (mm) of the repair loop's first 60 iterations on a real case that the loop could not
+#: repair before the halving criterion (ACDC patient051_frame01, a head-only model's RV against LV_epi, gap 0.5:
+#: two sets of RV vertices traded moves, the residual falling ~1.4 % per iteration, still 0.044 mm after 200)
+OSCILLATION_MM = [8.1173, 5.1235, 2.1502, 1.1944, 0.6226, 0.6736, 0.5904, 0.528, 0.5127, 0.5075, 0.4935, 0.4884,
+                  0.4755, 0.4704, 0.4585, 0.4535, 0.4423, 0.4374, 0.427, 0.4221, 0.4123, 0.4076, 0.3983, 0.3937,
+                  0.3849, 0.3804, 0.3721, 0.3677, 0.3598, 0.3555, 0.348, 0.3437, 0.3366, 0.3331, 0.6642, 0.4049,
+                  0.4004, 0.3954, 0.391, 0.3862, 0.3819, 0.3772, 0.373, 0.3684, 0.3643, 0.3599, 0.3558, 0.3515,
+                  0.3475, 0.3434, 0.3395, 0.3354, 0.3316, 0.3276, 0.3239, 0.32, 0.3164, 0.3126, 0.3091, 0.3054]
+
+
+def replay(residuals, steps):
+    """The iterations (1-based) at which the repair loop's stall watch declares a stall."""
+    from nnunet_topo import mesh_repair as mr
+
+    watch, out = mr._StallWatch(GAP), []
+    for it, (residual, step) in enumerate(zip(residuals, steps), 1):
+        if watch.stalled(residual):
+            out.append(it)
+            watch.checked()
+        watch.step(step)
+    return out
+
+
+def test_the_slow_two_set_oscillation_measured_on_acdc_is_a_stall():
+    """The trace of a real case that ran out of iterations: every move is above a tenth of the gap, so the old
+    criterion (small moves only) never fired; the watch must stall within `after` iterations of the last halving."""
+    stalls = replay(OSCILLATION_MM, OSCILLATION_MM)  # the step of an iteration is its residual (unclamped here)
+    assert stalls and stalls[0] == 15  # the last halving at iteration 5 (0.62 mm), none by 0.31 mm ten later
+    assert len(stalls) >= 4 and all(b - a <= 10 for a, b in zip(stalls, stalls[1:]))  # counted again from each
+    # a loop that converges (halving every 3 iterations, 4 mm to 0.07 mm) is not stalled
+    converging = [4.0 * 0.79 ** i for i in range(18)]
+    assert replay(converging, converging) == []
+    # ten small moves in a row (below a tenth of the gap) are a stall even while the residual still halves
+    halving = [2.0 ** -i for i in range(30)]
+    assert replay(halving, [0.2] * 5 + [0.01] * 25)[0] == 16
