@@ -738,7 +738,8 @@ def test_study_archives_the_backbone_and_schedules_each_arm_after_its_parent(seg
         peak = max(peak, running)
     assert peak == 2
     r = strict_json(tmp_path / "results" / "acdc_fold0.json")
-    assert set(r["trainers"]) == {tr for tr, _ in queue}
+    # every arm, and the control's refinement and marching cubes, right after the control's training
+    assert set(r["trainers"]) == {tr for tr, _ in queue} | {col.REFINE, col.MARCHING_CUBES}
     assert r["backbone"]["weights_sha256"] == sha and "label_fp16_start" in r["backbone"]
     repaired = sorted(c.split(" -i ")[1].split()[0].rsplit("meshes_", 1)[1] for c in calls if c.startswith("repair "))
     assert repaired == sorted(repair_arms_of_study())

@@ -20,7 +20,8 @@
 #             frozen: the mesh share at 0, and "add meshes to the nnU-Net you already trained"); TPM (λ 0.5, two
 #             seeds; λ 1) from the Mesh fine-tune's checkpoint for 500 more iterations against Mesh continued for the
 #             same 500 (*_acdcFT2). FT_QUEUE orders them; an arm starts as soon as its parent is trained, two at once
-#             (STUDY_PARALLEL), and is evaluated (as stage evaluate does) and collected right after its training, so
+#             (STUDY_PARALLEL), and is evaluated (as stage evaluate does: the control with its refinement and the
+#             marching cubes of its segmentations) and collected right after its training, so
 #             $RESULTS_DIR/acdc_fold0.json holds every finished arm's row and per-case values (commit it).
 #   scratch   (FT_QUEUE trains this pair after the first five arms; this stage then only checks) issue 27:
 #             nnUNetTrainerProjPool_acdcScratch (ProjPool from scratch with its default two-phase schedule,
@@ -259,12 +260,22 @@ stage_scratch() {  # what FT_QUEUE did for the pair is skipped (train and evalua
 }
 
 evaluate_arm() {  # evaluate_arm TRAINER: label evaluation; a mesh arm's meshes, their evaluation and repair
-  local tr="$1"
+  local tr="$1" mc="$WORK/meshes_${CONTROL}+marching_cubes"
   evaluate "$tr" label "$(model_dir "$tr")/validation"
   if is_mesh_arm "$tr"; then
     [ -f "$WORK/meshes_$tr/meshes.json" ] || timed "meshes_$tr" predict_meshes "$tr" "$WORK/val_images" \
       "$WORK/meshes_$tr" > "$WORK/logs/meshes_$tr.log" 2>&1
     evaluate "$tr" mesh "$WORK/meshes_$tr" --mesh_folder "$WORK/meshes_$tr" --chill
+  fi
+  # the control's refinement and marching cubes of its segmentations (the alternatives a user would try first):
+  # right after its training, as its own rows are
+  if [ "$tr" = $CONTROL ]; then
+    [ -f "$WORK/refine_$CONTROL/refinement_summary.json" ] || timed "refine_$CONTROL" refine "$WORK/val_images" \
+      "$WORK/refine_$CONTROL" > "$WORK/logs/refine_$CONTROL.log" 2>&1
+    evaluate "$CONTROL+refine" label "$WORK/refine_$CONTROL"
+    [ -f "$mc/meshes.json" ] || timed "marching_cubes_$CONTROL" marching_cubes "$(model_dir $CONTROL)/validation" \
+      "$mc" > "$WORK/logs/marching_cubes_$CONTROL.log" 2>&1
+    evaluate "$CONTROL+marching_cubes" mesh "$(model_dir $CONTROL)/validation" --mesh_folder "$mc" --chill
   fi
   # issue 25: how far the repair must move this model's meshes (repaired_<ROW>/repair.json, the collector)
   if is_repair_arm "$tr" && [ ! -f "$WORK/repaired_$tr/repair.json" ]; then
@@ -273,7 +284,7 @@ evaluate_arm() {  # evaluate_arm TRAINER: label evaluation; a mesh arm's meshes,
 }
 
 stage_evaluate() {
-  local tr missing=() mc="$WORK/meshes_${CONTROL}+marching_cubes"
+  local tr missing=()
   for tr in $BACKBONE_TR "${FT_ARMS[@]}"; do
     if ! trained "$tr"; then
       [ "$tr" = $BACKBONE_TR ] || missing+=("$tr")  # a restored backbone has no training folder here
@@ -281,14 +292,6 @@ stage_evaluate() {
     fi
     evaluate_arm "$tr"
   done
-  if trained $CONTROL; then
-    [ -f "$WORK/refine_$CONTROL/refinement_summary.json" ] || timed "refine_$CONTROL" refine "$WORK/val_images" \
-      "$WORK/refine_$CONTROL" > "$WORK/logs/refine_$CONTROL.log" 2>&1
-    evaluate "$CONTROL+refine" label "$WORK/refine_$CONTROL"
-    [ -f "$mc/meshes.json" ] || timed "marching_cubes_$CONTROL" marching_cubes "$(model_dir $CONTROL)/validation" \
-      "$mc" > "$WORK/logs/marching_cubes_$CONTROL.log" 2>&1
-    evaluate "$CONTROL+marching_cubes" mesh "$(model_dir $CONTROL)/validation" --mesh_folder "$mc" --chill
-  fi
   if [ ${#missing[@]} -gt 0 ]; then echo "error: not trained yet: ${missing[*]} (stage finetune)" >&2; exit 1; fi
 }
 
