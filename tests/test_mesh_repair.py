@@ -14,6 +14,7 @@ from nnunet_topo.mesh_booleans import exact_violating_volume_mm3, mesh_invalid_r
 from nnunet_topo.mesh_evaluation import mesh_rule_volumes
 from nnunet_topo.mesh_repair import MeshRepairError, repair_case, surface_gap_mm
 from nnunet_topo.mesh_io import export_mesh, read_mesh, read_point_data
+from nnunet_topo.metrics.mesh import closest_points_on_surface
 from nnunet_topo.topology_spec import parse_topology
 
 DJ = {"labels": {"background": 0, "RV": 1, "MYO": 2, "LV": 3}, "file_ending": ".nii.gz", "topology": {
@@ -342,3 +343,36 @@ def test_a_crescent_pushed_onto_a_coarse_mesh_oscillates_and_is_repaired():
     assert exact_violating_volume_mm3(out["RV"], [out["LV_epi"]], True) == 0.0
     assert surface_gap_mm(out["RV"], [out["LV_epi"]], True, 2.0) >= GAP * (1 - 1e-3)
     assert mesh_invalid_reason(out["RV"]) is None
+
+
+def test_the_side_cache_of_the_repair_loop_equals_the_exact_winding_number_at_every_step():
+    """The loop keeps a point's side (inside/outside) while it cannot have crossed the surface; checked against the
+    exact winding number at every step of a random walk, of points (a fixed surface) and of the surface (fixed
+    points), both crossing it many times."""
+    from nnunet_topo import mesh_repair as mr
+
+    rng = np.random.default_rng(0)
+    mesh = sphere(10.0, (0, 0, 0), sub=2)
+    points = rng.normal(size=(300, 3)) * 6.0 + rng.normal(size=(1, 3))
+    cache, crossings = mr._SideCache(len(points)), 0
+    last = mr._inside(points, mesh)
+    for _ in range(25):  # the points move, the surface stays
+        motion = rng.normal(size=points.shape) * rng.uniform(0.05, 1.5)
+        points = points + motion
+        dist = closest_points_on_surface(points, mesh)[1]
+        exact = mr._inside(points, mesh)
+        crossings += int((exact != last).sum())
+        last = exact
+        assert np.array_equal(cache.inside(points, mesh, dist, np.linalg.norm(motion, axis=1)), exact)
+    cache, v, faces = mr._SideCache(len(points)), np.asarray(mesh.vertices).copy(), mesh.faces
+    last = mr._inside(points, mesh)
+    for _ in range(25):  # the surface moves (a random smooth bump and shift), the points stay
+        motion = 0.8 * np.sin(v @ rng.normal(size=3) / 4.0)[:, None] * rng.normal(size=3) + rng.normal(size=3) * 0.3
+        v = v + motion
+        moved = trimesh.Trimesh(v, faces, process=False)
+        dist = closest_points_on_surface(points, moved)[1]
+        exact = mr._inside(points, moved)
+        crossings += int((exact != last).sum())
+        last = exact
+        assert np.array_equal(cache.inside(points, moved, dist, float(np.linalg.norm(motion, axis=1).max())), exact)
+    assert crossings > 100  # the walk does cross the surface
