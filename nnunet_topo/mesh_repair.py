@@ -536,7 +536,7 @@ def _cases_of_folder(folder: str, structures: Sequence[str]) -> Tuple[Dict[str, 
 
 def repair_mesh_folder(input_folder: str, output_folder: str, dataset_json, gap_mm: float = DEFAULT_GAP_MM,
                        rings: int = 2, overwrite: bool = False, show_progress: bool = False,
-                       tangled: str = "remesh") -> dict:
+                       tangled: str = "remesh", resume: bool = False) -> dict:
     """Repair every case of a mesh folder (``nnUNetv2_topo_predict_meshes`` output, or ``CASE_<structure><ext>``
     files) into ``output_folder``: the same file names and formats, per-vertex data of ``.vtk``/``.vtp`` files
     (an ensemble's ``spread_mm``) and ``_spread.npy`` sidecars carried over (vertex order is kept; a mesh
@@ -547,7 +547,10 @@ def repair_mesh_folder(input_folder: str, output_folder: str, dataset_json, gap_
          "cases_not_repaired": [CASE, ...]}
 
     A case that cannot be repaired gets no files and its reason; the others go on. The input folder is never
-    written into (paths resolved); existing outputs need ``overwrite``.
+    written into (paths resolved); existing outputs need ``overwrite``. After each case the results so far go to
+    ``repair_progress.json`` (removed at the end): with ``resume``, the cases it records (their files present) are
+    kept and not repaired again, so that an interrupted run of a large folder finishes where it stopped; the
+    settings (input folder, gap, rings, tangled) must be those of the interrupted run.
 
     Raises:
         MeshRepairError: no mesh files, a mesh structure the dataset does not define, existing outputs;
@@ -580,20 +583,23 @@ def repair_mesh_folder(input_folder: str, output_folder: str, dataset_json, gap_
             raise MeshRepairError(f"case {case}: mesh(es) {unknown} are not mesh structures of the dataset "
                                   f"({structures})")
     sidecars = {c: dict(listing.get("cases", {}).get(c, {}).get("spread_files", {})) for c in cases}
-    outputs = [os.path.basename(p) for files in cases.values() for p in files.values()] + \
-        [f for s in sidecars.values() for f in s.values()] + ["meshes.json", "repair.json"]
-    if not overwrite:
-        for f in outputs:
-            if os.path.exists(os.path.join(output_folder, f)):
-                raise MeshRepairError(f"{os.path.join(output_folder, f)} exists; pass --overwrite to replace it")
-    os.makedirs(output_folder, exist_ok=True)
     result = {"input_folder": os.path.abspath(input_folder), "gap_mm": gap_mm, "rings": rings, "tangled": tangled,
               "cases": {},
               "cases_not_repaired": []}
     out_listing = {k: v for k, v in listing.items() if k not in ("cases", "cases_without_mesh")}
     out_listing.update({"repaired_from": os.path.abspath(input_folder), "repair": "repair.json", "cases": {},
                         "cases_without_mesh": list(listing.get("cases_without_mesh", []))})
-    items = sorted(cases.items())
+    progress_path = os.path.join(output_folder, "repair_progress.json")
+    done = _resumed_cases(progress_path, result, out_listing, cases, sidecars, output_folder) if resume else set()
+    outputs = [os.path.basename(p) for c, files in cases.items() if c not in done for p in files.values()] + \
+        [f for c, s in sidecars.items() if c not in done for f in s.values()] + ["meshes.json", "repair.json"]
+    if not overwrite:
+        for f in outputs:
+            if os.path.exists(os.path.join(output_folder, f)):
+                raise MeshRepairError(f"{os.path.join(output_folder, f)} exists; pass --overwrite to replace it"
+                                      + ("" if resume else " (or --continue_repair to finish an interrupted run)"))
+    os.makedirs(output_folder, exist_ok=True)
+    items = [(c, files) for c, files in sorted(cases.items()) if c not in done]
     if show_progress:
         from tqdm import tqdm
         items = tqdm(items, desc="repairing meshes")
@@ -611,6 +617,7 @@ def repair_mesh_folder(input_folder: str, output_folder: str, dataset_json, gap_
             result["cases_not_repaired"].append(case)
             out_listing["cases_without_mesh"].append(case)
             out_listing["cases"][case] = {"error": str(e), "files": {}}
+            write_json_atomic(progress_path, {"repair": result, "meshes": out_listing})
             continue
         entry = dict(listing.get("cases", {}).get(case, {}))
         entry.pop("segmentation", None)  # the segmentation stays in the input folder (not repaired)
@@ -634,9 +641,49 @@ def repair_mesh_folder(input_folder: str, output_folder: str, dataset_json, gap_
         entry["files"] = {s: os.path.basename(p) for s, p in files.items()}
         out_listing["cases"][case] = entry
         result["cases"][case] = {**report, "seconds": round(time.time() - t0, 2)}
+        write_json_atomic(progress_path, {"repair": result, "meshes": out_listing})
+    result["cases"] = dict(sorted(result["cases"].items()))
+    out_listing["cases"] = dict(sorted(out_listing["cases"].items()))
     for name, obj in (("repair.json", result), ("meshes.json", out_listing)):
         write_json_atomic(os.path.join(output_folder, name), obj, indent=2)
+    if os.path.exists(progress_path):
+        os.remove(progress_path)
     return result
+
+
+def _resumed_cases(progress_path: str, result: dict, out_listing: dict, cases: dict, sidecars: dict,
+                   output_folder: str) -> set:
+    """The cases an interrupted :func:`repair_mesh_folder` run finished (recorded in ``progress_path``, their
+    output files present), copied into ``result`` and ``out_listing``; none without a progress file. Raises
+    :class:`MeshRepairError` for a progress file of other settings or unreadable."""
+    import os
+
+    from nnunet_topo.summary_io import load_json_arg
+
+    if not os.path.isfile(progress_path):
+        return set()
+    try:
+        saved = load_json_arg(progress_path, "repair progress")
+        old, old_listing = saved["repair"], saved["meshes"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise MeshRepairError(f"{progress_path} cannot be read ({e}); delete it to repair every case again") \
+            from None
+    for key in ("input_folder", "gap_mm", "rings", "tangled"):
+        if old.get(key) != result[key]:
+            raise MeshRepairError(f"{progress_path} is of a run with {key} {old.get(key)!r}, this run has "
+                                  f"{result[key]!r}; delete it (or the output folder) to repair every case again")
+    done = set()
+    for case, entry in old.get("cases", {}).items():
+        files = old_listing.get("cases", {}).get(case, {}).get("files", {})
+        wanted = [] if "error" in entry else list(files.values()) + list(sidecars.get(case, {}).values())
+        if case in cases and all(os.path.isfile(os.path.join(output_folder, f)) for f in wanted):
+            done.add(case)
+            result["cases"][case] = entry
+            out_listing["cases"][case] = old_listing["cases"][case]
+            if "error" in entry:
+                result["cases_not_repaired"].append(case)
+                out_listing["cases_without_mesh"].append(case)
+    return done
 
 
 def format_repair_table(result: dict) -> str:

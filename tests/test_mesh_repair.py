@@ -376,3 +376,52 @@ def test_the_side_cache_of_the_repair_loop_equals_the_exact_winding_number_at_ev
         last = exact
         assert np.array_equal(cache.inside(points, moved, dist, float(np.linalg.norm(motion, axis=1).max())), exact)
     assert crossings > 100  # the walk does cross the surface
+
+
+def test_an_interrupted_folder_repair_continues_where_it_stopped(tmp_path, monkeypatch):
+    """After each case the results so far are kept (repair_progress.json); --continue_repair repairs only the cases
+    not finished, and the result equals an uninterrupted run's; other settings or no flag are refused, named."""
+    from nnunet_topo import mesh_repair as mr
+
+    inp = tmp_path / "meshes"
+    inp.mkdir()
+    cases = {"c1": heart(), "c2": dict(heart(), RV=sphere(2.0, (0, 5.0, 0))), "c3": heart(rv_x=15.5)}
+    for case, meshes in cases.items():
+        for s, m in meshes.items():
+            export_mesh(m, str(inp / f"{case}_{s}.vtp"))
+    (tmp_path / "dataset.json").write_text(json.dumps(DJ))
+    dj = str(tmp_path / "dataset.json")
+    full = mr.repair_mesh_folder(str(inp), str(tmp_path / "full"), dj)  # uninterrupted, the reference
+    real, calls = mr.repair_case, []
+
+    def interrupted(meshes, spec, *a, case="case", **k):  # killed while repairing the third case
+        calls.append(case)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(meshes, spec, *a, case=case, **k)
+
+    out = tmp_path / "repaired"
+    monkeypatch.setattr(mr, "repair_case", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mr.repair_mesh_folder(str(inp), str(out), dj)
+    assert not (out / "repair.json").exists() and (out / "repair_progress.json").exists()
+    with pytest.raises(MeshRepairError, match="exists; pass --overwrite.*--continue_repair"):
+        mr.repair_mesh_folder(str(inp), str(out), dj)
+    with pytest.raises(MeshRepairError, match="gap_mm 0.5, this run has 0.7"):
+        mr.repair_mesh_folder(str(inp), str(out), dj, gap_mm=0.7, resume=True)
+    calls.clear()
+    monkeypatch.setattr(mr, "repair_case", lambda *a, case="case", **k: (calls.append(case),
+                                                                         real(*a, case=case, **k))[1])
+    result = mr.repair_mesh_folder(str(inp), str(out), dj, resume=True)
+    assert calls == ["c3"]  # c1 (repaired) and c2 (not repairable) were finished before the interruption
+    assert not (out / "repair_progress.json").exists()
+
+    def without_seconds(r):
+        return {**r, "cases": {c: {k: v for k, v in e.items() if k != "seconds"} for c, e in r["cases"].items()}}
+    assert without_seconds(result) == without_seconds(full)
+    assert json.loads((out / "meshes.json").read_text())["cases"] == \
+        json.loads((tmp_path / "full" / "meshes.json").read_text())["cases"]
+    for f in sorted(os.listdir(tmp_path / "full")):
+        if f.endswith(".vtp"):
+            np.testing.assert_array_equal(read_mesh(str(out / f)).vertices, read_mesh(str(tmp_path / "full" / f))
+                                          .vertices)

@@ -235,8 +235,10 @@ marching_cubes() {  # marching_cubes SEGMENTATIONS OUT: as predict_meshes, exit 
   python -m nnunet_topo.cli.segmentation_meshes -i "$1" -o "$2" -djfile "$DS/dataset.json" --format vtp --overwrite \
     || [ $? -eq 1 ]
 }
-repair() {  # repair MESHES OUT: nnUNetv2_topo_repair_meshes; exit code 1 (cases not repaired, in repair.json) is fine
-  nnUNetv2_topo_repair_meshes -i "$1" -o "$2" -djfile "$DS/dataset.json" --overwrite || [ $? -eq 1 ]
+repair() {  # repair MESHES OUT: nnUNetv2_topo_repair_meshes; exit code 1 (cases not repaired, in repair.json) is fine;
+  # an interrupted repair keeps its finished cases (--continue_repair)
+  nnUNetv2_topo_repair_meshes -i "$1" -o "$2" -djfile "$DS/dataset.json" --overwrite --continue_repair \
+    || [ $? -eq 1 ]
 }
 refine() {  # refine IMAGES OUT: nnUNetv2_topo_refine of the control (keep_present, the default)
   nnUNetv2_topo_refine -i "$1" -o "$2" -d $ID -c $CONF -tr $CONTROL -p $PLANS -f 0 -device "$DEVICE" \

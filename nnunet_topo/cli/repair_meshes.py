@@ -37,12 +37,15 @@ def repair_meshes_entry(argv: Optional[Sequence[str]] = None) -> None:
                              "and count change, per-vertex data come from the nearest input vertex), 'refuse' "
                              "reports its case as not repaired (default remesh)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files in -o")
+    parser.add_argument("--continue_repair", action="store_true",
+                        help="finish an interrupted run: the cases its -o/repair_progress.json records are kept, "
+                             "the others repaired (same -i, --gap_mm, --rings and --tangled)")
     args = parser.parse_args(argv)
     with exit_on_user_errors(MeshRepairError, TopologySpecError, EvaluationError):
         if not os.path.isfile(args.djfile):
             raise MeshRepairError(f"dataset.json not found: {args.djfile}")
         result = repair_mesh_folder(args.i, args.o, args.djfile, args.gap_mm, args.rings, args.overwrite,
-                                    tangled=args.tangled)
+                                    tangled=args.tangled, resume=args.continue_repair)
     print(format_repair_table(result))
     failed = result["cases_not_repaired"]
     if failed:
