@@ -170,6 +170,76 @@ def test_ensemble_refinement_repairs_the_ensemble_output():
         refine_logits_ensemble([], torch.zeros(1), losses)
 
 
+def _model_folder(tmp_path, folds, patch_size=None):
+    """A hand-made plain nnU-Net model folder (random networks, one per fold) and an input folder with one image."""
+    import json
+
+    import SimpleITK as sitk
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from test_mesh_prediction import _case, _plans_for
+
+    img_file, _, dj, _ = _case(tmp_path, False)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    sitk.WriteImage(sitk.ReadImage(img_file), str(inputs / "c_0000.nii.gz"))
+    plans = _plans_for(dj, img_file)
+    if patch_size is not None:
+        plans["configurations"]["3d_fullres"]["patch_size"] = list(patch_size)
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "plans.json").write_text(json.dumps(plans))
+    (model / "dataset.json").write_text(json.dumps(dj))
+    for fold in folds:
+        torch.manual_seed(fold)
+        net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                     1, len(dj["labels"]), deep_supervision=False)
+        (model / f"fold_{fold}").mkdir()
+        torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer",
+                    "init_args": {"configuration": "3d_fullres"}, "inference_allowed_mirroring_axes": None},
+                   model / f"fold_{fold}" / "checkpoint_final.pth")
+    return model, inputs
+
+
+def test_unrefined_output_is_nnunets_own_sliding_window_prediction(tmp_path):
+    """With 0 steps the refinement writes what nnUNetv2_predict writes (nnU-Net's predictor, no mirroring), on an
+    image larger than the patch (several tiles, Gaussian-weighted); the differentiable stitching equals nnU-Net's
+    logits up to nnU-Net's float16 accumulation. (A single whole-volume pass disagreed with nnU-Net on 0.6-0.8 % of
+    the voxels of ACDC cases before any refinement step.)"""
+    import SimpleITK as sitk
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+    from nnunet_topo.refine import SlidingWindow, refine_folder
+
+    model, inputs = _model_folder(tmp_path, (0,), patch_size=[8, 16, 16])
+    refine_folder(str(model), str(inputs), str(tmp_path / "refined"), folds=[0], steps=0, device="cpu",
+                  show_progress=False)
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                device=torch.device("cpu"), verbose=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model), (0,), "checkpoint_final.pth")
+    predictor.predict_from_files([[str(inputs / "c_0000.nii.gz")]], [str(tmp_path / "nnunet" / "c")],
+                                 num_processes_preprocessing=1, num_processes_segmentation_export=1)
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "refined" / "c.nii.gz")))
+    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "nnunet" / "c.nii.gz")))
+    assert ours.shape == theirs.shape and (ours == theirs).mean() > 0.999
+    # the logits themselves, on nnU-Net's preprocessed case
+    cm = predictor.configuration_manager
+    data, _, _ = cm.preprocessor_class(verbose=False).run_case([str(inputs / "c_0000.nii.gz")], None,
+                                                               predictor.plans_manager, cm, predictor.dataset_json)
+    tiles = compute_steps_for_sliding_window(tuple(max(a, b) for a, b in zip(data.shape[1:], cm.patch_size)),
+                                             tuple(cm.patch_size), 0.5)
+    assert np.prod([len(t) for t in tiles]) > 1
+    predictor.network.load_state_dict(predictor.list_of_parameters[0])
+    want = predictor.predict_sliding_window_return_logits(torch.from_numpy(data)).float()
+    with torch.no_grad():
+        got = SlidingWindow(predictor.network, cm.patch_size)(torch.from_numpy(data)[None].float())[0]
+    # nnU-Net accumulates in float16, where the tiles' corner weights are tiny: its logits there are coarse (up to
+    # ~0.5 off here); the arg-max and the mean agree
+    assert got.shape == want.shape and float((got.argmax(0) == want.argmax(0)).float().mean()) > 0.99
+    assert float((got - want).abs().mean()) < 0.01 * float(want.abs().max())
+
+
 def test_refine_folder_fold_ensemble(tmp_path, capsys, monkeypatch):
     """refine_folder / nnUNetv2_topo_refine on a hand-made two-fold plain nnU-Net model folder: default folds = every
     fold_N with the checkpoint, -f takes several folds, a missing fold is a clear error."""
@@ -182,24 +252,7 @@ def test_refine_folder_fold_ensemble(tmp_path, capsys, monkeypatch):
     from nnunet_topo.cli.refine import refine_entry
     from nnunet_topo.refine import refine_folder
 
-    img_file, _, dj, _ = _case(tmp_path, False)
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    sitk.WriteImage(sitk.ReadImage(img_file), str(inputs / "c_0000.nii.gz"))
-    plans = _plans_for(dj, img_file)
-    arch = plans["configurations"]["3d_fullres"]["architecture"]
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "plans.json").write_text(json.dumps(plans))
-    (model / "dataset.json").write_text(json.dumps(dj))
-    for fold in (0, 1):
-        torch.manual_seed(fold)
-        net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
-                                     1, len(dj["labels"]), deep_supervision=False)
-        (model / f"fold_{fold}").mkdir()
-        torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer",
-                    "init_args": {"configuration": "3d_fullres"}, "inference_allowed_mirroring_axes": None},
-                   model / f"fold_{fold}" / "checkpoint_final.pth")
+    model, inputs = _model_folder(tmp_path, (0, 1))
     s = refine_folder(str(model), str(inputs), str(tmp_path / "out"), steps=1, lr=1e-3, device="cpu",
                       show_progress=False)
     assert s["folds"] == [0, 1] and (tmp_path / "out" / "c.nii.gz").is_file()
