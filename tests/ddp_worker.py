@@ -112,6 +112,12 @@ def run_trainer(name: str, dataset: str, plans: str, rank: int) -> dict:
                                          for g in gathered)
         result[f"{what}_numel"] = int(mine.numel())
     result["train_loss_logged"] = float(tr.logger.get_value("train_losses", step=-1))
+    # stop the data loaders' background workers as nnU-Net's on_train_end does: left running for every trainer, their
+    # threads met the interpreter's teardown once (rank 1 aborted, "terminate called without an active exception",
+    # after every result was written)
+    for loader in (tr.dataloader_train, tr.dataloader_val):
+        if hasattr(loader, "_finish"):
+            loader._finish()
     return result
 
 
