@@ -38,6 +38,7 @@ tiles.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -258,16 +259,13 @@ class SlidingWindow(nn.Module):
                                    device=x.device) if self.use_gaussian
                   else torch.ones(self.patch_size, device=x.device))
         total, count = None, torch.zeros(data.shape[1:], device=x.device)
-        for sx in steps[0]:
-            for sy in steps[1]:
-                for sz in steps[2]:
-                    sl = tuple(slice(a, a + t) for a, t in zip((sx, sy, sz), self.patch_size))
-                    z = self.network(data[(slice(None), *sl)][None]).float()[0] * weight
-                    tile = torch.nn.functional.pad(z, [v for a, t, n in zip((sz, sy, sx), self.patch_size[::-1],
-                                                                            data.shape[:0:-1])
-                                                       for v in (a, n - a - t)])
-                    total = tile if total is None else total + tile
-                    count[sl] += weight
+        for start in itertools.product(*steps):
+            sl = (slice(None), *(slice(a, a + t) for a, t in zip(start, self.patch_size)))
+            z = self.network(data[sl][None]).float()[0] * weight
+            if total is None:
+                total = z.new_zeros((z.shape[0], *data.shape[1:]))
+            total[sl] += z  # in place on a tensor without history: autograd records the slice update
+            count[sl[1:]] += weight
         return (total / count)[(slice(None), *revert[1:])][None]
 
 
