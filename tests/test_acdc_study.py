@@ -636,12 +636,12 @@ def ft_queue():
 
 
 # a trainer's fold folder after nnUNetv2_train: a checkpoint of random weights, validation outputs; FAIL names the
-# trainers that fail; "start"/"end" lines (with the -pretrained_weights argument) show the schedule
+# trainers that fail; "start"/"end" lines (with the -pretrained_weights argument and the threads) show the schedule
 TRAIN_STUBS = r'''
 nnUNetv2_train() {
   local tr pw d; tr=$(_arg -tr "$@"); pw=$(_arg -pretrained_weights "$@")
   d="$nnUNet_results/Dataset127_ACDCh5/${tr}__nnUNetPlansMesh4.5mm__3d_mesh/fold_0"
-  stub_log "start $tr ${pw:-none}"
+  stub_log "start $tr ${pw:-none} threads=${NNUNET_TOPO_CPU_THREADS:-all}/${OMP_NUM_THREADS:-all}"
   case " ${FAIL:-} " in *" $tr "*) stub_log "fail $tr"; return 1 ;; esac
   mkdir -p "$d/validation"
   python -c "import sys, torch; torch.manual_seed(len(sys.argv[2])); torch.save({'network_weights': {'a.weight': \
@@ -737,6 +737,8 @@ def test_study_archives_the_backbone_and_schedules_each_arm_after_its_parent(seg
         running += c.startswith("start ") - c.startswith("end ")
         peak = max(peak, running)
     assert peak == 2
+    # two at a time: one thread each (nnU-Net's run_training would give each all cores)
+    assert {c.split()[3] for c in calls if c.startswith("start ") and c.split()[1] != col.BACKBONE} == {"threads=1/1"}
     r = strict_json(tmp_path / "results" / "acdc_fold0.json")
     # every arm, and the control's refinement and marching cubes, right after the control's training
     assert set(r["trainers"]) == {tr for tr, _ in queue} | {col.REFINE, col.MARCHING_CUBES}

@@ -4,6 +4,7 @@ study's variants are in nnUNetTrainer_acdcFinetune.py).
 They change training length and sample counts only (attributes set in ``__init__``, the convention of nnU-Net's
 own ``nnUNetTrainer_5epochs``); the losses, networks and hooks are those of the real trainers.
 """
+import os
 from typing import Any, Dict
 
 import torch
@@ -16,8 +17,26 @@ from nnunet_topo.trainers.nnUNetTrainerProjPool import nnUNetTrainerProjPool
 from nnunet_topo.trainers.nnUNetTrainerTPM import nnUNetTrainerTPM
 
 
+#: torch threads of a CPU training. nnU-Net's ``run_training`` gives every CPU training all cores; two trainings at
+#: once on the same 2 cores (the ACDC study) then run 4 threads on 2 cores. One thread each was 1.2x faster per
+#: training step (documentation/benchmarks.md, ``python benchmarks/bench_parallel_threads.py``).
+CPU_THREADS_ENV = "NNUNET_TOPO_CPU_THREADS"
+
+
+def cpu_threads_from_env(device: torch.device) -> None:
+    """``torch.set_num_threads($NNUNET_TOPO_CPU_THREADS)`` for a training on the CPU; unset: nnU-Net's choice stays.
+    Raises ValueError naming the variable unless it is a positive integer."""
+    value = os.environ.get(CPU_THREADS_ENV)
+    if not value or torch.device(device).type != "cpu":
+        return
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"{CPU_THREADS_ENV}={value!r}: expected a positive number of threads")
+    torch.set_num_threads(int(value))
+
+
 class ShortRunMixin:
-    """Sets the attributes of ``short_run`` after the trainer's own ``__init__``."""
+    """Sets the attributes of ``short_run`` after the trainer's own ``__init__``; on the CPU, the torch threads of
+    ``$NNUNET_TOPO_CPU_THREADS`` when it is set (several short runs at once on one machine)."""
 
     short_run: Dict[str, Any] = {}
 
@@ -26,6 +45,7 @@ class ShortRunMixin:
         super().__init__(plans, configuration, fold, dataset_json, device)
         for name, value in self.short_run.items():
             setattr(self, name, value)
+        cpu_threads_from_env(device)
 
 
 class nnUNetTrainerProjPool_demo(ShortRunMixin, nnUNetTrainerProjPool):

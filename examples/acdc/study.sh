@@ -22,7 +22,8 @@
 #             same 500 (*_acdcFT2). FT_QUEUE orders them; an arm starts as soon as its parent is trained, two at once
 #             (STUDY_PARALLEL), and is evaluated (as stage evaluate does: the control with its refinement and the
 #             marching cubes of its segmentations) and collected right after its training, so
-#             $RESULTS_DIR/acdc_fold0.json holds every finished arm's row and per-case values (commit it).
+#             $RESULTS_DIR/acdc_fold0.json holds every finished arm's row and per-case values (commit it). An arm
+#             trained in an earlier session is left to stage evaluate (the slots go to trainings). One thread per job.
 #   scratch   (FT_QUEUE trains this pair after the first five arms; this stage then only checks) issue 27:
 #             nnUNetTrainerProjPool_acdcScratch (ProjPool from scratch with its default two-phase schedule,
 #             plain for 500 iterations, then its term for 500) against nnUNetTrainerMeshROI_acdcScratch (the same 1000
@@ -47,6 +48,7 @@
 # ./acdc_study_output); only a folder this script created is ever written into. STUDY_DEVICE: cpu (default) or cuda.
 # STUDY_RESULTS_DIR: where the JSON and the external archive go (default documentation/results);
 # STUDY_BACKBONE_ARCHIVE: the archived backbone (default $STUDY_RESULTS_DIR/acdc_backbone_fp16.pt).
+# STUDY_THREADS: torch/OpenMP threads per job while stages finetune and scratch run jobs side by side (default 1).
 # The seconds of every stage and step go to $WORK/logs/stage_seconds.tsv (step, seconds, host/cores/device, date).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -87,7 +89,7 @@ train() {  # train TRAINER [extra nnUNetv2_train args]: resumes with --c when a 
   local tr="$1"; shift; local out; out="$(model_dir "$tr")"
   trained "$tr" && return 0
   if [ -f "$out/checkpoint_final.pth" ]; then  # trained (or stopped at its Dice goals), not yet validated
-    nnUNetv2_train $ID $CONF 0 -tr "$tr" -p $PLANS -device "$DEVICE" --val > "$WORK/logs/train_$tr.log" 2>&1
+    nnUNetv2_train $ID $CONF 0 -tr "$tr" -p $PLANS -device "$DEVICE" --val >> "$WORK/logs/train_$tr.log" 2>&1
   elif [ -f "$out/checkpoint_latest.pth" ] || [ -f "$out/checkpoint_best.pth" ]; then
     nnUNetv2_train $ID $CONF 0 -tr "$tr" -p $PLANS -device "$DEVICE" --c >> "$WORK/logs/train_$tr.log" 2>&1
   else
@@ -187,9 +189,20 @@ finetune_arm() {  # finetune_arm TRAINER CHECKPOINT: train (from CHECKPOINT unle
   collect_now
 }
 
+parallel_threads() {  # parallel_threads N: with N jobs at once, one torch/OpenMP thread each unless STUDY_THREADS says
+  # (nnU-Net gives every CPU training all cores: two at once on 2 cores ran 2.2x slower per step,
+  # benchmarks/bench_parallel_threads.py); stage evaluate, one job at a time, keeps the defaults
+  [ "$1" -gt 1 ] || return 0
+  export NNUNET_TOPO_CPU_THREADS="${STUDY_THREADS:-1}" OMP_NUM_THREADS="${STUDY_THREADS:-1}"
+}
+
 stage_finetune() {
   local n="${STUDY_PARALLEL:-2}" item ckpt started tr
-  local pending=("${FT_QUEUE[@]}") rest
+  parallel_threads "$n"
+  local pending=() rest
+  # an arm trained in an earlier session is evaluated by stage evaluate: the two slots go to the trainings (the
+  # control's refinement, 2-3 h, and a repair, about 1 h, must not hold a slot while arms wait to train)
+  for item in "${FT_QUEUE[@]}"; do trained "${item%%:*}" || pending+=("$item"); done
   while [ ${#pending[@]} -gt 0 ]; do
     started=0; rest=()
     for item in "${pending[@]}"; do
@@ -254,6 +267,7 @@ evaluate() {  # evaluate ROW KIND PREDICTIONS [--mesh_folder MESHES]: eval/ROW_K
 
 stage_scratch() {  # what FT_QUEUE did for the pair is skipped (train and evaluate skip what is done)
   local tr
+  parallel_threads ${#SCRATCH[@]}
   for tr in "${SCRATCH[@]}"; do finetune_arm "$tr" "" & done
   wait
   for tr in "${SCRATCH[@]}"; do
@@ -287,6 +301,7 @@ evaluate_arm() {  # evaluate_arm TRAINER: label evaluation; a mesh arm's meshes,
 
 stage_evaluate() {
   local tr missing=()
+  [ -n "${STUDY_THREADS:-}" ] || unset NNUNET_TOPO_CPU_THREADS OMP_NUM_THREADS  # one job at a time: all cores
   for tr in $BACKBONE_TR "${FT_ARMS[@]}"; do
     if ! trained "$tr"; then
       [ "$tr" = $BACKBONE_TR ] || missing+=("$tr")  # a restored backbone has no training folder here
