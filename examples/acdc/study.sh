@@ -74,7 +74,7 @@ model_dir() { echo "$nnUNet_results/$NAME/${1}__${PLANS}__${CONF}/fold_0"; }
 timed() {  # timed NAME COMMAND...: run, append the seconds to stage_seconds.tsv
   local name="$1"; shift; local t0=$SECONDS
   "$@"
-  printf '%s\t%s\t%s\t%s\n' "$name" $((SECONDS - t0)) "$(hostname)/$(nproc)cpu/$DEVICE" "$(date -Is)" >> "$WORK/logs/stage_seconds.tsv"
+  printf '%s\t%s\t%s\t%s\n' "$name" $((SECONDS - t0)) "$(hostname)/$(nproc --all)cpu/$DEVICE" "$(date -Is)" >> "$WORK/logs/stage_seconds.tsv"
 }
 collect_now() {  # the collector (documentation/results/acdc_fold0.json, logs/tables.md), one at a time
   mkdir -p "$RESULTS_DIR"
