@@ -292,6 +292,31 @@ def replay(residuals, steps):
     return out
 
 
+#: the verified gap (mm, gap 0.5) at each round of widening on a real case the fixed bound of 8 rounds left unrepaired
+#: (ACDC patient088_frame01, a TPM model's LV_endo in LV_epi, edges of 7-8 mm: every vertex clear, a chord short);
+#: overlapping at first (gap 0), then ~0.1 mm more a round; the next round's verification found 0.5301 (repaired)
+CHORD_GAPS_MM = [0.0, 0.0, 0.0, 0.0057, 0.1184, 0.2168, 0.2444, 0.3536, 0.4409]
+
+
+def test_widening_goes_on_while_it_widens_the_gap_and_stops_when_it_does_not():
+    """The measured chord case gets its ninth round (the old bound stopped at 8 with 0.44 of 0.5 mm); a mesh whose
+    gap does not grow (swallowed by the other) stops after 8; no trace gets more than 32 (bounded displacement)."""
+    from nnunet_topo import mesh_repair as mr
+
+    def rounds(gaps):
+        watch = mr._WidenWatch(GAP)
+        while watch.more(gaps[min(watch.done, len(gaps) - 1)]):
+            pass
+        return watch.done
+
+    watch = mr._WidenWatch(GAP)
+    assert all(watch.more(g) for g in CHORD_GAPS_MM) and watch.done == 9
+    assert rounds([0.0] * 40) == 8  # swallowed: the verified gap stays 0
+    assert rounds([0.3] * 40) == 8  # stuck short of the gap
+    assert rounds([0.01 * k for k in range(40)]) == 8  # growing, but by less than a 20th of the gap a round
+    assert rounds([0.1 * k for k in range(40)]) == 32  # growing for ever: bounded
+
+
 def test_the_slow_two_set_oscillation_measured_on_acdc_is_a_stall():
     """The trace of a real case that ran out of iterations: every move is above a tenth of the gap, so the old
     criterion (small moves only) never fired; the watch must stall within `after` iterations of the last halving."""
