@@ -18,7 +18,7 @@ from nnunet_topo.trainers.nnUNetTrainerTPM import nnUNetTrainerTPM
 
 
 #: torch threads of a CPU training. nnU-Net's ``run_training`` gives every CPU training all cores; two trainings at
-#: once on the same 2 cores (the ACDC study) then run 4 threads on 2 cores. One thread each was 1.2x faster per
+#: once on the same 2 cores (the ACDC study) then run 4 threads on 2 cores. One thread each was 2.2x faster per
 #: training step (documentation/benchmarks.md, ``python benchmarks/bench_parallel_threads.py``).
 CPU_THREADS_ENV = "NNUNET_TOPO_CPU_THREADS"
 
